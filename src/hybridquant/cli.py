@@ -1,0 +1,202 @@
+"""The ``hybridquant`` command line.
+
+Every sub-command reports user errors on one line and exits with code 2
+(``--debug`` shows the traceback instead). Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import HybridQuantError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _floats3(text: str) -> tuple[float, float, float]:
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers, got '{text}'")
+    try:
+        return tuple(float(p) for p in parts)  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected three numbers, got '{text}'") from exc
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, help="timm name (mobilevit_xxs) or bundled model (mobilevit_xxs.cifar10)")
+    g.add_argument("--checkpoint", default=None, help="torch.save file: a state_dict or a dict with 'state_dict'")
+    g.add_argument("--pretrained", action="store_true", help="load timm hub weights (needs a network)")
+
+
+def _add_data(p: argparse.ArgumentParser, limit: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    g.add_argument("--mean", type=_floats3, default=None, help="normalisation mean, three numbers")
+    g.add_argument("--std", type=_floats3, default=None, help="normalisation std, three numbers")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default=None)
+    g.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction for eval")
+    if limit:
+        g.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hybridquant", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"hybridquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model on the eval split")
+    _add_model(p, required=False)
+    _add_data(p)
+    _add_common(p)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+
+    p = sub.add_parser("train", help="train a timm model on an ImageFolder (small-data recipe)")
+    _add_model(p)
+    _add_data(p, limit=False)
+    _add_common(p)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", required=True, help="checkpoint to write (resumes from <out>.state)")
+    return parser
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _overrides(args: argparse.Namespace):
+    from .data import DataOverrides
+
+    return DataOverrides(args.img_size, args.mean, args.std, args.interpolation, args.crop_pct)
+
+
+def _check_runtime(args: argparse.Namespace) -> None:
+    if args.batch_size <= 0:
+        raise HybridQuantError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.workers < 0:
+        raise HybridQuantError(f"--workers must be >= 0, got {args.workers}")
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    print(json.dumps(result, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from ._io import write_json
+    from .data import (
+        balanced_subset,
+        check_class_names,
+        data_config,
+        eval_transform,
+        image_folder,
+        make_loader,
+    )
+    from .evaluate import evaluate
+    from .models import load_model
+
+    if not args.model:
+        raise HybridQuantError("eval needs --model")
+    loaded = load_model(args.model, args.checkpoint, args.pretrained)
+    cfg = data_config(loaded.data_cfg, _overrides(args))
+    dataset = image_folder(args.data, "eval", eval_transform(cfg))
+    check_class_names(dataset, loaded.class_names, loaded.num_classes)
+    subset = balanced_subset(dataset, args.limit)
+    device = _device(args)
+    result = evaluate(loaded.model.to(device), make_loader(subset, args.batch_size, args.workers), device)
+    out = {"model": args.model, "source": loaded.source, **result.summary()}
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .train import TrainRecipe, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = TrainRecipe(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
+    )
+    metrics = train(args.model, args.data, args.out, recipe, _overrides(args), _device(args), args.workers, args.eval_every)
+    return {"checkpoint": args.out, **metrics}
+
+
+COMMANDS = {"eval": cmd_eval, "train": cmd_train}
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """The one-line message for a user error, also when a DataLoader worker raised it."""
+    if isinstance(exc, HybridQuantError):
+        text = str(exc)
+        marker = "HybridQuantError: "
+        if "Original Traceback" in text and marker in text:  # re-raised from a worker
+            text = text.rsplit(marker, 1)[1]
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_runtime(args)
+        _seed(args.seed)
+        result = COMMANDS[args.command](args)
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None or args.debug:
+            raise
+        print(f"hybridquant {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if result is not None:
+        _print_result(result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

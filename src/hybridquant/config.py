@@ -1,0 +1,112 @@
+"""Quantization configs: small frozen dataclasses that validate themselves.
+
+``QuantConfig`` says *what* to quantize and how; it round-trips through JSON
+(``to_dict`` / ``from_dict``) and is stored inside every ``model.hq``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import HybridQuantError
+
+BITS_ALLOWED = (2, 3, 4, 5, 6, 7, 8, 16)
+SCALES = ("float", "pot")
+POT_ROUNDING = ("round", "ceil", "objective")
+ACT_SYMMETRY = ("auto", "symmetric", "asymmetric")
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise HybridQuantError(message)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides a quantized model, apart from the data.
+
+    Attributes:
+        method: the algorithm (``minmax``, ``percentile``, ``omse``, ``fq-vit``,
+            ``smoothquant``, ``hyq``, ``hfq``).
+        wbits / abits: weight and activation bit widths (2–8 or 16).
+        scales: ``float`` (any real scale) or ``pot`` (every scale a power of two).
+        pot_rounding: how a float scale becomes 2^k with ``scales='pot'``:
+            ``round`` (round log2), ``ceil`` (never clip more), ``objective``
+            (search the exponent that minimises output error; hfq).
+        act_symmetry: ``auto`` quantizes one-sided activation ranges
+            asymmetrically (with a zero point) and the rest symmetrically.
+        input_bits: bits of the quantized input image.
+        first_last_8bit: keep the first conv and the classifier at 8 bits.
+        float_ops: node names left in float on request (listed in the report).
+        percentile: upper percentile for the ``percentile`` observer.
+        smoothquant_alpha: migration strength of ``smoothquant``.
+        hyq_iters / hyq_lr: QADS optimisation of ``hyq`` (lr ``None`` = 0.01).
+        shift_terms: requantization multipliers as a sum of this many powers of two.
+        outlier_scaling / alpha_pot: hfq's outlier scaling on/off and α restricted to 2^k.
+        sqnr_images: calibration images used for the per-layer SQNR table.
+    """
+
+    method: str = "minmax"
+    wbits: int = 8
+    abits: int = 8
+    scales: str = "float"
+    pot_rounding: str = "round"
+    act_symmetry: str = "auto"
+    input_bits: int = 8
+    first_last_8bit: bool = False
+    float_ops: tuple[str, ...] = field(default_factory=tuple)
+    percentile: float = 99.99
+    smoothquant_alpha: float = 0.5
+    hyq_iters: int = 1000
+    hyq_lr: float | None = None
+    shift_terms: int = 1
+    outlier_scaling: bool = True
+    alpha_pot: bool = True
+    sqnr_images: int = 32
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS  # late import: methods import this module
+
+        _check(self.method in METHODS, f"unknown method '{self.method}' (choose from {', '.join(sorted(METHODS))})")
+        for name in ("wbits", "abits", "input_bits"):
+            value = getattr(self, name)
+            _check(value in BITS_ALLOWED, f"--{name} must be one of 2-8 or 16, got {value}")
+        _check(self.scales in SCALES, f"--scales must be one of {SCALES}, got '{self.scales}'")
+        _check(self.pot_rounding in POT_ROUNDING, f"--pot-rounding must be one of {POT_ROUNDING}")
+        _check(self.act_symmetry in ACT_SYMMETRY, f"act_symmetry must be one of {ACT_SYMMETRY}")
+        _check(50.0 < self.percentile <= 100.0, f"percentile must be in (50, 100], got {self.percentile}")
+        _check(0.0 <= self.smoothquant_alpha <= 1.0, "smoothquant alpha must be in [0, 1]")
+        _check(self.hyq_iters >= 0, "hyq iterations must be >= 0")
+        _check(self.shift_terms in (1, 2), f"--shift-terms must be 1 or 2, got {self.shift_terms}")
+        _check(self.sqnr_images >= 1, "sqnr_images must be >= 1")
+        object.__setattr__(self, "float_ops", tuple(self.float_ops))
+
+    @property
+    def pot(self) -> bool:
+        return self.scales == "pot"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["float_ops"] = list(self.float_ops)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,245 @@
+"""Capture a timm model as a :class:`~hybridquant.graph.ir.Graph`.
+
+``torch.export`` at a fixed image size (batch kept dynamic) yields a complete
+ATen graph of hybrid models such as MobileViT, whose ``MobileVitBlock``
+defeats ``torch.fx.symbolic_trace``. Fused attention is turned off first so
+q·kᵀ, softmax and attn·v are separate ops, and the attention scale is folded
+into the query rows of the qkv projection so no float multiply remains
+between them. The ATen graph is then translated op by op into the small
+vocabulary of :mod:`hybridquant.graph.ir`; BatchNorm is folded and no-ops
+are dropped (:mod:`hybridquant.graph.transforms`).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import HybridQuantError
+from .ir import Graph, Node
+from .transforms import fold_batch_norm, remove_identities
+
+# timm classes -> the block kinds reports talk about
+_BLOCK_KINDS = {
+    "BottleneckBlock": "mv2",  # MobileNetV2 inverted residual in byobnet/mobilevit
+    "InvertedResidual": "mv2",
+    "MobileVitBlock": "mobilevit",
+    "MobileVitV2Block": "mobilevit",
+}
+
+_ATEN = torch.ops.aten
+_UNARY = {
+    _ATEN.silu.default: "silu", _ATEN.silu_.default: "silu",
+    _ATEN.sigmoid.default: "sigmoid", _ATEN.sigmoid_.default: "sigmoid",
+    _ATEN.relu.default: "relu", _ATEN.relu_.default: "relu",
+    _ATEN.hardswish.default: "hardswish", _ATEN.hardswish_.default: "hardswish",
+}
+_IDENTITY = {
+    _ATEN.dropout.default, _ATEN.clone.default, _ATEN.contiguous.default,
+    _ATEN.alias.default, _ATEN.detach.default, _ATEN.dropout_.default,
+}
+_SHAPE_ONLY = {_ATEN.sym_size.int, operator.mul, operator.add, operator.floordiv, operator.sub}
+
+
+def _fold_attention_scale(model: nn.Module) -> None:
+    """Turn off fused attention and fold ``scale`` into the q rows of ``qkv``.
+
+    ``q * scale`` would be a float multiply between two integer matmuls;
+    folded into the qkv weights it costs nothing and is exact in float.
+    """
+    from timm.layers import Attention
+
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+        if isinstance(module, Attention) and isinstance(module.q_norm, nn.Identity):
+            rows = module.num_heads * module.head_dim
+            with torch.no_grad():
+                module.qkv.weight[:rows] *= module.scale
+                if module.qkv.bias is not None:
+                    module.qkv.bias[:rows] *= module.scale
+            module.scale = 1.0
+
+
+def _module_info(fx_node: fx.Node) -> tuple[str, str]:
+    """(innermost module path, block kind) of an exported node."""
+    stack = list(fx_node.meta.get("nn_module_stack", {}).values())
+    path = stack[-1][0] if stack else ""
+    kind = ""
+    for _path, cls in stack:
+        name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", "")
+        kind = _BLOCK_KINDS.get(name, kind)
+    if not kind and path:
+        top = path.split(".")[0]
+        kind = {"stem": "stem", "head": "head", "final_conv": "head"}.get(top, "")
+    if not kind and stack and stack[0][0].startswith("stages"):
+        kind = "stage"
+    return path, kind
+
+
+class _Translator:
+    """Walks the exported fx graph and emits hybridquant nodes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes: list[Node] = []
+        self.names: dict[str, str] = {}  # fx node name -> our node name
+        self.taken: set[str] = set()
+        self.unbinds: dict[str, tuple[str, int]] = {}
+
+    def _tensor(self, arg: Any) -> torch.Tensor | None:
+        if arg is None:
+            return None
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            obj = self.gm
+            for part in arg.target.split("."):
+                obj = getattr(obj, part)
+            return obj.detach().clone().float()
+        raise HybridQuantError(f"expected a parameter, got {arg}")
+
+    def _name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def _ref(self, arg: fx.Node) -> str:
+        return self.names[arg.name]
+
+    def emit(self, fx_node: fx.Node, op: str, inputs: list[str], attrs=None, params=None, label=None) -> None:
+        path, kind = _module_info(fx_node)
+        if label is None:
+            label = path if op in ("conv2d", "linear", "batch_norm", "layer_norm", "group_norm") and path else (
+                f"{path}.{op}" if path else op)
+        name = self._name(label)
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        self.nodes.append(Node(name, op, inputs, attrs or {}, params, path, kind))
+        self.names[fx_node.name] = name
+
+    def translate(self) -> list[Node]:
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                self.emit(n, "input", [], label="input")
+            elif n.op == "get_attr" or (n.op == "call_module" and n.target == "_guards_fn"):
+                continue  # parameters are read where used; export's shape guards are not ops
+            elif n.op == "output":
+                out = n.args[0]
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                self.nodes.append(Node(self._name("output"), "output", [self._ref(out)]))
+            elif n.op == "call_function":
+                self._call(n)
+            else:
+                raise HybridQuantError(f"cannot capture graph node {n.format_node()}")
+        return self.nodes
+
+    def _call(self, n: fx.Node) -> None:  # noqa: C901 - one branch per ATen op
+        t, a = n.target, n.args
+        if t in _SHAPE_ONLY:
+            return
+        if t in _IDENTITY:
+            self.names[n.name] = self._ref(a[0])
+        elif t == _ATEN.conv2d.default:
+            stride, padding, dilation, groups = (list(a[3:4] or [[1, 1]])[0], list(a[4:5] or [[0, 0]])[0],
+                                                 list(a[5:6] or [[1, 1]])[0], (a[6:7] or [1])[0])
+            if isinstance(padding, str):
+                raise HybridQuantError(f"conv2d with padding='{padding}' is not supported ({n.name})")
+            self.emit(n, "conv2d", [self._ref(a[0])],
+                      {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": int(groups)},
+                      {"weight": self._tensor(a[1]), "bias": self._tensor(a[2] if len(a) > 2 else None)})
+        elif t == _ATEN.batch_norm.default:
+            self.emit(n, "batch_norm", [self._ref(a[0])], {"eps": float(a[7])},
+                      {"weight": self._tensor(a[1]), "bias": self._tensor(a[2]),
+                       "running_mean": self._tensor(a[3]), "running_var": self._tensor(a[4])})
+        elif t == _ATEN.linear.default:
+            self.emit(n, "linear", [self._ref(a[0])], {},
+                      {"weight": self._tensor(a[1]), "bias": self._tensor(a[2] if len(a) > 2 else None)})
+        elif t == _ATEN.matmul.default:
+            self.emit(n, "matmul", [self._ref(a[0]), self._ref(a[1])])
+        elif t == _ATEN.add.Tensor:
+            if not all(isinstance(x, fx.Node) for x in a[:2]) or n.kwargs.get("alpha", 1) != 1:
+                raise HybridQuantError(f"add with a constant is not supported ({n.name})")
+            self.emit(n, "add", [self._ref(a[0]), self._ref(a[1])])
+        elif t == _ATEN.mul.Tensor:
+            if isinstance(a[1], (int, float)):
+                self.emit(n, "mul_const", [self._ref(a[0])], {"value": float(a[1])})
+            else:
+                self.emit(n, "mul", [self._ref(a[0]), self._ref(a[1])])
+        elif t == _ATEN.cat.default:
+            self.emit(n, "cat", [self._ref(x) for x in a[0]], {"dim": int(a[1]) if len(a) > 1 else 0})
+        elif t in _UNARY:
+            self.emit(n, _UNARY[t], [self._ref(a[0])])
+        elif t == _ATEN.gelu.default:
+            self.emit(n, "gelu", [self._ref(a[0])], {"approximate": n.kwargs.get("approximate", "none")})
+        elif t == _ATEN.softmax.int:
+            self.emit(n, "softmax", [self._ref(a[0])], {"dim": int(a[1])})
+        elif t == _ATEN.layer_norm.default:
+            self.emit(n, "layer_norm", [self._ref(a[0])], {"shape": list(a[1]), "eps": float(a[4]) if len(a) > 4 else 1e-5},
+                      {"weight": self._tensor(a[2] if len(a) > 2 else None), "bias": self._tensor(a[3] if len(a) > 3 else None)})
+        elif t == _ATEN.group_norm.default:
+            self.emit(n, "group_norm", [self._ref(a[0])], {"groups": int(a[1]), "eps": float(a[4]) if len(a) > 4 else 1e-5},
+                      {"weight": self._tensor(a[2] if len(a) > 2 else None), "bias": self._tensor(a[3] if len(a) > 3 else None)})
+        elif t == _ATEN.adaptive_avg_pool2d.default and list(a[1]) == [1, 1]:
+            self.emit(n, "global_avg_pool", [self._ref(a[0])])
+        elif t == _ATEN.mean.dim and sorted(int(d) % 4 for d in a[1]) == [2, 3] and (a[2:3] or [False])[0]:
+            self.emit(n, "global_avg_pool", [self._ref(a[0])])
+        elif t in (_ATEN.reshape.default, _ATEN.view.default, _ATEN._unsafe_view.default):
+            self.emit(n, "reshape", [self._ref(a[0])], {"shape": self._static_shape(n, a[1])})
+        elif t == _ATEN.transpose.int:
+            self.emit(n, "transpose", [self._ref(a[0])], {"dim0": int(a[1]), "dim1": int(a[2])})
+        elif t == _ATEN.permute.default:
+            self.emit(n, "permute", [self._ref(a[0])], {"dims": [int(d) for d in a[1]]})
+        elif t == _ATEN.flatten.using_ints:
+            self.emit(n, "flatten", [self._ref(a[0])], {"start": int(a[1]), "end": int(a[2]) if len(a) > 2 else -1})
+        elif t == _ATEN.unbind.int:
+            self.unbinds[n.name] = (self._ref(a[0]), int(a[1]) if len(a) > 1 else 0)
+        elif t == operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.unbinds:
+            src, dim = self.unbinds[a[0].name]
+            self.emit(n, "select", [src], {"dim": dim, "index": int(a[1])})
+        elif t == _ATEN.select.int:
+            self.emit(n, "select", [self._ref(a[0])], {"dim": int(a[1]), "index": int(a[2])})
+        else:
+            path, _ = _module_info(n)
+            raise HybridQuantError(
+                f"the engine cannot quantize op {t} (node {n.name}" + (f" in module {path})" if path else ")")
+            )
+
+    @staticmethod
+    def _static_shape(n: fx.Node, shape) -> list[int]:
+        # The traced output shape knows every dim but the batch-dependent one: it becomes -1.
+        val = n.meta.get("val")
+        dims = list(val.shape) if val is not None else list(shape)
+        out = [int(d) if isinstance(d, int) or (hasattr(d, "node") and d.node.is_constant()) else -1 for d in dims]
+        if out.count(-1) > 1:
+            raise HybridQuantError(f"cannot capture reshape {n.name}: more than one batch-dependent dim")
+        return out
+
+
+def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
+    """Capture ``model`` (not modified) for images of ``input_size`` = (C, H, W).
+
+    Returns the op graph with BatchNorm folded and no-ops removed. Raises
+    :class:`HybridQuantError` naming the op when the model holds one the
+    engine cannot quantize.
+    """
+    model = copy.deepcopy(model).eval().float()
+    _fold_attention_scale(model)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    example = torch.randn(2, *input_size)
+    try:
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    except HybridQuantError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HybridQuantError(f"torch.export cannot capture the model: {first}") from exc
+    gm = exported.module()
+    nodes = _Translator(gm).translate()
+    graph = Graph(nodes, meta={"input_size": list(input_size)})
+    fold_batch_norm(graph)
+    remove_identities(graph)
+    return graph

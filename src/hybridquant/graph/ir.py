@@ -1,0 +1,164 @@
+"""The op graph every part of hybridquant works on.
+
+A :class:`Graph` is a topologically ordered list of :class:`Node` s drawn
+from a small vocabulary of ops (``OPS``). It is plain data — op names,
+attributes and tensors — so it can be saved inside ``model.hq`` and run
+without timm: in float (:meth:`Graph.run`), as a fake-quantized simulation
+(an output hook) and, later, in integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import ops as F_ops
+
+#: ops that change values and so get an output quantizer in a quantized graph
+VALUE_OPS = frozenset(
+    {
+        "input", "conv2d", "linear", "matmul", "add", "mul", "mul_const", "cat",
+        "silu", "gelu", "sigmoid", "relu", "hardswish", "softmax", "layer_norm",
+        "group_norm", "global_avg_pool", "scale_channels",
+    }
+)
+#: ops that only move values around (a quantized input stays on its grid)
+LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "flatten", "select"})
+#: multiply-accumulate ops: every input must be an integer tensor
+MAC_OPS = frozenset({"conv2d", "linear", "matmul"})
+#: elementwise non-linearities, run as lookup tables in integer arithmetic
+ELEMENTWISE_OPS = frozenset({"silu", "gelu", "sigmoid", "relu", "hardswish"})
+OPS = VALUE_OPS | LAYOUT_OPS | {"batch_norm", "output"}
+
+
+@dataclass
+class Node:
+    """One op: ``op`` applied to the outputs of ``inputs`` with ``attrs`` and ``params``.
+
+    ``module`` is the timm module path the op came from (``stages.2.1.conv_1x1``)
+    and ``block`` the kind of block around it (``mv2``, ``mobilevit``, ``stem``,
+    ``head``, ...); both are for analysis and reports.
+    """
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: str = ""
+    block: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown op '{self.op}' for node {self.name}")
+
+
+OutputHook = Callable[[Node, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Graph:
+    """A topologically ordered op graph with one input and one output."""
+
+    nodes: list[Node]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+        if len(self._by_name) != len(self.nodes):
+            raise ValueError("duplicate node names in graph")
+
+    # -- access -----------------------------------------------------------
+    def __getitem__(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def output(self) -> Node:
+        return self.nodes[-1]
+
+    def users(self, name: str) -> list[Node]:
+        """Nodes that read the output of ``name``."""
+        return [n for n in self.nodes if name in n.inputs]
+
+    def by_op(self, *ops: str) -> list[Node]:
+        return [n for n in self.nodes if n.op in ops]
+
+    def producer(self, name: str) -> Node:
+        """The value-changing node whose output ``name`` carries (skipping layout ops)."""
+        node = self[name]
+        while node.op in LAYOUT_OPS:
+            node = self[node.inputs[0]]
+        return node
+
+    # -- editing ----------------------------------------------------------
+    def remove(self, name: str, replacement: str) -> None:
+        """Delete node ``name``; its users read ``replacement`` instead."""
+        for n in self.nodes:
+            n.inputs = [replacement if i == name else i for i in n.inputs]
+        self.nodes = [n for n in self.nodes if n.name != name]
+        self._reindex()
+
+    def insert_after(self, anchor: str, node: Node) -> None:
+        """Insert ``node`` after ``anchor`` and route the anchor's users through it."""
+        for n in self.nodes:
+            if n.name != node.name:
+                n.inputs = [node.name if i == anchor else i for i in n.inputs]
+        idx = next(i for i, n in enumerate(self.nodes) if n.name == anchor)
+        self.nodes.insert(idx + 1, node)
+        self._reindex()
+
+    def clone(self) -> Graph:
+        """A deep copy (tensors included)."""
+        return copy.deepcopy(self)
+
+    # -- execution --------------------------------------------------------
+    def run(self, x: torch.Tensor, hook: OutputHook | None = None, keep: bool = False) -> Any:
+        """Run the graph on ``x``; ``hook(node, out)`` may replace each node's output.
+
+        With ``keep=True`` returns a dict of every node's output instead of the
+        graph's output.
+        """
+        values: dict[str, torch.Tensor] = {}
+        remaining = {n.name: 0 for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                remaining[i] += 1
+        for node in self.nodes:
+            if node.op == "input":
+                out = x
+            elif node.op == "output":
+                out = values[node.inputs[0]]
+            else:
+                out = F_ops.run_op(node, [values[i] for i in node.inputs])
+            if hook is not None:
+                out = hook(node, out)
+            values[node.name] = out
+            if not keep:  # free what nobody reads any more
+                for i in node.inputs:
+                    remaining[i] -= 1
+                    if remaining[i] == 0:
+                        del values[i]
+        return values if keep else values[self.output.name]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def num_params(self) -> int:
+        """Number of parameter elements (weights, biases, norm affines, scale vectors)."""
+        return sum(t.numel() for n in self.nodes for k, t in n.params.items() if not k.startswith("running_"))

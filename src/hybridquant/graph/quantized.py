@@ -1,0 +1,93 @@
+"""The fully quantized graph: a float graph plus the integer view of every tensor.
+
+Every tensor entering a multiply-accumulate is integer: activations carry an
+output quantizer on every value-changing node (``VALUE_OPS``), so conv,
+linear and both matmul operands, residual adds and concats all read integer
+tensors; weights are symmetric per output channel; biases are int32 at scale
+s_in·s_w. Non-linear ops compute on dequantized inputs and their outputs are
+re-quantized. The simulation runs the float ops on dequantized tensors, which
+is exact for the integer program up to float rounding of large sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import QuantConfig
+from ..primitives import dequantize, quantize
+from ..qparams import QParams
+from .ir import MAC_OPS, Graph, Node
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass
+class QuantizedGraph:
+    """A :class:`Graph` with output quantizers (``act``) and integer weights.
+
+    ``graph`` holds the float parameters after the method's transforms;
+    ``sim`` is the same graph with dequantized integer weights and biases,
+    which :meth:`run` executes with every output fake-quantized.
+    """
+
+    graph: Graph
+    config: QuantConfig
+    act: dict[str, QParams]
+    weight: dict[str, QParams]
+    float_nodes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    weight_int: dict[str, torch.Tensor] = field(init=False)
+    bias_int: dict[str, torch.Tensor] = field(init=False)
+    sim: Graph = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rebuild()
+
+    def input_qparams(self, node: Node, index: int = 0) -> QParams | None:
+        """Quantizer of ``node``'s ``index``-th input (layout ops are transparent)."""
+        return self.act.get(self.graph.producer(node.inputs[index]).name)
+
+    def rebuild(self) -> None:
+        """Recompute integer weights/biases and the simulation graph from ``act``/``weight``."""
+        self.weight_int, self.bias_int = {}, {}
+        sim = self.graph.clone()
+        for node in sim.by_op("conv2d", "linear"):
+            wq = self.weight.get(node.name)
+            if wq is None:
+                continue
+            w = node.params["weight"]
+            q = quantize(w, wq.scale, wq.zero_point, wq.qmin, wq.qmax, axis=0)
+            self.weight_int[node.name] = q
+            node.params["weight"] = dequantize(q, wq.scale, wq.zero_point, axis=0)
+            x_qp = self.input_qparams(node)
+            if "bias" in node.params and x_qp is not None and x_qp.scale.dim() == 0:
+                bias_scale = (x_qp.scale.double() * wq.scale.double())
+                b = torch.floor(node.params["bias"].double() / bias_scale + 0.5).clamp(INT32_MIN, INT32_MAX)
+                self.bias_int[node.name] = b.to(torch.int64)
+                node.params["bias"] = (b * bias_scale).float()
+        self.sim = sim
+
+    def _hook(self, node: Node, out: torch.Tensor) -> torch.Tensor:
+        qp = self.act.get(node.name)
+        return qp.fake(out) if qp is not None else out
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, keep: bool = False) -> Any:
+        """Simulate the integer model on a float image batch."""
+        return self.sim.run(x, hook=self._hook, keep=keep)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def quantized_macs(self) -> list[Node]:
+        """MAC nodes whose every input (and weight) is integer."""
+        out = []
+        for node in self.graph.by_op(*MAC_OPS):
+            inputs_ok = all(self.input_qparams(node, i) is not None for i in range(len(node.inputs)))
+            weight_ok = node.op == "matmul" or node.name in self.weight
+            if inputs_ok and weight_ok:
+                out.append(node)
+        return out

@@ -1,0 +1,112 @@
+"""Pure quantization arithmetic: rounding, quantize / dequantize, shifts.
+
+Everything here is a function of tensors and numbers only — no observers, no
+graphs. The integer executor and the simulation share these definitions, so
+they round the same way: **round half up** (``floor(x + 0.5)``), which is what
+an arithmetic right shift with a rounding bias computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties toward +inf: ``floor(x + 0.5)``."""
+    return torch.floor(x + 0.5)
+
+
+def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide code; ``narrow`` drops -2^(b-1) (symmetric weights)."""
+    if signed:
+        lo = -(1 << (bits - 1))
+        return (lo + 1 if narrow else lo), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _bcast(t: torch.Tensor | float, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """``clamp(round_half_up(x / scale) + zero_point, qmin, qmax)`` as an int32 tensor."""
+    s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
+    return torch.clamp(round_half_up(x / s) + z, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32."""
+    qf = q.to(torch.float32)
+    return (qf - _bcast(zero_point, qf, axis)) * _bcast(scale, qf, axis)
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Quantize then dequantize, in float (the simulation's view of an integer tensor)."""
+    s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
+    return (torch.clamp(round_half_up(x / s) + z, qmin, qmax) - z) * s
+
+
+def log2_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """FQ-ViT's log2 quantizer for values in [0, 1]: ``2^-clamp(round(-log2 x), 0, 2^b - 1)``.
+
+    Codes saturating at 2^b − 1 stand for zero, so attention weights below
+    the smallest level vanish as in the integer kernel.
+    """
+    qmax = (1 << bits) - 1
+    code = torch.clamp(round_half_up(-torch.log2(x.clamp_min(1e-30))), 0, qmax)
+    return torch.where(code >= qmax, torch.zeros_like(x), torch.exp2(-code))
+
+
+def pot_exponent(scale: torch.Tensor | float, mode: str = "round") -> torch.Tensor:
+    """Exponent k of the power of two 2^k that replaces ``scale`` (``round`` or ``ceil`` of log2)."""
+    log = torch.log2(torch.as_tensor(scale, dtype=torch.float64))
+    if mode == "round":
+        return round_half_up(log).to(torch.int64)
+    if mode == "ceil":
+        return torch.ceil(log - 1e-12).to(torch.int64)
+    raise ValueError(f"unknown power-of-two rounding '{mode}'")
+
+
+def is_power_of_two(x: float) -> bool:
+    """True when ``x`` is exactly 2^k for an integer k."""
+    if x <= 0 or not math.isfinite(x):
+        return False
+    mantissa, _ = math.frexp(x)
+    return mantissa == 0.5
+
+
+def shift_right_round(acc: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """Arithmetic shift of int64/int32 ``acc`` by ``shift`` bits with round half up.
+
+    ``shift > 0`` divides by 2^shift, rounding half toward +inf (add 2^(shift-1),
+    then shift right — exactly ``floor(acc / 2^shift + 0.5)``, negative values
+    included); ``shift <= 0`` multiplies by 2^-shift. Computed in int64.
+    """
+    acc = acc.to(torch.int64)
+    shift = torch.as_tensor(shift, dtype=torch.int64, device=acc.device)
+    right = shift.clamp_min(0)
+    left = (-shift).clamp_min(0)
+    bias = torch.where(right > 0, torch.ones_like(right) << (right - 1).clamp_min(0), torch.zeros_like(right))
+    return torch.where(shift > 0, (acc + bias) >> right, acc << left)
+
+
+def saturate(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Clamp integer codes into [qmin, qmax]."""
+    return torch.clamp(q, qmin, qmax)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``approx`` against ``reference`` in dB."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise.clamp_min(1e-300)))

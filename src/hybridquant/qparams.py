@@ -1,0 +1,128 @@
+"""Quantization parameters of one tensor and how they are chosen from a range.
+
+The pipeline, as in Brevitas: statistics (:mod:`observers`) -> float scale
+(:func:`range_to_qparams`) -> restriction (:func:`restrict_pot`) -> integer
+rounding (:mod:`primitives`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .primitives import fake_quantize, log2_fake_quantize, pot_exponent, qrange, round_half_up
+
+
+@dataclass
+class QParams:
+    """Scale, zero point and integer range of a quantized tensor.
+
+    ``axis`` is ``None`` for per-tensor parameters, else the channel dim of the
+    per-channel ``scale``. ``kind='log2'`` is FQ-ViT's log2 quantizer (values 2^-q).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    bits: int
+    axis: int | None = None
+    kind: str = "uniform"
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def is_pot(self) -> bool:
+        """True when every scale is an exact power of two."""
+        m, _ = torch.frexp(self.scale.double())
+        return bool((m == 0.5).all())
+
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with these parameters."""
+        if self.kind == "log2":
+            return log2_fake_quantize(x, self.bits)
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "qmin": self.qmin,
+            "qmax": self.qmax, "bits": self.bits, "axis": self.axis, "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QParams:
+        return cls(
+            torch.tensor(d["scale"], dtype=torch.float32), torch.tensor(d["zero_point"], dtype=torch.int32),
+            int(d["qmin"]), int(d["qmax"]), int(d["bits"]), d["axis"], d.get("kind", "uniform"),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Compact description for reports (scales summarised for per-channel)."""
+        s = self.scale
+        out: dict[str, Any] = {"bits": self.bits, "signed": self.signed, "kind": self.kind}
+        if s.dim() == 0:
+            out["scale"] = float(s)
+            out["zero_point"] = int(self.zero_point)
+        else:
+            out["scale_min"], out["scale_max"] = float(s.min()), float(s.max())
+            out["channels"] = int(s.numel())
+        out["pot"] = self.is_pot
+        return out
+
+
+def choose_mode(lo: float, hi: float, symmetry: str) -> str:
+    """``unsigned``, ``symmetric`` or ``asymmetric`` for a range and the config's policy.
+
+    ``auto``: a range with no negative part is unsigned; a lopsided one (the
+    smaller side under half the larger) gets a zero point; the rest is symmetric.
+    """
+    if symmetry == "symmetric":
+        return "unsigned" if lo >= 0 else "symmetric"
+    if symmetry == "asymmetric":
+        return "asymmetric"
+    if lo >= 0:
+        return "unsigned"
+    small, large = sorted((abs(lo), abs(hi)))
+    return "asymmetric" if small < 0.5 * large else "symmetric"
+
+
+def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, mode: str, axis: int | None = None) -> QParams:
+    """Float qparams covering [lo, hi] (tensors: 0-d or per channel)."""
+    lo = torch.as_tensor(lo, dtype=torch.float64).clamp(max=0.0) if mode != "unsigned" else torch.zeros_like(torch.as_tensor(hi, dtype=torch.float64))
+    hi = torch.as_tensor(hi, dtype=torch.float64).clamp(min=0.0)
+    tiny = 1e-8
+    if mode == "symmetric":
+        qmin, qmax = qrange(bits, signed=True, narrow=axis is not None)
+        scale = torch.maximum(lo.abs(), hi).clamp_min(tiny) / qmax
+        zp = torch.zeros_like(scale)
+    elif mode == "unsigned":
+        qmin, qmax = qrange(bits, signed=False)
+        scale = hi.clamp_min(tiny) / qmax
+        zp = torch.zeros_like(scale)
+    elif mode == "asymmetric":
+        qmin, qmax = qrange(bits, signed=False)
+        scale = (hi - lo).clamp_min(tiny) / (qmax - qmin)
+        zp = torch.clamp(round_half_up(-lo / scale), qmin, qmax)
+    else:
+        raise ValueError(f"unknown mode {mode}")
+    return QParams(scale.float(), zp.to(torch.int32), qmin, qmax, bits, axis)
+
+
+def with_scale(qp: QParams, scale: torch.Tensor, lo: torch.Tensor | None = None) -> QParams:
+    """The same quantizer with another scale; an asymmetric zero point is re-derived from ``lo``."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(qp.scale.shape)
+    zp = qp.zero_point
+    if lo is not None and qp.qmin == 0 and bool((qp.zero_point != 0).any()):
+        zp = torch.clamp(round_half_up(-torch.as_tensor(lo, dtype=torch.float64) / scale.double()), qp.qmin, qp.qmax)
+        zp = zp.to(torch.int32).reshape(qp.zero_point.shape)
+    return QParams(scale, zp, qp.qmin, qp.qmax, qp.bits, qp.axis, qp.kind)
+
+
+def restrict_pot(qp: QParams, mode: str = "round", lo: torch.Tensor | None = None) -> QParams:
+    """Replace every scale by 2^k (``round`` or ``ceil`` of log2); zero points follow."""
+    k = pot_exponent(qp.scale, mode)
+    return with_scale(qp, torch.exp2(k.double()).float(), lo)

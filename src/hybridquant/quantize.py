@@ -1,0 +1,120 @@
+"""The engine: calibrate a captured graph and build its fully quantized twin.
+
+``quantize_graph(graph, config, calib)`` is the one entry point; the method
+named in ``config`` plugs into the steps documented in
+:mod:`hybridquant.methods.base`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .config import QuantConfig
+from .errors import HybridQuantError
+from .graph.ir import VALUE_OPS, Graph, Node
+from .graph.quantized import QuantizedGraph
+from .methods import METHODS
+from .observers import ActivationObserver
+from .primitives import sqnr_db
+from .qparams import restrict_pot
+
+
+def float_node_names(graph: Graph, patterns: Iterable[str]) -> list[str]:
+    """Nodes matched by the user's ``float_ops`` globs; an unmatched pattern is an error."""
+    names: list[str] = []
+    for pattern in patterns:
+        hits = [n.name for n in graph if fnmatch.fnmatchcase(n.name, pattern) and n.op != "output"]
+        if not hits:
+            raise HybridQuantError(f"--float-ops pattern '{pattern}' matches no node of the graph")
+        names += [h for h in hits if h not in names]
+    return names
+
+
+def quant_points(graph: Graph, float_nodes: list[str]) -> list[Node]:
+    """Nodes whose output gets an activation quantizer."""
+    return [n for n in graph if n.op in VALUE_OPS and n.name not in float_nodes]
+
+
+def _bits_for(node: Node, graph: Graph, config: QuantConfig, kind: str) -> int:
+    if node.op == "input":
+        return config.input_bits
+    if config.first_last_8bit:
+        convs, linears = graph.by_op("conv2d"), graph.by_op("linear")
+        edge = {convs[0].name if convs else None, linears[-1].name if linears else None}
+        if node.name in edge:
+            return 8
+    return config.wbits if kind == "weight" else config.abits
+
+
+@torch.no_grad()
+def observe(graph: Graph, calib: list[torch.Tensor], names: Iterable[str], config: QuantConfig,
+            progress: bool = False) -> dict[str, ActivationObserver]:
+    """Run the float graph over ``calib`` and collect statistics of the named outputs."""
+    wanted = set(names)
+    observers = {n: ActivationObserver(config.percentile, seed=i) for i, n in enumerate(sorted(wanted))}
+
+    def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
+        if node.name in observers:
+            observers[node.name].update(out)
+        return out
+
+    for x in tqdm(calib, desc="calibrate", disable=not progress, leave=False):
+        graph.run(x, hook=hook)
+    return observers
+
+
+def calib_batches(calib: torch.Tensor | list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+    """Split a calibration tensor into batches (a list is returned as is)."""
+    if isinstance(calib, list):
+        return calib
+    return list(calib.split(batch_size))
+
+
+def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list[torch.Tensor],
+                   progress: bool = False) -> QuantizedGraph:
+    """Quantize ``graph`` (left unchanged) with ``config``, calibrating on ``calib`` images."""
+    batches = calib_batches(calib)
+    method = METHODS[config.method]()
+    base_params = graph.num_params()
+    graph = graph.clone()
+    float_nodes = float_node_names(graph, config.float_ops)
+    info: dict[str, Any] = {"transform": method.transform(graph, batches, config)}
+
+    points = quant_points(graph, float_nodes)
+    observers = observe(graph, batches, [n.name for n in points], config, progress)
+    act = {}
+    for node in points:
+        qp = method.act_qparams(node, observers[node.name], _bits_for(node, graph, config, "act"), config)
+        if config.pot and qp.kind == "uniform":
+            mode = "round" if config.pot_rounding == "objective" else config.pot_rounding
+            qp = restrict_pot(qp, mode, lo=torch.tensor(observers[node.name].min))
+        act[node.name] = qp
+    weight = {}
+    for node in graph.by_op("conv2d", "linear"):
+        if node.name in float_nodes:
+            continue
+        qp = method.weight_qparams(node, _bits_for(node, graph, config, "weight"), config)
+        if config.pot:
+            qp = restrict_pot(qp, "round" if config.pot_rounding == "objective" else config.pot_rounding)
+        weight[node.name] = qp
+    qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info)
+    info["refine"] = method.refine(qgraph, batches, config)
+    info["param_increase_pct"] = 100.0 * (graph.num_params() - base_params) / max(base_params, 1)
+    return qgraph
+
+
+@torch.no_grad()
+def layer_sqnr(reference: Graph, qgraph: QuantizedGraph, images: torch.Tensor) -> dict[str, float]:
+    """Output SQNR (dB) of every quantized node against the float graph on ``images``.
+
+    Nodes are matched by name; nodes that a transform added have no float twin
+    and are skipped.
+    """
+    ref = reference.run(images, keep=True)
+    sim = qgraph.run(images, keep=True)
+    return {name: sqnr_db(ref[name], sim[name]) for name in qgraph.act if name in ref and name in sim}

@@ -1,0 +1,154 @@
+"""Model loading: checkpoint forms, classifier size, class names, hub and bundled models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCH, CLASSES, IMG, MEAN, STD, make_state_dict, pretrained_cfg
+from hybridquant import models
+from hybridquant.errors import HybridQuantError
+from hybridquant.models import list_bundled, load_model, read_checkpoint
+
+
+def logits(loaded, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return loaded.model(x)
+
+
+def test_plain_state_dict_and_dict_checkpoint_agree(save_ckpt, state_dict):
+    plain = load_model(ARCH, save_ckpt("plain.pt", obj=state_dict))
+    full = load_model(ARCH, save_ckpt("full.pt", class_names=list(CLASSES), model=ARCH))
+    assert plain.num_classes == full.num_classes == len(CLASSES)
+    assert torch.equal(logits(plain), logits(full))
+    assert not plain.model.training  # eval mode
+    assert plain.class_names is None and full.class_names == CLASSES
+    # the plain state_dict keeps timm's own data config; the dict carries ours
+    assert full.data_cfg["input_size"] == (3, IMG, IMG)
+    assert full.data_cfg["mean"] == tuple(MEAN) and full.data_cfg["std"] == tuple(STD)
+    assert full.data_cfg["interpolation"] == "bilinear" and full.data_cfg["crop_pct"] == 1.0
+    assert plain.data_cfg["input_size"] == (3, 256, 256)
+
+
+def test_read_checkpoint_canonical_form(save_ckpt, state_dict):
+    ckpt = read_checkpoint(save_ckpt("plain.pt", obj=state_dict))
+    assert set(ckpt) == {"state_dict"} and ckpt["state_dict"].keys() == state_dict.keys()
+    ckpt = read_checkpoint(save_ckpt("full.pt", num_classes=3))
+    assert ckpt["num_classes"] == 3 and "pretrained_cfg" in ckpt
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_prefixed_keys_are_stripped_and_classes_inferred(save_ckpt, state_dict, prefix):
+    reference = load_model(ARCH, save_ckpt("ref.pt", obj=state_dict))
+    prefixed = {prefix + k: v for k, v in state_dict.items()}
+    for obj in (prefixed, {"state_dict": prefixed}):
+        loaded = load_model(ARCH, save_ckpt("prefixed.pt", obj=obj))
+        assert loaded.num_classes == len(CLASSES)
+        assert torch.equal(logits(loaded), logits(reference))
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 10])
+def test_num_classes_comes_from_the_checkpoint(save_ckpt, num_classes):
+    sd = make_state_dict(num_classes=num_classes)
+    loaded = load_model(ARCH, save_ckpt("n.pt", obj=sd), num_classes=999)  # the checkpoint wins
+    assert loaded.num_classes == num_classes
+    assert logits(loaded).shape == (2, num_classes)
+
+
+def test_num_classes_argument_without_checkpoint():
+    assert load_model(ARCH, num_classes=4).num_classes == 4
+    assert load_model(ARCH).source == "random-init"
+
+
+def test_class_names_length_mismatch(save_ckpt):
+    with pytest.raises(HybridQuantError, match="lists 4 class names for a 3-way classifier"):
+        load_model(ARCH, save_ckpt(class_names=["a", "b", "c", "d"]))
+
+
+def test_checkpoint_for_other_model_name(save_ckpt):
+    with pytest.raises(HybridQuantError, match="was saved for model 'mobilevit_s'"):
+        load_model(ARCH, save_ckpt(model="mobilevit_s"))
+
+
+def test_checkpoint_that_does_not_fit(save_ckpt, state_dict):
+    broken = dict(state_dict)
+    broken.pop(next(iter(broken)))
+    with pytest.raises(HybridQuantError, match="does not fit model 'mobilevit_xxs'"):
+        load_model(ARCH, save_ckpt("broken.pt", obj=broken))
+
+
+@pytest.mark.parametrize(
+    "obj", [[1, 2], {}, {"a": 1}, {"state_dict": [1, 2]}], ids=["list", "empty", "mixed", "sd-list"]
+)
+def test_checkpoint_of_the_wrong_shape(save_ckpt, obj):
+    with pytest.raises(HybridQuantError, match="checkpoint"):
+        load_model(ARCH, save_ckpt("odd.pt", obj=obj))
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(HybridQuantError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(HybridQuantError, match=r"cannot read checkpoint .*bad\.pt"):
+        read_checkpoint(bad)
+
+
+@pytest.mark.parametrize("name", ["resnet_999", "mobilevit_xxs.no_such_tag", "mobilevit_xxs.no_such_dataset"])
+def test_unknown_model_names(name, save_ckpt):
+    with pytest.raises(HybridQuantError, match=f"unknown model '{name}'"):
+        load_model(name)
+    with pytest.raises(HybridQuantError, match=f"unknown model '{name}'"):
+        load_model(name, save_ckpt())
+
+
+def test_known_pretrained_tag_is_accepted(save_ckpt):
+    assert load_model(f"{ARCH}.cvnets_in1k", save_ckpt()).num_classes == len(CLASSES)
+
+
+def test_pretrained_offline_gives_a_clear_error(hub_offline):
+    with pytest.raises(HybridQuantError) as info:
+        load_model(ARCH, pretrained=True)
+    message = str(info.value)
+    assert f"cannot fetch pretrained weights for '{ARCH}' from the timm hub" in message
+    assert "--checkpoint" in message and "\n" not in message
+
+
+def test_bundled_models(monkeypatch, tmp_path, state_dict):
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    monkeypatch.setattr(models, "bundled_dir", lambda: bundled)
+    assert list_bundled() == []
+    torch.save(
+        {
+            "model": ARCH,
+            "state_dict": state_dict,
+            "class_names": list(CLASSES),
+            "pretrained_cfg": pretrained_cfg(),
+        },
+        bundled / f"{ARCH}.toy.pt",
+    )
+    (bundled / "README.md").write_text("not a model")
+    assert list_bundled() == [f"{ARCH}.toy"]
+    loaded = load_model(f"{ARCH}.toy")
+    assert loaded.name == ARCH and loaded.source == f"bundled:{ARCH}.toy"
+    assert loaded.class_names == CLASSES and loaded.data_cfg["input_size"] == (3, IMG, IMG)
+    with pytest.raises(HybridQuantError, match="bundled model; do not pass --checkpoint"):
+        load_model(f"{ARCH}.toy", checkpoint=bundled / f"{ARCH}.toy.pt")
+
+
+def test_bundled_checkpoint_without_model_key_uses_the_name(monkeypatch, tmp_path, state_dict):
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    monkeypatch.setattr(models, "bundled_dir", lambda: bundled)
+    torch.save({"state_dict": state_dict}, bundled / f"{ARCH}.other.pt")
+    assert load_model(f"{ARCH}.other").name == ARCH
+
+
+def test_shipped_bundled_models_load():
+    """Whatever the package ships must load and carry class names and a data config."""
+    for name in list_bundled():
+        loaded = load_model(name)
+        assert loaded.class_names and len(loaded.class_names) == loaded.num_classes
+        assert {"input_size", "mean", "std"} <= loaded.data_cfg.keys()
