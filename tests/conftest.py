@@ -118,3 +118,56 @@ def hub_offline(monkeypatch, tmp_path):
         return
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"), raising=False)
+
+
+# --- quantization engine fixtures ------------------------------------------------
+QIMG = 64  # MobileViT needs 64x64 or more: its last stage works on 2x2 maps
+
+
+def make_bn_model(arch: str = ARCH, num_classes: int = len(CLASSES), seed: int = 0) -> torch.nn.Module:
+    """A seeded model with non-trivial BatchNorm statistics (so folding is tested for real)."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, num_classes=num_classes).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def mvit_model() -> torch.nn.Module:
+    return make_bn_model()
+
+
+@pytest.fixture(scope="session")
+def mvit_graph(mvit_model):
+    """mobilevit_xxs captured at 64x64 (session-scoped: capture takes seconds)."""
+    from hybridquant.graph import capture
+
+    return capture(mvit_model, (3, QIMG, QIMG))
+
+
+@pytest.fixture(scope="session")
+def calib_images() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(16, 3, QIMG, QIMG, generator=gen) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def q_ckpt_path(tmp_path_factory) -> Path:
+    """A 64x64 3-class checkpoint for end-to-end quantize tests."""
+    path = tmp_path_factory.mktemp("qckpt") / "tiny64.pt"
+    model = make_bn_model()
+    torch.save(
+        {"model": ARCH, "state_dict": model.state_dict(), "num_classes": len(CLASSES),
+         "class_names": list(CLASSES), "pretrained_cfg": pretrained_cfg(QIMG)},
+        path,
+    )
+    return path

@@ -11,6 +11,7 @@ import json
 import random
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import HybridQuantError
@@ -61,6 +62,40 @@ def _add_data(p: argparse.ArgumentParser, limit: bool = True) -> None:
         g.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
 
 
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    from .config import POT_ROUNDING
+    from .methods import METHODS
+
+    g = p.add_argument_group("quantization")
+    g.add_argument("--method", default="minmax", help=f"one of: {', '.join(sorted(METHODS))} (default minmax)")
+    g.add_argument("--wbits", type=int, default=8, help="weight bits: 2-8 or 16 (default 8)")
+    g.add_argument("--abits", type=int, default=8, help="activation bits: 2-8 or 16 (default 8)")
+    g.add_argument("--scales", default="float", help="float (any scale) or pot (powers of two); default float")
+    g.add_argument("--pot-rounding", default=None, choices=POT_ROUNDING,
+                   help="how scales become 2^k with --scales pot (default: objective for hfq, round otherwise)")
+    g.add_argument("--act-symmetry", default="auto", help="auto, symmetric or asymmetric activations")
+    g.add_argument("--first-last-8bit", action="store_true", help="keep the first conv and the classifier at 8 bits")
+    g.add_argument("--float-ops", default="", help="comma-separated node names (globs) to leave in float")
+    g.add_argument("--calib", type=int, default=512, help="calibration images from train/ (default 512)")
+    g.add_argument("--percentile", type=float, default=99.99, help="percentile of the percentile method")
+    g.add_argument("--smoothquant-alpha", type=float, default=0.5, help="migration strength of smoothquant")
+    g.add_argument("--hyq-iters", type=int, default=1000, help="QADS iterations of hyq")
+    g.add_argument("--shift-terms", type=int, default=1, help="requantization as a sum of 1 or 2 powers of two")
+
+
+def _quant_config(args: argparse.Namespace):
+    from .config import QuantConfig
+
+    rounding = args.pot_rounding or ("objective" if args.method == "hfq" else "round")
+    return QuantConfig(
+        method=args.method, wbits=args.wbits, abits=args.abits, scales=args.scales, pot_rounding=rounding,
+        act_symmetry=args.act_symmetry, first_last_8bit=args.first_last_8bit,
+        float_ops=tuple(x.strip() for x in args.float_ops.split(",") if x.strip()),
+        percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
+        shift_terms=args.shift_terms,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridquant", description=__doc__.splitlines()[0])
     from . import __version__
@@ -72,7 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, required=False)
     _add_data(p)
     _add_common(p)
+    p.add_argument("--qmodel", default=None, help="evaluate a quantized model.hq instead of --model")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+
+    p = sub.add_parser("quantize", help="calibrate, quantize and evaluate; writes report.json, report.md, model.hq")
+    _add_model(p)
+    _add_data(p)
+    _add_common(p)
+    _add_quant(p)
+    p.add_argument("--out-dir", required=True, help="folder for report.json, report.md and model.hq")
 
     p = sub.add_parser("train", help="train a timm model on an ImageFolder (small-data recipe)")
     _add_model(p)
@@ -136,8 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import evaluate
     from .models import load_model
 
+    if args.qmodel:
+        return _eval_qmodel(args)
     if not args.model:
-        raise HybridQuantError("eval needs --model")
+        raise HybridQuantError("eval needs --model or --qmodel")
     loaded = load_model(args.model, args.checkpoint, args.pretrained)
     cfg = data_config(loaded.data_cfg, _overrides(args))
     dataset = image_folder(args.data, "eval", eval_transform(cfg))
@@ -149,6 +194,53 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         write_json(args.out, out)
     return out
+
+
+def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
+    from . import qmodel
+    from ._io import write_json
+    from .data import (
+        balanced_subset,
+        check_class_names,
+        data_config,
+        eval_transform,
+        image_folder,
+        make_loader,
+    )
+    from .evaluate import evaluate
+
+    if args.model or args.checkpoint:
+        raise HybridQuantError("--qmodel carries its own model; do not pass --model or --checkpoint")
+    qgraph, meta = qmodel.load(args.qmodel)
+    cfg = data_config(meta["data_cfg"], _overrides(args))
+    dataset = image_folder(args.data, "eval", eval_transform(cfg))
+    check_class_names(dataset, meta.get("class_names"), int(meta["num_classes"]))
+    subset = balanced_subset(dataset, args.limit)
+    result = evaluate(qgraph.run, make_loader(subset, args.batch_size, args.workers), "cpu")
+    c = qgraph.config
+    out = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits,
+           "scales": c.scales, **result.summary()}
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from . import qmodel
+    from ._io import write_json, write_text
+    from .pipeline import DataSpec, quantize_job
+    from .report import quantize_report_md
+
+    config = _quant_config(args)
+    data = DataSpec(args.data, _overrides(args), args.limit, args.calib, args.batch_size, args.workers, args.seed)
+    report, qgraph, meta = quantize_job(args.model, args.checkpoint, args.pretrained, data, config, _device(args))
+    out_dir = Path(args.out_dir)
+    qmodel.save(out_dir / "model.hq", qgraph, meta)
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", quantize_report_md(report))
+    keys = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "agreement_fp32",
+            "eval_images", "param_increase_pct", "seconds")
+    return {**{k: report[k] for k in keys}, "out_dir": str(out_dir)}
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return {"checkpoint": args.out, **metrics}
 
 
-COMMANDS = {"eval": cmd_eval, "train": cmd_train}
+COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train}
 
 
 def _user_message(exc: BaseException) -> str | None:

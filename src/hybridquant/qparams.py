@@ -117,7 +117,10 @@ def with_scale(qp: QParams, scale: torch.Tensor, lo: torch.Tensor | None = None)
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(qp.scale.shape)
     zp = qp.zero_point
     if lo is not None and qp.qmin == 0 and bool((qp.zero_point != 0).any()):
-        zp = torch.clamp(round_half_up(-torch.as_tensor(lo, dtype=torch.float64) / scale.double()), qp.qmin, qp.qmax)
+        ref = scale.double()
+        if qp.zero_point.shape != scale.shape:  # one zero point shared by per-channel scales (FQ-ViT's
+            ref = ref.max()                      # PTF): the widest channel's grid must reach ``lo``
+        zp = torch.clamp(round_half_up(-torch.as_tensor(lo, dtype=torch.float64) / ref), qp.qmin, qp.qmax)
         zp = zp.to(torch.int32).reshape(qp.zero_point.shape)
     return QParams(scale, zp, qp.qmin, qp.qmax, qp.bits, qp.axis, qp.kind)
 

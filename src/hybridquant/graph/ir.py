@@ -123,6 +123,18 @@ class Graph:
         self.nodes.insert(idx + 1, node)
         self._reindex()
 
+    def insert_before(self, consumer: str, index: int, node: Node) -> None:
+        """Insert ``node`` on the edge into input ``index`` of ``consumer`` only.
+
+        ``node.inputs`` must already name the edge's source; other readers of
+        that source are not affected.
+        """
+        target = self[consumer]
+        target.inputs = [node.name if k == index else i for k, i in enumerate(target.inputs)]
+        idx = next(i for i, n in enumerate(self.nodes) if n.name == consumer)
+        self.nodes.insert(idx, node)
+        self._reindex()
+
     def clone(self) -> Graph:
         """A deep copy (tensors included)."""
         return copy.deepcopy(self)
@@ -135,6 +147,10 @@ class Graph:
         graph's output.
         """
         values: dict[str, torch.Tensor] = {}
+        # nodes with attrs["raw_input"] read their input before its output quantizer:
+        # the integer program requantizes that edge from the wide accumulator directly.
+        raw: dict[str, torch.Tensor] = {}
+        raw_wanted = {n.inputs[0] for n in self.nodes if n.attrs.get("raw_input")}
         remaining = {n.name: 0 for n in self.nodes}
         for n in self.nodes:
             for i in n.inputs:
@@ -144,8 +160,12 @@ class Graph:
                 out = x
             elif node.op == "output":
                 out = values[node.inputs[0]]
+            elif node.attrs.get("raw_input"):
+                out = F_ops.run_op(node, [raw[node.inputs[0]]])
             else:
                 out = F_ops.run_op(node, [values[i] for i in node.inputs])
+            if node.name in raw_wanted:
+                raw[node.name] = out
             if hook is not None:
                 out = hook(node, out)
             values[node.name] = out

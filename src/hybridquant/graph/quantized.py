@@ -24,6 +24,11 @@ from .ir import MAC_OPS, Graph, Node
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
+def accumulator_bits(act_bits: int, weight_bits: int) -> int:
+    """int32 accumulators for up to 8-bit operands; 16-bit operands need int64."""
+    return 32 if max(act_bits, weight_bits) <= 8 else 64
+
+
 @dataclass
 class QuantizedGraph:
     """A :class:`Graph` with output quantizers (``act``) and integer weights.
@@ -65,7 +70,9 @@ class QuantizedGraph:
             x_qp = self.input_qparams(node)
             if "bias" in node.params and x_qp is not None and x_qp.scale.dim() == 0:
                 bias_scale = (x_qp.scale.double() * wq.scale.double())
-                b = torch.floor(node.params["bias"].double() / bias_scale + 0.5).clamp(INT32_MIN, INT32_MAX)
+                b = torch.floor(node.params["bias"].double() / bias_scale + 0.5)
+                if accumulator_bits(x_qp.bits, wq.bits) == 32:
+                    b = b.clamp(INT32_MIN, INT32_MAX)
                 self.bias_int[node.name] = b.to(torch.int64)
                 node.params["bias"] = (b * bias_scale).float()
         self.sim = sim

@@ -1,10 +1,13 @@
 """PTQ methods, one module each; ``METHODS`` maps CLI names to classes."""
 
 from .base import Method
+from .fqvit import FQViT
+from .hyq import HyQ
 from .minmax import MinMax
 from .omse import OMSE
 from .percentile import Percentile
+from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (MinMax, Percentile, OMSE)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (MinMax, Percentile, OMSE, FQViT, SmoothQuant, HyQ)}
 
 __all__ = ["METHODS", "Method"]

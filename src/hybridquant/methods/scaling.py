@@ -1,0 +1,63 @@
+"""Per-input-channel scaling between a layer and its input (SmoothQuant, HyQ, hfq).
+
+``X' = X / α`` and ``W' = W · α`` leave ``conv(X, W)`` (or ``linear``)
+unchanged in float. ``W · α`` is always folded into the consumer. ``X / α``
+is folded into the producer when the producer is linear up to its quantizer
+and feeds only this consumer (a conv/linear: its output rows; a LayerNorm:
+its affine) — free. Otherwise an explicit ``scale_channels`` node is inserted
+on that edge only; it reads the producer's value before quantization (the
+integer program requantizes the wide accumulator per channel, a shift when α
+is a power of two) and its α vector is the reported parameter increase.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..graph.ir import Graph, Node
+
+
+def input_channel_dim(node: Node) -> int:
+    """Channel dim of ``node``'s input activation: 1 for conv (NCHW), last for linear."""
+    return 1 if node.op == "conv2d" else -1
+
+
+def scalable(node: Node) -> bool:
+    """Layers whose input channels can be rescaled: dense convs and linears."""
+    return node.op == "linear" or (node.op == "conv2d" and node.attrs["groups"] == 1)
+
+
+def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -> bool:
+    src = graph[consumer.inputs[0]]
+    if len(graph.users(src.name)) != 1:
+        return False
+    if src.op in ("conv2d", "linear") and (src.op == "linear") == (consumer.op == "linear"):
+        shape = [-1] + [1] * (src.params["weight"].dim() - 1)
+        src.params["weight"] = src.params["weight"] * inv_alpha.reshape(shape)
+        if "bias" in src.params:
+            src.params["bias"] = src.params["bias"] * inv_alpha
+        return True
+    if src.op == "layer_norm" and consumer.op == "linear" and "weight" in src.params:
+        src.params["weight"] = src.params["weight"] * inv_alpha
+        src.params["bias"] = src.params.get("bias", torch.zeros_like(inv_alpha)) * inv_alpha
+        return True
+    return False
+
+
+def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow_fold: bool = True) -> str:
+    """Scale ``consumer``'s input by 1/α and its weight by α; returns ``'folded'`` or ``'explicit'``."""
+    alpha = alpha.float()
+    w = consumer.params["weight"]
+    shape = [1, -1] + [1] * (w.dim() - 2)
+    consumer.params["weight"] = w * alpha.reshape(shape)
+    inv_alpha = 1.0 / alpha
+    if allow_fold and _fold_into_producer(graph, consumer, inv_alpha):
+        return "folded"
+    name = f"{consumer.name}.input_scale"
+    node = Node(
+        name, "scale_channels", [consumer.inputs[0]],
+        {"dim": input_channel_dim(consumer), "raw_input": True}, {"inv_alpha": inv_alpha},
+        consumer.module, consumer.block,
+    )
+    graph.insert_before(consumer.name, 0, node)
+    return "explicit"

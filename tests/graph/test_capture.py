@@ -1,0 +1,78 @@
+"""Graph capture of timm hybrids: complete, exact, batch-dynamic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hybridquant.errors import HybridQuantError
+from hybridquant.graph import capture
+from hybridquant.graph.ir import LAYOUT_OPS, MAC_OPS
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_every_conv_linear_and_attention_matmul_is_captured(mvit_model, mvit_graph):
+    from timm.layers import Attention
+
+    convs = sum(isinstance(m, nn.Conv2d) for m in mvit_model.modules())
+    linears = sum(isinstance(m, nn.Linear) for m in mvit_model.modules())
+    attentions = sum(isinstance(m, Attention) for m in mvit_model.modules())
+    assert len(mvit_graph.by_op("conv2d")) == convs
+    assert len(mvit_graph.by_op("linear")) == linears
+    assert len(mvit_graph.by_op("matmul")) == 2 * attentions  # q·kᵀ and attn·v
+    assert len(mvit_graph.by_op("softmax")) == attentions
+    assert not mvit_graph.by_op("batch_norm")  # all folded
+
+
+def test_captured_graph_matches_the_model(mvit_model, mvit_graph):
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = mvit_model(x)
+    assert _rel_err(mvit_graph(x), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batch_size_is_dynamic(mvit_model, mvit_graph, batch):
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel_err(mvit_graph(x), mvit_model(x)) <= 1e-5
+
+
+def test_capture_does_not_modify_the_model(mvit_model):
+    before = {k: v.clone() for k, v in mvit_model.state_dict().items()}
+    capture(mvit_model, (3, 64, 64))
+    after = mvit_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_blocks_are_labelled(mvit_graph):
+    blocks = {n.block for n in mvit_graph.by_op(*MAC_OPS)}
+    assert {"stem", "mv2", "mobilevit", "head"} <= blocks
+    assert all(n.block == "mobilevit" for n in mvit_graph.by_op("matmul"))
+
+
+def test_node_names_say_where_they_come_from(mvit_graph):
+    names = {n.name for n in mvit_graph.by_op("conv2d", "linear")}
+    assert "stem.conv" in names and "head.fc" in names
+
+
+def test_unsupported_op_is_a_clear_error():
+    class WithMaxPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.pool(self.conv(x))
+
+    with pytest.raises(HybridQuantError, match="cannot quantize op .*max_pool2d"):
+        capture(WithMaxPool(), (3, 16, 16))
+
+
+def test_layout_ops_have_one_input(mvit_graph):
+    assert all(len(n.inputs) == 1 for n in mvit_graph if n.op in LAYOUT_OPS)

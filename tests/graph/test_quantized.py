@@ -1,0 +1,88 @@
+"""The fully quantized simulation: coverage, bit widths, scale restriction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridquant.config import QuantConfig
+from hybridquant.errors import HybridQuantError
+from hybridquant.graph.ir import MAC_OPS, VALUE_OPS
+from hybridquant.primitives import sqnr_db
+from hybridquant.quantize import quantize_graph
+
+
+@pytest.fixture(scope="module")
+def w8a8(mvit_graph, calib_images):
+    return quantize_graph(mvit_graph, QuantConfig(), calib_images)
+
+
+def test_no_mac_is_missed(mvit_graph, w8a8):
+    macs = mvit_graph.by_op(*MAC_OPS)
+    assert len(macs) == 35 + 37 + 18  # convs, linears, attention matmuls of mobilevit_xxs
+    assert {n.name for n in w8a8.quantized_macs()} == {n.name for n in macs}
+
+
+def test_every_value_changing_output_is_quantized(mvit_graph, w8a8):
+    assert set(w8a8.act) == {n.name for n in mvit_graph if n.op in VALUE_OPS}
+
+
+def test_every_mac_input_is_on_an_integer_grid(w8a8, calib_images):
+    values = w8a8.run(calib_images[:2], keep=True)
+    for node in w8a8.graph.by_op(*MAC_OPS):
+        for i, name in enumerate(node.inputs):
+            qp = w8a8.input_qparams(node, i)
+            codes = values[name] / qp.scale + qp.zero_point
+            assert torch.allclose(codes, codes.round(), atol=1e-3), node.name
+
+
+def test_sixteen_bits_is_nearly_float(mvit_graph, calib_images):
+    cfg = QuantConfig(wbits=16, abits=16, input_bits=16)
+    q16 = quantize_graph(mvit_graph, cfg, calib_images)
+    x = calib_images[:4]
+    assert sqnr_db(mvit_graph(x), q16(x)) > 50
+
+
+def test_more_bits_less_error(mvit_graph, calib_images):
+    x = calib_images[:4]
+    ref = mvit_graph(x)
+    errs = [sqnr_db(ref, quantize_graph(mvit_graph, QuantConfig(wbits=b, abits=b), calib_images)(x)) for b in (4, 6, 8)]
+    assert errs[0] < errs[1] < errs[2]
+
+
+def test_pot_scales_are_powers_of_two(mvit_graph, calib_images):
+    q = quantize_graph(mvit_graph, QuantConfig(scales="pot"), calib_images)
+    assert all(qp.is_pot for qp in q.act.values())
+    assert all(qp.is_pot for qp in q.weight.values())
+
+
+def test_first_last_8bit(mvit_graph, calib_images):
+    q = quantize_graph(mvit_graph, QuantConfig(wbits=4, abits=4, first_last_8bit=True), calib_images)
+    assert q.weight["stem.conv"].bits == 8 and q.weight["head.fc"].bits == 8
+    assert q.weight["stages.1.0.conv1_1x1.conv"].bits == 4
+    assert q.act["input"].bits == 8
+
+
+def test_float_ops_are_left_in_float(mvit_graph, calib_images):
+    cfg = QuantConfig(float_ops=("*.softmax",))
+    q = quantize_graph(mvit_graph, cfg, calib_images)
+    softmax = [n.name for n in mvit_graph.by_op("softmax")]
+    assert sorted(q.float_nodes) == sorted(softmax)
+    assert not set(softmax) & set(q.act)
+    with pytest.raises(HybridQuantError, match="matches no node"):
+        quantize_graph(mvit_graph, QuantConfig(float_ops=("nope*",)), calib_images)
+
+
+def test_quantization_is_deterministic(mvit_graph, calib_images):
+    a = quantize_graph(mvit_graph, QuantConfig(method="percentile"), calib_images)
+    b = quantize_graph(mvit_graph, QuantConfig(method="percentile"), calib_images)
+    x = calib_images[:2]
+    assert torch.equal(a(x), b(x))
+
+
+def test_biases_are_int32_at_input_times_weight_scale(w8a8):
+    for name, b in w8a8.bias_int.items():
+        assert b.dtype == torch.int64 and int(b.abs().max()) < 2**31  # W8A8: int32 accumulators
+        node = w8a8.sim[name]
+        scale = w8a8.input_qparams(w8a8.graph[name]).scale * w8a8.weight[name].scale
+        assert torch.allclose(node.params["bias"], (b * scale.double()).float())

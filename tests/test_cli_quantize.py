@@ -1,0 +1,92 @@
+"""`hybridquant quantize` and `eval --qmodel` end to end on a synthetic ImageFolder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybridquant.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def base_args(q_ckpt_path, data_dir):
+    return ["--model", "mobilevit_xxs", "--checkpoint", str(q_ckpt_path), "--data", str(data_dir),
+            "--workers", "0", "--batch-size", "8"]
+
+
+def test_quantize_writes_report_and_model_that_reloads_exactly(tmp_path, capsys, base_args, data_dir):
+    out_dir = tmp_path / "q"
+    code, out, err = _run(capsys, "quantize", *base_args, "--calib", "6", "--scales", "pot", "--out-dir", str(out_dir))
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    for key in ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "calib_images",
+                "eval_images", "seconds", "param_increase_pct", "layers", "agreement_fp32"):
+        assert key in report
+    assert report["calib_images"] == 6 and report["eval_images"] == 12
+    assert report["all_scales_pot"] is True
+    assert report["drop_pp"] == pytest.approx(100 * (report["fp32_top1"] - report["quant_top1"]))
+    layer = report["layers"][1]
+    assert {"name", "op", "act_bits", "sqnr_db"} <= set(layer)
+    assert (out_dir / "report.md").read_text().startswith("# hybridquant")
+
+    code, out, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--data", str(data_dir),
+                          "--workers", "0", "--batch-size", "5")
+    assert code == 0, err
+    assert json.loads(out)["top1"] == report["quant_top1"]
+
+
+def test_quantize_lists_float_ops(tmp_path, capsys, base_args):
+    out_dir = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", *base_args, "--calib", "4", "--float-ops", "*.softmax", "--out-dir", str(out_dir))
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert len(report["float_nodes"]) == 9
+    assert "softmax" in (out_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--wbits", "1"], "wbits"),
+        (["--abits", "12"], "abits"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--calib", "1000"], "asked for 1000 calibration images but the train split has 12"),
+        (["--scales", "log"], "--scales"),
+        (["--float-ops", "nothing*"], "matches no node"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, base_args, extra, message):
+    out_dir = tmp_path / "q"
+    code, out, err = _run(capsys, "quantize", *base_args, "--calib", "4", *extra, "--out-dir", str(out_dir))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_model_with_an_unquantizable_op(tmp_path, capsys, data_dir):
+    import timm
+    import torch
+
+    from tests.conftest import CLASSES, pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=len(CLASSES))  # has max pooling
+    ckpt = tmp_path / "r.pt"
+    torch.save({"state_dict": model.state_dict(), "pretrained_cfg": pretrained_cfg(32)}, ckpt)
+    code, _, err = _run(capsys, "quantize", "--model", "resnet10t", "--checkpoint", str(ckpt), "--data", str(data_dir),
+                        "--workers", "0", "--calib", "4", "--out-dir", str(tmp_path / "q"))
+    assert code == 2 and "cannot quantize op" in err and "max_pool2d" in err
+
+
+def test_truncated_qmodel(tmp_path, capsys, data_dir):
+    bad = tmp_path / "model.hq"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = _run(capsys, "eval", "--qmodel", str(bad), "--data", str(data_dir), "--workers", "0")
+    assert code == 2 and "cannot read quantized model" in err

@@ -1,0 +1,129 @@
+"""Rounding, quantize/dequantize, shifts and saturation: exact integer arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridquant.primitives import (
+    dequantize,
+    fake_quantize,
+    is_power_of_two,
+    log2_fake_quantize,
+    pot_exponent,
+    qrange,
+    quantize,
+    round_half_up,
+    saturate,
+    shift_right_round,
+    sqnr_db,
+)
+
+INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
+
+
+def test_round_half_up_ties_go_up():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.4999, -2.5001])
+    assert torch.equal(round_half_up(x), torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 2.0, -3.0]))
+
+
+@given(st.integers(2, 16), st.booleans(), st.booleans())
+def test_qrange(bits, signed, narrow):
+    lo, hi = qrange(bits, signed, narrow)
+    assert hi - lo + 1 == (1 << bits) - (1 if (signed and narrow) else 0)
+    if signed and narrow:
+        assert lo == -hi
+
+
+@given(INT32, st.integers(0, 31))
+def test_shift_right_round_matches_exact_rounding(acc, shift):
+    got = int(shift_right_round(torch.tensor([acc], dtype=torch.int64), shift))
+    expected = math.floor(acc / 2**shift + 0.5) if shift else acc
+    # exact rational rounding, ties toward +inf
+    num, den = 2 * acc + (1 << shift), 1 << (shift + 1)
+    assert got == expected == (num // den if shift else acc)
+
+
+@given(st.integers(-(2**20), 2**20), st.integers(1, 8))
+def test_shift_left_is_exact(acc, shift):
+    assert int(shift_right_round(torch.tensor([acc]), -shift)) == acc * 2**shift
+
+
+def test_shift_ties_negative_values():
+    acc = torch.tensor([-3, -2, -1, 1, 2, 3], dtype=torch.int64)  # /2 -> -1.5 -1 -0.5 0.5 1 1.5
+    assert torch.equal(shift_right_round(acc, 1), torch.tensor([-1, -1, 0, 1, 1, 2]))
+
+
+def test_per_element_shift_vector():
+    acc = torch.tensor([100, 100, 100, -100])
+    got = shift_right_round(acc, torch.tensor([0, 2, -1, 3]))
+    assert torch.equal(got, torch.tensor([100, 25, 200, -12]))
+
+
+@given(st.lists(INT32, min_size=1, max_size=20), st.integers(2, 16))
+def test_saturate_into_range(values, bits):
+    lo, hi = qrange(bits, signed=True)
+    q = saturate(torch.tensor(values, dtype=torch.int64), lo, hi)
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+    inside = [(lo <= v <= hi) for v in values]
+    assert all(int(a) == b for a, b, ok in zip(q.tolist(), values, inside) if ok)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=64), st.integers(-8, 4), st.integers(2, 8))
+def test_fake_quantize_equals_dequantize_of_quantize(values, k, bits):
+    x = torch.tensor(values, dtype=torch.float32)
+    scale, lo, hi = 2.0**k, *qrange(bits, signed=True)
+    q = quantize(x, scale, 0, lo, hi)
+    assert torch.equal(fake_quantize(x, scale, 0, lo, hi), dequantize(q, scale, 0))
+    # inside the range the error is at most half a step
+    inside = (x / scale >= lo) & (x / scale <= hi)
+    err = (dequantize(q, scale, 0) - x).abs()[inside]
+    assert bool((err <= scale / 2 + 1e-6).all())
+    # idempotent
+    fq = fake_quantize(x, scale, 0, lo, hi)
+    assert torch.equal(fake_quantize(fq, scale, 0, lo, hi), fq)
+
+
+def test_asymmetric_zero_point_is_exact_for_zero():
+    q = quantize(torch.tensor([0.0]), 0.1, 37, 0, 255)
+    assert int(q) == 37 and float(dequantize(q, 0.1, 37)) == 0.0
+
+
+def test_per_channel_axis():
+    x = torch.ones(2, 3, 4)
+    scale = torch.tensor([1.0, 0.5, 0.25])
+    q = quantize(x, scale, torch.zeros(3), -128, 127, axis=1)
+    assert torch.equal(q[0, :, 0], torch.tensor([1, 2, 4], dtype=torch.int32))
+    q_last = quantize(torch.ones(2, 4, 3), scale, torch.zeros(3), -128, 127, axis=-1)
+    assert torch.equal(q_last[0, 0], torch.tensor([1, 2, 4], dtype=torch.int32))
+
+
+@given(st.floats(1e-8, 1e8))
+def test_pot_exponent_round_and_ceil(s):
+    k_round, k_ceil = int(pot_exponent(s, "round")), int(pot_exponent(s, "ceil"))
+    assert 2.0**k_ceil >= s * (1 - 1e-12)
+    assert abs(math.log2(s) - k_round) <= 0.5 + 1e-9
+    assert is_power_of_two(2.0**k_round)
+
+
+def test_is_power_of_two():
+    assert is_power_of_two(1.0) and is_power_of_two(2.0**-20) and not is_power_of_two(0.3)
+    assert not is_power_of_two(0.0) and not is_power_of_two(-2.0)
+
+
+def test_log2_quantizer_outputs_powers_of_two_or_zero():
+    x = torch.rand(1000)
+    y = log2_fake_quantize(x, 4)
+    nz = y[y > 0]
+    assert all(is_power_of_two(v) for v in nz.tolist())
+    assert float(y.max()) <= 1.0
+
+
+def test_sqnr():
+    x = torch.randn(1000)
+    assert sqnr_db(x, x) == float("inf")
+    assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-4  # float32 product, float64 ratio
