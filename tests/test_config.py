@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hybridquant.config import QuantConfig
@@ -34,5 +36,5 @@ def test_unknown_keys_are_rejected():
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         QuantConfig().wbits = 4  # type: ignore[misc]

@@ -69,7 +69,7 @@ def test_saturate_into_range(values, bits):
     q = saturate(torch.tensor(values, dtype=torch.int64), lo, hi)
     assert int(q.min()) >= lo and int(q.max()) <= hi
     inside = [(lo <= v <= hi) for v in values]
-    assert all(int(a) == b for a, b, ok in zip(q.tolist(), values, inside) if ok)
+    assert all(int(a) == b for a, b, ok in zip(q.tolist(), values, inside, strict=True) if ok)
 
 
 @settings(max_examples=50)
