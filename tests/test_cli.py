@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCH, CLASSES, TEST_COUNTS, make_state_dict, pretrained_cfg
 from hybridquant.cli import main
+from tests.conftest import ARCH, CLASSES, TEST_COUNTS, make_state_dict, pretrained_cfg
 
 RESULT_KEYS = {"top1", "top5", "images", "seconds", "images_per_s"}
 
@@ -87,7 +87,7 @@ def test_eval_writes_json_with_required_keys(capsys, tmp_path, data_dir, ckpt_pa
 
 
 def test_eval_prefers_val_over_test(capsys, tmp_path, data_dir, ckpt_path):
-    from conftest import write_images
+    from tests.conftest import write_images
 
     write_images(data_dir / "val", {c: 1 for c in CLASSES}, seed=9)
     rc, stdout, err = run(capsys, *eval_args(data_dir, ckpt_path))

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import CLASSES, TEST_COUNTS, TRAIN_COUNTS, pretrained_cfg, write_images
 from hybridquant.data import (
     DataOverrides,
     balanced_subset,
@@ -26,6 +25,7 @@ from hybridquant.data import (
     train_transform,
 )
 from hybridquant.errors import HybridQuantError
+from tests.conftest import CLASSES, TEST_COUNTS, TRAIN_COUNTS, pretrained_cfg, write_images
 
 
 class FakeFolder:

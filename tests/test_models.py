@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCH, CLASSES, IMG, MEAN, STD, make_state_dict, pretrained_cfg
 from hybridquant import models
 from hybridquant.errors import HybridQuantError
 from hybridquant.models import list_bundled, load_model, read_checkpoint
+from tests.conftest import ARCH, CLASSES, IMG, MEAN, STD, make_state_dict, pretrained_cfg
 
 
 def logits(loaded, seed: int = 0) -> torch.Tensor:

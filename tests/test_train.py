@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from conftest import ARCH, CLASSES, TEST_COUNTS
 from hybridquant import train as train_mod
 from hybridquant.cli import main
 from hybridquant.data import DataOverrides
 from hybridquant.errors import HybridQuantError
 from hybridquant.models import load_model
 from hybridquant.train import TrainRecipe, lr_at, train
+from tests.conftest import ARCH, CLASSES, TEST_COUNTS
 
 TINY = dict(epochs=1, batch_size=4, lr=1e-3, warmup_epochs=0.5, seed=0)
 OVERRIDES = DataOverrides(img_size=32, interpolation="bilinear", crop_pct=1.0)

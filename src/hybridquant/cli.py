@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant(p)
     p.add_argument("--out-dir", required=True, help="folder for report.json, report.md and model.hq")
 
+    p = sub.add_parser("analyze", help="per-layer / per-channel activation outlier analysis with plots")
+    _add_model(p)
+    _add_data(p, limit=False)
+    _add_common(p)
+    p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
+    p.add_argument("--out-dir", required=True, help="folder for analysis.json, analysis.md and PNG plots")
+
     p = sub.add_parser("train", help="train a timm model on an ImageFolder (small-data recipe)")
     _add_model(p)
     _add_data(p, limit=False)
@@ -243,6 +250,29 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return {**{k: report[k] for k in keys}, "out_dir": str(out_dir)}
 
 
+def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from ._io import write_json, write_text
+    from .analysis import analysis_markdown, analyze_graph
+    from .data import data_config
+    from .graph import capture
+    from .models import load_model
+    from .pipeline import DataSpec, load_calibration
+    from .plots import analysis_plots
+
+    loaded = load_model(args.model, args.checkpoint, args.pretrained)
+    cfg = data_config(loaded.data_cfg, _overrides(args))
+    data = DataSpec(args.data, _overrides(args), None, args.calib, args.batch_size, args.workers, args.seed)
+    images = load_calibration(data, cfg)
+    result = analyze_graph(capture(loaded.model, tuple(cfg["input_size"])), images)
+    result["model"] = args.model
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = analysis_plots(result, out_dir)
+    write_json(out_dir / "analysis.json", result)
+    write_text(out_dir / "analysis.md", analysis_markdown(result, args.model, plots))
+    return {"out_dir": str(out_dir), "worst_layers": result["worst_layers"][:5], "blocks": result["blocks"]}
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -258,7 +288,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return {"checkpoint": args.out, **metrics}
 
 
-COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train}
+COMMANDS = {"analyze": cmd_analyze, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train}
 
 
 def _user_message(exc: BaseException) -> str | None:

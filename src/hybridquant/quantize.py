@@ -36,8 +36,21 @@ def float_node_names(graph: Graph, patterns: Iterable[str]) -> list[str]:
 
 
 def quant_points(graph: Graph, float_nodes: list[str]) -> list[Node]:
-    """Nodes whose output gets an activation quantizer."""
-    return [n for n in graph if n.op in VALUE_OPS and n.name not in float_nodes]
+    """Nodes whose output gets an activation quantizer.
+
+    A node whose every reader takes its value before quantization
+    (``raw_input``, e.g. an outlier-scaling shift) is requantized by those
+    readers instead and gets no quantizer of its own.
+    """
+    points = []
+    for n in graph:
+        if n.op not in VALUE_OPS or n.name in float_nodes:
+            continue
+        users = graph.users(n.name)
+        if users and all(u.attrs.get("raw_input") for u in users):
+            continue
+        points.append(n)
+    return points
 
 
 def _bits_for(node: Node, graph: Graph, config: QuantConfig, kind: str) -> int:

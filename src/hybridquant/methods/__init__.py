@@ -2,12 +2,13 @@
 
 from .base import Method
 from .fqvit import FQViT
+from .hfq import HFQ
 from .hyq import HyQ
 from .minmax import MinMax
 from .omse import OMSE
 from .percentile import Percentile
 from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (MinMax, Percentile, OMSE, FQViT, SmoothQuant, HyQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (MinMax, Percentile, OMSE, FQViT, SmoothQuant, HyQ, HFQ)}
 
 __all__ = ["METHODS", "Method"]

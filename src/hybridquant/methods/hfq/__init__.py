@@ -1,0 +1,37 @@
+"""hfq — hardware-friendly quantization (Kim & Kim, ICCE 2025), as implemented here.
+
+1. **Outlier scaling** (:mod:`.outlier_scaling`): per-channel power-of-two α
+   move activation outliers into the next layer's weights, chosen by the
+   layer's quantized output error.
+2. **Objective-based power-of-two approximation** (:mod:`.pot_search`): every
+   weight and activation exponent chosen by the error it causes downstream,
+   layer by layer on quantized inputs, with empirical bias correction.
+
+Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
+``alpha_pot=False`` in :class:`~hybridquant.config.QuantConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...config import QuantConfig
+from ...graph.ir import Graph
+from ..base import Method
+from .outlier_scaling import outlier_scaling
+from .pot_search import sequential_refine
+
+
+class HFQ(Method):
+    name = "hfq"
+
+    def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
+        if not config.outlier_scaling:
+            return {"outlier_scaling": "off"}
+        return outlier_scaling(graph, calib, config)
+
+    def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
+        search = config.pot and config.pot_rounding == "objective"
+        return sequential_refine(qgraph, calib, search_weights=search, search_acts=search, bias_correction=True)

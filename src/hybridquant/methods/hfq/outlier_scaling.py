@@ -1,0 +1,139 @@
+"""Outlier scaling: move activation outliers into the next layer's weights.
+
+For a dense conv or linear whose input X has outlier channels, per-channel
+factors α give X' = X/α and W' = W·α — the float output is unchanged. α is
+chosen by the quantized output error of that layer,
+
+    E(α) = ‖ layer(Q_a(X/α), Q_w(W·α)) − layer(X, W) ‖²,
+
+over two candidate families: *clip-to-threshold* (α_j = the smallest power of
+two bringing channel j's max under τ, for τ = max/2^t) and *SmoothQuant-like*
+(α_j ∝ max|X_j|^β / max|W_j|^(1−β)). With ``alpha_pot`` every α is a power of
+two, so X/α is a shift. The winner is applied only when it beats α = 1 by a
+margin; the scaling is folded into the producing layer where possible
+(:mod:`hybridquant.methods.scaling`), else kept as an explicit per-channel
+shift vector — the reported parameter increase.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...config import QuantConfig
+from ...graph.ir import Graph, Node
+from ...observers import weight_qparams
+from ...qparams import choose_mode, range_to_qparams, restrict_pot
+from ..scaling import apply_input_scaling, scalable
+
+MIN_GAIN = 0.05  # apply only when the output error falls by at least 5 %
+THRESHOLD_STEPS = range(1, 7)
+SMOOTH_BETAS = (0.25, 0.5, 0.75)
+
+
+def _pot(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.round(torch.log2(x)))
+
+
+def _quant_act(x: torch.Tensor, bits: int, pot: bool, symmetry: str) -> torch.Tensor:
+    lo, hi = float(x.min()), float(x.max())
+    qp = range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, choose_mode(lo, hi, symmetry))
+    if not pot:
+        return qp.fake(x)
+    # the best of a few power-of-two exponents by tensor MSE, as the engine's search would do
+    base = restrict_pot(qp, "round", lo=torch.tensor(lo))
+    best, best_err = None, float("inf")
+    for d in (-2, -1, 0, 1):
+        cand = restrict_pot(qp, "round", lo=torch.tensor(lo))
+        cand.scale = base.scale * 2.0**d
+        if cand.qmin == 0 and int(cand.zero_point) != 0:
+            cand.zero_point = torch.clamp(torch.floor(-torch.tensor(lo) / cand.scale + 0.5), cand.qmin, cand.qmax).to(torch.int32)
+        y = cand.fake(x)
+        err = float((y - x).pow(2).mean())
+        if err < best_err:
+            best, best_err = y, err
+    return best
+
+
+def _quant_weight(w: torch.Tensor, bits: int, pot: bool) -> torch.Tensor:
+    qp = weight_qparams(w, bits)
+    if pot:
+        qp = restrict_pot(qp, "round")
+    return qp.fake(w.flatten(1)).reshape(w.shape)
+
+
+def layer_output(node: Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if node.op == "linear":
+        return F.linear(x, w)
+    a = node.attrs
+    return F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantConfig, ref: torch.Tensor) -> float:
+    """Relative output error of ``node`` with input scaling ``alpha`` (bias excluded: it cancels)."""
+    dim = 1 if node.op == "conv2d" else -1
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    xq = _quant_act(x / alpha.reshape(shape), config.abits, config.pot, config.act_symmetry)
+    w = node.params["weight"]
+    depthwise = node.op == "conv2d" and node.attrs["groups"] > 1
+    # input channel j meets weight column j (dense) or weight row j (depthwise)
+    wshape = [-1, 1, 1, 1] if depthwise else [1, -1] + [1] * (w.dim() - 2)
+    wq = _quant_weight(w * alpha.reshape(wshape), config.wbits, config.pot)
+    out = layer_output(node, xq, wq)
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+
+def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) -> list[torch.Tensor]:
+    """Clip-to-threshold and SmoothQuant-like per-channel factors (all ≥ 1 for the first family)."""
+    m = x_absmax.clamp_min(1e-8)
+    cands = []
+    for t in THRESHOLD_STEPS:
+        tau = m.max() / 2.0**t
+        alpha = torch.clamp(m / tau, min=1.0)
+        cands.append(torch.exp2(torch.ceil(torch.log2(alpha))) if pot else alpha)
+    for beta in SMOOTH_BETAS:
+        s = m.pow(beta) / w_absmax.clamp_min(1e-8).pow(1 - beta)
+        s = s / s.median()  # keep typical channels unscaled
+        s = s.clamp(1e-4, 1e4)
+        cands.append(_pot(s) if pot else s)
+    return cands
+
+
+def _layer_input(values: dict[str, torch.Tensor], node: Node) -> torch.Tensor:
+    return values[node.inputs[0]]
+
+
+@torch.no_grad()
+def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig, max_images: int = 32) -> dict[str, Any]:
+    """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``."""
+    x = torch.cat(calib)[:max_images]
+    values = graph.run(x, keep=True)
+    layers = [n for n in graph if scalable(n) and graph.producer(n.inputs[0]).op != "input"]
+    applied: list[dict[str, Any]] = []
+    explicit_params = 0
+    for node in layers:
+        xin = _layer_input(values, node)
+        ref = layer_output(node, xin, node.params["weight"])
+        dim = 1 if node.op == "conv2d" else -1
+        x_absmax = xin.abs().transpose(0, dim if dim >= 0 else xin.dim() - 1).flatten(1).max(1).values
+        w = node.params["weight"]
+        w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
+        base = layer_error(node, xin, torch.ones_like(x_absmax), config, ref)
+        best_err, best_alpha = base, None
+        for alpha in candidate_alphas(x_absmax, w_absmax, config.alpha_pot):
+            err = layer_error(node, xin, alpha, config, ref)
+            if err < best_err:
+                best_err, best_alpha = err, alpha
+        if best_alpha is None or best_err > (1 - MIN_GAIN) * base:
+            continue
+        how = apply_input_scaling(graph, node, best_alpha)
+        if how == "explicit":
+            explicit_params += best_alpha.numel()
+        applied.append({
+            "layer": node.name, "block": node.block, "how": how, "error_before": base, "error_after": best_err,
+            "channels_scaled": int((best_alpha != 1).sum()), "alpha_max": float(best_alpha.max()),
+        })
+    return {"layers_scaled": len(applied), "explicit_alpha_params": explicit_params, "layers": applied}
