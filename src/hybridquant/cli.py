@@ -81,6 +81,10 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothquant-alpha", type=float, default=0.5, help="migration strength of smoothquant")
     g.add_argument("--hyq-iters", type=int, default=1000, help="QADS iterations of hyq")
     g.add_argument("--shift-terms", type=int, default=1, help="requantization as a sum of 1 or 2 powers of two")
+    g.add_argument("--no-outlier-scaling", action="store_true", help="hfq: skip outlier scaling (ablation)")
+    g.add_argument("--alpha", choices=["pot", "float"], default="pot", help="hfq: outlier-scaling factors 2^k or float")
+    g.add_argument("--no-weight-rounding", action="store_true", help="hfq: round weights to nearest (ablation)")
+    g.add_argument("--no-bias-correction", action="store_true", help="hfq: skip bias correction (ablation)")
 
 
 def _quant_config(args: argparse.Namespace):
@@ -92,7 +96,8 @@ def _quant_config(args: argparse.Namespace):
         act_symmetry=args.act_symmetry, first_last_8bit=args.first_last_8bit,
         float_ops=tuple(x.strip() for x in args.float_ops.split(",") if x.strip()),
         percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
-        shift_terms=args.shift_terms,
+        shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
+        weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
     )
 
 

@@ -47,6 +47,8 @@ class QuantConfig:
         hyq_iters / hyq_lr: QADS optimisation of ``hyq`` (lr ``None`` = 0.01).
         shift_terms: requantization multipliers as a sum of this many powers of two.
         outlier_scaling / alpha_pot: hfq's outlier scaling on/off and α restricted to 2^k.
+        weight_rounding / bias_correction: hfq's GPTQ-style weight rounding and
+            empirical bias correction on/off.
         sqnr_images: calibration images used for the per-layer SQNR table.
     """
 
@@ -66,6 +68,8 @@ class QuantConfig:
     shift_terms: int = 1
     outlier_scaling: bool = True
     alpha_pot: bool = True
+    weight_rounding: bool = True
+    bias_correction: bool = True
     sqnr_images: int = 32
 
     def __post_init__(self) -> None:

@@ -22,9 +22,24 @@ def input_channel_dim(node: Node) -> int:
     return 1 if node.op == "conv2d" else -1
 
 
-def scalable(node: Node) -> bool:
-    """Layers whose input channels can be rescaled: dense convs and linears."""
-    return node.op == "linear" or (node.op == "conv2d" and node.attrs["groups"] == 1)
+def is_depthwise(node: Node) -> bool:
+    """A conv whose every input channel meets only its own weight rows."""
+    return node.op == "conv2d" and node.attrs["groups"] > 1 and node.params["weight"].shape[1] == 1
+
+
+def scalable(node: Node, depthwise: bool = False) -> bool:
+    """Layers whose input channels can be rescaled: dense convs and linears (and depthwise convs)."""
+    if node.op == "linear" or (node.op == "conv2d" and node.attrs["groups"] == 1):
+        return True
+    return depthwise and is_depthwise(node)
+
+
+def weight_scale_shape(node: Node) -> list[int]:
+    """Broadcast shape of a per-input-channel factor on ``node``'s weight."""
+    w = node.params["weight"]
+    if is_depthwise(node):  # input channel j meets weight rows j·m .. j·m + m − 1
+        return [-1, 1, 1, 1]
+    return [1, -1] + [1] * (w.dim() - 2)
 
 
 def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -> bool:
@@ -48,8 +63,10 @@ def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow
     """Scale ``consumer``'s input by 1/α and its weight by α; returns ``'folded'`` or ``'explicit'``."""
     alpha = alpha.float()
     w = consumer.params["weight"]
-    shape = [1, -1] + [1] * (w.dim() - 2)
-    consumer.params["weight"] = w * alpha.reshape(shape)
+    factor = alpha
+    if is_depthwise(consumer) and w.shape[0] != alpha.numel():  # channel multiplier m > 1
+        factor = alpha.repeat_interleave(w.shape[0] // alpha.numel())
+    consumer.params["weight"] = w * factor.reshape(weight_scale_shape(consumer))
     inv_alpha = 1.0 / alpha
     if allow_fold and _fold_into_producer(graph, consumer, inv_alpha):
         return "folded"

@@ -5,10 +5,14 @@
    layer's quantized output error.
 2. **Objective-based power-of-two approximation** (:mod:`.pot_search`): every
    weight and activation exponent chosen by the error it causes downstream,
-   layer by layer on quantized inputs, with empirical bias correction.
+   layer by layer on quantized inputs.
+3. **Remaining post-training, multiplier-free refinements**: GPTQ-style weight
+   rounding on the chosen grid (:mod:`.weight_rounding`) and empirical bias
+   correction (an int32 bias change).
 
 Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
-``alpha_pot=False`` in :class:`~hybridquant.config.QuantConfig`.
+``alpha_pot=False``, ``weight_rounding=False``, ``bias_correction=False`` in
+:class:`~hybridquant.config.QuantConfig`.
 """
 
 from __future__ import annotations
@@ -34,4 +38,5 @@ class HFQ(Method):
 
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         search = config.pot and config.pot_rounding == "objective"
-        return sequential_refine(qgraph, calib, search_weights=search, search_acts=search, bias_correction=True)
+        return sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
+                                 bias_correction=config.bias_correction, weight_rounding=config.weight_rounding)

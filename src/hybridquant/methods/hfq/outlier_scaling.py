@@ -26,10 +26,10 @@ from ...config import QuantConfig
 from ...graph.ir import Graph, Node
 from ...observers import weight_qparams
 from ...qparams import choose_mode, range_to_qparams, restrict_pot
-from ..scaling import apply_input_scaling, scalable
+from ..scaling import apply_input_scaling, is_depthwise, scalable, weight_scale_shape
 
 MIN_GAIN = 0.05  # apply only when the output error falls by at least 5 %
-THRESHOLD_STEPS = range(1, 7)
+THRESHOLD_STEPS = range(0, 7)
 SMOOTH_BETAS = (0.25, 0.5, 0.75)
 
 
@@ -78,10 +78,10 @@ def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantC
     shape[dim] = -1
     xq = _quant_act(x / alpha.reshape(shape), config.abits, config.pot, config.act_symmetry)
     w = node.params["weight"]
-    depthwise = node.op == "conv2d" and node.attrs["groups"] > 1
-    # input channel j meets weight column j (dense) or weight row j (depthwise)
-    wshape = [-1, 1, 1, 1] if depthwise else [1, -1] + [1] * (w.dim() - 2)
-    wq = _quant_weight(w * alpha.reshape(wshape), config.wbits, config.pot)
+    factor = alpha
+    if is_depthwise(node) and w.shape[0] != alpha.numel():
+        factor = alpha.repeat_interleave(w.shape[0] // alpha.numel())
+    wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits, config.pot)
     out = layer_output(node, xq, wq)
     return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
@@ -94,6 +94,8 @@ def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) 
         tau = m.max() / 2.0**t
         alpha = torch.clamp(m / tau, min=1.0)
         cands.append(torch.exp2(torch.ceil(torch.log2(alpha))) if pot else alpha)
+        # equalize: every channel's max moved next to tau (small channels amplified too)
+        cands.append(_pot(m / tau) if pot else m / tau)
     for beta in SMOOTH_BETAS:
         s = m.pow(beta) / w_absmax.clamp_min(1e-8).pow(1 - beta)
         s = s / s.median()  # keep typical channels unscaled
@@ -111,7 +113,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
     """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``."""
     x = torch.cat(calib)[:max_images]
     values = graph.run(x, keep=True)
-    layers = [n for n in graph if scalable(n) and graph.producer(n.inputs[0]).op != "input"]
+    layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).op != "input"]
     applied: list[dict[str, Any]] = []
     explicit_params = 0
     for node in layers:
@@ -120,7 +122,10 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
         dim = 1 if node.op == "conv2d" else -1
         x_absmax = xin.abs().transpose(0, dim if dim >= 0 else xin.dim() - 1).flatten(1).max(1).values
         w = node.params["weight"]
-        w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
+        if is_depthwise(node):
+            w_absmax = w.abs().flatten(1).max(1).values.reshape(x_absmax.numel(), -1).max(1).values
+        else:
+            w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
         base = layer_error(node, xin, torch.ones_like(x_absmax), config, ref)
         best_err, best_alpha = base, None
         for alpha in candidate_alphas(x_absmax, w_absmax, config.alpha_pot):

@@ -29,6 +29,7 @@ from ...graph import ops as graph_ops
 from ...graph.ir import LAYOUT_OPS, Graph, Node
 from ...graph.quantized import QuantizedGraph
 from ...qparams import QParams, with_scale
+from .weight_rounding import gptq_weight
 
 ACT_DELTAS = (-2, -1, 0, 1)
 WEIGHT_DELTAS = (-1, 0, 1)
@@ -120,6 +121,7 @@ def sequential_refine(
     search_weights: bool = True,
     search_acts: bool = True,
     bias_correction: bool = True,
+    weight_rounding: bool = False,
     max_images: int = 64,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place."""
@@ -127,7 +129,7 @@ def sequential_refine(
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
     raw_needed = {n.inputs[0] for n in graph if n.attrs.get("raw_input")}
-    changed_w = changed_a = 0
+    changed_w = changed_a = rounded_layers = 0
     for node in graph:
         if node.op == "output":
             continue
@@ -140,6 +142,9 @@ def sequential_refine(
                 wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights)
                 qgraph.weight[node.name] = wq
                 changed_w += n_changed
+                if weight_rounding and (rounded := gptq_weight(node, ins[0], wq)) is not None:
+                    node.params["weight"] = rounded  # RTN of these values gives GPTQ's codes
+                    rounded_layers += 1
                 if bias_correction:
                     out = walker.run_with_weight(node, ins, wq)
                     axis = _channel_axis(node)
@@ -155,7 +160,8 @@ def sequential_refine(
             qgraph.act[node.name] = qp = best
         walker.q[node.name] = qp.fake(raw) if qp is not None else raw
     qgraph.rebuild()
-    return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a, "images": int(x.shape[0])}
+    return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a,
+            "gptq_layers": rounded_layers, "images": int(x.shape[0])}
 
 
 def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QParams, search: bool):
