@@ -110,3 +110,33 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise.clamp_min(1e-300)))
+
+
+def two_term_round(scale: torch.Tensor) -> torch.Tensor:
+    """Nearest value of the form 2^a, 2^a + 2^b or 2^a − 2^b (b < a) to each ``scale``.
+
+    A requantization multiplier built from such a weight scale and power-of-two
+    activation scales is two shifts and an add: still multiplier-free.
+    """
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    a_lo = torch.floor(torch.log2(s))
+    best = torch.exp2(a_lo)
+    for a in (a_lo, a_lo + 1):
+        p = torch.exp2(a)
+        r = (s - p).abs()
+        b = torch.minimum(round_half_up(torch.log2(r.clamp_min(1e-300))), a - 1)
+        for cand in (p, p + torch.sign(s - p) * torch.exp2(b)):
+            best = torch.where((cand - s).abs() < (best - s).abs(), cand, best)
+    return best.float()
+
+
+def is_two_term(x: float) -> bool:
+    """True when ``x`` is 2^a or 2^a ± 2^b for integers b < a."""
+    if x <= 0 or not math.isfinite(x):
+        return False
+    mantissa, _ = math.frexp(x)
+    n = int(mantissa * 2**53)
+    if n != mantissa * 2**53:
+        return False
+    n >>= (n & -n).bit_length() - 1  # the odd part: 1, 2^k + 1 or 2^k − 1
+    return n == 1 or ((n - 1) & (n - 2)) == 0 or ((n + 1) & n) == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .primitives import fake_quantize, log2_fake_quantize, pot_exponent, qrange, round_half_up
+from .primitives import fake_quantize, log2_fake_quantize, pot_exponent, qrange, round_half_up, two_term_round
 
 
 @dataclass
@@ -129,3 +129,8 @@ def restrict_pot(qp: QParams, mode: str = "round", lo: torch.Tensor | None = Non
     """Replace every scale by 2^k (``round`` or ``ceil`` of log2); zero points follow."""
     k = pot_exponent(qp.scale, mode)
     return with_scale(qp, torch.exp2(k.double()).float(), lo)
+
+
+def restrict_two_term(qp: QParams) -> QParams:
+    """Replace every scale by the nearest 2^a ± 2^b (weights with ``--shift-terms 2``)."""
+    return with_scale(qp, two_term_round(qp.scale))

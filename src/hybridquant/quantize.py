@@ -21,7 +21,7 @@ from .graph.quantized import QuantizedGraph
 from .methods import METHODS
 from .observers import ActivationObserver
 from .primitives import sqnr_db
-from .qparams import restrict_pot
+from .qparams import restrict_pot, restrict_two_term
 
 
 def float_node_names(graph: Graph, patterns: Iterable[str]) -> list[str]:
@@ -112,7 +112,9 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
         if node.name in float_nodes:
             continue
         qp = method.weight_qparams(node, _bits_for(node, graph, config, "weight"), config)
-        if config.pot:
+        if config.pot and config.shift_terms == 2:
+            qp = restrict_two_term(qp)
+        elif config.pot:
             qp = restrict_pot(qp, "round" if config.pot_rounding == "objective" else config.pot_rounding)
         weight[node.name] = qp
     qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info)

@@ -151,7 +151,8 @@ def train(
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": time.time() - t_start}
         if (epoch + 1) % eval_every == 0 or epoch + 1 == recipe.epochs:
             model.eval()
-            row.update(evaluate(model, make_loader(eval_set, 256, workers), device, progress=False).summary())
+            result = evaluate(model, make_loader(eval_set, 256, workers), device, progress=False)
+            row.update({"top1": result.top1, "top5": result.top5, "images": result.images})
         history.append(row)
         tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         with atomic_path(state_path) as tmp:

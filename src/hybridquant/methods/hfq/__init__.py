@@ -39,4 +39,5 @@ class HFQ(Method):
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         search = config.pot and config.pot_rounding == "objective"
         return sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
-                                 bias_correction=config.bias_correction, weight_rounding=config.weight_rounding)
+                                 bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
+                                 two_term_weights=config.shift_terms == 2)

@@ -28,11 +28,13 @@ import torch
 from ...graph import ops as graph_ops
 from ...graph.ir import LAYOUT_OPS, Graph, Node
 from ...graph.quantized import QuantizedGraph
+from ...primitives import two_term_round
 from ...qparams import QParams, with_scale
 from .weight_rounding import gptq_weight
 
 ACT_DELTAS = (-2, -1, 0, 1)
 WEIGHT_DELTAS = (-1, 0, 1)
+TWO_TERM_DELTAS = (-2, -1, 0, 1, 2)
 
 
 def consumers(graph: Graph, name: str) -> list[tuple[list[Node], Node, int]]:
@@ -122,6 +124,7 @@ def sequential_refine(
     search_acts: bool = True,
     bias_correction: bool = True,
     weight_rounding: bool = False,
+    two_term_weights: bool = False,
     max_images: int = 64,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place."""
@@ -139,7 +142,7 @@ def sequential_refine(
             ins = walker.inputs_of(node)
             wq = qgraph.weight.get(node.name)
             if wq is not None and (search_weights or bias_correction):
-                wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights)
+                wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights, two_term_weights)
                 qgraph.weight[node.name] = wq
                 changed_w += n_changed
                 if weight_rounding and (rounded := gptq_weight(node, ins[0], wq)) is not None:
@@ -164,23 +167,30 @@ def sequential_refine(
             "gptq_layers": rounded_layers, "images": int(x.shape[0])}
 
 
-def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QParams, search: bool):
+def _weight_candidates(wq: QParams, two_term: bool) -> list[torch.Tensor]:
+    if two_term:  # a finer multiplicative grid, each point rounded to 2^a ± 2^b
+        return [two_term_round(wq.scale.double() * 2.0 ** (d / 4)) for d in TWO_TERM_DELTAS]
+    k0 = _exponent(wq)
+    return [torch.exp2((k0 + d).double()).float() for d in WEIGHT_DELTAS]
+
+
+def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QParams, search: bool,
+                   two_term: bool = False):
     if not search:
         return wq, 0
     axis = _channel_axis(node)
     ref = walker.ref[node.name]
-    k0 = _exponent(wq)
-    best_err, best_k = None, k0.clone()
-    for d in WEIGHT_DELTAS:
-        cand = with_scale(wq, torch.exp2((k0 + d).double()).float())
+    best_err, best_scale = None, wq.scale.clone()
+    for scale in _weight_candidates(wq, two_term):  # includes the naive choice
+        cand = with_scale(wq, scale)
         err = _per_channel_sq_err(walker.run_with_weight(node, ins, cand), ref, axis)
         if best_err is None:
-            best_err, best_k = err, k0 + d
+            best_err, best_scale = err, cand.scale
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_k = torch.where(better, k0 + d, best_k)
-    return with_scale(wq, torch.exp2(best_k.double()).float()), int((best_k != k0).sum())
+            best_scale = torch.where(better, cand.scale, best_scale)
+    return with_scale(wq, best_scale), int((best_scale != wq.scale).sum())
 
 
 def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams) -> QParams:

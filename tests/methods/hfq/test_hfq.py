@@ -1,0 +1,51 @@
+"""hfq end to end on the toy graph: power-of-two everywhere, ablations, beats naive PoT."""
+
+from __future__ import annotations
+
+import torch
+
+from hybridquant.config import QuantConfig
+from hybridquant.primitives import is_two_term
+from hybridquant.quantize import quantize_graph
+from tests.methods.conftest import make_toy_graph
+
+
+def _err(qg, graph, x):
+    return float((qg(x) - graph(x)).pow(2).mean())
+
+
+def test_hfq_beats_naive_pot_minmax(toy_calib):
+    graph = make_toy_graph()
+    x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1  # held-out inputs
+    for wb, ab in ((8, 8), (6, 6), (4, 8)):
+        naive = quantize_graph(graph, QuantConfig(scales="pot", wbits=wb, abits=ab), toy_calib)
+        hfq = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", pot_rounding="objective",
+                                                wbits=wb, abits=ab), toy_calib)
+        assert _err(hfq, graph, x) < _err(naive, graph, x)
+        assert all(q.is_pot for q in hfq.weight.values())
+        assert all(q.is_pot for q in hfq.act.values() if q.kind == "uniform")
+
+
+def test_outlier_scaling_can_be_switched_off(toy_calib):
+    graph = make_toy_graph()
+    on = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6), toy_calib)
+    off = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6, outlier_scaling=False), toy_calib)
+    assert off.info["transform"] == {"outlier_scaling": "off"}
+    assert not off.graph.by_op("scale_channels")
+    assert on.info["param_increase_pct"] >= off.info["param_increase_pct"]
+
+
+def test_two_shift_terms(toy_calib):
+    graph = make_toy_graph()
+    qg = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2), toy_calib)
+    assert all(is_two_term(v) for q in qg.weight.values() for v in q.scale.tolist())
+    assert all(q.is_pot for q in qg.act.values() if q.kind == "uniform")
+    one = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", wbits=4), toy_calib)
+    x = torch.cat(toy_calib)
+    assert _err(qg, graph, x) < 1.5 * _err(one, graph, x)  # finer grid: no worse by much, usually better
+
+
+def test_float_scales_hfq_is_outlier_scaling_alone(toy_calib):
+    graph = make_toy_graph()
+    qg = quantize_graph(graph, QuantConfig(method="hfq", scales="float", abits=6), toy_calib)
+    assert qg.info["refine"]["weight_channels_moved"] == 0 and qg.info["refine"]["act_exponents_moved"] == 0

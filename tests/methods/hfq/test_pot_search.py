@@ -1,0 +1,92 @@
+"""Objective power-of-two search: never worse than naive rounding; exact exponent arithmetic."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridquant.config import QuantConfig
+from hybridquant.methods.hfq.pot_search import (
+    _choose_act,
+    _choose_weight,
+    _Walker,
+    consumers,
+    sequential_refine,
+)
+from hybridquant.primitives import is_power_of_two, is_two_term, two_term_round
+from hybridquant.qparams import QParams, range_to_qparams, restrict_pot
+from hybridquant.quantize import quantize_graph
+from tests.methods.conftest import make_toy_graph
+
+
+def _pot_minmax(mvit_graph, calib, **kw):
+    return quantize_graph(mvit_graph, QuantConfig(scales="pot", **kw), calib)
+
+
+def test_activation_search_never_worse_than_naive_rounding(toy_calib):
+    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="pot", abits=6, wbits=6), toy_calib)
+    walker = _Walker(qg, torch.cat(toy_calib))
+    for node in qg.graph:
+        if node.op == "output":
+            continue
+        raw = qg.graph.run(walker.x, keep=True)[node.name]
+        qp = qg.act.get(node.name)
+        if qp is None or qp.kind != "uniform" or qp.scale.dim() != 0:
+            continue
+        best = _choose_act(walker, node.name, raw, qp)
+        assert is_power_of_two(float(best.scale))
+        assert walker.consumer_error(node.name, best.fake(raw)) <= walker.consumer_error(node.name, qp.fake(raw)) + 1e-12
+
+
+def test_weight_search_never_worse_per_channel(toy_calib):
+    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="pot", wbits=4), toy_calib)
+    walker = _Walker(qg, torch.cat(toy_calib))
+    for name in ("blk.conv1_1x1.conv", "tok.fc"):
+        node = qg.graph[name]
+        ins = [walker.ref[i] for i in node.inputs]
+        naive = qg.weight[name]
+        best, _ = _choose_weight(walker, node, ins, naive, True)
+        axis = 1 if node.op == "conv2d" else -1
+        ref = walker.ref[name]
+
+        def err(qp: QParams) -> torch.Tensor:
+            out = walker.run_with_weight(node, ins, qp)
+            return (out - ref).pow(2).transpose(0, axis).flatten(1).sum(1)
+
+        assert bool((err(best) <= err(naive) + 1e-9).all())
+        assert all(is_power_of_two(v) for v in best.scale.tolist())
+
+
+def test_sequential_refine_improves_the_model_output(toy_calib):
+    graph = make_toy_graph()
+    x = torch.cat(toy_calib)
+    ref = graph(x)
+    naive = quantize_graph(graph, QuantConfig(scales="pot", wbits=4, abits=6), toy_calib)
+    refined = quantize_graph(graph, QuantConfig(scales="pot", wbits=4, abits=6), toy_calib)
+    sequential_refine(refined, toy_calib, weight_rounding=True)
+    assert (refined(x) - ref).pow(2).mean() < (naive(x) - ref).pow(2).mean()
+    assert all(q.is_pot for q in refined.weight.values())
+
+
+def test_consumers_follow_layout_ops():
+    graph = make_toy_graph()
+    found = {(c.name, i) for _, c, i in consumers(graph, "tok.fc")}
+    assert found == {("tok.scores", 0), ("tok.scores", 1), ("tok.attn", 1)}
+
+
+@settings(max_examples=200)
+@given(st.floats(1e-6, 1e6))
+def test_two_term_round_is_two_term_and_close(s):
+    t = float(two_term_round(torch.tensor([s]))[0])
+    assert is_two_term(t)
+    assert abs(t - s) / s <= 1 / 6 + 1e-6  # two terms: within 1/6 of any positive value
+
+
+@settings(max_examples=100)
+@given(st.floats(-50, 50), st.floats(0.01, 40), st.sampled_from([4, 6, 8]))
+def test_pot_restriction_keeps_zero_exact(lo, width, bits):
+    qp = range_to_qparams(torch.tensor(lo), torch.tensor(lo + width), bits, "asymmetric")
+    pot = restrict_pot(qp, "round", lo=torch.tensor(lo))
+    assert is_power_of_two(float(pot.scale))
+    assert float(pot.fake(torch.zeros(1))[0]) == 0.0  # zero stays exactly representable
