@@ -50,7 +50,7 @@ def test_weight_search_never_worse_per_channel(toy_calib):
         axis = 1 if node.op == "conv2d" else -1
         ref = walker.ref[name]
 
-        def err(qp: QParams) -> torch.Tensor:
+        def err(qp: QParams, node=node, ins=ins, ref=ref, axis=axis) -> torch.Tensor:
             out = walker.run_with_weight(node, ins, qp)
             return (out - ref).pow(2).transpose(0, axis).flatten(1).sum(1)
 
