@@ -1,0 +1,154 @@
+"""Accuracy benchmarks of hybridquant's methods on one model, resumable.
+
+Suites (each cell is one quantization of the same model, data and
+calibration images; each writes its own JSON, so an interrupted run resumes
+where it stopped):
+
+* ``baselines`` — every method at W8A8 and W6A6 with float and power-of-two
+  scales (the README's method table).
+* ``ablation`` — hfq with each part switched off, at W8A8, W6A6 and W4A8
+  with power-of-two scales (the README's "Why hfq" table).
+* ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
+  W4A8, plus the W16A16 wiring check.
+
+Usage::
+
+    python benchmarks/run.py --suite baselines --model mobilevit_xxs.cifar10 --data ../shared/data/cifar10
+
+Writes ``benchmarks/results/<suite>/<model>/<cell>.json`` and the summary
+``benchmarks/results/<suite>_<model>.{json,md}`` with the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hybridquant._io import write_json, write_text
+from hybridquant.config import QuantConfig
+from hybridquant.data import DataOverrides
+from hybridquant.pipeline import DataSpec, prepare, run_config
+from hybridquant.report import environment, markdown_table
+
+BASELINE_METHODS = ("minmax", "percentile", "omse", "fq-vit", "smoothquant", "hyq", "hfq")
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "hfq (full)": {},
+    "no outlier scaling": {"outlier_scaling": False},
+    "alpha float": {"alpha_pot": False},
+    "PoT round (no objective search)": {"pot_rounding": "round"},
+    "PoT ceil (no objective search)": {"pot_rounding": "ceil"},
+    "no weight rounding": {"weight_rounding": False},
+    "no bias correction": {"bias_correction": False},
+    "2 shift terms": {"shift_terms": 2},
+}
+
+
+def _setting(name: str) -> tuple[int, int]:
+    w, a = name.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def cells(suite: str) -> list[tuple[str, QuantConfig]]:
+    """(cell id, config) of every run in ``suite``."""
+    out: list[tuple[str, QuantConfig]] = []
+    if suite == "baselines":
+        for setting in ("W8A8", "W6A6"):
+            wb, ab = _setting(setting)
+            for scales in ("float", "pot"):
+                for method in BASELINE_METHODS:
+                    rounding = "objective" if method == "hfq" else "round"
+                    cfg = QuantConfig(method=method, wbits=wb, abits=ab, scales=scales, pot_rounding=rounding)
+                    out.append((f"{method}_{setting}_{scales}", cfg))
+    elif suite == "ablation":
+        for setting in ("W8A8", "W6A6", "W4A8"):
+            wb, ab = _setting(setting)
+            for label, changes in ABLATIONS.items():
+                cfg = QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot", pot_rounding="objective").replace(**changes)
+                out.append((f"{label.replace(' ', '-').replace('(', '').replace(')', '')}_{setting}", cfg))
+    elif suite == "core":
+        out.append(("minmax_W16A16_float", QuantConfig(wbits=16, abits=16)))
+        for setting in ("W8A8", "W6A6", "W4A8"):
+            wb, ab = _setting(setting)
+            for method in ("minmax", "hyq", "hfq"):
+                rounding = "objective" if method == "hfq" else "round"
+                out.append((f"{method}_{setting}_pot", QuantConfig(method=method, wbits=wb, abits=ab, scales="pot",
+                                                                   pot_rounding=rounding)))
+    else:
+        raise SystemExit(f"unknown suite '{suite}'")
+    return out
+
+
+KEYS = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "agreement_fp32",
+        "param_increase_pct", "all_scales_pot", "eval_images", "calib_images", "quantize_seconds", "seconds")
+
+
+def summarise(suite: str, model: str, rows: list[dict[str, Any]], out_root: Path) -> None:
+    """Write the suite's summary JSON and Markdown table."""
+    summary = {"suite": suite, "model": model, "environment": environment(), "rows": rows}
+    stem = f"{suite}_{model.replace('/', '_')}"
+    write_json(out_root / f"{stem}.json", summary)
+    for r in rows:
+        r["setting"] = f"W{r['wbits']}A{r['abits']}"
+        r["top1_pct"] = round(100 * r["quant_top1"], 2)
+    cols = ["cell", "setting", "scales", "top1_pct", "drop_pp", "agreement_fp32", "param_increase_pct", "quantize_seconds"]
+    md = [f"# {suite}: {model}", "", f"FP32 top-1: {100 * rows[0]['fp32_top1']:.2f} % on {rows[0]['eval_images']} images; "
+          f"{rows[0]['calib_images']} calibration images.", "",
+          markdown_table(rows, cols, ["cell", "setting", "scales", "top-1 %", "drop (pp)", "agreement", "param +%", "quantize s"]),
+          "", "Environment: " + ", ".join(f"{k} {v}" for k, v in summary["environment"].items()), ""]
+    write_text(out_root / f"{stem}.md", "\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=["baselines", "ablation", "core"], required=True)
+    p.add_argument("--model", default="mobilevit_xxs.cifar10")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", default="../shared/data/cifar10")
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset (default: all)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only matching cells")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rerun cells that already have results")
+    args = p.parse_args(argv)
+
+    out_root = Path(args.out)
+    cell_dir = out_root / args.suite / args.model.replace("/", "_")
+    todo = [(cid, cfg) for cid, cfg in cells(args.suite)
+            if not args.only or any(s in cid for s in args.only.split(","))]
+    torch.manual_seed(args.seed)
+    data = DataSpec(args.data, DataOverrides(), args.limit, args.calib, args.batch_size, args.workers, args.seed)
+    prep = None
+    rows = []
+    for cid, cfg in tqdm(todo, desc=f"{args.suite}", file=sys.stdout):
+        path = cell_dir / f"{cid}.json"
+        if path.exists() and not args.force:
+            rows.append(json.loads(path.read_text()))
+            continue
+        if prep is None:
+            prep = prepare(args.model, args.checkpoint, False, data, progress=False)
+        t = time.perf_counter()
+        report, _, _ = run_config(prep, cfg, args.batch_size, progress=False)
+        row = {"cell": cid, **{k: report[k] for k in KEYS}, "config": cfg.to_dict(),
+               "method_info": report["method_info"], "environment": report["environment"],
+               "wall_seconds": round(time.perf_counter() - t, 2)}
+        write_json(path, row)
+        rows.append(row)
+        tqdm.write(f"{cid}: top1 {100 * row['quant_top1']:.2f} (drop {row['drop_pp']:.2f} pp, "
+                   f"agreement {row['agreement_fp32']:.4f})", file=sys.stdout)
+    if rows:
+        summarise(args.suite, args.model, rows, out_root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
