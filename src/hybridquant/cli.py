@@ -178,8 +178,8 @@ def _print_result(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
 
-def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from ._io import write_json
+def _eval_loader(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int):
+    """The eval split, preprocessed for the model and checked against its classes."""
     from .data import (
         balanced_subset,
         check_class_names,
@@ -188,21 +188,29 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         image_folder,
         make_loader,
     )
+
+    cfg = data_config(data_cfg, _overrides(args))
+    dataset = image_folder(args.data, "eval", eval_transform(cfg))
+    check_class_names(dataset, class_names, num_classes)
+    return make_loader(balanced_subset(dataset, args.limit), args.batch_size, args.workers)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from ._io import write_json
     from .evaluate import evaluate
-    from .models import load_model
 
     if args.qmodel:
-        return _eval_qmodel(args)
-    if not args.model:
+        out = _eval_qmodel(args)
+    elif not args.model:
         raise HybridQuantError("eval needs --model or --qmodel")
-    loaded = load_model(args.model, args.checkpoint, args.pretrained)
-    cfg = data_config(loaded.data_cfg, _overrides(args))
-    dataset = image_folder(args.data, "eval", eval_transform(cfg))
-    check_class_names(dataset, loaded.class_names, loaded.num_classes)
-    subset = balanced_subset(dataset, args.limit)
-    device = _device(args)
-    result = evaluate(loaded.model.to(device), make_loader(subset, args.batch_size, args.workers), device)
-    out = {"model": args.model, "source": loaded.source, **result.summary()}
+    else:
+        from .models import load_model
+
+        loaded = load_model(args.model, args.checkpoint, args.pretrained)
+        loader = _eval_loader(args, loaded.data_cfg, loaded.class_names, loaded.num_classes)
+        device = _device(args)
+        result = evaluate(loaded.model.to(device), loader, device)
+        out = {"model": args.model, "source": loaded.source, **result.summary()}
     if args.out:
         write_json(args.out, out)
     return out
@@ -210,31 +218,16 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
     from . import qmodel
-    from ._io import write_json
-    from .data import (
-        balanced_subset,
-        check_class_names,
-        data_config,
-        eval_transform,
-        image_folder,
-        make_loader,
-    )
     from .evaluate import evaluate
 
     if args.model or args.checkpoint:
         raise HybridQuantError("--qmodel carries its own model; do not pass --model or --checkpoint")
     qgraph, meta = qmodel.load(args.qmodel)
-    cfg = data_config(meta["data_cfg"], _overrides(args))
-    dataset = image_folder(args.data, "eval", eval_transform(cfg))
-    check_class_names(dataset, meta.get("class_names"), int(meta["num_classes"]))
-    subset = balanced_subset(dataset, args.limit)
-    result = evaluate(qgraph.run, make_loader(subset, args.batch_size, args.workers), "cpu")
+    loader = _eval_loader(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
+    result = evaluate(qgraph.run, loader, "cpu")
     c = qgraph.config
-    out = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits,
-           "scales": c.scales, **result.summary()}
-    if args.out:
-        write_json(args.out, out)
-    return out
+    return {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits,
+            "scales": c.scales, **result.summary()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
