@@ -50,7 +50,10 @@ def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> t
 def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
     """Quantize then dequantize, in float (the simulation's view of an integer tensor)."""
     s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
-    return (torch.clamp(round_half_up(x / s) + z, qmin, qmax) - z) * s
+    # in place on one fresh tensor: floor(x/s + 0.5) + z == floor(x/s + (z + 0.5)) for integer z
+    y = x / s
+    y.add_(z + 0.5).floor_().clamp_(qmin, qmax).sub_(z).mul_(s)
+    return y
 
 
 def log2_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
