@@ -1,0 +1,480 @@
+"""Integer arithmetic kernels shared by the integer executor and the simulation.
+
+Every *kernel* here takes and returns int64 tensors and uses only integer
+tensor operations (add, multiply, shifts, comparisons, floor division,
+gathers): the result is a deterministic function of the integer inputs, the
+same bit for bit on any device. Loops run over a small fixed number of bit
+positions, never over elements. Float parameters (scales, ``exp``, LayerNorm
+weights) are turned into integer tables and constants by separate *setup*
+functions (:func:`multiplier_to_shifts`, :func:`build_lut`,
+:func:`build_channel_lut`, :func:`softmax_exp_table`,
+:func:`layernorm_constants`), which compute in float64 on the CPU.
+
+Rounding is **round half up** (``floor(v + 1/2)``, ties toward +inf) in every
+kernel, as in :mod:`hybridquant.primitives`: a right shift by ``n`` adds
+``2^(n-1)`` first (:func:`~hybridquant.primitives.shift_right_round`), a
+division by a positive ``d`` is ``(2·num + d) // (2·d)``
+(:func:`div_round_half_up`).
+
+Overflow: the kernels check the magnitudes of their actual operands against
+int64 before computing and raise :class:`OverflowError` instead of wrapping.
+The supported envelope is documented on each kernel (8- and 16-bit codes,
+accumulators within int32, LayerNorm over at most 1024 channels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..primitives import _bcast, is_power_of_two, is_two_term, round_half_up, shift_right_round
+
+__all__ = [
+    "align",
+    "apply_channel_lut",
+    "apply_lut",
+    "build_channel_lut",
+    "build_lut",
+    "div_round_half_up",
+    "int_layernorm",
+    "int_log2_softmax",
+    "int_softmax",
+    "isqrt",
+    "layernorm_constants",
+    "multiplier_to_shifts",
+    "requantize",
+    "requantize_two_term",
+    "softmax_exp_table",
+]
+
+#: every intermediate is kept below 2^INT64_SAFE_BITS (one bit of headroom under int64)
+INT64_SAFE_BITS = 62
+#: √2 ≈ 181/128: the log2 softmax rounds log2(S/E) at k + 1/2 by comparing E·2^k·181 with S·128
+SQRT2_NUM, SQRT2_DEN = 181, 128
+#: largest LayerNorm output shift :func:`layernorm_constants` picks (keeps ``beta_q`` small)
+MAX_LN_OUT_SHIFT = 40
+
+
+# --- helpers ---------------------------------------------------------------------
+def _i64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 else x.to(torch.int64)
+
+
+def _absmax(t: torch.Tensor | int) -> int:
+    """Largest magnitude in ``t`` as a Python int (0 for an empty tensor)."""
+    if isinstance(t, torch.Tensor):
+        return int(t.abs().max()) if t.numel() else 0
+    return abs(int(t))
+
+
+def _max(t: torch.Tensor | int) -> int:
+    if isinstance(t, torch.Tensor):
+        return int(t.max()) if t.numel() else 0
+    return int(t)
+
+
+def _min(t: torch.Tensor | int) -> int:
+    if isinstance(t, torch.Tensor):
+        return int(t.min()) if t.numel() else 0
+    return int(t)
+
+
+def _guard(bound: int, what: str) -> None:
+    """Raise OverflowError when the worst-case magnitude ``bound`` reaches 2^62."""
+    if bound >= 1 << INT64_SAFE_BITS:
+        raise OverflowError(f"{what}: worst case {bound} (~2^{bound.bit_length()}) does not fit int64 safely")
+
+
+def div_round_half_up(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``floor(num / den + 1/2)`` for integer tensors with ``den > 0``.
+
+    Rounding: round half up, negative numerators included, computed exactly as
+    the floor division ``(2·num + den) // (2·den)``. The caller keeps
+    ``|2·num| + den`` within int64 (the kernels below check this).
+    """
+    num, den = _i64(num), _i64(den)
+    return torch.div(2 * num + den, 2 * den, rounding_mode="floor")
+
+
+def isqrt(v: torch.Tensor) -> torch.Tensor:
+    """Exact floor square root of a non-negative int64 tensor, elementwise.
+
+    Rounding: floor, ``r = ⌊√v⌋`` exactly (``r² ≤ v < (r+1)²``) for every
+    ``0 ≤ v ≤ 2^63 − 1``. Pure integer: the binary digit-by-digit method, 32
+    fixed iterations over the bit pairs of ``v`` (no float estimate), so the
+    result cannot depend on a float unit. Raises ValueError on negative input.
+    """
+    v = _i64(v)
+    if v.numel() and int(v.min()) < 0:
+        raise ValueError("isqrt of a negative value")
+    rem = v.clone()
+    res = torch.zeros_like(v)
+    bit = 1 << 62  # highest power of four in int64
+    for _ in range(32):
+        trial = res + bit
+        take = rem >= trial
+        rem = torch.where(take, rem - trial, rem)
+        res = torch.where(take, (res >> 1) + bit, res >> 1)
+        bit >>= 2
+    return res
+
+
+# --- 1. requantization -----------------------------------------------------------
+def requantize(acc: torch.Tensor, shift: torch.Tensor | int, zero_point: torch.Tensor | int,
+               qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Power-of-two requantization: ``clamp(shift_right_round(acc, shift) + zero_point, qmin, qmax)``.
+
+    ``acc`` is an integer accumulator; ``shift`` and ``zero_point`` are ints or
+    per-channel int tensors laid along ``axis`` of ``acc``. Rounding: round
+    half up (``shift > 0`` adds ``2^(shift-1)`` then shifts right
+    arithmetically); ``shift ≤ 0`` multiplies by ``2^-shift`` exactly.
+    Then saturate. Range: ``|acc|·2^max(0, -shift) + 2^max(0, shift) < 2^62``
+    (checked), e.g. any int32 accumulator with ``-30 ≤ shift ≤ 61``.
+    """
+    acc = _i64(acc)
+    if isinstance(shift, torch.Tensor):
+        shift = _bcast(_i64(shift), acc, axis)
+    if isinstance(zero_point, torch.Tensor):
+        zero_point = _bcast(_i64(zero_point), acc, axis)
+    left, right = max(0, -_min(shift)), max(0, _max(shift))
+    _guard((_absmax(acc) << left) + (1 << right), "requantize shifted accumulator")
+    return torch.clamp(shift_right_round(acc, shift) + zero_point, qmin, qmax)
+
+
+def requantize_two_term(acc: torch.Tensor, a: torch.Tensor | int, b: torch.Tensor | int,
+                        sign: torch.Tensor | int, n: torch.Tensor | int, zero_point: torch.Tensor | int,
+                        qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Requantize by ``M = (2^a + sign·2^b)·2^-n`` with two shifts and an add.
+
+    ``sign`` is +1, −1 or 0 (single term; ``b`` is then ignored); each
+    parameter is an int or a per-channel int tensor along ``axis``. The exact
+    product ``acc·M`` is rounded once, half up:
+    ``shift_right_round((acc << a) + sign·(acc << b), n)``, then
+    ``+ zero_point`` and clamp to [qmin, qmax]. Negative ``a``/``b`` are first
+    normalised away by adding the same amount to ``a``, ``b`` and ``n``
+    (``M`` unchanged), so no shift amount is negative; ``n ≤ 0`` is an exact
+    left shift. Range (after normalising):
+    ``|acc|·2^(max(a, b) + 1 + max(0, −n)) + 2^max(0, n) < 2^62`` (checked),
+    e.g. an int32 accumulator with ``a, b ≤ 29`` and ``n ≤ 60``.
+    """
+    acc = _i64(acc)
+
+    def prm(t):
+        return _bcast(_i64(t), acc, axis) if isinstance(t, torch.Tensor) else int(t)
+
+    a, b, sign, n, zero_point = prm(a), prm(b), prm(sign), prm(n), prm(zero_point)
+    if isinstance(sign, torch.Tensor):
+        if sign.numel() and not bool(((sign == 0) | (sign == 1) | (sign == -1)).all()):
+            raise ValueError("sign must be -1, 0 or +1")
+        b_eff = torch.where(sign != 0, torch.as_tensor(b), torch.as_tensor(a))
+    else:
+        if sign not in (-1, 0, 1):
+            raise ValueError("sign must be -1, 0 or +1")
+        b_eff = b if sign != 0 else a
+    # normalise: lift a, b (and n with them) until both are >= 0
+    if isinstance(a, torch.Tensor) or isinstance(b_eff, torch.Tensor):
+        a_t, b_t = torch.as_tensor(a), torch.as_tensor(b_eff)
+        lift = (-torch.minimum(torch.minimum(a_t, b_t), torch.zeros_like(a_t))).clamp_min(0)
+        a, b_eff, n = a_t + lift, b_t + lift, torch.as_tensor(n) + lift
+    else:
+        lift = max(0, -min(a, b_eff))
+        a, b_eff, n = a + lift, b_eff + lift, n + lift
+    top = max(_max(a), _max(b_eff)) + max(0, -_min(n))
+    _guard((_absmax(acc) << (top + 1)) + (1 << max(0, _max(n))), "requantize_two_term shifted accumulator")
+    total = (acc << a) + sign * (acc << b_eff)
+    return torch.clamp(shift_right_round(total, n) + zero_point, qmin, qmax)
+
+
+def multiplier_to_shifts(m: float, terms: int) -> tuple[int, int, int, int]:
+    """Decompose an exact multiplier into ``(a, b, sign, n)`` with ``m = (2^a + sign·2^b)·2^-n``.
+
+    ``terms=1`` accepts only exact powers of two (returns ``sign = 0, b = 0``);
+    ``terms=2`` accepts 2^e, 2^e1 + 2^e2 and 2^e1 − 2^e2 (e2 < e1; a power of
+    two again gives ``sign = 0``; for values with both forms, e.g. 3, the
+    ``+`` form is chosen). The result is normalised for
+    :func:`requantize_two_term`: ``a, b, n ≥ 0`` and ``n`` as small as
+    possible. Anything else (not exactly representable, ≤ 0, non-finite,
+    other ``terms``) raises ValueError. Setup-time function (float input).
+    """
+    if terms not in (1, 2):
+        raise ValueError(f"terms must be 1 or 2, not {terms}")
+    m = float(m)
+    if not (is_power_of_two(m) if terms == 1 else is_two_term(m)):
+        what = "a power of two" if terms == 1 else "of the form 2^a or 2^a ± 2^b"
+        raise ValueError(f"multiplier {m!r} is not exactly {what}")
+    mantissa, exp = math.frexp(m)
+    odd = int(mantissa * 2**53)  # exact: m = odd·2^(exp-53)
+    e = exp - 53
+    tz = (odd & -odd).bit_length() - 1
+    odd >>= tz
+    e += tz  # m = odd·2^e with odd odd
+    if odd == 1:
+        hi, lo, sign = e, e, 0
+    elif ((odd - 1) & (odd - 2)) == 0:  # odd = 2^p + 1
+        hi, lo, sign = e + (odd - 1).bit_length() - 1, e, 1
+    else:  # odd = 2^p − 1
+        hi, lo, sign = e + (odd + 1).bit_length() - 1, e, -1
+    n = max(0, -lo)
+    return hi + n, (lo + n if sign else 0), sign, n
+
+
+# --- 2. alignment ----------------------------------------------------------------
+def align(q: torch.Tensor, zero_point: torch.Tensor | int, exp_from: torch.Tensor | int,
+          exp_to: torch.Tensor | int, axis: int | None = None) -> torch.Tensor:
+    """Re-express codes at scale ``2^exp_from`` as zero-point-free codes at the finer ``2^exp_to``.
+
+    Returns ``(q − zero_point) << (exp_from − exp_to)``: exact, no rounding
+    (the finer grid contains the coarser one). Used to bring residual-add and
+    concat operands, and PTF channels (scale ``s·2^c_j``), to one common
+    scale. Any argument may be a per-channel int tensor along ``axis``.
+    Requires ``exp_to ≤ exp_from`` (ValueError otherwise) and the result below
+    2^62 (OverflowError).
+    """
+    q = _i64(q)
+
+    def prm(t):
+        return _bcast(_i64(t), q, axis) if isinstance(t, torch.Tensor) else int(t)
+
+    zero_point, exp_from, exp_to = prm(zero_point), prm(exp_from), prm(exp_to)
+    delta = exp_from - exp_to
+    if _min(delta) < 0:
+        raise ValueError("align only refines: exp_to must be <= exp_from")
+    centred = q - zero_point
+    _guard(_absmax(centred) << _max(delta), "align")
+    return centred << delta
+
+
+# --- 3. lookup tables ------------------------------------------------------------
+def build_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale: float, in_zp: int, in_qmin: int,
+              in_qmax: int, out_scale: float, out_zp: int, out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Table of an elementwise function from input codes to output codes (setup time).
+
+    ``table[i] = clamp(round_half_up(fn((i + in_qmin − in_zp)·in_scale) / out_scale) + out_zp,
+    out_qmin, out_qmax)`` for ``i = 0 … in_qmax − in_qmin``, evaluated in
+    float64 on the CPU (``fn`` receives a float64 tensor). Rounding: round
+    half up of the float64 quotient. Returns an int64 tensor of
+    ``in_qmax − in_qmin + 1`` entries; apply with :func:`apply_lut`.
+    """
+    codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64)
+    y = fn((codes - in_zp) * float(in_scale)).to(torch.float64)
+    out = round_half_up(y / float(out_scale)) + out_zp
+    return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
+
+
+def apply_lut(q: torch.Tensor, table: torch.Tensor, in_qmin: int) -> torch.Tensor:
+    """Elementwise lookup ``table[q − in_qmin]`` (no arithmetic, so no rounding).
+
+    Raises ValueError for codes outside ``[in_qmin, in_qmin + len(table) − 1]``
+    instead of wrapping around.
+    """
+    idx = _i64(q) - in_qmin
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= table.numel()):
+        raise ValueError(f"codes outside the table's input range [{in_qmin}, {in_qmin + table.numel() - 1}]")
+    return table.to(device=idx.device, dtype=torch.int64)[idx]
+
+
+def build_channel_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale, in_zp, in_qmin: int,
+                      in_qmax: int, out_scale: torch.Tensor, out_zp, out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Per-channel table, shape ``[C, levels]``, for a non-linearity with per-channel output scale.
+
+    Row ``j`` is :func:`build_lut` with ``out_scale[j]`` (and ``out_zp[j]``,
+    ``in_scale[j]``, ``in_zp[j]`` where these are given per channel): the
+    non-linearity reads the producer's codes and its output is at once divided
+    per channel by α_j, so ``out_scale[j] = s_out·α_j`` folds that division
+    into the table. Same float64 evaluation and round-half-up rule as
+    :func:`build_lut`. Apply with :func:`apply_channel_lut`.
+    """
+    out_scale = torch.as_tensor(out_scale, dtype=torch.float64).reshape(-1)
+    channels = out_scale.numel()
+
+    def col(t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        return t.expand(channels, 1) if t.shape[0] == 1 else t
+
+    codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64).unsqueeze(0)
+    y = fn((codes - col(in_zp)) * col(in_scale)).to(torch.float64)
+    out = round_half_up(y / col(out_scale)) + col(out_zp)
+    return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
+
+
+def apply_channel_lut(q: torch.Tensor, table: torch.Tensor, in_qmin: int, axis: int) -> torch.Tensor:
+    """Per-channel lookup ``table[j, q − in_qmin]`` for the elements of channel ``j`` along ``axis``.
+
+    ``table`` is ``[C, levels]`` from :func:`build_channel_lut`, with ``C``
+    the size of ``q`` along ``axis``. No arithmetic on values, so no rounding;
+    codes outside the table raise ValueError.
+    """
+    q = _i64(q)
+    channels, levels = table.shape
+    if q.shape[axis] != channels:
+        raise ValueError(f"table has {channels} channels, the tensor {q.shape[axis]} along axis {axis}")
+    idx = q - in_qmin
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= levels):
+        raise ValueError(f"codes outside the table's input range [{in_qmin}, {in_qmin + levels - 1}]")
+    row = _bcast(torch.arange(channels, dtype=torch.int64, device=q.device), q, axis)
+    return table.to(device=q.device, dtype=torch.int64).reshape(-1)[row * levels + idx]
+
+
+# --- 4. softmax ------------------------------------------------------------------
+def softmax_exp_table(in_scale: float, levels: int, frac_bits: int = 16) -> torch.Tensor:
+    """Fixed-point ``exp`` table for :func:`int_softmax` (setup time, float64).
+
+    ``table[i] = round_half_up(2^frac_bits · exp(in_scale·k))`` with
+    ``k = i − (levels − 1)``, i.e. entries for ``k = −(levels−1) … 0`` in
+    increasing order; the last entry is ``2^frac_bits``. Non-increasing toward
+    the front; far entries may be 0 (the weight vanishes).
+    """
+    if levels < 1:
+        raise ValueError("levels must be >= 1")
+    k = torch.arange(-(levels - 1), 1, dtype=torch.float64)
+    return round_half_up(torch.exp(k * float(in_scale)) * float(1 << frac_bits)).to(torch.int64)
+
+
+def _softmax_exp(q: torch.Tensor, in_scale: float, dim: int, frac_bits: int,
+                 table: torch.Tensor | None) -> torch.Tensor:
+    """``E = table[q − max(q)]`` along ``dim`` (the shared first half of both softmax kernels)."""
+    q = _i64(q)
+    d = q - q.amax(dim=dim, keepdim=True)  # <= 0
+    span = -_min(d)
+    if table is None:
+        table = softmax_exp_table(in_scale, span + 1, frac_bits)
+    levels = table.numel()
+    if span > levels - 1:
+        raise ValueError(f"softmax input spans {span + 1} codes, the exp table only {levels}")
+    return table.to(device=q.device, dtype=torch.int64)[d + (levels - 1)]
+
+
+def int_softmax(q: torch.Tensor, zero_point: int, in_scale: float, out_exp: int, out_qmax: int,
+                dim: int = -1, frac_bits: int = 16, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer softmax along ``dim``; output codes at scale ``2^-out_exp``, zero point 0.
+
+    ``d = q − max(q)`` (the zero point cancels: ``zero_point`` is accepted
+    only for a uniform signature), ``E = table[d]`` from
+    :func:`softmax_exp_table` (built here from ``in_scale`` when ``table`` is
+    None — pass a prebuilt table in the executor), ``S = ΣE`` and
+    ``code = min(out_qmax, round_half_up(E·2^out_exp / S))``, computed exactly
+    as ``(E·2^(out_exp+1) + S) // (2S)``. Rounding: round half up of the exact
+    rational ``E·2^out_exp/S`` (after the table's own half-up rounding of
+    ``exp``). ``S ≥ 2^frac_bits`` since the maximum contributes exactly
+    ``2^frac_bits``. Range: ``frac_bits + out_exp + bit_length(len) ≤ 60``
+    (checked; e.g. 16 + 16 + 13).
+    """
+    if out_exp < 0:
+        raise ValueError("out_exp must be >= 0")
+    length = q.shape[dim]
+    _guard(((length << frac_bits) << (out_exp + 2)) + 1, "int_softmax numerator/denominator")
+    e = _softmax_exp(q, in_scale, dim, frac_bits, table)
+    s = e.sum(dim=dim, keepdim=True)
+    code = torch.div((e << (out_exp + 1)) + s, 2 * s, rounding_mode="floor")
+    return torch.clamp(code, max=out_qmax)
+
+
+def int_log2_softmax(q: torch.Tensor, zero_point: int, in_scale: float, bits: int, dim: int = -1,
+                     frac_bits: int = 16, table: torch.Tensor | None = None) -> torch.Tensor:
+    """FQ-ViT log-int-softmax codes along ``dim``: ``k ≈ round(log2(S / E))``, value ``2^-k``.
+
+    ``E`` and ``S`` as in :func:`int_softmax`. The code is the smallest
+    ``k ≥ 0`` with ``E·2^k·181 ≥ S·128`` (181/128 ≈ √2, so this rounds
+    ``log2(S/E)`` half *down* at ``k + 1/2``, with the threshold ≈1e-4
+    relative below √2), clamped to ``2^bits − 1``; the top code
+    ``2^bits − 1`` means zero (``E = 0`` always gets it). Vectorised over
+    ``k``: the code counts the ``k`` that fail the test (the test is
+    monotone in ``k``), over at most ``bit_length(len·2^frac_bits) + 1``
+    positions. Range: ``2·frac_bits + bit_length(len) ≤ 50`` (checked).
+    """
+    qmax = (1 << bits) - 1
+    length = q.shape[dim]
+    kmax = min(qmax, (length << frac_bits).bit_length() + 1)
+    _guard(((SQRT2_NUM << frac_bits) << kmax) + (SQRT2_DEN * (length << frac_bits)), "int_log2_softmax")
+    e = _softmax_exp(q, in_scale, dim, frac_bits, table)
+    s_scaled = e.sum(dim=dim, keepdim=True) * SQRT2_DEN
+    e_scaled = e * SQRT2_NUM
+    code = torch.zeros_like(e)
+    for k in range(kmax):
+        code += ((e_scaled << k) < s_scaled).to(torch.int64)
+    return torch.where(e == 0, torch.full_like(code, qmax), code.clamp(max=qmax))
+
+
+# --- 5. layer norm ---------------------------------------------------------------
+def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, channel_shift: torch.Tensor | int,
+                  gamma_q: torch.Tensor, beta_q: torch.Tensor, eps_q: int, frac_bits: int, out_shift: int,
+                  out_zp: torch.Tensor | int, out_qmin: int, out_qmax: int,
+                  sqrt_frac_bits: int = 0) -> torch.Tensor:
+    """Integer LayerNorm over the last dim (``C`` channels) with PTF channel shifts.
+
+    Steps (all int64): ``x_j = (q_j − zp) << c_j`` (:func:`align`; ``c_j =
+    channel_shift[j]`` ≥ 0, all 0 without PTF), ``S1 = Σx``, ``S2 = Σx²``,
+    ``y_j = C·x_j − S1``, ``V = C·S2 − S1² + eps_q`` (``= C²·(var + eps)/s²``),
+    ``r = isqrt(V·4^p)`` (floor, exact; ``p = sqrt_frac_bits``, 0 by default;
+    ``r`` is taken as 1 when ``V = 0``, where all ``y_j = 0``),
+    ``n_j = round_half_up(y_j·2^(frac_bits+p) / r)`` (≈ normalised value ·
+    ``2^frac_bits``), ``code_j = clamp(shift_right_round(n_j·gamma_q_j +
+    beta_q_j, out_shift) + out_zp, out_qmin, out_qmax)``. Rounding: floor in
+    the square root, round half up in the division and in the final shift.
+    Constants come from :func:`layernorm_constants`.
+
+    Range (each bound is checked on the actual operands, OverflowError
+    otherwise): with ``B = max|x_j|``, ``(C·B)²·4^p + eps_q < 2^62`` and
+    ``C·B·2^(frac_bits+p+2) < 2^62``; ``(2√C + 2)·2^frac_bits·max|gamma_q| +
+    max|beta_q| < 2^62``. This holds for 8- and 16-bit codes (|q − zp| <
+    2^16), ``c_j ≤ 3``, ``C ≤ 1024``, ``frac_bits ≤ 16``, ``gamma_q`` within
+    16 bits and ``p = 0`` (8-bit codes leave room for ``p`` up to 8).
+    """
+    q = _i64(q)
+    channels = q.shape[-1]
+    x = align(q, zero_point, channel_shift, 0, axis=-1)
+    big = _absmax(x) * channels
+    _guard(((big * big) << (2 * sqrt_frac_bits)) + (_absmax(eps_q) << (2 * sqrt_frac_bits)), "int_layernorm variance")
+    _guard(big << (frac_bits + sqrt_frac_bits + 2), "int_layernorm centred numerator")
+    n_bound = (2 * math.isqrt(channels) + 3) << frac_bits
+    _guard(n_bound * _absmax(gamma_q) + _absmax(beta_q) + (1 << max(out_shift, 0)), "int_layernorm affine")
+    s1 = x.sum(dim=-1, keepdim=True)
+    s2 = (x * x).sum(dim=-1, keepdim=True)
+    y = channels * x - s1
+    v = channels * s2 - s1 * s1 + int(eps_q)
+    r = isqrt(v << (2 * sqrt_frac_bits)).clamp_min(1)
+    n = div_round_half_up(y << (frac_bits + sqrt_frac_bits), r)
+    acc = n * _i64(torch.as_tensor(gamma_q)).to(q.device) + _i64(torch.as_tensor(beta_q)).to(q.device)
+    if isinstance(out_zp, torch.Tensor):
+        out_zp = _i64(out_zp).to(q.device)
+    return torch.clamp(shift_right_round(acc, out_shift) + out_zp, out_qmin, out_qmax)
+
+
+def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_scale: float, channels: int,
+                        out_scale: torch.Tensor | float, frac_bits: int = 16,
+                        gamma_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Integer constants ``(gamma_q, beta_q, eps_q, out_shift)`` for :func:`int_layernorm` (setup time).
+
+    The kernel then approximates ``layer_norm(x)·gamma + beta`` for input
+    ``x = (q − zp)·2^c_j·in_scale`` (``in_scale`` the base scale; the PTF
+    factors ``2^c_j`` go in ``channel_shift``) and output codes at
+    ``out_scale`` (a float, or per-channel ``[C]`` to fold a following
+    per-channel division). With ``g_j = gamma_j / out_scale_j`` the shift is
+    the largest ``out_shift`` (≤ 40) for which ``gamma_q_j =
+    round_half_up(g_j·2^(out_shift − frac_bits))`` fits a signed
+    ``gamma_bits``-bit value (|·| ≤ 2^(gamma_bits−1) − 1);
+    ``beta_q_j = round_half_up(beta_j / out_scale_j · 2^out_shift)``;
+    ``eps_q = round_half_up(C²·eps / in_scale²)``. All in float64; rounding
+    half up. ``gamma_q``/``beta_q`` are int64 tensors, ``eps_q``/``out_shift``
+    ints.
+    """
+    g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1) / torch.as_tensor(out_scale, dtype=torch.float64)
+    bt = torch.as_tensor(beta, dtype=torch.float64).reshape(-1) / torch.as_tensor(out_scale, dtype=torch.float64)
+    if g.numel() != channels or bt.numel() != channels:
+        raise ValueError(f"gamma/beta must have {channels} entries")
+    limit = (1 << (gamma_bits - 1)) - 1
+    gmax = float(g.abs().max())
+    if gmax == 0:
+        e = MAX_LN_OUT_SHIFT - frac_bits
+    else:
+        e = min(math.floor(math.log2(limit / gmax)), MAX_LN_OUT_SHIFT - frac_bits)
+        while float(round_half_up(torch.tensor(gmax * 2.0**e))) > limit:  # float log2 may be one too high
+            e -= 1
+    out_shift = frac_bits + e
+    gamma_q = round_half_up(g * 2.0**e).to(torch.int64)
+    beta_q = round_half_up(bt * 2.0**out_shift).to(torch.int64)
+    eps_q = int(round_half_up(torch.tensor(channels * channels * float(eps) / float(in_scale) ** 2,
+                                           dtype=torch.float64)))
+    return gamma_q, beta_q, eps_q, out_shift
