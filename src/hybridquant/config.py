@@ -31,7 +31,7 @@ class QuantConfig:
 
     Attributes:
         method: the algorithm (``minmax``, ``percentile``, ``omse``, ``fq-vit``,
-            ``smoothquant``, ``hyq``, ``hfq``).
+            ``smoothquant``, ``hyq``, ``ptq4vit``, ``repq-vit``, ``hfq``).
         wbits / abits: weight and activation bit widths (2–8 or 16).
         scales: ``float`` (any real scale) or ``pot`` (every scale a power of two).
         pot_rounding: how a float scale becomes 2^k with ``scales='pot'``:

@@ -50,9 +50,10 @@ def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> t
 def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
     """Quantize then dequantize, in float (the simulation's view of an integer tensor)."""
     s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
-    # in place on one fresh tensor: floor(x/s + 0.5) + z == floor(x/s + (z + 0.5)) for integer z
+    # in place on one fresh tensor; clamp(q + z, qmin, qmax) − z == clamp(q, qmin − z, qmax − z),
+    # so this is exactly dequantize(quantize(x)), rounding included
     y = x / s
-    y.add_(z + 0.5).floor_().clamp_(qmin, qmax).sub_(z).mul_(s)
+    y.add_(0.5).floor_().clamp_(qmin - z, qmax - z).mul_(s)
     return y
 
 
@@ -65,6 +66,42 @@ def log2_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = (1 << bits) - 1
     code = torch.clamp(round_half_up(-torch.log2(x.clamp_min(1e-30))), 0, qmax)
     return torch.where(code >= qmax, torch.zeros_like(x), torch.exp2(-code))
+
+
+def log_sqrt2_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log√2 quantizer for values in [0, 1]: ``2^(-q/2)``, ``q = clamp(round(-2·log2 x), 0, 2^b - 1)``.
+
+    Twice as many levels per octave as :func:`log2_fake_quantize`. As there,
+    the saturating code 2^b − 1 stands for zero. In integer form an even code
+    is a shift by q/2 and an odd code a shift by (q+1)/2 times √2, i.e.
+    ``2^-⌈q/2⌉ + (q odd)·(√2 − 1)·2^-⌈q/2⌉`` — two shift sums in ``attn·V``
+    whose second is scaled by the constant √2 − 1 inside the requantizer.
+    """
+    qmax = (1 << bits) - 1
+    code = torch.clamp(round_half_up(-2.0 * torch.log2(x.clamp_min(1e-30))), 0, qmax)
+    return torch.where(code >= qmax, torch.zeros_like(x), torch.exp2(-0.5 * code))
+
+
+def twin_fake_quantize(x: torch.Tensor, scale, shift: int, qmin: int, qmax: int) -> torch.Tensor:
+    """PTQ4ViT's twin uniform quantizer: a fine range at ``scale`` and a coarse one at ``scale·2^shift``.
+
+    * ``qmin == 0`` (post-softmax): a value uses the fine range, codes
+      0..qmax at ``scale``, when its fine code does not saturate, else the
+      coarse range, codes 0..qmax at ``scale·2^shift``.
+    * ``qmin < 0`` (post-GELU/SiLU): negative values use the fine range
+      (codes qmin..0), the others the coarse range (codes 0..qmax).
+
+    One bit of the ``bits``-wide code says which range; shifting a coarse code
+    left by ``shift`` puts both on the fine grid, so integer kernels read the
+    aligned codes at ``scale``.
+    """
+    fine = torch.as_tensor(scale, dtype=x.dtype)
+    coarse = fine * float(2 ** shift)
+    q_fine = round_half_up(x / fine)
+    y_coarse = torch.clamp(round_half_up(x / coarse), 0, qmax) * coarse
+    if qmin < 0:
+        return torch.where(x < 0, torch.clamp(q_fine, qmin, 0) * fine, y_coarse)
+    return torch.where(q_fine <= qmax, torch.clamp(q_fine, 0, qmax) * fine, y_coarse)
 
 
 def pot_exponent(scale: torch.Tensor | float, mode: str = "round") -> torch.Tensor:

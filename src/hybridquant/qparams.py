@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from .primitives import fake_quantize, log2_fake_quantize, pot_exponent, qrange, round_half_up, two_term_round
+from .primitives import (
+    fake_quantize,
+    log2_fake_quantize,
+    log_sqrt2_fake_quantize,
+    pot_exponent,
+    qrange,
+    round_half_up,
+    twin_fake_quantize,
+    two_term_round,
+)
 
 
 @dataclass
@@ -20,7 +29,14 @@ class QParams:
     """Scale, zero point and integer range of a quantized tensor.
 
     ``axis`` is ``None`` for per-tensor parameters, else the channel dim of the
-    per-channel ``scale``. ``kind='log2'`` is FQ-ViT's log2 quantizer (values 2^-q).
+    per-channel ``scale``. Kinds besides ``'uniform'``:
+
+    * ``'log2'``: FQ-ViT's log2 quantizer (values 2^-q, ``scale`` unused);
+    * ``'log_sqrt2'``: RepQ-ViT's log√2 quantizer (values 2^(-q/2), ``scale`` unused);
+    * ``'twin'``: PTQ4ViT's twin uniform quantizer (per tensor, zero point 0):
+      ``scale`` is the fine range's step and ``scale·2^twin_shift`` the coarse
+      one's; ``qmin == 0`` is the post-softmax form, ``qmin < 0`` the
+      post-GELU/SiLU form (see :func:`~hybridquant.primitives.twin_fake_quantize`).
     """
 
     scale: torch.Tensor
@@ -30,6 +46,7 @@ class QParams:
     bits: int
     axis: int | None = None
     kind: str = "uniform"
+    twin_shift: int = 0
 
     @property
     def signed(self) -> bool:
@@ -45,19 +62,27 @@ class QParams:
         """Fake-quantize ``x`` with these parameters."""
         if self.kind == "log2":
             return log2_fake_quantize(x, self.bits)
+        if self.kind == "log_sqrt2":
+            return log_sqrt2_fake_quantize(x, self.bits)
+        if self.kind == "twin":
+            return twin_fake_quantize(x, self.scale, self.twin_shift, self.qmin, self.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "qmin": self.qmin,
             "qmax": self.qmax, "bits": self.bits, "axis": self.axis, "kind": self.kind,
         }
+        if self.kind == "twin":
+            d["twin_shift"] = self.twin_shift
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QParams:
         return cls(
             torch.tensor(d["scale"], dtype=torch.float32), torch.tensor(d["zero_point"], dtype=torch.int32),
             int(d["qmin"]), int(d["qmax"]), int(d["bits"]), d["axis"], d.get("kind", "uniform"),
+            int(d.get("twin_shift", 0)),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -70,6 +95,8 @@ class QParams:
         else:
             out["scale_min"], out["scale_max"] = float(s.min()), float(s.max())
             out["channels"] = int(s.numel())
+        if self.kind == "twin":
+            out["twin_shift"] = self.twin_shift
         out["pot"] = self.is_pot
         return out
 
@@ -122,7 +149,7 @@ def with_scale(qp: QParams, scale: torch.Tensor, lo: torch.Tensor | None = None)
             ref = ref.max()                      # PTF): the widest channel's grid must reach ``lo``
         zp = torch.clamp(round_half_up(-torch.as_tensor(lo, dtype=torch.float64) / ref), qp.qmin, qp.qmax)
         zp = zp.to(torch.int32).reshape(qp.zero_point.shape)
-    return QParams(scale, zp, qp.qmin, qp.qmax, qp.bits, qp.axis, qp.kind)
+    return QParams(scale, zp, qp.qmin, qp.qmax, qp.bits, qp.axis, qp.kind, qp.twin_shift)
 
 
 def restrict_pot(qp: QParams, mode: str = "round", lo: torch.Tensor | None = None) -> QParams:

@@ -140,11 +140,13 @@ class Graph:
         return copy.deepcopy(self)
 
     # -- execution --------------------------------------------------------
-    def run(self, x: torch.Tensor, hook: OutputHook | None = None, keep: bool = False) -> Any:
+    def run(self, x: torch.Tensor, hook: OutputHook | None = None, keep: bool = False,
+            override: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None) -> Any:
         """Run the graph on ``x``; ``hook(node, out)`` may replace each node's output.
 
-        With ``keep=True`` returns a dict of every node's output instead of the
-        graph's output.
+        ``override`` maps node names to replacement implementations (the
+        simulation's integer kernels). With ``keep=True`` returns a dict of
+        every node's output instead of the graph's output.
         """
         values: dict[str, torch.Tensor] = {}
         # nodes with attrs["raw_input"] read their input before its output quantizer:
@@ -160,6 +162,8 @@ class Graph:
                 out = x
             elif node.op == "output":
                 out = values[node.inputs[0]]
+            elif override is not None and node.name in override:
+                out = override[node.name]([values[i] for i in node.inputs])
             elif node.attrs.get("raw_input"):
                 out = F_ops.run_op(node, [raw[node.inputs[0]]])
             else:

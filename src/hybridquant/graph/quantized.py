@@ -76,6 +76,29 @@ class QuantizedGraph:
                 self.bias_int[node.name] = b.to(torch.int64)
                 node.params["bias"] = (b * bias_scale).float()
         self.sim = sim
+        self.override = self._integer_kernels() if self.config.pot else {}
+
+    def _integer_kernels(self) -> dict[str, Any]:
+        """Softmax and LayerNorm on the integer kernels the integer program uses."""
+        from ..integer.nonlinear import LayerNormKernel, softmax_codes, supported
+
+        out: dict[str, Any] = {}
+        for node in self.graph.by_op("softmax", "layer_norm"):
+            in_qp, out_qp = self.input_qparams(node), self.act.get(node.name)
+            if not supported(node, in_qp, out_qp):
+                continue
+            if node.op == "softmax":
+                def run(inputs, node=node, i=in_qp, o=out_qp):
+                    q = quantize(inputs[0], i.scale, i.zero_point, i.qmin, i.qmax).to(torch.int64)
+                    return dequantize(softmax_codes(q, node, i, o), o.scale, o.zero_point)
+            else:
+                kernel = LayerNormKernel(node, in_qp, out_qp)
+
+                def run(inputs, k=kernel, i=in_qp, o=out_qp):
+                    q = quantize(inputs[0], i.scale, i.zero_point, i.qmin, i.qmax, i.axis).to(torch.int64)
+                    return dequantize(k(q), o.scale, o.zero_point)
+            out[node.name] = run
+        return out
 
     def _hook(self, node: Node, out: torch.Tensor) -> torch.Tensor:
         qp = self.act.get(node.name)
@@ -84,7 +107,7 @@ class QuantizedGraph:
     @torch.no_grad()
     def run(self, x: torch.Tensor, keep: bool = False) -> Any:
         """Simulate the integer model on a float image batch."""
-        return self.sim.run(x, hook=self._hook, keep=keep)
+        return self.sim.run(x, hook=self._hook, keep=keep, override=self.override)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)

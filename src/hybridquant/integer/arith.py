@@ -258,7 +258,8 @@ def build_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale: float, in_zp
     ``in_qmax − in_qmin + 1`` entries; apply with :func:`apply_lut`.
     """
     codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64)
-    y = fn((codes - in_zp) * float(in_scale)).to(torch.float64)
+    # fn runs in float32, as in the simulation, so the table reproduces it bit for bit
+    y = fn(((codes - in_zp) * float(in_scale)).float()).to(torch.float64)
     out = round_half_up(y / float(out_scale)) + out_zp
     return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
 
@@ -283,8 +284,8 @@ def build_channel_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale, in_z
     ``in_scale[j]``, ``in_zp[j]`` where these are given per channel): the
     non-linearity reads the producer's codes and its output is at once divided
     per channel by α_j, so ``out_scale[j] = s_out·α_j`` folds that division
-    into the table. Same float64 evaluation and round-half-up rule as
-    :func:`build_lut`. Apply with :func:`apply_channel_lut`.
+    into the table. Same evaluation (``fn`` in float32) and round-half-up rule
+    as :func:`build_lut`. Apply with :func:`apply_channel_lut`.
     """
     out_scale = torch.as_tensor(out_scale, dtype=torch.float64).reshape(-1)
     channels = out_scale.numel()
@@ -294,7 +295,7 @@ def build_channel_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale, in_z
         return t.expand(channels, 1) if t.shape[0] == 1 else t
 
     codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64).unsqueeze(0)
-    y = fn((codes - col(in_zp)) * col(in_scale)).to(torch.float64)
+    y = fn(((codes - col(in_zp)) * col(in_scale)).float()).to(torch.float64)
     out = round_half_up(y / col(out_scale)) + col(out_zp)
     return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
 

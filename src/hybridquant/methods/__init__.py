@@ -7,8 +7,12 @@ from .hyq import HyQ
 from .minmax import MinMax
 from .omse import OMSE
 from .percentile import Percentile
+from .ptq4vit import PTQ4ViT
+from .repqvit import RepQViT
 from .smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (MinMax, Percentile, OMSE, FQViT, SmoothQuant, HyQ, HFQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    MinMax, Percentile, OMSE, FQViT, SmoothQuant, HyQ, HFQ, PTQ4ViT, RepQViT,
+)}
 
 __all__ = ["METHODS", "Method"]
