@@ -90,3 +90,25 @@ def test_truncated_qmodel(tmp_path, capsys, data_dir):
     bad.write_bytes(b"PK\x03\x04 truncated")
     code, _, err = _run(capsys, "eval", "--qmodel", str(bad), "--data", str(data_dir), "--workers", "0")
     assert code == 2 and "cannot read quantized model" in err
+
+
+def test_eval_integer_matches_the_simulation(tmp_path, capsys, base_args, data_dir):
+    out_dir = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", *base_args, "--calib", "6", "--scales", "pot", "--out-dir", str(out_dir))
+    assert code == 0, err
+    code, out, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--integer", "--data", str(data_dir),
+                          "--workers", "0")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["agreement_sim"] == 1.0 and result["max_logit_diff_lsb"] == 0.0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert result["top1"] == report["quant_top1"]
+
+
+def test_eval_integer_refuses_float_scales(tmp_path, capsys, base_args, data_dir):
+    out_dir = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", *base_args, "--calib", "6", "--out-dir", str(out_dir))
+    assert code == 0, err
+    code, _, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--integer", "--data", str(data_dir),
+                        "--workers", "0")
+    assert code == 2 and "not a power of two" in err

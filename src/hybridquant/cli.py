@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_common(p)
     p.add_argument("--qmodel", default=None, help="evaluate a quantized model.hq instead of --model")
+    p.add_argument("--integer", action="store_true",
+                   help="with --qmodel: run the integer-only program and compare it with the simulation")
+    p.add_argument("--allow-float-multipliers", action="store_true",
+                   help="with --integer: accept requantization multipliers that are not powers of two")
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate; writes report.json, report.md, model.hq")
@@ -224,10 +228,14 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
         raise HybridQuantError("--qmodel carries its own model; do not pass --model or --checkpoint")
     qgraph, meta = qmodel.load(args.qmodel)
     loader = _eval_loader(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
-    result = evaluate(qgraph.run, loader, "cpu")
     c = qgraph.config
-    return {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits,
-            "scales": c.scales, **result.summary()}
+    head = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits, "scales": c.scales}
+    if args.integer:
+        from .integer.evaluate import evaluate_integer
+
+        return {**head, **evaluate_integer(qgraph, loader, args.allow_float_multipliers)}
+    result = evaluate(qgraph.run, loader, "cpu")
+    return {**head, **result.summary()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:

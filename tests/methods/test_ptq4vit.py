@@ -1,0 +1,179 @@
+"""PTQ4ViT: twin uniform quantizers and the Hessian-guided scale search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridquant import qmodel
+from hybridquant.config import QuantConfig
+from hybridquant.graph.ir import Node
+from hybridquant.methods import ptq4vit
+from hybridquant.methods.ptq4vit import (
+    LayerData,
+    best_softmax_shift,
+    collect_layers,
+    search_act,
+    search_weight,
+    twin_signed_qparams,
+    twin_softmax_qparams,
+)
+from hybridquant.observers import quant_mse, weight_qparams
+from hybridquant.primitives import is_power_of_two
+from hybridquant.qparams import QParams, range_to_qparams, with_scale
+from hybridquant.quantize import quantize_graph
+
+META = {"name": "toy", "num_classes": 3, "class_names": ["a", "b", "c"], "data_cfg": {}}
+
+
+def softmax_like(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(4, 2, 50, 50, generator=gen) * 2.5, dim=-1)
+
+
+def test_twin_softmax_grid_and_dict_round_trip():
+    qp = twin_softmax_qparams(8, 4)
+    assert qp.kind == "twin" and qp.twin_shift == 4 and qp.qmin == 0 and qp.qmax == 127
+    assert float(qp.scale) == 2.0 ** -11 and qp.is_pot
+    p = softmax_like()
+    out = qp.fake(p)
+    fine, coarse = float(qp.scale), float(qp.scale) * 16
+    codes_fine = out / fine
+    assert torch.equal(codes_fine, codes_fine.round())  # every value sits on the fine grid ...
+    small = p < 127.5 * fine
+    assert (out[small] - p[small]).abs().max() <= fine / 2 + 1e-9  # ... small ones at fine resolution
+    big = ~small
+    assert torch.equal(out[big] / coarse, (out[big] / coarse).round())  # large ones on the coarse grid
+    assert float(out.max()) <= 127 * coarse
+    back = QParams.from_dict(qp.to_dict())
+    assert back.kind == "twin" and back.twin_shift == 4 and torch.equal(back.fake(p), out)
+    s = qp.summary()
+    assert s["kind"] == "twin" and s["twin_shift"] == 4 and s["pot"]
+    assert with_scale(qp, qp.scale * 2).twin_shift == 4
+    # a uniform quantizer's dict is unchanged (no twin key)
+    assert "twin_shift" not in range_to_qparams(torch.tensor(0.0), torch.tensor(1.0), 8, "unsigned").to_dict()
+
+
+def test_twin_beats_single_range_uniform_on_softmax():
+    p = softmax_like()
+    twin = twin_softmax_qparams(8, best_softmax_shift(p.flatten(), 8))
+    uniform = range_to_qparams(torch.tensor(0.0), p.max(), 8, "unsigned")
+    assert float(quant_mse(p, twin)) < 0.5 * float(quant_mse(p, uniform))
+
+
+@pytest.mark.parametrize("pot", [None, "round"])
+def test_twin_signed_ranges(pot):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.silu(torch.randn(20000, generator=gen) * 3)
+    lo, hi = float(x.min()), float(x.max())
+    qp = twin_signed_qparams(lo, hi, 8, 1.0, pot)
+    fine = float(qp.scale)
+    coarse = fine * 2**qp.twin_shift
+    assert qp.qmin == -128 and qp.qmax == 127 and qp.twin_shift > 0
+    assert 128 * fine >= -lo and 64 * fine < -lo  # finest fine step that still reaches the minimum
+    if pot is None:
+        assert coarse == pytest.approx(hi / 127, rel=1e-6)
+    else:
+        assert is_power_of_two(fine) and is_power_of_two(coarse)
+    out = qp.fake(x)
+    neg = x < 0
+    assert (out[neg] - x[neg]).abs().max() <= fine / 2 + 1e-7
+    assert torch.equal(out[~neg] / coarse, (out[~neg] / coarse).round())
+    # the negative side is far finer than one signed range over [-hi, hi]
+    sym = range_to_qparams(torch.tensor(lo), torch.tensor(hi), 8, "symmetric")
+    assert float(quant_mse(x[neg], qp)) < 0.1 * float(quant_mse(x[neg], sym))
+
+
+def _toy_layer(seed: int = 0) -> tuple[LayerData, QParams, QParams]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 16, generator=gen)
+    w[2] *= 8
+    node = Node("fc", "linear", ["x"], {}, {"weight": w, "bias": torch.zeros(6)})
+    x = torch.randn(256, 16, generator=gen)
+    x[:, 3] *= 20
+    ref = x @ w.t()
+    g2 = torch.rand(256, 6, generator=gen) ** 2
+    layer = LayerData(node, [x], ["x"], ref, g2)
+    aq = range_to_qparams(x.min(), x.max(), 4, "symmetric")
+    return layer, aq, weight_qparams(w, 4)
+
+
+def test_search_never_worse_than_alpha_one():
+    layer, aq, wq = _toy_layer()
+    act = {"x": aq}
+    base = layer.objective(layer.output(act, wq))
+    cands = [wq.scale * a for a in ptq4vit.ALPHAS]
+    wq2 = search_weight(layer, act, wq, cands)
+    after_w = layer.objective(layer.output(act, wq2))
+    assert after_w <= base
+    lo, hi = float(layer.inputs[0].min()), float(layer.inputs[0].max())
+    a_cands = [range_to_qparams(torch.tensor(lo * a), torch.tensor(hi * a), 4, "symmetric") for a in ptq4vit.ALPHAS]
+    aq2 = search_act(layer, act, "x", wq2, a_cands)
+    after = layer.objective(layer.output({"x": aq2}, wq2))
+    assert after <= after_w and after < base  # at 4 bits clipping the outlier channel pays off
+    # per-channel weight choice is the per-channel optimum among the candidates
+    per_ch = layer.channel_objective(layer.output(act, wq2))
+    for s in cands:
+        assert (per_ch <= layer.channel_objective(layer.output(act, with_scale(wq, s))) + 1e-12).all()
+
+
+def test_collected_gradients_match_autograd(toy_graph, toy_calib):
+    x = torch.cat(toy_calib)[:8]
+    node = toy_graph["tok.fc"]
+    data = collect_layers(toy_graph, [node], {"tok.fc": ["tok.norm"]}, x, chunk=3)["tok.fc"]
+    keep = toy_graph.run(x, keep=True)
+    assert torch.allclose(data.ref, keep["tok.fc"]) and torch.allclose(data.inputs[0], keep["tok.norm"])
+    # reference gradient: perturb the layer output through a hook
+    delta = torch.zeros_like(keep["tok.fc"], requires_grad=True)
+
+    def hook(n, out):
+        return out + delta if n.name == "tok.fc" else out
+
+    with torch.enable_grad():
+        logits = toy_graph.run(x, hook=hook)
+        loss = torch.nn.functional.cross_entropy(logits, logits.detach().argmax(1), reduction="sum")
+        (g,) = torch.autograd.grad(loss, [delta])
+    assert torch.allclose(data.g2, g.pow(2), atol=1e-10)
+    assert float(data.g2.sum()) > 0
+
+
+@pytest.mark.parametrize("scales", ["float", "pot"])
+def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
+    q = quantize_graph(toy_graph, QuantConfig(method="ptq4vit", scales=scales), toy_calib)
+    assert q.act["tok.softmax"].kind == "twin" and q.act["tok.softmax"].qmin == 0
+    for name in ("stem.silu", "blk.conv1_1x1.silu", "blk.conv2_kxk.silu"):
+        assert q.act[name].kind == "twin" and q.act[name].qmin < 0
+    info = q.info["refine"]
+    assert info["layers"] == 8 and info["images"] == 32
+    for name, d in info["per_layer"].items():
+        assert d["after"] <= d["before"] * (1 + 1e-6) + 1e-12, name
+    assert info["objective_after"] < info["objective_before"]
+    if scales == "pot":
+        assert all(qp.is_pot for qp in q.act.values() if qp.kind in ("uniform", "twin"))
+        assert all(qp.is_pot for qp in q.weight.values())
+    out = q.run(torch.cat(toy_calib))
+    assert torch.isfinite(out).all()
+
+
+def test_model_file_round_trip(tmp_path, toy_graph, toy_calib):
+    q = quantize_graph(toy_graph, QuantConfig(method="ptq4vit", scales="pot"), toy_calib)
+    path = tmp_path / "model.hq"
+    qmodel.save(path, q, META)
+    loaded, _ = qmodel.load(path)
+    assert loaded.act["tok.softmax"].twin_shift == q.act["tok.softmax"].twin_shift
+    assert "blk.conv2_kxk.conv" in loaded.bias_int  # bias at the twin input's fine step
+    x = torch.cat(toy_calib)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_runs_on_mobilevit(mvit_graph, calib_images, monkeypatch):
+    monkeypatch.setattr(ptq4vit, "ALPHAS", (0.8, 1.0))
+    monkeypatch.setattr(ptq4vit, "ROUNDS", 1)
+    monkeypatch.setattr(ptq4vit, "MAX_IMAGES", 2)
+    q = quantize_graph(mvit_graph, QuantConfig(method="ptq4vit", scales="pot"), calib_images[:4])
+    kinds = {qp.kind for qp in q.act.values()}
+    assert "twin" in kinds
+    assert sum(qp.kind == "twin" and qp.qmin == 0 for qp in q.act.values()) == len(mvit_graph.by_op("softmax"))
+    info = q.info["refine"]
+    assert info["layers"] == len(mvit_graph.by_op("conv2d", "linear", "matmul"))
+    assert torch.isfinite(q.run(calib_images[:2])).all()
