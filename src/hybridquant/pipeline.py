@@ -94,6 +94,39 @@ def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float]) -> list[dict[str,
     return rows
 
 
+def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
+    """Bytes of the deployed parameters at the chosen bit widths.
+
+    Integer weights at their bit width, int32 biases, and the parameters that
+    stay outside the MACs (norm affines, outlier-scaling vectors) at 16 bits.
+    """
+    weights = sum(qgraph.weight_int[n].numel() * qgraph.weight[n].bits for n in qgraph.weight_int) // 8
+    biases = 4 * sum(b.numel() for b in qgraph.bias_int.values())
+    other = 0
+    for node in qgraph.graph:
+        for key, t in node.params.items():
+            if node.name in qgraph.weight and key in ("weight", "bias"):
+                continue
+            if node.name in qgraph.bias_int and key == "bias":
+                continue
+            if not key.startswith("running_"):
+                other += 2 * t.numel()
+    return {"weights": weights, "biases": biases, "other": other, "total": weights + biases + other}
+
+
+def integer_summary(qgraph: QuantizedGraph) -> dict[str, Any]:
+    """Whether the model lowers to an integer-only, shift-requantized program, and its counts."""
+    from .errors import HybridQuantError
+    from .integer.executor import IntegerModel
+
+    try:
+        model = IntegerModel(qgraph)
+    except HybridQuantError as exc:
+        return {"integer_only": False, "reason": str(exc)}
+    return {"integer_only": True, "requant_multiplies_replaced_by_shifts": model.stats["requant_shifts"],
+            "lookup_tables": model.stats["luts"], "integer_op_fraction": 1.0}
+
+
 def all_scales_pot(qgraph: QuantizedGraph) -> bool:
     """True when every uniform activation and weight scale is an exact power of two."""
     qps = [q for q in qgraph.act.values() if q.kind == "uniform"] + list(qgraph.weight.values())
@@ -175,6 +208,8 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
         "param_increase_pct": round(qgraph.info.get("param_increase_pct", 0.0), 4),
         "all_scales_pot": all_scales_pot(qgraph),
         "coverage": coverage(qgraph),
+        "integer": integer_summary(qgraph),
+        "model_size_bytes": model_size_bytes(qgraph),
         "float_nodes": list(qgraph.float_nodes),
         "method_info": qgraph.info,
         "model": meta, "config": config.to_dict(),

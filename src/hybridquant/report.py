@@ -59,6 +59,12 @@ def quantize_report_md(report: dict[str, Any]) -> str:
         f"(conv {report['coverage']['conv2d']}, linear {report['coverage']['linear']}, matmul {report['coverage']['matmul']})",
         f"- first conv and classifier: {'8 bits' if c['first_last_8bit'] else 'same bits as the rest'}; input image: {c['input_bits']} bits",
         f"- left in float by request: {', '.join(report['float_nodes']) or 'none'}",
+        f"- integer-only program: {report['integer'].get('integer_only')}"
+        + (f" ({report['integer']['requant_multiplies_replaced_by_shifts']} requantizations as shifts, "
+           f"{report['integer']['lookup_tables']} lookup tables)" if report["integer"].get("integer_only")
+           else f" ({report['integer'].get('reason', '')})"),
+        f"- deployed size: {report['model_size_bytes']['total']} bytes "
+        f"(weights {report['model_size_bytes']['weights']}, biases {report['model_size_bytes']['biases']})",
         f"- scales: {c['scales']}" + (f" (power-of-two rounding: {c['pot_rounding']})" if c["scales"] == "pot" else ""),
         f"- all activation and weight scales powers of two: {report['all_scales_pot']}",
         "",
