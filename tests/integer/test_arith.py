@@ -254,8 +254,8 @@ def test_lut_equals_fake_quantized_function(fn, in_bits, in_signed, in_zp, in_sc
     out_scale, out_zp = 0.03, 20
     table = build_lut(fn, in_scale, in_zp, in_lo, in_hi, out_scale, out_zp, out_lo, out_hi)
     codes = torch.arange(in_lo, in_hi + 1, dtype=torch.int64)
-    x = (codes - in_zp).double() * in_scale  # dequantize, float64
-    want = quantize(fn(x), out_scale, out_zp, out_lo, out_hi).to(torch.int64)
+    x = ((codes - in_zp).double() * in_scale).float()  # dequantize; fn runs in float32 like the simulation
+    want = quantize(fn(x).double(), out_scale, out_zp, out_lo, out_hi).to(torch.int64)
     assert torch.equal(table, want)
     assert torch.equal(apply_lut(codes, table, in_lo), want)
     q = torch.randint(in_lo, in_hi + 1, (5, 7), generator=torch.Generator().manual_seed(0))
