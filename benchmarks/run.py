@@ -128,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     data = DataSpec(args.data, DataOverrides(), args.limit, args.calib, args.batch_size, args.workers, args.seed)
     prep = None
-    rows = []
     for cid, cfg in tqdm(todo, desc=f"{args.suite}", file=sys.stdout):
         path = cell_dir / f"{cid}.json"
         if path.exists() and not args.force:
-            rows.append(json.loads(path.read_text()))
             continue
         if prep is None:
             prep = prepare(args.model, args.checkpoint, False, data, progress=False)
@@ -142,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                "method_info": report["method_info"], "environment": report["environment"],
                "wall_seconds": round(time.perf_counter() - t, 2)}
         write_json(path, row)
-        rows.append(row)
         tqdm.write(f"{cid}: top1 {100 * row['quant_top1']:.2f} (drop {row['drop_pp']:.2f} pp, "
                    f"agreement {row['agreement_fp32']:.4f})", file=sys.stdout)
+    # the summary covers every cell of the suite computed so far, in suite order
+    rows = [json.loads((cell_dir / f"{cid}.json").read_text()) for cid, _ in cells(args.suite)
+            if (cell_dir / f"{cid}.json").exists()]
     if rows:
         summarise(args.suite, args.model, rows, out_root)
     return 0

@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs (and at the end)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint to write (resumes from <out>.state)")
+
+    p = sub.add_parser("export", help="write the integer program of a model.hq for hardware (npz or C header)")
+    p.add_argument("--qmodel", required=True, help="quantized model.hq with power-of-two (or two-term) multipliers")
+    p.add_argument("--format", choices=["npz", "c"], default="npz",
+                   help="npz (arrays + JSON manifest inside) or c (C99 header); default npz")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.set_defaults(batch_size=1, workers=0, seed=0)  # no data loading: neutral values for main()'s checks
     return parser
 
 
@@ -294,7 +302,29 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return {"checkpoint": args.out, **metrics}
 
 
-COMMANDS = {"analyze": cmd_analyze, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train}
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from . import qmodel
+    from .export import export_c, export_npz
+
+    qgraph, meta = qmodel.load(args.qmodel)
+    out = Path(args.out)
+    if out.is_dir():
+        raise HybridQuantError(f"--out {out} is a directory; give a file name")
+    try:
+        if args.format == "npz":
+            manifest = export_npz(qgraph, out, meta)
+            ops = len(manifest["ops"])
+        else:
+            export_c(qgraph, out, meta)
+            ops = len(qgraph.graph)
+    except OSError as exc:
+        raise HybridQuantError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return {"qmodel": str(args.qmodel), "format": args.format, "out": str(out), "ops": ops,
+            "bytes": out.stat().st_size}
+
+
+COMMANDS = {"analyze": cmd_analyze, "eval": cmd_eval, "export": cmd_export, "quantize": cmd_quantize,
+            "train": cmd_train}
 
 
 def _user_message(exc: BaseException) -> str | None:

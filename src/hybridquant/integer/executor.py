@@ -20,13 +20,19 @@ and LayerNorm constants) and then runs it on int64 code tensors:
 A multiplier that is not a power of two is refused with a clear error unless
 ``allow_float_multipliers=True``, which rounds ``acc·M`` in float64 instead
 (not multiplier-free; for comparison only).
+
+The lowering is explicit: the dry run in the constructor records, per node,
+every integer constant the program uses (:class:`ProgramOp`), and
+:meth:`IntegerModel.program` returns that list in execution order — what
+:mod:`hybridquant.export` writes for hardware.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +108,115 @@ def _exact_int(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x).to(torch.int64)
 
 
+# --- the lowered program ---------------------------------------------------------
+#: how each kind of :class:`ProgramOp` runs (the contract of the export formats)
+PROGRAM_KINDS = {
+    "quantize": "codes = clamp(floor(x / scale + 1/2) + zero_point, qmin, qmax), in float32 on the host",
+    "layout": "reshape / transpose / permute / flatten / select of the codes (torch semantics, batch dim included)",
+    "conv2d": "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
+    "linear": "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
+    "matmul": "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
+    "add": "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); then requant",
+    "cat": "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
+    "mul": "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant",
+    "mul_const": "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
+    "global_avg_pool": "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); then requant",
+    "lut": "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
+    "deferred": "no codes: a non-linearity read only through a consumer's per-channel table (channel_lut)",
+    "channel_lut": "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity requant",
+    "channel_shift": "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
+                     "then a per-channel requant along attrs.axis",
+    "softmax": "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
+               "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; then the identity requant",
+    "layer_norm": "over the last dim (C channels): x_j = (x_j - in_zero_point) << channel_shift_j; S1 = sum x; "
+                  "S2 = sum x^2; y_j = C x_j - S1; V = C S2 - S1^2 + eps_q; "
+                  "r = max(1, isqrt(V << 2 sqrt_frac_bits)) (floor square root); "
+                  "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half up); "
+                  "codes = clamp(srr(n_j gamma_q_j + beta_q_j, out_shift) + out_zero_point, out_qmin, out_qmax); "
+                  "then the identity requant (arith.int_layernorm)",
+    "output": "logits = (codes - zero_point) * scale in float64, then float32 (host side)",
+}
+#: the requantization stage, recorded on every op that has ``requant.*`` arrays
+REQUANT_DOC = (
+    "mode 'shift': codes = clamp(srr(acc, requant.shift) + requant.zero_point, requant.qmin, requant.qmax); "
+    "mode 'two_term': codes = clamp(srr((acc << a) + sign * (acc << b), n) + zero_point, qmin, qmax); "
+    "srr(v, k) = (v + (1 << (k - 1))) >> k for k > 0 (round half up, arithmetic shift), v << -k for k <= 0; "
+    "per-channel parameters lie along attrs.requant.axis"
+)
+
+
+@dataclass
+class ProgramOp:
+    """One op of the lowered integer program: what it reads and every integer constant it uses.
+
+    ``kind`` says how it runs (:data:`PROGRAM_KINDS`), ``inputs`` names the
+    values it reads (a node's codes, or for ``reads == 'accumulator'`` its
+    wide accumulator), ``attrs`` holds structural attributes (JSON-able) and
+    ``arrays`` the integer constants (0-d arrays for scalars). A per-channel
+    (1-d) ``in_zero_point.k`` / ``align_shift.k`` lies along the last dim.
+    ``out_shape`` is the shape of the op's codes for a batch of one (None
+    when it produces none). ``attrs['requant']`` (``mode``, ``axis``) comes
+    with the ``requant.*`` arrays; ``attrs['keep_accumulator']`` marks an op
+    whose accumulator a later ``channel_shift`` reads.
+    """
+
+    index: int
+    name: str
+    op: str
+    kind: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    out_shape: list[int] | None = None
+
+
+_INT_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64)
+
+
+def code_dtype(qmin: int, qmax: int) -> np.dtype:
+    """The smallest integer type holding codes in ``[qmin, qmax]``."""
+    for t in _INT_TYPES:
+        info = np.iinfo(t)
+        if info.min <= qmin and qmax <= info.max:
+            return np.dtype(t)
+    raise ValueError(f"codes [{qmin}, {qmax}] do not fit int64")
+
+
+def _np_int(t: Any, dtype: Any = None) -> np.ndarray:
+    """An exact int array: ``dtype``, or int32 when every value fits it, else int64."""
+    a = torch.as_tensor(t).detach().cpu()
+    if a.is_floating_point():
+        if not bool(torch.equal(a, torch.round(a))):
+            raise ValueError("not an integer tensor")
+        a = a.to(torch.float64)
+    a = np.asarray(a.to(torch.int64).numpy(), dtype=np.int64)
+    if dtype is None:
+        small = a.size == 0 or (int(a.min()) >= np.iinfo(np.int32).min and int(a.max()) <= np.iinfo(np.int32).max)
+        dtype = np.int32 if small else np.int64
+    out = a.astype(dtype)
+    if not np.array_equal(out.astype(np.int64), a):
+        raise ValueError(f"values do not fit {np.dtype(dtype).name}")
+    return out
+
+
+def _pot_exponent(scale: torch.Tensor) -> np.ndarray | None:
+    """``e`` with ``scale == 2^e`` (elementwise), or None when a scale is not a power of two."""
+    m, e = torch.frexp(scale.double())
+    if not bool((m == 0.5).all()):
+        return None
+    return _np_int(e - 1)
+
+
+def _json_attr(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_json_attr(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return str(v)
+
+
 class IntegerModel:
     """A lowered quantized graph that runs on integers; see the module docstring."""
 
@@ -114,6 +229,8 @@ class IntegerModel:
             raise HybridQuantError(f"cannot lower: nodes left in float ({', '.join(qgraph.float_nodes[:3])} ...)")
         self.raw_readers = {n.inputs[0] for n in self.graph if n.attrs.get("raw_input")}
         self.stats = {"requant_shifts": 0, "luts": 0, "ops": 0}
+        self._notes: dict[str, dict[str, Any]] = {}
+        self._recording = False
         self._check()
 
     # -- lowering checks ----------------------------------------------------------
@@ -131,7 +248,11 @@ class IntegerModel:
         c, h, w = self.graph.meta["input_size"]
         self._requants: dict[str, Requant] = {}
         self._luts: dict[str, Any] = {}
-        self.run(torch.zeros(1, c, h, w))
+        self._recording = True  # the dry run also records the lowered program
+        try:
+            self.run(torch.zeros(1, c, h, w))
+        finally:
+            self._recording = False
 
     def _requant(self, name: str, s_in: torch.Tensor, qp: QParams) -> Requant:
         r = self._requants.get(name)
@@ -155,17 +276,24 @@ class IntegerModel:
             if node.op == "output":
                 out = vals[node.inputs[0]]
                 logits = (out.centred().double() * _bc(out.scale.double(), out.q, out.axis)).float()
+                if self._recording:
+                    self._note_dequant(node, out)
                 return logits, out
             qp = self.qg.act.get(node.name)
             if node.op == "input":
                 vals[node.name] = IntValue(quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax).to(torch.int64),
                                            qp.scale, qp.zero_point)
+                if self._recording:
+                    self._note_quantize(node, qp, vals[node.name].q)
                 continue
             if node.op in LAYOUT_OPS:
                 src = vals[node.inputs[0]]
                 if src.axis is not None:
                     raise HybridQuantError(f"cannot lower {node.name}: per-channel codes through a layout op")
                 vals[node.name] = IntValue(graph_ops.run_op(node, [src.q]), src.scale, src.zp)
+                if self._recording:
+                    self._note(node, "layout", [node.inputs[0]], {k: _json_attr(v) for k, v in node.attrs.items()},
+                               out_shape=list(vals[node.name].q.shape))
                 continue
             acc = self._accumulate(node, vals, wide, deferred)
             if acc is None:  # deferred non-linearity (read only by a per-channel shift)
@@ -175,6 +303,8 @@ class IntegerModel:
             if qp is not None:
                 codes = self._requant(node.name, acc.scale, qp)(acc.q, acc.axis)
                 vals[node.name] = IntValue(codes, qp.scale, qp.zero_point)
+                if self._recording:
+                    self._note_requant(node, acc, list(codes.shape))
         raise HybridQuantError("graph has no output node")
 
     def _accumulate(self, node: Node, vals, wide, deferred) -> IntValue | None:
@@ -193,10 +323,14 @@ class IntegerModel:
             axis = 1 if op == "conv2d" else out.dim() - 1
             if node.name in self.qg.bias_int:
                 out = out + _bc(self.qg.bias_int[node.name].double(), out, axis)
+            if self._recording:
+                self._note_mac(node, ins)
             return IntValue(_exact_int(out), x.scale.double() * wq.scale.double(), torch.tensor(0), axis)
         if op == "matmul":
             lhs, rhs = ins
             out = torch.matmul(lhs.centred().double(), rhs.centred().double())
+            if self._recording:
+                self._note(node, op, list(node.inputs), arrays=self._zp_arrays(ins))
             return IntValue(_exact_int(out), lhs.scale.double() * rhs.scale.double(), torch.tensor(0))
         if op in ("add", "cat"):
             fine = min(float(v.scale.min()) for v in ins)
@@ -205,7 +339,14 @@ class IntegerModel:
                 shift = torch.round(torch.log2(v.scale.double() / fine)).to(torch.int64)
                 parts.append(arith.align(v.q, v.zp.to(torch.int64), shift, 0, axis=v.axis))
             out = parts[0] + parts[1] if op == "add" else torch.cat(parts, dim=a["dim"])
+            if self._recording:
+                shifts = {f"align_shift.{k}": _np_int(torch.round(torch.log2(v.scale.double() / fine)))
+                          for k, v in enumerate(ins)}
+                self._note(node, op, list(node.inputs), {"dim": int(a["dim"])} if op == "cat" else {},
+                           {**self._zp_arrays(ins), **shifts})
             return IntValue(out, torch.tensor(fine, dtype=torch.float64), torch.tensor(0))
+        if op in ("mul", "mul_const", "global_avg_pool") and self._recording:
+            self._note(node, op, list(node.inputs), arrays=self._zp_arrays(ins))
         if op == "mul":
             lhs, rhs = ins
             return IntValue(lhs.centred() * rhs.centred(), lhs.scale.double() * rhs.scale.double(), torch.tensor(0))
@@ -228,6 +369,8 @@ class IntegerModel:
         if node.name in self.raw_readers:  # per-channel shifts read f(x) itself: per-channel tables
             deferred[node.name] = (node, x)
         if qp is None:
+            if self._recording:
+                self._note(node, "deferred", [node.inputs[0]])
             return None
         table = self._luts.get(node.name)
         in_qp = self.qg.act[self.graph.producer(node.inputs[0]).name]
@@ -237,6 +380,9 @@ class IntegerModel:
                                                            float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
             self.stats["luts"] += 1
         codes = arith.apply_lut(x.q, table, in_qp.qmin)
+        if self._recording:
+            self._note(node, "lut", [node.inputs[0]], arrays={
+                "table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_int(in_qp.qmin)})
         # already at the output grid: an identity requantization (multiplier 1)
         return IntValue(codes - int(qp.zero_point), qp.scale.double(), torch.tensor(0))
 
@@ -248,11 +394,15 @@ class IntegerModel:
             raise HybridQuantError(f"cannot lower {node.name}: {node.op} needs power-of-two input and output scales")
         if node.op == "softmax":
             codes = nonlinear.softmax_codes(x.q, node, in_qp, qp)
+            if self._recording:
+                self._note_softmax(node, in_qp, qp)
         else:
             kernel = self._luts.get(node.name)
             if kernel is None:
                 kernel = self._luts[node.name] = nonlinear.LayerNormKernel(node, in_qp, qp)
             codes = kernel(x.q)
+            if self._recording:
+                self._note_layernorm(node, kernel)
         return IntValue(codes - int(qp.zero_point), qp.scale.double(), torch.tensor(0))
 
     def _scale_channels(self, node: Node, vals, wide, deferred) -> IntValue:
@@ -272,13 +422,131 @@ class IntegerModel:
                 self.stats["luts"] += 1
             axis = dim % x.q.dim()
             codes = arith.apply_channel_lut(x.q, table, in_qp.qmin, axis)
+            if self._recording:
+                self._note(node, "channel_lut", [prod.inputs[0]], {"axis": axis, "fused": prod.name, "fused_op": prod.op},
+                           {"table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_int(in_qp.qmin)})
             return IntValue(codes - int(qp.zero_point), qp.scale.double(), torch.tensor(0))
         v = wide.get(src) or vals[src]
         axis = dim % v.q.dim()
         if v.axis is not None and v.axis != axis:
             raise HybridQuantError(f"cannot lower {node.name}: channel axes disagree")
+        if self._recording:
+            self._note(node, "channel_shift", [src], {"axis": axis, "reads": "accumulator" if src in wide else "codes"},
+                       self._zp_arrays([v]))
         per_channel = v.scale.double().flatten() if v.scale.dim() else v.scale.double().expand(inv_alpha.numel())
         return IntValue(v.centred(), per_channel * inv_alpha, torch.tensor(0), axis)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
+
+    # -- the lowered program --------------------------------------------------------
+    def program(self) -> list[ProgramOp]:
+        """The lowered integer program: one :class:`ProgramOp` per graph node, in execution order.
+
+        Built from what the constructor's dry run recorded; the arrays are
+        copies. Raises HybridQuantError for a model lowered with float
+        multipliers (``allow_float_multipliers=True``), which has no integer
+        program.
+        """
+        if any(r.params is None for r in self._requants.values()):
+            raise HybridQuantError("the model uses float requantization multipliers: it has no integer program")
+        wide_read = {n["inputs"][0] for n in self._notes.values() if n["attrs"].get("reads") == "accumulator"}
+        ops = []
+        for index, node in enumerate(self.graph):
+            note = self._notes[node.name]
+            attrs = _json_attr_dict(note["attrs"])
+            if node.name in wide_read:
+                attrs["keep_accumulator"] = True
+            ops.append(ProgramOp(index, node.name, node.op, note["kind"], list(note["inputs"]), attrs,
+                                 {k: v.copy() for k, v in note["arrays"].items()}, note.get("out_shape")))
+        return ops
+
+    def _note(self, node: Node, kind: str | None = None, inputs: list[str] | None = None,
+              attrs: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
+              out_shape: list[int] | None = None) -> None:
+        """Merge what the dry run learnt about ``node`` into its program record."""
+        note = self._notes.setdefault(node.name, {"kind": node.op, "inputs": [], "attrs": {}, "arrays": {},
+                                                  "out_shape": None})
+        if kind is not None:
+            note["kind"] = kind
+        if inputs is not None:
+            note["inputs"] = list(inputs)
+        note["attrs"].update(attrs or {})
+        note["arrays"].update(arrays or {})
+        if out_shape is not None:
+            note["out_shape"] = [int(d) for d in out_shape]
+
+    @staticmethod
+    def _zp_arrays(ins: list[IntValue]) -> dict[str, np.ndarray]:
+        return {f"in_zero_point.{k}": _np_int(v.zp) for k, v in enumerate(ins)}
+
+    def _note_quantize(self, node: Node, qp: QParams, codes: torch.Tensor) -> None:
+        arrays = {"scale": qp.scale.detach().cpu().float().numpy().copy(), "zero_point": _np_int(qp.zero_point),
+                  "qmin": _np_int(qp.qmin), "qmax": _np_int(qp.qmax)}
+        exp = _pot_exponent(qp.scale)
+        if exp is not None:
+            arrays["scale_exp"] = exp
+        self._note(node, "quantize", [], {"axis": qp.axis}, arrays, list(codes.shape))
+
+    def _note_dequant(self, node: Node, out: IntValue) -> None:
+        arrays = {"scale": out.scale.detach().cpu().float().numpy().copy(), "zero_point": _np_int(out.zp)}
+        exp = _pot_exponent(out.scale)
+        if exp is not None:
+            arrays["scale_exp"] = exp
+        self._note(node, "output", [node.inputs[0]], {}, arrays, list(out.q.shape))
+
+    def _note_mac(self, node: Node, ins: list[IntValue]) -> None:
+        wq = self.qg.weight[node.name]
+        arrays = {"weight": _np_int(self.qg.weight_int[node.name], code_dtype(wq.qmin, wq.qmax)),
+                  **self._zp_arrays(ins[:1])}
+        if node.name in self.qg.bias_int:
+            arrays["bias"] = _np_int(self.qg.bias_int[node.name])
+        attrs = {}
+        if node.op == "conv2d":
+            attrs = {k: _json_attr(node.attrs[k]) for k in ("stride", "padding", "dilation", "groups")}
+        self._note(node, node.op, [node.inputs[0]], attrs, arrays)
+
+    def _note_requant(self, node: Node, acc: IntValue, shape: list[int]) -> None:
+        r = self._requants[node.name]
+        qp = r.qp
+        arrays = {"requant.zero_point": _np_int(qp.zero_point), "requant.qmin": _np_int(qp.qmin),
+                  "requant.qmax": _np_int(qp.qmax)}
+        if r.params is None:
+            mode, per_channel = "float", r.m.numel() > 1
+            arrays["requant.multiplier"] = r.m.numpy().copy()
+        else:
+            a, b, sign, n = (torch.tensor(v, dtype=torch.int64) for v in zip(*r.params, strict=True))
+            per_channel = a.numel() > 1
+            if not per_channel:
+                a, b, sign, n = a[0], b[0], sign[0], n[0]
+            if bool((sign == 0).all()):
+                mode = "shift"
+                arrays["requant.shift"] = _np_int(n - a)
+            else:
+                mode = "two_term"
+                arrays.update({"requant.a": _np_int(a), "requant.b": _np_int(b), "requant.sign": _np_int(sign),
+                               "requant.n": _np_int(n)})
+        # a per-channel parameter without an axis broadcasts along the last dim (as torch does)
+        axis = (acc.axis if acc.axis is not None else acc.q.dim() - 1) if per_channel else None
+        if axis is not None:
+            axis %= acc.q.dim()
+        self._note(node, attrs={"requant": {"mode": mode, "axis": axis}}, arrays=arrays, out_shape=shape)
+
+    def _note_softmax(self, node: Node, in_qp: QParams, qp: QParams) -> None:
+        # the full table (every possible spread of the input codes); the kernel's entries are its tail
+        table = arith.softmax_exp_table(float(in_qp.scale), in_qp.qmax - in_qp.qmin + 1, nonlinear.FRAC_BITS)
+        self._note(node, "softmax", [node.inputs[0]], {"dim": int(node.attrs["dim"])}, {
+            "exp_table": _np_int(table), "frac_bits": _np_int(nonlinear.FRAC_BITS),
+            "out_exp": _np_int(nonlinear.softmax_out_exp(qp)), "out_qmax": _np_int(qp.qmax)})
+
+    def _note_layernorm(self, node: Node, k: nonlinear.LayerNormKernel) -> None:
+        o = k.out_qp
+        self._note(node, "layer_norm", [node.inputs[0]], {"dim": -1}, {
+            "in_zero_point": _np_int(k.in_zp), "channel_shift": _np_int(k.shift), "gamma_q": _np_int(k.gamma_q),
+            "beta_q": _np_int(k.beta_q), "eps_q": _np_int(k.eps_q), "frac_bits": _np_int(nonlinear.FRAC_BITS),
+            "sqrt_frac_bits": _np_int(k.sqrt_frac_bits), "out_shift": _np_int(k.out_shift),
+            "out_zero_point": _np_int(o.zero_point), "out_qmin": _np_int(o.qmin), "out_qmax": _np_int(o.qmax)})
+
+
+def _json_attr_dict(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_json_attr_dict(v) if isinstance(v, dict) else _json_attr(v)) for k, v in attrs.items()}

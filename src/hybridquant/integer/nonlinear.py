@@ -33,10 +33,14 @@ def supported(node: Node, in_qp: QParams | None, out_qp: QParams | None) -> bool
     return False
 
 
+def softmax_out_exp(out_qp: QParams) -> int:
+    """``m`` with the softmax output scale ``2^-m``."""
+    return -int(round(math.log2(float(out_qp.scale))))
+
+
 def softmax_codes(q: torch.Tensor, node: Node, in_qp: QParams, out_qp: QParams) -> torch.Tensor:
     """Output codes of the integer softmax (scale 2^-m, zero point 0)."""
-    out_exp = -int(round(math.log2(float(out_qp.scale))))
-    return arith.int_softmax(q, int(in_qp.zero_point), float(in_qp.scale), out_exp, out_qp.qmax,
+    return arith.int_softmax(q, int(in_qp.zero_point), float(in_qp.scale), softmax_out_exp(out_qp), out_qp.qmax,
                              dim=node.attrs["dim"], frac_bits=FRAC_BITS)
 
 

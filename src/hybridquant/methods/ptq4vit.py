@@ -155,7 +155,7 @@ class LayerData:
 
     def output(self, act: dict[str, QParams], wq: QParams | None) -> torch.Tensor:
         """The layer's output with its inputs quantized by ``act`` and its weight by ``wq``."""
-        ins = [act[s].fake(x) if s is not None else x for x, s in zip(self.inputs, self.sources)]
+        ins = [act[s].fake(x) if s is not None else x for x, s in zip(self.inputs, self.sources, strict=True)]
         params = dict(self.node.params)
         if wq is not None:
             params["weight"] = wq.fake(self.node.params["weight"])
@@ -229,16 +229,17 @@ def collect_layers(graph: Graph, nodes: list[Node], sources: dict[str, list[str 
     ins: dict[str, list[torch.Tensor]] = {k: [] for k in in_names}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in out_names}
     grads: dict[str, list[torch.Tensor]] = {k: [] for k in out_names}
+    held: dict[str, torch.Tensor] = {}  # this chunk's outputs, still in the autograd graph
+
+    def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
+        if node.name in in_names:
+            ins[node.name].append(out.detach().clone())
+        if node.name in out_names:
+            held[node.name] = out
+        return out
+
     for xb in x.split(chunk):
-        held: dict[str, torch.Tensor] = {}
-
-        def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
-            if node.name in in_names:
-                ins[node.name].append(out.detach().clone())
-            if node.name in out_names:
-                held[node.name] = out
-            return out
-
+        held.clear()
         with torch.enable_grad():
             xin = xb.detach().clone().requires_grad_(True)
             logits = graph.run(xin, hook=hook)
@@ -246,7 +247,7 @@ def collect_layers(graph: Graph, nodes: list[Node], sources: dict[str, list[str 
             loss = F.cross_entropy(logits, logits.detach().argmax(1), reduction="sum")
             names = [k for k, t in held.items() if t.requires_grad]
             got = torch.autograd.grad(loss, [held[k] for k in names], allow_unused=True) if names else []
-        g = dict(zip(names, got))
+        g = dict(zip(names, got, strict=True))
         for k, t in held.items():
             outs[k].append(t.detach().clone())
             gk = g.get(k)

@@ -1,0 +1,26 @@
+"""Deployable exports of the integer program (for hardware and reference readers).
+
+A quantized model whose requantization multipliers are all powers of two (or
+2^a ± 2^b with two shift terms) is lowered by
+:class:`~hybridquant.integer.executor.IntegerModel`; its explicit program
+(:meth:`~hybridquant.integer.executor.IntegerModel.program`) holds, per op in
+execution order, every integer constant: int8/int16 weights, int32/int64
+biases, requantization shifts (or two-term ``a``/``b``/``sign``/``n``), zero
+points and code ranges, lookup tables (per-channel ones too), softmax
+``exp`` tables and output exponents, LayerNorm constants, alignment shifts
+of adds and concats, layout attributes, the input quantizer and the output
+dequantization.
+
+* :func:`export_npz`: one ``.npz`` with the arrays and a JSON manifest inside
+  (key ``__manifest__``); :func:`load_npz` reads it back.
+* :func:`export_c`: a C99 header with the same content.
+
+CLI: ``hybridquant export --qmodel model.hq --format {npz,c} --out PATH``.
+"""
+
+from .c import export_c, header_text
+from .npz import export_npz, load_npz
+from .program import FORMAT, MANIFEST_KEY, VERSION, program_tables
+
+__all__ = ["FORMAT", "MANIFEST_KEY", "VERSION", "export_c", "export_npz", "header_text", "load_npz",
+           "program_tables"]

@@ -1,0 +1,58 @@
+"""Export the integer program as one ``.npz`` file with its JSON manifest inside.
+
+Layout of the file (``numpy.load`` reads it, ``allow_pickle`` not needed):
+
+* ``__manifest__``: a 0-d unicode array holding the JSON manifest
+  (:func:`~hybridquant.export.program.program_tables`): op order, kinds,
+  inputs, structural attributes, output shapes and, per op, the names,
+  dtypes and shapes of its arrays;
+* ``opNNNN.<name>``: the integer arrays of op ``NNNN`` (execution order),
+  e.g. ``op0001.weight`` (int8/int16), ``op0001.bias`` (int32/int64),
+  ``op0001.requant.shift`` (int32, 0-d or per channel), ``op0002.table``
+  (a lookup table in the output code type), ``op0017.exp_table``,
+  ``op0013.gamma_q``; scalars are 0-d arrays. The input quantizer
+  (``op0000.scale``/``scale_exp``/``zero_point``/``qmin``/``qmax``) and the
+  output dequantization (last op: ``scale``/``scale_exp``/``zero_point``)
+  are the only float data (the float32 scales, for the host).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._io import atomic_path
+from ..errors import HybridQuantError
+from ..graph.quantized import QuantizedGraph
+from .program import FORMAT, MANIFEST_KEY, program_tables
+
+
+def export_npz(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the integer program of ``qgraph`` to ``path`` (atomically); returns the manifest.
+
+    Raises HybridQuantError when the model cannot be lowered (e.g. float
+    requantization multipliers).
+    """
+    manifest, arrays = program_tables(qgraph, model_meta)
+    arrays[MANIFEST_KEY] = np.array(json.dumps(manifest, indent=1))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return manifest
+
+
+def load_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read an exported program back: ``(manifest, arrays by flat key)``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise HybridQuantError(f"cannot read integer program {path}: {exc}") from exc
+    if MANIFEST_KEY not in arrays:
+        raise HybridQuantError(f"{path} has no {MANIFEST_KEY}: not an exported integer program")
+    manifest = json.loads(str(arrays.pop(MANIFEST_KEY)))
+    if manifest.get("format") != FORMAT:
+        raise HybridQuantError(f"{path} is not a {FORMAT} file")
+    return manifest, arrays

@@ -1,0 +1,94 @@
+"""The integer program as plain data: a JSON manifest plus named integer arrays.
+
+Both export formats (:mod:`.npz`, :mod:`.c`) write what :func:`program_tables`
+returns. The program is the one :class:`~hybridquant.integer.executor.IntegerModel`
+runs (its :meth:`~hybridquant.integer.executor.IntegerModel.program`), so a
+reader that follows the manifest reproduces its output codes bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..graph.quantized import QuantizedGraph
+from ..integer.executor import PROGRAM_KINDS, REQUANT_DOC, IntegerModel, ProgramOp
+
+FORMAT = "hybridquant-integer-program"
+VERSION = 1
+#: npz key of the JSON manifest (a 0-d unicode array)
+MANIFEST_KEY = "__manifest__"
+
+CONVENTIONS = {
+    "codes": "activations are integer codes in [requant.qmin, requant.qmax] of the op that made them (layout ops "
+             "keep their input's codes); a code stands for (code - zero_point) * scale, scales being powers of two",
+    "rounding": "round half up everywhere: a right shift by k > 0 adds 1 << (k - 1) first; "
+                "a division by d > 0 is (2 num + d) // (2 d) (floor division)",
+    "broadcast": "a 1-d per-channel array lies along the axis its op names (attrs.requant.axis, attrs.axis); "
+                 "in_zero_point.k and align_shift.k, when 1-d, along the last dim",
+    "arithmetic": "int64 accumulators; conv/linear/matmul products are exact",
+    "layout": "arrays are row-major (C order); weights conv [Cout, Cin/groups, kh, kw], linear [out, in]",
+    "batch": "out_shape is for a batch of one; layout attrs use torch semantics with -1 for the batch-dependent dim",
+    "requant": REQUANT_DOC,
+}
+
+
+def lower(qgraph: QuantizedGraph) -> list[ProgramOp]:
+    """The lowered program of ``qgraph``; raises HybridQuantError where it cannot be lowered
+    (float multipliers, float nodes, quantizers without an integer kernel)."""
+    return IntegerModel(qgraph).program()
+
+
+def array_key(index: int, key: str) -> str:
+    """The flat name of op ``index``'s array ``key`` (``op0003.requant.shift``)."""
+    return f"op{index:04d}.{key}"
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(manifest, arrays)``: the JSON-able manifest and every integer array under its flat key.
+
+    The manifest holds ``format``/``version``, ``model`` (``model_meta``:
+    name, data config, class names), ``config``, ``input`` (name, shape),
+    ``output`` (the value dequantized into logits), ``conventions``,
+    ``kinds`` (what each op kind computes) and ``ops``: per op in execution
+    order its ``index``, ``name``, graph ``op``, ``kind``, ``inputs``,
+    ``attrs``, ``out_shape`` and ``arrays`` (array name -> ``{"key",
+    "dtype", "shape"}``).
+    """
+    ops = lower(qgraph)
+    arrays: dict[str, np.ndarray] = {}
+    entries = []
+    for op in ops:
+        listed = {}
+        for name, arr in op.arrays.items():
+            key = array_key(op.index, name)
+            arrays[key] = np.array(arr, order="C", copy=True)  # keeps 0-d arrays 0-d
+            listed[name] = {"key": key, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+        entries.append({"index": op.index, "name": op.name, "op": op.op, "kind": op.kind, "inputs": op.inputs,
+                        "attrs": op.attrs, "out_shape": op.out_shape, "arrays": listed})
+    graph = qgraph.graph
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "model": _plain(model_meta or {}),
+        "config": _plain(qgraph.config.to_dict()),
+        "input": {"name": graph.nodes[0].name, "shape": list(graph.meta.get("input_size", []))},
+        "output": {"name": graph.output.inputs[0], "op": len(ops) - 1},
+        "conventions": CONVENTIONS,
+        "kinds": PROGRAM_KINDS,
+        "ops": entries,
+    }
+    return manifest, arrays

@@ -1,0 +1,293 @@
+"""A reference reader of exported integer programs: numpy only (no torch, no hybridquant).
+
+It reads the ``.npz`` written by ``hybridquant.export.export_npz`` and runs
+the program on int64 numpy arrays following the manifest alone, so it checks
+that the export carries everything a hardware implementation needs:
+
+    program = load("model.npz")
+    logits, codes = run(program, images)        # images: float32 [N, C, H, W]
+
+Every kernel is written from the export's contract: exact int64 products
+(conv2d via im2col), requantization by shifts with round half up
+(``(acc + (1 << (n - 1))) >> n`` for ``n > 0``), lookup tables, the integer
+softmax and LayerNorm (floor square root by the digit-by-digit method,
+division rounded half up as ``(2·num + den) // (2·den)``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MANIFEST_KEY = "__manifest__"
+SAFE = 1 << 62  # every intermediate stays below this (one bit under int64)
+
+
+@dataclass
+class Program:
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def ops(self) -> list[dict[str, Any]]:
+        return self.manifest["ops"]
+
+    def get(self, op: dict[str, Any], name: str) -> np.ndarray:
+        """Op ``op``'s array ``name`` as int64 (float arrays stay float)."""
+        arr = self.arrays[op["arrays"][name]["key"]]
+        return arr if arr.dtype.kind == "f" else arr.astype(np.int64)
+
+    def has(self, op: dict[str, Any], name: str) -> bool:
+        return name in op["arrays"]
+
+
+def load(path) -> Program:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    manifest = json.loads(str(arrays.pop(MANIFEST_KEY)))
+    for op in manifest["ops"]:  # the manifest lists exactly the stored arrays
+        for meta in op["arrays"].values():
+            arr = arrays[meta["key"]]
+            assert arr.dtype.name == meta["dtype"] and list(arr.shape) == meta["shape"], meta
+    return Program(manifest, arrays)
+
+
+# --- integer helpers ---------------------------------------------------------------
+def _absmax(x: np.ndarray) -> int:
+    return int(np.abs(x).max()) if x.size else 0
+
+
+def _check(x: np.ndarray, what: str, shift: int = 0) -> None:
+    """Raise when ``|x| << shift`` (in exact Python ints) reaches 2^62."""
+    if _absmax(x) << shift >= SAFE:
+        raise OverflowError(what)
+
+
+def along(t: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """A 0-d or 1-d parameter shaped to broadcast along ``axis`` (1-d without an axis: last dim)."""
+    if t.ndim == 0 or axis is None:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def shift_round(v: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``(v + (1 << (k - 1))) >> k`` for ``k > 0`` (round half up), ``v << -k`` for ``k <= 0``."""
+    v, k = np.asarray(v, np.int64), np.asarray(k, np.int64)
+    right = np.maximum(k, 0)
+    left = np.maximum(-k, 0)
+    bias = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    return np.where(k > 0, (v + bias) >> right, v << left)
+
+
+def requant(p: Program, op: dict[str, Any], acc: np.ndarray) -> np.ndarray:
+    rq = op["attrs"]["requant"]
+    axis = rq["axis"]
+
+    def g(name: str) -> np.ndarray:
+        return along(p.get(op, f"requant.{name}"), acc.ndim, axis)
+
+    zp = g("zero_point")
+    if rq["mode"] == "shift":
+        k = g("shift")
+        _check(acc, "requant", max(0, -int(np.min(k))))
+        out = shift_round(acc, k)
+    elif rq["mode"] == "two_term":
+        a, b, sign, n = g("a"), g("b"), g("sign"), g("n")
+        b = np.where(sign != 0, b, a)
+        lift = np.maximum(-np.minimum(np.minimum(a, b), 0), 0)
+        a, b, n = a + lift, b + lift, n + lift
+        _check(acc, "requant two-term", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
+        out = shift_round((acc << a) + sign * (acc << b), n)
+    else:
+        raise ValueError(f"requant mode {rq['mode']} has no integer form")
+    return np.clip(out + zp, int(p.get(op, "requant.qmin")), int(p.get(op, "requant.qmax")))
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int) -> np.ndarray:
+    """Exact int64 conv2d by im2col: x [N, C, H, W], w [Co, C/groups, kh, kw]."""
+    n, c, h, wd = x.shape
+    co, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+    cols = cols.reshape(n, groups, cg * kh * kw, ho * wo)
+    wm = w.reshape(groups, co // groups, cg * kh * kw)
+    out = np.matmul(wm[None], cols)  # [N, groups, Co/groups, Ho·Wo]
+    return out.reshape(n, co, ho, wo)
+
+
+def isqrt(v: np.ndarray) -> np.ndarray:
+    """Exact floor square root of non-negative int64 values (digit by digit, 32 steps)."""
+    if v.size and int(v.min()) < 0:
+        raise ValueError("isqrt of a negative value")
+    rem = v.astype(np.int64).copy()
+    res = np.zeros_like(rem)
+    bit = 1 << 62
+    for _ in range(32):
+        trial = res + bit
+        take = rem >= trial
+        rem = np.where(take, rem - trial, rem)
+        res = np.where(take, (res >> 1) + bit, res >> 1)
+        bit >>= 2
+    return res
+
+
+def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
+    g = p.get
+    channels = q.shape[-1]
+    frac, pbits, out_shift = int(g(op, "frac_bits")), int(g(op, "sqrt_frac_bits")), int(g(op, "out_shift"))
+    x = (q - g(op, "in_zero_point")) << along(g(op, "channel_shift"), q.ndim, -1)
+    _check(x, "layer_norm", (channels.bit_length() + frac + pbits + 2))
+    if (_absmax(x) * channels) ** 2 << (2 * pbits) >= SAFE:
+        raise OverflowError("layer_norm variance")
+    s1 = x.sum(axis=-1, keepdims=True)
+    s2 = (x * x).sum(axis=-1, keepdims=True)
+    y = channels * x - s1
+    v = channels * s2 - s1 * s1 + int(g(op, "eps_q"))
+    r = np.maximum(isqrt(v << (2 * pbits)), 1)
+    num = y << (frac + pbits)
+    nrm = (2 * num + r) // (2 * r)
+    acc = nrm * g(op, "gamma_q") + g(op, "beta_q")
+    return np.clip(shift_round(acc, out_shift) + g(op, "out_zero_point"), int(g(op, "out_qmin")), int(g(op, "out_qmax")))
+
+
+def softmax(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
+    dim = op["attrs"]["dim"]
+    table = p.get(op, "exp_table")
+    d = q - q.max(axis=dim, keepdims=True)
+    if d.size and int(d.min()) < -(table.size - 1):
+        raise ValueError("softmax input spread exceeds the exp table")
+    e = table[d + table.size - 1]
+    s = e.sum(axis=dim, keepdims=True)
+    code = ((e << (int(p.get(op, "out_exp")) + 1)) + s) // (2 * s)
+    return np.minimum(code, int(p.get(op, "out_qmax")))
+
+
+def layout(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    a, kind = op["attrs"], op["op"]
+    if kind == "reshape":
+        return x.reshape(a["shape"])
+    if kind == "transpose":
+        return np.swapaxes(x, a["dim0"], a["dim1"])
+    if kind == "permute":
+        return np.transpose(x, a["dims"])
+    if kind == "flatten":
+        start, end = a["start"] % x.ndim, a["end"] % x.ndim
+        return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
+    if kind == "select":
+        dim = a["dim"] % x.ndim
+        return x[(slice(None),) * dim + (a["index"],)]
+    raise ValueError(f"unknown layout op {kind}")
+
+
+def quantize_input(p: Program, x: np.ndarray) -> np.ndarray:
+    """The host-side input quantizer, in float32 as the reference does."""
+    op = p.ops[0]
+    x = np.asarray(x, dtype=np.float32)
+    scale = p.get(op, "scale").astype(np.float32)
+    zp = along(p.get(op, "zero_point"), x.ndim, op["attrs"]["axis"]).astype(np.float32)
+    v = np.floor(x / along(scale, x.ndim, op["attrs"]["axis"]) + np.float32(0.5)) + zp
+    return np.clip(v, int(p.get(op, "qmin")), int(p.get(op, "qmax"))).astype(np.int64)
+
+
+# --- the program -------------------------------------------------------------------
+def run_codes(p: Program, q_in: np.ndarray, trace: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Run the program on input codes; returns the output op's codes (int64).
+
+    ``trace``, when given, receives every value's codes by op name.
+    """
+    vals: dict[str, np.ndarray] = trace if trace is not None else {}
+    accs: dict[str, np.ndarray] = {}
+    for op in p.ops:
+        kind, name = op["kind"], op["name"]
+        ins = [vals[i] for i in op["inputs"] if i in vals]
+
+        def zp(k: int, x: np.ndarray, op=op) -> np.ndarray:
+            return x - p.get(op, f"in_zero_point.{k}")  # 1-d: along the last dim
+
+        acc = None
+        if kind == "quantize":
+            vals[name] = q_in.astype(np.int64)
+            continue
+        if kind == "layout":
+            vals[name] = layout(op, ins[0])
+            continue
+        if kind == "output":
+            return ins[0]
+        if kind == "deferred":
+            continue
+        if kind in ("conv2d", "linear"):
+            x, w = zp(0, ins[0]), p.get(op, "weight")
+            if kind == "conv2d":
+                a = op["attrs"]
+                acc = conv2d(x, w, a["stride"], a["padding"], a["dilation"], a["groups"])
+                bias_axis = 1
+            else:
+                acc = np.matmul(x, w.T)
+                bias_axis = acc.ndim - 1
+            if p.has(op, "bias"):
+                acc = acc + along(p.get(op, "bias"), acc.ndim, bias_axis)
+        elif kind == "matmul":
+            acc = np.matmul(zp(0, ins[0]), zp(1, ins[1]))
+        elif kind in ("add", "cat"):
+            parts = [zp(k, v) << p.get(op, f"align_shift.{k}") for k, v in enumerate(ins)]
+            acc = parts[0] + parts[1] if kind == "add" else np.concatenate(parts, axis=op["attrs"]["dim"])
+        elif kind == "mul":
+            acc = zp(0, ins[0]) * zp(1, ins[1])
+        elif kind == "mul_const":
+            acc = zp(0, ins[0])
+        elif kind == "global_avg_pool":
+            acc = zp(0, ins[0]).sum(axis=(2, 3), keepdims=True)
+        elif kind == "lut":
+            idx = ins[0] - int(p.get(op, "in_qmin"))
+            table = p.get(op, "table")
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.size):
+                raise ValueError(f"{name}: codes outside the table")
+            acc = table[idx] - p.get(op, "requant.zero_point")
+        elif kind == "channel_lut":
+            x = ins[0]
+            table = p.get(op, "table")
+            axis = op["attrs"]["axis"]
+            idx = x - int(p.get(op, "in_qmin"))
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[1]):
+                raise ValueError(f"{name}: codes outside the table")
+            rows = along(np.arange(table.shape[0]), x.ndim, axis)
+            acc = table[rows, idx] - p.get(op, "requant.zero_point")
+        elif kind == "channel_shift":
+            src = op["inputs"][0]
+            v = accs[src] if op["attrs"]["reads"] == "accumulator" else vals[src]
+            acc = zp(0, v)
+        elif kind == "softmax":
+            acc = softmax(p, op, ins[0]) - p.get(op, "requant.zero_point")
+        elif kind == "layer_norm":
+            acc = layer_norm(p, op, ins[0]) - p.get(op, "requant.zero_point")
+        else:
+            raise ValueError(f"unknown op kind {kind}")
+        _check(acc, name)
+        if op["attrs"].get("keep_accumulator"):
+            accs[name] = acc
+        if "requant" in op["attrs"]:
+            vals[name] = requant(p, op, acc)
+    raise ValueError("program has no output op")
+
+
+def dequantize_output(p: Program, codes: np.ndarray) -> np.ndarray:
+    op = p.ops[-1]
+    scale = p.get(op, "scale").astype(np.float64)
+    return ((codes - p.get(op, "zero_point")).astype(np.float64) * scale).astype(np.float32)
+
+
+def run(p: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float images -> (logits float32, output codes int64)."""
+    codes = run_codes(p, quantize_input(p, x))
+    return dequantize_output(p, codes), codes

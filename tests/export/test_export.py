@@ -1,0 +1,228 @@
+"""Exports of the integer program: a numpy reader reproduces IntegerModel bit for bit from the npz alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from hybridquant.config import QuantConfig
+from hybridquant.errors import HybridQuantError
+from hybridquant.export import MANIFEST_KEY, export_c, export_npz, load_npz
+from hybridquant.integer.executor import PROGRAM_KINDS, IntegerModel
+from hybridquant.quantize import quantize_graph
+from tests.export import reference_reader as rr
+from tests.methods.conftest import make_toy_graph
+
+
+@pytest.fixture(scope="module")
+def toy_calib() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return list((torch.rand(32, 3, 6, 6, generator=gen) * 2 - 1).split(8))
+
+
+TOY_CONFIGS = {
+    "minmax-pot": QuantConfig(scales="pot"),
+    "hfq-w6a6": QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6),
+    "hfq-two-term": QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2),
+}
+
+
+def _toy_images(n: int = 16) -> torch.Tensor:
+    # a wider range than the calibration set, so saturation is exercised too
+    return torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 3 - 1.5
+
+
+def _assert_reader_matches(path, qg, x: torch.Tensor) -> None:
+    program = rr.load(path)
+    want_logits, want = IntegerModel(qg).run(x)
+    logits, codes = rr.run(program, x.numpy())
+    assert codes.dtype == np.int64
+    assert np.array_equal(codes, want.q.numpy())
+    assert np.array_equal(logits, want_logits.numpy())
+
+
+@pytest.mark.parametrize("name", list(TOY_CONFIGS))
+def test_reader_reproduces_the_toy_program(name, toy_calib, tmp_path):
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS[name], toy_calib)
+    path = tmp_path / "toy.npz"
+    export_npz(qg, path)
+    _assert_reader_matches(path, qg, _toy_images())
+
+
+def test_every_node_matches_the_trace(toy_calib, tmp_path):
+    """Stronger than the logits: each op's codes equal IntegerModel's, node by node."""
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["hfq-w6a6"], toy_calib)
+    export_npz(qg, tmp_path / "toy.npz")
+    program = rr.load(tmp_path / "toy.npz")
+    x = _toy_images(4)
+    trace: dict = {}
+    IntegerModel(qg).run(x, trace=trace)
+    seen: dict = {}
+    rr.run_codes(program, rr.quantize_input(program, x.numpy()), trace=seen)
+    assert set(seen) == set(trace)
+    for k, v in trace.items():
+        assert np.array_equal(seen[k], v.q.numpy()), k
+
+
+@pytest.fixture(scope="module")
+def mvit_qgraph(mvit_graph, calib_images):
+    return quantize_graph(mvit_graph, QuantConfig(scales="pot"), calib_images)
+
+
+def test_reader_reproduces_mobilevit(mvit_qgraph, calib_images, tmp_path):
+    path = tmp_path / "mvit.npz"
+    manifest = export_npz(mvit_qgraph, path)
+    kinds = {op["kind"] for op in manifest["ops"]}
+    assert {"conv2d", "linear", "matmul", "add", "cat", "lut", "softmax", "layer_norm", "global_avg_pool",
+            "layout"} <= kinds
+    _assert_reader_matches(path, mvit_qgraph, calib_images[:3])
+
+
+def test_manifest_layout(toy_calib, tmp_path):
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["hfq-two-term"], toy_calib)
+    path = tmp_path / "toy.npz"
+    manifest = export_npz(qg, path, {"name": "toy", "num_classes": 3})
+    with np.load(path, allow_pickle=False) as data:
+        files = set(data.files)
+        stored = json.loads(str(data[MANIFEST_KEY]))
+    assert stored == json.loads(json.dumps(manifest))
+    assert stored["format"] == "hybridquant-integer-program" and stored["version"] == 1
+    assert stored["model"]["name"] == "toy" and stored["config"]["shift_terms"] == 2
+    assert [op["name"] for op in stored["ops"]] == [n.name for n in qg.graph]
+    assert {op["kind"] for op in stored["ops"]} <= set(PROGRAM_KINDS)
+    listed = {m["key"] for op in stored["ops"] for m in op["arrays"].values()}
+    assert listed | {MANIFEST_KEY} == files
+    by_name = {op["name"]: op for op in stored["ops"]}
+    inp, out = stored["ops"][0], stored["ops"][-1]
+    assert inp["kind"] == "quantize" and {"scale", "scale_exp", "zero_point", "qmin", "qmax"} <= set(inp["arrays"])
+    assert out["kind"] == "output" and {"scale", "scale_exp", "zero_point"} <= set(out["arrays"])
+    conv = by_name["stem.conv"]
+    assert conv["arrays"]["weight"]["dtype"] == "int8" and conv["arrays"]["bias"]["dtype"] == "int32"
+    assert conv["attrs"]["requant"] == {"mode": "two_term", "axis": 1}
+    assert {"requant.a", "requant.b", "requant.sign", "requant.n"} <= set(conv["arrays"])
+    assert by_name["blk.add"]["arrays"]["align_shift.1"]["shape"] == []
+    assert by_name["tok.softmax"]["arrays"]["exp_table"]["shape"] == [256]
+    assert {"gamma_q", "beta_q", "eps_q", "out_shift", "channel_shift", "sqrt_frac_bits"} <= set(
+        by_name["tok.norm"]["arrays"])
+    assert by_name["tok.fc"]["out_shape"] == [1, 36, 8]
+    # per-channel tables after a non-linearity, and the deferred non-linearity itself
+    assert by_name["blk.conv3_1x1.conv.input_scale"]["kind"] == "channel_lut"
+    assert by_name["blk.conv3_1x1.conv.input_scale"]["arrays"]["table"]["shape"] == [16, 256]
+    assert by_name["blk.conv2_kxk.silu"]["kind"] == "deferred"
+    manifest2, arrays = load_npz(path)
+    assert manifest2 == stored and MANIFEST_KEY not in arrays
+
+
+def test_program_records_are_the_executors_constants(toy_calib):
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["minmax-pot"], toy_calib)
+    im = IntegerModel(qg)
+    ops = im.program()
+    assert [op.name for op in ops] == [n.name for n in qg.graph] and [op.index for op in ops] == list(range(len(ops)))
+    conv = next(op for op in ops if op.name == "stem.conv")
+    assert np.array_equal(conv.arrays["weight"].astype(np.int64), qg.weight_int["stem.conv"].numpy())
+    assert np.array_equal(conv.arrays["bias"].astype(np.int64), qg.bias_int["stem.conv"].numpy())
+    r = im._requants["stem.conv"]
+    assert conv.arrays["requant.shift"].tolist() == [n - a for a, _, _, n in r.params]
+    lut = next(op for op in ops if op.name == "stem.silu")
+    assert np.array_equal(lut.arrays["table"].astype(np.int64), im._luts["stem.silu"].numpy())
+    ops[1].arrays["weight"][...] = 0  # program() hands out copies
+    assert im.program()[1].arrays["weight"].any()
+
+
+def test_float_multipliers_cannot_be_exported(toy_calib, tmp_path):
+    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="float"), toy_calib)
+    with pytest.raises(HybridQuantError, match="not a power of two"):
+        export_npz(qg, tmp_path / "f.npz")
+    with pytest.raises(HybridQuantError, match="not a power of two"):
+        export_c(qg, tmp_path / "f.h")
+    assert not any(tmp_path.iterdir())
+
+
+def test_program_of_a_float_multiplier_model_is_refused(toy_calib):
+    from hybridquant.graph.ir import Graph, Node
+    from tests.methods.conftest import _conv
+
+    gen = torch.Generator().manual_seed(0)
+    graph = Graph([Node("input", "input", []), _conv("conv", "input", 3, 4, 3, gen), Node("output", "output", ["conv"])],
+                  meta={"input_size": [3, 6, 6]})
+    qg = quantize_graph(graph, QuantConfig(scales="float"), toy_calib)
+    im = IntegerModel(qg, allow_float_multipliers=True)
+    with pytest.raises(HybridQuantError, match="float requantization multipliers"):
+        im.program()
+
+
+# --- C header ------------------------------------------------------------------------
+GCC = shutil.which("gcc")
+
+
+@pytest.mark.skipif(GCC is None, reason="gcc is not installed")
+@pytest.mark.parametrize("name", ["minmax-pot", "hfq-two-term"])
+def test_c_header_compiles_and_holds_the_arrays(name, toy_calib, tmp_path):
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS[name], toy_calib)
+    header = tmp_path / "toy_model.h"
+    export_c(qg, header, {"name": "toy"})
+    export_npz(qg, tmp_path / "toy.npz")
+    manifest, arrays = load_npz(tmp_path / "toy.npz")
+    text = header.read_text()
+    assert "static const int8_t hq_op0001_weight[" in text and "#define HQ_NUM_OPS" in text
+    flags = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
+    subprocess.run([GCC, *flags, "-fsyntax-only", str(header)], check=True, capture_output=True, text=True)
+    # a small program prints every array's element sum and every scalar: they must equal the npz
+    lines, want = [], []
+    for op in manifest["ops"]:
+        tag = f"op{op['index']:04d}"
+        for key, meta in op["arrays"].items():
+            arr = arrays[meta["key"]]
+            if arr.dtype.kind == "f":
+                continue
+            cname = key.replace(".", "_")
+            if arr.ndim == 0:
+                lines.append(f'printf("%lld\\n", (long long)(HQ_{tag.upper()}_{cname.upper()}));')
+            else:
+                lines.append(f"{{ long long s = 0; for (int i = 0; i < {arr.size}; i++) s += hq_{tag}_{cname}[i]; "
+                             f'printf("%lld\\n", s); }}')
+            want.append(int(arr.astype(np.int64).sum()))
+    main = tmp_path / "main.c"
+    main.write_text('#include <stdio.h>\n#include "toy_model.h"\nint main(void) {\n' + "\n".join(lines)
+                    + '\nprintf("%d %s\\n", HQ_NUM_OPS, hq_op_names[HQ_OUTPUT_OP]);\nreturn 0;\n}\n')
+    exe = tmp_path / "main"
+    subprocess.run([GCC, *flags, "-o", str(exe), str(main)], check=True, capture_output=True, text=True)
+    got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert [int(v) for v in got[:len(want)]] == want
+    assert got[len(want)] == f"{len(manifest['ops'])} output"
+
+
+@pytest.mark.skipif(GCC is None, reason="gcc is not installed")
+def test_mobilevit_c_header_compiles(mvit_qgraph, tmp_path):
+    header = tmp_path / "mvit.h"
+    export_c(mvit_qgraph, header)
+    text = header.read_text()
+    assert text.count("static const int8_t hq_op") >= 70  # every conv / linear weight
+    subprocess.run([GCC, "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-fsyntax-only", str(header)],
+                   check=True, capture_output=True, text=True)
+
+
+def test_softmax_exp_table_is_the_tail_of_the_exported_table(toy_calib):
+    """The kernel builds its table for the actual spread of the codes; the export stores the full one."""
+    from hybridquant.integer.arith import softmax_exp_table
+
+    qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["minmax-pot"], toy_calib)
+    op = next(op for op in IntegerModel(qg).program() if op.kind == "softmax")
+    full = op.arrays["exp_table"].astype(np.int64)
+    in_scale = float(qg.input_qparams(qg.graph["tok.softmax"]).scale)
+    for levels in range(1, full.size + 1):
+        assert np.array_equal(softmax_exp_table(in_scale, levels, 16).numpy(), full[full.size - levels:]), levels
+
+
+def test_load_npz_refuses_other_files(tmp_path):
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(HybridQuantError, match="not an exported integer program"):
+        load_npz(tmp_path / "plain.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(HybridQuantError, match="cannot read integer program"):
+        load_npz(tmp_path / "junk.npz")
