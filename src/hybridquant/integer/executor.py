@@ -104,6 +104,17 @@ class Requant:
         return arith.requantize_two_term(acc, a, b, sign, n, zp, qp.qmin, qp.qmax, axis=ax)
 
 
+def _code_bound(qp: QParams) -> int:
+    """Largest |code − zero point| a tensor quantized with ``qp`` can hold."""
+    zp = qp.zero_point.to(torch.int64)
+    return int(torch.maximum((qp.qmin - zp).abs(), (qp.qmax - zp).abs()).max())
+
+
+def _exact_dtype(terms: int, a_bound: int, b_bound: int) -> torch.dtype:
+    """float32 when every partial sum of ``terms`` products is an exact float32 integer, else float64."""
+    return torch.float32 if terms * a_bound * b_bound < (1 << 24) else torch.float64
+
+
 def _exact_int(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x).to(torch.int64)
 
@@ -316,11 +327,14 @@ class IntegerModel:
             if x.axis is not None:
                 raise HybridQuantError(f"cannot lower {node.name}: per-channel input codes")
             wq = self.qg.weight[node.name]
-            w = self.qg.weight_int[node.name].double()
-            xc = x.centred().double()
+            w_int = self.qg.weight_int[node.name]
+            dtype = _exact_dtype(w_int[0].numel(), _code_bound(self.qg.input_qparams(node)), wq.qmax)
+            w = w_int.to(dtype)
+            xc = x.centred().to(dtype)
             out = (F.conv2d(xc, w, None, a["stride"], a["padding"], a["dilation"], a["groups"]) if op == "conv2d"
                    else F.linear(xc, w))
             axis = 1 if op == "conv2d" else out.dim() - 1
+            out = out.double()
             if node.name in self.qg.bias_int:
                 out = out + _bc(self.qg.bias_int[node.name].double(), out, axis)
             if self._recording:
@@ -328,7 +342,9 @@ class IntegerModel:
             return IntValue(_exact_int(out), x.scale.double() * wq.scale.double(), torch.tensor(0), axis)
         if op == "matmul":
             lhs, rhs = ins
-            out = torch.matmul(lhs.centred().double(), rhs.centred().double())
+            dtype = _exact_dtype(lhs.q.shape[-1], _code_bound(self.qg.input_qparams(node, 0)),
+                                 _code_bound(self.qg.input_qparams(node, 1)))
+            out = torch.matmul(lhs.centred().to(dtype), rhs.centred().to(dtype)).double()
             if self._recording:
                 self._note(node, op, list(node.inputs), arrays=self._zp_arrays(ins))
             return IntValue(_exact_int(out), lhs.scale.double() * rhs.scale.double(), torch.tensor(0))

@@ -20,7 +20,10 @@ integer kernel aligns a coarse code to the fine grid with a left shift by
   range holds the negative ones, with the largest ``m`` (smallest
   ``Δ_fine``) whose 2^(k-1) negative codes still reach the calibration
   minimum. A SiLU/GELU output that never goes negative keeps a plain
-  uniform quantizer.
+  uniform quantizer. (PTQ4ViT compares twin ranges with a symmetric
+  quantizer; against the engine's asymmetric min-max for SiLU, which keeps
+  all 2^k codes for one range, the positive side gets a step about twice
+  as coarse.)
 
 **Hessian-guided scale search** (in :meth:`PTQ4ViT.refine`). PTQ4ViT
 measures a layer's quantization error by the change of the task loss,
