@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, plain
 from .config import QuantConfig
 from .errors import HybridQuantError
 from .graph.ir import Graph, Node
@@ -57,21 +57,8 @@ def to_dict(qgraph: QuantizedGraph, model_meta: dict[str, Any]) -> dict[str, Any
     return {
         "format": FORMAT, "version": VERSION, "config": qgraph.config.to_dict(),
         "model": model_meta, "nodes": nodes, "float_nodes": list(qgraph.float_nodes),
-        "graph_meta": dict(qgraph.graph.meta), "info": _plain(qgraph.info),
+        "graph_meta": dict(qgraph.graph.meta), "info": plain(qgraph.info),
     }
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-like copy (weights_only loading accepts only plain containers)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return str(obj)
 
 
 def from_dict(data: dict[str, Any]) -> tuple[QuantizedGraph, dict[str, Any]]:

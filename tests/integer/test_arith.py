@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from hybridquant.integer import (
+from hybridquant.integer.arith import (
     align,
     apply_channel_lut,
     apply_lut,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import plain
 from ..graph.quantized import QuantizedGraph
 from ..integer.executor import PROGRAM_KINDS, REQUANT_DOC, IntegerModel, ProgramOp
 
@@ -45,18 +46,6 @@ def array_key(index: int, key: str) -> str:
     return f"op{index:04d}.{key}"
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
 def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(manifest, arrays)``: the JSON-able manifest and every integer array under its flat key.
@@ -83,8 +72,8 @@ def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = N
     graph = qgraph.graph
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "model": _plain(model_meta or {}),
-        "config": _plain(qgraph.config.to_dict()),
+        "model": plain(model_meta or {}),
+        "config": plain(qgraph.config.to_dict()),
         "input": {"name": graph.nodes[0].name, "shape": list(graph.meta.get("input_size", []))},
         "output": {"name": graph.output.inputs[0], "op": len(ops) - 1},
         "conventions": CONVENTIONS,
