@@ -37,7 +37,7 @@ from hybridquant.data import DataOverrides
 from hybridquant.pipeline import DataSpec, prepare, run_config
 from hybridquant.report import environment, markdown_table
 
-BASELINE_METHODS = ("minmax", "percentile", "omse", "fq-vit", "smoothquant", "hyq", "hfq")
+BASELINE_METHODS = ("minmax", "percentile", "omse", "fq-vit", "smoothquant", "hyq", "ptq4vit", "repq-vit", "hfq")
 ABLATIONS: dict[str, dict[str, Any]] = {
     "hfq (full)": {},
     "no outlier scaling": {"outlier_scaling": False},
