@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--init-checkpoint", default=None, help="start from these weights (fine-tuning) instead of random")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint to write (resumes from <out>.state)")
 
@@ -298,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
     )
-    metrics = train(args.model, args.data, args.out, recipe, _overrides(args), _device(args), args.workers, args.eval_every)
+    metrics = train(args.model, args.data, args.out, recipe, _overrides(args), _device(args), args.workers,
+                    args.eval_every, args.init_checkpoint)
     return {"checkpoint": args.out, **metrics}
 
 

@@ -87,6 +87,7 @@ def train(
     device: str = "cpu",
     workers: int = 2,
     eval_every: int = 5,
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model_name`` from scratch on ``data_root/train``; write a checkpoint to ``out``.
 
@@ -104,8 +105,10 @@ def train(
         raise HybridQuantError(
             f"--batch-size {recipe.batch_size} is larger than the {len(train_set)} training images"
         )
-    loaded = load_model(model_name, num_classes=len(train_set.classes))
+    loaded = load_model(model_name, init_checkpoint, num_classes=len(train_set.classes))
     model = loaded.model
+    if init_checkpoint is not None and loaded.num_classes != len(train_set.classes):
+        raise HybridQuantError(f"{init_checkpoint} has {loaded.num_classes} classes, the data {len(train_set.classes)}")
     if overrides.mean is None or overrides.std is None:
         mean, std = channel_stats(train_set, seed=recipe.seed)
         overrides = DataOverrides(
@@ -173,7 +176,8 @@ def train(
         "num_classes": len(train_set.classes),
         "class_names": list(train_set.classes),
         "pretrained_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-        "recipe": {**asdict(recipe), "data": str(data_root), "augment": "resize, reflect-pad crop, hflip"},
+        "recipe": {**asdict(recipe), "data": str(data_root), "augment": "resize, reflect-pad crop, hflip",
+                   "init_checkpoint": str(init_checkpoint) if init_checkpoint else None},
         "metrics": {**metrics, "history": history},
         "hybridquant_version": __version__,
     }
