@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --qmodel: run the integer-only program and compare it with the simulation")
     p.add_argument("--allow-float-multipliers", action="store_true",
                    help="with --integer: accept requantization multipliers that are not powers of two")
+    p.add_argument("--onnx", default=None,
+                   help="evaluate an ONNX model from 'export --format onnx' with onnxruntime (its preprocessing "
+                        "comes from the file); with --qmodel also its top-1 agreement with the simulation")
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate; writes report.json, report.md, model.hq")
@@ -147,10 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint to write (resumes from <out>.state)")
 
-    p = sub.add_parser("export", help="write the integer program of a model.hq for hardware (npz or C header)")
-    p.add_argument("--qmodel", required=True, help="quantized model.hq with power-of-two (or two-term) multipliers")
-    p.add_argument("--format", choices=["npz", "c"], default="npz",
-                   help="npz (arrays + JSON manifest inside) or c (C99 header); default npz")
+    p = sub.add_parser("export", help="write the integer program of a model.hq for hardware (npz or C header) "
+                                      "or the model as QDQ ONNX")
+    p.add_argument("--qmodel", required=True,
+                   help="quantized model.hq (npz / c: with power-of-two or two-term multipliers)")
+    p.add_argument("--format", choices=["npz", "c", "onnx"], default="npz",
+                   help="npz (arrays + JSON manifest inside), c (C99 header) or onnx (QDQ model, opset 21, "
+                        "needs the 'export' extra); default npz")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(batch_size=1, workers=0, seed=0)  # no data loading: neutral values for main()'s checks
@@ -212,10 +218,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from ._io import write_json
     from .evaluate import evaluate
 
-    if args.qmodel:
+    if args.onnx:
+        out = _eval_onnx(args)
+    elif args.qmodel:
         out = _eval_qmodel(args)
     elif not args.model:
-        raise HybridQuantError("eval needs --model or --qmodel")
+        raise HybridQuantError("eval needs --model, --qmodel or --onnx")
     else:
         from .models import load_model
 
@@ -245,6 +253,45 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
         return {**head, **evaluate_integer(qgraph, loader, args.allow_float_multipliers)}
     result = evaluate(qgraph.run, loader, "cpu")
     return {**head, **result.summary()}
+
+
+def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .data import data_config
+    from .evaluate import evaluate
+    from .export.onnx import OnnxRunner
+
+    if args.model or args.checkpoint:
+        raise HybridQuantError("--onnx carries its own model; do not pass --model or --checkpoint")
+    if args.integer:
+        raise HybridQuantError("--integer runs the integer program of a --qmodel; it cannot be combined with --onnx")
+    runner = OnnxRunner(args.onnx, threads=torch.get_num_threads())
+    qgraph = None
+    if args.qmodel:  # fail on a bad --qmodel before evaluating anything
+        from . import qmodel
+
+        qgraph, _ = qmodel.load(args.qmodel)
+    meta = runner.meta
+    if not isinstance(meta.get("data_cfg"), dict) or meta.get("num_classes") is None:
+        raise HybridQuantError(f"{args.onnx} has no data config or class count in its metadata; "
+                               "cannot rebuild the preprocessing")
+    size = list(data_config(meta["data_cfg"], _overrides(args))["input_size"])
+    if [int(v) for v in size] != [int(v) for v in runner.input_shape[1:]]:
+        raise HybridQuantError(f"the ONNX model takes inputs of size {runner.input_shape[1:]}, "
+                               f"the preprocessing gives {size}")
+    loader = _eval_loader(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
+    c = meta.get("config") or {}
+    head = {"onnx": str(args.onnx), "method": c.get("method"), "wbits": c.get("wbits"), "abits": c.get("abits"),
+            "scales": c.get("scales")}
+    result = evaluate(runner, loader, "cpu", desc="eval onnx")
+    out = {**head, **result.summary()}
+    if qgraph is not None:
+        sim = evaluate(qgraph.run, loader, "cpu", desc="eval simulation")
+        n = max(result.images, 1)
+        out["qmodel"] = str(args.qmodel)
+        out["agreement_sim"] = float((result.predictions == sim.predictions).sum()) / n
+    return out
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -306,23 +353,28 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from . import qmodel
-    from .export import export_c, export_npz
+    from .export import export_c, export_npz, export_onnx
 
     qgraph, meta = qmodel.load(args.qmodel)
     out = Path(args.out)
     if out.is_dir():
         raise HybridQuantError(f"--out {out} is a directory; give a file name")
+    extra: dict[str, Any] = {}
     try:
         if args.format == "npz":
             manifest = export_npz(qgraph, out, meta)
             ops = len(manifest["ops"])
+        elif args.format == "onnx":
+            summary = export_onnx(qgraph, out, meta)
+            ops = summary["nodes"]
+            extra = {"opset": summary["opset"], "qdq_pairs": summary["qdq_pairs"]}
         else:
             export_c(qgraph, out, meta)
             ops = len(qgraph.graph)
     except OSError as exc:
         raise HybridQuantError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return {"qmodel": str(args.qmodel), "format": args.format, "out": str(out), "ops": ops,
-            "bytes": out.stat().st_size}
+            "bytes": out.stat().st_size, **extra}
 
 
 COMMANDS = {"analyze": cmd_analyze, "eval": cmd_eval, "export": cmd_export, "quantize": cmd_quantize,

@@ -111,9 +111,9 @@ def test_float_multipliers_are_refused(tmp_path, capsys):
 
 
 def test_bad_arguments(pot_model, tmp_path, capsys):
-    out = tmp_path / "x.onnx"
+    out = tmp_path / "x.tflite"
     with pytest.raises(SystemExit) as exc:  # argparse errors exit from the parser
-        main(["export", "--qmodel", str(pot_model), "--format", "onnx", "--out", str(out)])
-    _assert_one_line_error(exc.value.code, capsys.readouterr().err, "invalid choice: 'onnx'", out)
+        main(["export", "--qmodel", str(pot_model), "--format", "tflite", "--out", str(out)])
+    _assert_one_line_error(exc.value.code, capsys.readouterr().err, "invalid choice: 'tflite'", out)
     code, _, err = _run(capsys, "export", "--qmodel", str(pot_model), "--out", str(tmp_path))
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,493 @@
+"""Export a quantized model as a QDQ ONNX model, and run such a file with onnxruntime.
+
+:func:`export_onnx` writes the fake-quantized simulation of a
+:class:`~hybridquant.graph.quantized.QuantizedGraph` in the QDQ form that
+ONNX runtimes understand (opset :data:`OPSET`):
+
+* every activation quantizer becomes ``QuantizeLinear -> DequantizeLinear``
+  on its node's output (per tensor, or per channel with ``axis``), its codes
+  in int8/uint8 (up to 8 bits) or int16/uint16 (16 bits); a code range
+  narrower than the container (``bits < 8``, narrow symmetric per-channel
+  ranges) gets a ``Clip`` to ``[qmin, qmax]`` on the integer tensor between
+  the two (through int32 for 16-bit containers, which onnxruntime cannot
+  clip directly);
+* conv / linear weights are integer initializers (int8 up to 8 bits, int16
+  for 16) read through ``DequantizeLinear`` with their per-output-channel
+  scales; biases are int32 initializers at scale ``s_in·s_w`` (a float
+  initializer where the integer bias does not fit int32 or there is none);
+* every op is the float op of :mod:`hybridquant.graph.ops` on the
+  dequantized tensors; nodes that read a value before its quantizer
+  (``raw_input``) read the float tensor. Layout ops use constant shapes: the
+  batch dim is dynamic (``N``), every other size fixed, so there are no
+  ``Shape`` or ``Resize`` ops. A layout op's output is re-quantized with its
+  input's (per-tensor) parameters, which is exact (the canonical
+  ``DQ -> Transpose -> Q`` form) and keeps onnxruntime's QDQ propagation
+  from inserting Q nodes of its own (onnxruntime 1.32 then fails to load
+  opset-21 models with int8 activations: "output_dtype INT8 does not match
+  y_zero_point type UINT8").
+
+The result follows the simulation up to rounding: ``QuantizeLinear`` rounds
+half to even where the simulation rounds half up, and softmax / LayerNorm run
+in float where a power-of-two simulation runs integer kernels, so logits
+differ by a few output LSBs at most (see ``tests/export/test_onnx.py``).
+Quantizers with no uniform QDQ form (``log2``, ``log_sqrt2``, ``twin``) are
+refused with :class:`~hybridquant.errors.HybridQuantError`.
+
+The model's metadata (``metadata_props``, JSON strings under
+``hybridquant.*`` keys) holds the model name, class names, data config
+(input size, mean, std, interpolation, crop_pct) and quantization config, so
+:class:`OnnxRunner` (``hybridquant eval --onnx``) rebuilds the preprocessing.
+
+``onnx`` (export) and ``onnxruntime`` (evaluation) are optional: install the
+``export`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import atomic_path, plain
+from ..errors import HybridQuantError
+from ..graph.ir import LAYOUT_OPS, Node
+from ..graph.quantized import QuantizedGraph
+from ..qparams import QParams
+
+#: ONNX opset of the exported models (QuantizeLinear-21 has int16 codes; GroupNormalization-21
+#: per-channel affine; Gelu-20); onnxruntime >= 1.18 runs it
+OPSET = 21
+#: the IR version that goes with OPSET (what onnxruntime >= 1.18 reads)
+IR_VERSION = 10
+FORMAT = "hybridquant-onnx-qdq"
+VERSION = 1
+#: metadata_props key prefix; every value is a JSON string
+META_PREFIX = "hybridquant."
+OUTPUT_NAME = "logits"
+BATCH_DIM = "N"
+EXPORT_EXTRA = "onnx export needs the 'export' extra: pip install 'hybridquant[export]'"
+RUNTIME_EXTRA = "onnx evaluation needs the 'export' extra: pip install 'hybridquant[export]'"
+
+#: integer containers: (numpy dtype, ONNX element type name, min, max)
+_CONTAINERS = (
+    (np.int8, "INT8", -(1 << 7), (1 << 7) - 1),
+    (np.uint8, "UINT8", 0, (1 << 8) - 1),
+    (np.int16, "INT16", -(1 << 15), (1 << 15) - 1),
+    (np.uint16, "UINT16", 0, (1 << 16) - 1),
+)
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError as exc:
+        raise HybridQuantError(EXPORT_EXTRA) from exc
+    return onnx
+
+
+def _container(qmin: int, qmax: int, what: str):
+    for np_dtype, onnx_name, lo, hi in _CONTAINERS:
+        if (qmin < 0) == (lo < 0) and lo <= qmin and qmax <= hi:
+            return np_dtype, onnx_name, lo, hi
+    raise HybridQuantError(f"{what}: integer range [{qmin}, {qmax}] fits no int8/uint8/int16/uint16 container")
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers under unique, readable names."""
+
+    def __init__(self, onnx_module) -> None:
+        self.onnx = onnx_module
+        self.helper = onnx_module.helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.taken: set[str] = set()
+        self.qdq_pairs = 0
+        self.layout_qdq = 0
+        self.weight_dq = 0
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.unique(base)
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C", copy=True), name))
+        return name
+
+    def add(self, op_type: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        """Append one node; ``out`` is the base of its output's name. Returns the output's name."""
+        name = self.unique(out)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    # -- quantizers ----------------------------------------------------------------------
+    def qdq(self, src: str, qp: QParams, owner: str, clip: bool = True) -> str:
+        """``QuantizeLinear -> [Clip] -> DequantizeLinear`` of ``src`` with ``qp``; returns the float output.
+
+        ``clip=False`` leaves out the Clip of a narrow code range (for values already on the grid).
+        """
+        if qp.kind != "uniform":
+            raise HybridQuantError(f"node {owner}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
+                                   "DequantizeLinear form; export a model with uniform quantizers")
+        np_dtype, onnx_name, lo, hi = _container(qp.qmin, qp.qmax, f"node {owner}")
+        scale = qp.scale.detach().cpu().float().numpy()
+        zp = np.broadcast_to(qp.zero_point.detach().cpu().numpy().astype(np.int64), scale.shape).astype(np_dtype)
+        attrs: dict[str, Any] = {}
+        if scale.ndim > 0:
+            if qp.axis is None or scale.ndim != 1:
+                raise HybridQuantError(f"node {owner}: per-channel activation scales need one axis")
+            attrs["axis"] = int(qp.axis)
+        s = self.const(f"{owner}.act_scale", scale)
+        z = self.const(f"{owner}.act_zero_point", zp)
+        q = self.add("QuantizeLinear", [src, s, z], f"{owner}.quantized", **attrs)
+        if clip and (qp.qmin, qp.qmax) != (lo, hi):  # a code range narrower than the container
+            if np_dtype in (np.int8, np.uint8):
+                q = self.add("Clip", [q, self.const(f"{owner}.qmin", np.array(qp.qmin, np_dtype)),
+                                      self.const(f"{owner}.qmax", np.array(qp.qmax, np_dtype))], f"{owner}.clipped")
+            else:  # onnxruntime has no 16-bit Clip: clip exactly in int32
+                wide = self.add("Cast", [q], f"{owner}.quantized_int32", to=self.onnx.TensorProto.INT32)
+                wide = self.add("Clip", [wide, self.const(f"{owner}.qmin", np.array(qp.qmin, np.int32)),
+                                         self.const(f"{owner}.qmax", np.array(qp.qmax, np.int32))],
+                                f"{owner}.clipped_int32")
+                q = self.add("Cast", [wide], f"{owner}.clipped", to=getattr(self.onnx.TensorProto, onnx_name))
+        self.qdq_pairs += 1
+        if not clip:
+            self.layout_qdq += 1
+        return self.add("DequantizeLinear", [q, s, z], f"{owner}.dequantized", **attrs)
+
+    def dq_const(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                 axis: int | None) -> str:
+        """An integer initializer read through DequantizeLinear (per tensor or along ``axis``)."""
+        attrs = {"axis": axis} if scale.ndim > 0 and axis is not None else {}
+        inputs = [self.const(f"{base}_quantized", q), self.const(f"{base}_scale", scale.astype(np.float32)),
+                  self.const(f"{base}_zero_point", zero_point.astype(q.dtype))]
+        self.weight_dq += 1
+        return self.add("DequantizeLinear", inputs, base, **attrs)
+
+
+def _shapes(qgraph: QuantizedGraph) -> tuple[dict[str, list[int]], dict[str, int | None]]:
+    """Every node's output shape for a batch of one, and which dim of it grows with the batch."""
+    size = [int(v) for v in qgraph.graph.meta.get("input_size", [])]
+    if len(size) != 3:
+        raise HybridQuantError("the quantized model has no input_size (C, H, W) in its graph metadata")
+    with torch.no_grad():
+        one = qgraph.sim.run(torch.zeros(1, *size), keep=True)
+        two = qgraph.sim.run(torch.zeros(2, *size), keep=True)
+    shapes, batch_dim = {}, {}
+    for name, v in one.items():
+        s1, s2 = list(v.shape), list(two[name].shape)
+        grows = [i for i, (a, b) in enumerate(zip(s1, s2, strict=True)) if a != b]
+        if len(grows) > 1:
+            raise HybridQuantError(f"node {name}: more than one dim depends on the batch size")
+        shapes[name] = s1
+        batch_dim[name] = grows[0] if grows else None
+    return shapes, batch_dim
+
+
+def _np(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype)
+
+
+class _Exporter:
+    def __init__(self, qgraph: QuantizedGraph, onnx_module) -> None:
+        self.qg = qgraph
+        self.check_quantizers()
+        self.b = _Builder(onnx_module)
+        self.shapes, self.batch_dim = _shapes(qgraph)
+        self.value: dict[str, str] = {}  # node -> ONNX tensor of its (quantized) output
+        self.raw: dict[str, str] = {}  # node -> ONNX tensor of its output before the quantizer
+        self.value_qp: dict[str, QParams | None] = {}  # node -> quantizer of the value it carries
+
+    def check_quantizers(self) -> None:
+        """Refuse quantizers without a QDQ form (log2, log_sqrt2, twin) up front."""
+        for name, qp in list(self.qg.act.items()) + list(self.qg.weight.items()):
+            if qp.kind != "uniform":
+                raise HybridQuantError(f"node {name}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
+                                       "DequantizeLinear form; export a model with uniform quantizers")
+
+    # -- parameters ----------------------------------------------------------------------
+    def weight(self, node: Node, transpose: bool = False) -> str:
+        """The float weight tensor of a conv / linear (``transpose``: a linear's [in, out])."""
+        wq = self.qg.weight.get(node.name)
+        sim = self.qg.sim[node.name]
+        if wq is None:  # a float node
+            w = _np(sim.params["weight"])
+            return self.b.const(f"{node.name}.weight", w.T if transpose else w)
+        np_dtype, _, _, _ = _container(wq.qmin, wq.qmax, f"weights of node {node.name}")
+        if wq.bits > 8 and np_dtype in (np.int8, np.uint8):  # 16-bit weights stay int16
+            np_dtype = np.int16 if wq.qmin < 0 else np.uint16
+        q = self.qg.weight_int[node.name].detach().cpu().numpy().astype(np_dtype)
+        scale = _np(wq.scale)
+        zp = np.broadcast_to(_np(wq.zero_point, np.int64), scale.shape)
+        axis = 0
+        if transpose:
+            q, axis = q.T, 1
+        return self.b.dq_const(f"{node.name}.weight", q, scale, zp, axis)
+
+    def bias(self, node: Node) -> str | None:
+        sim = self.qg.sim[node.name]
+        if "bias" not in sim.params:
+            return None
+        b = self.qg.bias_int.get(node.name)
+        wq = self.qg.weight.get(node.name)
+        x_qp = self.qg.input_qparams(node)
+        if b is not None and wq is not None and x_qp is not None and x_qp.scale.dim() == 0 and (
+                b.numel() == 0 or (int(b.min()) >= _INT32_MIN and int(b.max()) <= _INT32_MAX)):
+            scale = (x_qp.scale.double() * wq.scale.double()).float().numpy()
+            return self.b.dq_const(f"{node.name}.bias", _np(b, np.int32), scale, np.zeros(scale.shape, np.int32), 0)
+        return self.b.const(f"{node.name}.bias", _np(sim.params["bias"]))
+
+    # -- ops -----------------------------------------------------------------------------
+    def rank(self, name: str) -> int:
+        return len(self.shapes[name])
+
+    def target_shape(self, node: Node) -> np.ndarray:
+        """The constant Reshape target of ``node``'s output: -1 on the batch dim."""
+        shape = list(self.shapes[node.name])
+        if node.op == "reshape":
+            shape = [int(v) for v in node.attrs["shape"]]
+        elif self.batch_dim[node.name] is not None:
+            shape[self.batch_dim[node.name]] = -1
+        if shape.count(-1) > 1 or 0 in shape:
+            raise HybridQuantError(f"node {node.name}: cannot write reshape target {shape}")
+        return np.array(shape, np.int64)
+
+    def emit(self, node: Node, xs: list[str]) -> str:  # noqa: C901 - one branch per op
+        b, a, name, p = self.b, node.attrs, node.name, self.qg.sim[node.name].params
+        op = node.op
+        if op == "conv2d":
+            inputs = [xs[0], self.weight(node)]
+            bias = self.bias(node)
+            if bias is not None:
+                inputs.append(bias)
+            ph, pw = (int(v) for v in a["padding"])
+            kernel = [int(v) for v in self.qg.sim[name].params["weight"].shape[2:]]
+            return b.add("Conv", inputs, name, strides=[int(v) for v in a["stride"]], pads=[ph, pw, ph, pw],
+                         dilations=[int(v) for v in a["dilation"]], group=int(a["groups"]), kernel_shape=kernel)
+        if op == "linear":
+            src = self.qg.graph[name].inputs[0]
+            bias = self.bias(node)
+            if self.rank(src) == 2:
+                inputs = [xs[0], self.weight(node)] + ([bias] if bias is not None else [])
+                return b.add("Gemm", inputs, name, transB=1)
+            y = b.add("MatMul", [xs[0], self.weight(node, transpose=True)], name if bias is None else f"{name}.matmul")
+            return y if bias is None else b.add("Add", [y, bias], name)
+        if op == "matmul":
+            return b.add("MatMul", xs, name)
+        if op == "add":
+            return b.add("Add", xs, name)
+        if op == "mul":
+            return b.add("Mul", xs, name)
+        if op == "mul_const":
+            return b.add("Mul", [xs[0], b.const(f"{name}.value", np.array(a["value"], np.float32))], name)
+        if op == "cat":
+            return b.add("Concat", xs, name, axis=int(a["dim"]))
+        if op == "silu":
+            return b.add("Mul", [xs[0], b.add("Sigmoid", xs, f"{name}.sigmoid")], name)
+        if op == "gelu":
+            return b.add("Gelu", xs, name, approximate=str(a.get("approximate", "none")))
+        if op in ("sigmoid", "relu"):
+            return b.add(op.capitalize(), xs, name)
+        if op == "hardswish":
+            return b.add("HardSwish", xs, name)
+        if op == "softmax":
+            return b.add("Softmax", xs, name, axis=int(a["dim"]))
+        if op in ("layer_norm", "group_norm", "batch_norm"):
+            return self.norm(node, xs[0], p)
+        if op == "global_avg_pool":
+            return b.add("GlobalAveragePool", xs, name)
+        if op == "scale_channels":
+            shape = [1] * self.rank(name)
+            shape[int(a["dim"])] = -1
+            return b.add("Mul", [xs[0], b.const(f"{name}.inv_alpha", _np(p["inv_alpha"]).reshape(shape))], name)
+        if op in ("reshape", "flatten"):
+            return b.add("Reshape", [xs[0], b.const(f"{name}.shape", self.target_shape(node))], name)
+        if op in ("transpose", "permute"):
+            r = self.rank(name)
+            if op == "transpose":
+                perm = list(range(r))
+                i, j = int(a["dim0"]) % r, int(a["dim1"]) % r
+                perm[i], perm[j] = perm[j], perm[i]
+            else:
+                perm = [int(d) % r for d in a["dims"]]
+            return b.add("Transpose", xs, name, perm=perm)
+        if op == "select":
+            return b.add("Gather", [xs[0], b.const(f"{name}.index", np.array(int(a["index"]), np.int64))], name,
+                         axis=int(a["dim"]))
+        raise HybridQuantError(f"node {name}: op '{op}' has no ONNX form")
+
+    def norm(self, node: Node, x: str, p: dict[str, torch.Tensor]) -> str:
+        b, a, name = self.b, node.attrs, node.name
+        if node.op == "layer_norm":
+            shape = [int(v) for v in a["shape"]]
+            w = _np(p["weight"]) if "weight" in p else np.ones(shape, np.float32)
+            inputs = [x, b.const(f"{name}.weight", w)]
+            if "bias" in p:
+                inputs.append(b.const(f"{name}.bias", _np(p["bias"])))
+            return b.add("LayerNormalization", inputs, name, axis=-len(shape), epsilon=float(a["eps"]))
+        channels = self.shapes[name][1]
+        w = _np(p["weight"]) if "weight" in p else np.ones(channels, np.float32)
+        bias = _np(p["bias"]) if "bias" in p else np.zeros(channels, np.float32)
+        inputs = [x, b.const(f"{name}.weight", w), b.const(f"{name}.bias", bias)]
+        if node.op == "group_norm":
+            return b.add("GroupNormalization", inputs, name, num_groups=int(a["groups"]), epsilon=float(a["eps"]))
+        inputs += [b.const(f"{name}.running_mean", _np(p["running_mean"])),
+                   b.const(f"{name}.running_var", _np(p["running_var"]))]
+        return b.add("BatchNormalization", inputs, name, epsilon=float(a["eps"]))
+
+    # -- the graph -----------------------------------------------------------------------
+    def build(self, model_meta: dict[str, Any] | None):
+        onnx, helper = self.b.onnx, self.b.helper
+        graph = self.qg.graph
+        first = graph.nodes[0]
+        if first.op != "input":
+            raise HybridQuantError("the quantized graph does not start with its input")
+        c, h, w = (int(v) for v in graph.meta["input_size"])
+        out_node = graph.output.inputs[0]
+        for node in graph:
+            if node.op == "output":
+                continue
+            if node.op == "input":
+                out = self.b.unique(node.name)
+            else:
+                xs = [self.raw[i] if node.attrs.get("raw_input") else self.value[i] for i in node.inputs]
+                out = self.emit(node, xs)
+            self.raw[node.name] = out
+            if node.op in LAYOUT_OPS:
+                # the codes of a layout op's output are its input's; an explicit QDQ with the same
+                # (per-tensor) parameters is exact and is the canonical QDQ form of a moved tensor.
+                # It also keeps onnxruntime (1.32) from inserting its own Q after the layout op, with
+                # an output_dtype that its int8 -> uint8 rewrite then contradicts (session init fails).
+                qp = self.value_qp[node.inputs[0]]
+                self.value_qp[node.name] = qp
+                layout_qdq = qp is not None and qp.scale.dim() == 0
+                self.value[node.name] = self.b.qdq(out, qp, node.name, clip=False) if layout_qdq else out
+                continue
+            qp = self.qg.act.get(node.name)
+            self.value_qp[node.name] = qp
+            self.value[node.name] = self.b.qdq(out, qp, node.name) if qp is not None else out
+        logits = self.b.add("Identity", [self.value[out_node]], OUTPUT_NAME)
+        out_shape: list[Any] = list(self.shapes[out_node])
+        if self.batch_dim[out_node] is not None:
+            out_shape[self.batch_dim[out_node]] = BATCH_DIM
+        g = helper.make_graph(
+            self.b.nodes, _graph_name(model_meta),
+            [helper.make_tensor_value_info(first.name, onnx.TensorProto.FLOAT, [BATCH_DIM, c, h, w])],
+            [helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, out_shape)],
+            self.b.inits,
+        )
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                                  producer_name="hybridquant", producer_version=_version(),
+                                  doc_string="QDQ export of a hybridquant model (fake-quantized simulation)")
+        helper.set_model_props(model, _metadata(self.qg, model_meta, first.name, logits))
+        return model
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return str(__version__)
+
+
+def _graph_name(model_meta: dict[str, Any] | None) -> str:
+    name = (model_meta or {}).get("name")
+    return str(name) if name else "hybridquant"
+
+
+def _metadata(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None, input_name: str,
+              output_name: str) -> dict[str, str]:
+    meta = dict(model_meta or {})
+    entries: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION,
+        "model_name": meta.get("name"), "source": meta.get("source"),
+        "num_classes": meta.get("num_classes"), "class_names": meta.get("class_names"),
+        "data_cfg": meta.get("data_cfg"),
+        "config": qgraph.config.to_dict(),
+        "input": {"name": input_name, "shape": [BATCH_DIM, *qgraph.graph.meta["input_size"]]},
+        "output": output_name,
+        "float_nodes": list(qgraph.float_nodes),
+    }
+    return {META_PREFIX + k: json.dumps(plain(v)) for k, v in entries.items() if v is not None}
+
+
+def _build(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None):
+    onnx = _require_onnx()
+    exporter = _Exporter(qgraph, onnx)
+    model = exporter.build(model_meta)
+    onnx.checker.check_model(model, full_check=True)
+    return model, exporter.b
+
+
+def build_onnx(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None):
+    """The checked QDQ ``onnx.ModelProto`` of ``qgraph`` (see the module docstring)."""
+    return _build(qgraph, model_meta)[0]
+
+
+def export_onnx(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``qgraph`` as a QDQ ONNX model at ``path`` (atomically); returns a summary.
+
+    The summary holds ``opset``, ``ir_version``, ``nodes`` (ONNX nodes),
+    ``qdq_pairs`` (QuantizeLinear -> DequantizeLinear pairs: one per
+    activation quantizer plus ``layout_qdq``, the exact re-quantization
+    after layout ops), ``weight_dq`` (integer weight / bias initializers
+    read through DequantizeLinear), ``input`` and ``output`` (tensor names).
+    Raises HybridQuantError for quantizers without a QDQ form, and when
+    ``onnx`` is not installed; nothing is written then.
+    """
+    model, built = _build(qgraph, model_meta)
+    data = model.SerializeToString()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return {"opset": OPSET, "ir_version": IR_VERSION, "nodes": len(model.graph.node),
+            "qdq_pairs": built.qdq_pairs, "layout_qdq": built.layout_qdq, "weight_dq": built.weight_dq,
+            "input": model.graph.input[0].name, "output": model.graph.output[0].name}
+
+
+# --- evaluation with onnxruntime --------------------------------------------------------
+class OnnxRunner:
+    """An exported model in an onnxruntime CPU session; call it on a float image batch for logits."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise HybridQuantError(RUNTIME_EXTRA) from exc
+        path = Path(path)
+        if not path.is_file():
+            raise HybridQuantError(f"ONNX model not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            raw_meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        except Exception as exc:
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            raise HybridQuantError(f"cannot read ONNX model {path}: {reason}") from exc
+        self.path = path
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise HybridQuantError(f"{path}: expected one image input, got {len(inputs)} inputs")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.input_shape = list(inputs[0].shape)
+        try:
+            self.meta = {k[len(META_PREFIX):]: json.loads(v) for k, v in raw_meta.items() if k.startswith(META_PREFIX)}
+        except json.JSONDecodeError as exc:
+            raise HybridQuantError(f"{path}: malformed hybridquant metadata: {exc}") from exc
+        if self.meta.get("format") != FORMAT:
+            raise HybridQuantError(f"{path} was not exported by hybridquant (no preprocessing metadata)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: x.detach().cpu().float().numpy()}
+        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
