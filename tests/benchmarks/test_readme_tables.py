@@ -1,0 +1,48 @@
+"""The README's result tables are rendered from the benchmark JSON, never typed by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(cell, method, w, a, scales, top1, fp32=0.8):
+    return {"cell": cell, "method": method, "wbits": w, "abits": a, "scales": scales, "fp32_top1": fp32,
+            "quant_top1": top1, "drop_pp": round(100 * (fp32 - top1), 4), "agreement_fp32": 0.9,
+            "param_increase_pct": 0.0, "eval_images": 100, "calib_images": 8, "quantize_seconds": 1.0,
+            "environment": {"torch": "x", "cpu_cores": 2}}
+
+
+def test_committed_readme_matches_committed_results():
+    assert _load().main(["--check"]) == 0
+
+
+def test_tables_follow_the_json(tmp_path):
+    mod = _load()
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [_row("minmax_W8A8_pot", "minmax", 8, 8, "pot", 0.5), _row("hfq_W8A8_pot", "hfq", 8, 8, "pot", 0.75)]
+    (results / "baselines_m.json").write_text(json.dumps({"rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:baselines.m -->\nold\n<!-- /table:baselines.m -->\nend\n")
+    args = ["--results", str(results), "--readme", str(readme), "--models", "m"]
+    assert mod.main(args + ["--check"]) == 1  # "old" is not what the JSON says
+    assert mod.main(args) == 0
+    text = readme.read_text()
+    assert "| hfq | – | 75.00 (-5.00) | – | – |" in text and "old" not in text
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    assert mod.main(args + ["--check"]) == 0
+    assert (results / "accuracy_m.png").stat().st_size > 0
+    rows[1]["quant_top1"] = 0.7  # a new measurement makes the README stale
+    (results / "baselines_m.json").write_text(json.dumps({"rows": rows}))
+    assert mod.main(args + ["--check"]) == 1
