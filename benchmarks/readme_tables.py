@@ -120,6 +120,8 @@ def plot(results: Path, model: str, out: Path) -> bool:
         for r in _load(results, suite, model):
             if r.get("quant_top1") is None or _setting(r) not in SETTINGS or r["scales"] != "pot":
                 continue
+            if suite == "peers" and r.get("tool") == "hfq":  # the same method as the core suite's hfq line
+                continue
             label = r.get("tool", r["method"]) + (" (tool)" if suite == "peers" else "")
             series.setdefault(label, [])
             x = SETTINGS.index(_setting(r))

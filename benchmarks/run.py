@@ -10,10 +10,19 @@ where it stopped):
   with power-of-two scales (the README's "Why hfq" table).
 * ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
   W4A8, plus the W16A16 wiring check.
+* ``peers`` — hfq next to the tools users would pick instead (torchao PT2E,
+  Brevitas, AMD Quark, Sony MCT, NNCF; ``benchmarks/peers/``), each
+  quantizing the same model on the same calibration images and evaluated as
+  its own quantized model on the same eval images, at W8A8, W6A6 and W4A8
+  with power-of-two and float scales; cells ``<tool>_<setting>_<pot|float>``.
+  A setting a tool cannot express, or a tool that fails or is missing, is a
+  cell with ``error`` and no top-1. Needs the ``peers`` extra, best in its
+  own venv: ``python -m venv .venv-peers && .venv-peers/bin/pip install -e '.[peers]'``.
 
 Usage::
 
     python benchmarks/run.py --suite baselines --model mobilevit_xxs.cifar10 --data ../shared/data/cifar10
+    .venv-peers/bin/python benchmarks/run.py --suite peers --model mobilevit_xxs.cifar10 --data ../shared/data/cifar10
 
 Writes ``benchmarks/results/<suite>/<model>/<cell>.json`` and the summary
 ``benchmarks/results/<suite>_<model>.{json,md}`` with the environment.
@@ -34,7 +43,7 @@ from tqdm import tqdm
 from hybridquant._io import write_json, write_text
 from hybridquant.config import QuantConfig
 from hybridquant.data import DataOverrides
-from hybridquant.pipeline import DataSpec, prepare, run_config
+from hybridquant.pipeline import DataSpec, Prepared, fp32_result, prepare, run_config
 from hybridquant.report import environment, markdown_table
 
 BASELINE_METHODS = ("minmax", "percentile", "omse", "fq-vit", "smoothquant", "hyq", "ptq4vit", "repq-vit", "hfq")
@@ -55,9 +64,21 @@ def _setting(name: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def cells(suite: str) -> list[tuple[str, QuantConfig]]:
-    """(cell id, config) of every run in ``suite``."""
-    out: list[tuple[str, QuantConfig]] = []
+def _peers():
+    """The peer-tool adapters (``benchmarks/peers``), imported only for the peers suite."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import peers
+
+    return peers
+
+
+def cells(suite: str) -> list[tuple[str, Any]]:
+    """(cell id, config) of every run in ``suite``; for ``peers`` the config is (tool, wbits, abits, pot)."""
+    out: list[tuple[str, Any]] = []
+    if suite == "peers":
+        return _peers().cells()
     if suite == "baselines":
         for setting in ("W8A8", "W6A6"):
             wb, ab = _setting(setting)
@@ -89,11 +110,60 @@ KEYS = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_p
         "param_increase_pct", "all_scales_pot", "eval_images", "calib_images", "quantize_seconds", "seconds")
 
 
+PEER_KEYS = ("tool", "version", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "agreement_fp32",
+             "quantize_seconds", "eval_images", "calib_images", "config", "error")
+
+
+def run_peer_cell(prep: Prepared, cid: str, spec: tuple[str, int, int, bool], batch_size: int) -> dict[str, Any]:
+    """One peers cell: the tool's own quantized model, evaluated on the prepared eval images."""
+    tool, wbits, abits, pot = spec
+    fp32 = fp32_result(prep, batch_size, progress=False)
+    result = _peers().TOOLS[tool](prep.loaded.model, prep.calib, prep.eval_images, prep.eval_labels,
+                                  wbits, abits, pot, fp32_predictions=fp32.predictions)
+    result.update({"fp32_top1": fp32.top1, "eval_images": int(prep.eval_images.shape[0]),
+                   "calib_images": int(prep.calib.shape[0])})
+    quant = result["quant_top1"]
+    result["drop_pp"] = round(100.0 * (fp32.top1 - quant), 4) if quant is not None else None
+    return {"cell": cid, **{k: result.get(k) for k in PEER_KEYS},
+            **{k: v for k, v in result.items() if k not in PEER_KEYS}, "environment": environment()}
+
+
+def _summarise_peers(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    shown = []
+    for r in rows:
+        row = {k: ("—" if v is None else v) for k, v in r.items()}
+        row["setting"] = f"W{r['wbits']}A{r['abits']}"
+        row["top1_pct"] = "—" if r["quant_top1"] is None else round(100 * r["quant_top1"], 2)
+        row["error"] = (r["error"] or "").replace("|", "/")
+        shown.append(row)
+    cols = ["cell", "tool", "version", "setting", "scales", "top1_pct", "drop_pp", "agreement_fp32", "quantize_seconds",
+            "error"]
+    configs = {}
+    for r in rows:  # one line per tool and scale kind, from its first cell that ran
+        if r["error"] is None:
+            configs.setdefault((r["tool"], r["scales"]), r["config"])
+    return [f"# peers: {model}", "",
+            f"FP32 top-1: {100 * rows[0]['fp32_top1']:.2f} % on {rows[0]['eval_images']} images; "
+            f"{rows[0]['calib_images']} calibration images (the same for every tool). Each tool's own quantized "
+            "model is evaluated; a cell with an error could not run (— for its numbers).", "",
+            markdown_table(shown, cols, ["cell", "tool", "version", "setting", "scales", "top-1 %", "drop (pp)",
+                                         "agreement", "quantize s", "error"]),
+            "", "## Configurations", "",
+            "The first setting each tool ran; the others change only the bit widths (the full string is in each "
+            "cell's JSON).", "",
+            *[f"- **{tool}**, {scales} scales: {cfg}" for (tool, scales), cfg in configs.items()]]
+
+
 def summarise(suite: str, model: str, rows: list[dict[str, Any]], out_root: Path) -> None:
     """Write the suite's summary JSON and Markdown table."""
     summary = {"suite": suite, "model": model, "environment": environment(), "rows": rows}
     stem = f"{suite}_{model.replace('/', '_')}"
     write_json(out_root / f"{stem}.json", summary)
+    if suite == "peers":
+        md = _summarise_peers(model, rows)
+        md += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in summary["environment"].items()), ""]
+        write_text(out_root / f"{stem}.md", "\n".join(md))
+        return
     for r in rows:
         r["setting"] = f"W{r['wbits']}A{r['abits']}"
         r["top1_pct"] = round(100 * r["quant_top1"], 2)
@@ -107,7 +177,7 @@ def summarise(suite: str, model: str, rows: list[dict[str, Any]], out_root: Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["baselines", "ablation", "core"], required=True)
+    p.add_argument("--suite", choices=["baselines", "ablation", "core", "peers"], required=True)
     p.add_argument("--model", default="mobilevit_xxs.cifar10")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data", default="../shared/data/cifar10")
@@ -135,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         if prep is None:
             prep = prepare(args.model, args.checkpoint, False, data, progress=False)
         t = time.perf_counter()
+        if args.suite == "peers":
+            row = run_peer_cell(prep, cid, cfg, args.batch_size)
+            row["wall_seconds"] = round(time.perf_counter() - t, 2)
+            write_json(path, row)
+            tqdm.write(f"{cid}: " + (f"top1 {100 * row['quant_top1']:.2f} (agreement {row['agreement_fp32']:.4f}, "
+                                     f"{row['quantize_seconds']} s)" if row["error"] is None else row["error"]),
+                       file=sys.stdout)
+            continue
         report, _, _ = run_config(prep, cfg, args.batch_size, progress=False)
         row = {"cell": cid, **{k: report[k] for k in KEYS}, "config": cfg.to_dict(),
                "method_info": report["method_info"], "environment": report["environment"],
