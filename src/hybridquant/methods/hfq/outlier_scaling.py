@@ -108,8 +108,14 @@ def _layer_input(values: dict[str, torch.Tensor], node: Node) -> torch.Tensor:
     return values[node.inputs[0]]
 
 
+#: calibration images the α search looks at; 128 instead of 32 gave +1.1 dB logit SQNR on the bundled model
+#: at W8A8-PoT (runs of 32/64/128/512 images, 2,000 test images); 512 gave nothing more
+ALPHA_SEARCH_IMAGES = 128
+
+
 @torch.no_grad()
-def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig, max_images: int = 32) -> dict[str, Any]:
+def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig,
+                    max_images: int = ALPHA_SEARCH_IMAGES) -> dict[str, Any]:
     """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``."""
     x = torch.cat(calib)[:max_images]
     values = graph.run(x, keep=True)

@@ -35,6 +35,10 @@ from .weight_rounding import gptq_weight
 ACT_DELTAS = (-2, -1, 0, 1)
 WEIGHT_DELTAS = (-1, 0, 1)
 TWO_TERM_DELTAS = (-2, -1, 0, 1, 2)
+#: calibration images of the sequential search; fewer over-fit the bias correction and GPTQ of small
+#: layers (the classifier sees one row per image): 256 instead of 64 gave +0.7 dB logit SQNR on the
+#: bundled model at W8A8-PoT, 512 nothing more
+SEARCH_IMAGES = 256
 
 
 def consumers(graph: Graph, name: str) -> list[tuple[list[Node], Node, int]]:
@@ -125,7 +129,7 @@ def sequential_refine(
     bias_correction: bool = True,
     weight_rounding: bool = False,
     two_term_weights: bool = False,
-    max_images: int = 64,
+    max_images: int = SEARCH_IMAGES,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place."""
     x = torch.cat(calib)[:max_images]
