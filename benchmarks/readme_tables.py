@@ -155,6 +155,16 @@ def plot(results: Path, model: str, out: Path) -> bool:
     return True
 
 
+def bundled_table(results: Path) -> str:
+    """The bundled models with their measured top-1 (``bundled_eval*.json`` from ``hybridquant eval --out``)."""
+    lines = ["| name | top-1 | top-5 | test images | measured by |", "|---|---|---|---|---|"]
+    for path in sorted(results.glob("bundled_eval*.json")):
+        r = json.loads(path.read_text())
+        lines.append(f"| `{r['model']}` | {r['top1']:.4f} | {r['top5']:.4f} | {r['images']} | "
+                     f"`hybridquant eval --model {r['model']} --data DIR` (`{path.relative_to(results.parent.parent)}`) |")
+    return "\n".join(lines) + "\n"
+
+
 def tables(results: Path, model: str) -> dict[str, str]:
     """Every table of ``model``, keyed by its README marker name."""
     return {
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 when the README tables differ from the JSON")
     args = p.parse_args(argv)
     results, readme = Path(args.results), Path(args.readme)
-    rendered: dict[str, str] = {}
+    rendered: dict[str, str] = {"bundled": bundled_table(results)}
     for model in args.models.split(","):
         rendered.update(tables(results, model))
     text = readme.read_text()
