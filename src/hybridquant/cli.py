@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", default=None,
                    help="evaluate an ONNX model from 'export --format onnx' with onnxruntime (its preprocessing "
                         "comes from the file); with --qmodel also its top-1 agreement with the simulation")
+    p.add_argument("--program", default=None,
+                   help="run an integer program from 'export --format npz' with the numpy reference reader "
+                        "(slow: use --limit); its preprocessing comes from the file")
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate; writes report.json, report.md, model.hq")
@@ -218,7 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from ._io import write_json
     from .evaluate import evaluate
 
-    if args.onnx:
+    if args.program:
+        out = _eval_program(args)
+    elif args.onnx:
         out = _eval_onnx(args)
     elif args.qmodel:
         out = _eval_qmodel(args)
@@ -253,6 +258,34 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
         return {**head, **evaluate_integer(qgraph, loader, args.allow_float_multipliers)}
     result = evaluate(qgraph.run, loader, "cpu")
     return {**head, **result.summary()}
+
+
+def _eval_program(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from .evaluate import evaluate
+    from .export import load_npz
+    from .export import reader as rr
+
+    if args.model or args.checkpoint or args.qmodel or args.onnx:
+        raise HybridQuantError("--program carries its own model; do not pass --model, --checkpoint, --qmodel or --onnx")
+    manifest, arrays = load_npz(args.program)
+    try:
+        program = rr.checked(rr.Program(manifest, arrays))
+        meta = manifest["model"]
+        data_cfg, num_classes = meta["data_cfg"], int(meta["num_classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HybridQuantError(f"malformed integer program {args.program}: {exc}") from exc
+    loader = _eval_loader(args, data_cfg, meta.get("class_names"), num_classes)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        logits, _ = rr.run(program, x.numpy().astype(np.float32))
+        return torch.from_numpy(logits)
+
+    c = manifest.get("config") or {}
+    head = {"program": str(args.program), "method": c.get("method"), "wbits": c.get("wbits"), "abits": c.get("abits")}
+    return {**head, **evaluate(run, loader, "cpu", desc="eval program").summary()}
 
 
 def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,9 +12,9 @@ import torch
 from hybridquant import qmodel
 from hybridquant.cli import main
 from hybridquant.config import QuantConfig
+from hybridquant.export import reader as rr
 from hybridquant.integer.executor import IntegerModel
 from hybridquant.quantize import quantize_graph
-from tests.export import reference_reader as rr
 from tests.methods.conftest import make_toy_graph
 
 META = {"name": "toy", "num_classes": 3, "class_names": ["a", "b", "c"],
@@ -117,3 +117,53 @@ def test_bad_arguments(pot_model, tmp_path, capsys):
     _assert_one_line_error(exc.value.code, capsys.readouterr().err, "invalid choice: 'tflite'", out)
     code, _, err = _run(capsys, "export", "--qmodel", str(pot_model), "--out", str(tmp_path))
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def program_for_data(tmp_path, data_dir):
+    """An exported toy program whose classes are the synthetic ImageFolder's."""
+    from tests.conftest import CLASSES
+
+    qg = quantize_graph(make_toy_graph(), QuantConfig(method="hfq", scales="pot", wbits=6, abits=6), _calib())
+    meta = {**META, "class_names": list(CLASSES), "num_classes": len(CLASSES)}
+    path = tmp_path / "model.hq"
+    qmodel.save(path, qg, meta)
+    out = tmp_path / "toy.npz"
+    assert main(["export", "--qmodel", str(path), "--format", "npz", "--out", str(out)]) == 0
+    return path, out
+
+
+def test_eval_program_matches_the_integer_executor(program_for_data, data_dir, tmp_path, capsys):
+    hq, npz = program_for_data
+    capsys.readouterr()
+    result = tmp_path / "program.json"
+    code, _, err = _run(capsys, "eval", "--program", str(npz), "--data", str(data_dir), "--workers", "0",
+                        "--out", str(result))
+    assert code == 0, err
+    got = json.loads(result.read_text())
+    code, stdout, err = _run(capsys, "eval", "--qmodel", str(hq), "--integer", "--data", str(data_dir), "--workers", "0")
+    assert code == 0, err
+    want = json.loads(stdout)
+    assert got["images"] == want["images"] == 12 and got["top1"] == want["top1"]
+
+
+def test_eval_program_bad_files(program_for_data, data_dir, tmp_path, capsys):
+    _, npz = program_for_data
+    out = tmp_path / "r.json"
+
+    def check(path, message):
+        code, _, err = _run(capsys, "eval", "--program", str(path), "--data", str(data_dir), "--out", str(out))
+        _assert_one_line_error(code, err, message, out)
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    check(truncated, "cannot read integer program")
+    check(tmp_path / "missing.npz", "cannot read integer program")
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, x=np.zeros(3))
+    check(foreign, "not an exported integer program")
+    manifest, arrays = rr.load(npz).manifest, dict(rr.load(npz).arrays)
+    arrays.pop(next(iter(manifest["ops"][1]["arrays"].values()))["key"])  # drop one weight array
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, __manifest__=np.array(json.dumps(manifest)), **arrays)
+    check(broken, "malformed integer program")

@@ -13,9 +13,9 @@ import torch
 from hybridquant.config import QuantConfig
 from hybridquant.errors import HybridQuantError
 from hybridquant.export import MANIFEST_KEY, export_c, export_npz, load_npz
+from hybridquant.export import reader as rr
 from hybridquant.integer.executor import PROGRAM_KINDS, IntegerModel
 from hybridquant.quantize import quantize_graph
-from tests.export import reference_reader as rr
 from tests.methods.conftest import make_toy_graph
 
 

@@ -19,6 +19,7 @@ Layout of the file (``numpy.load`` reads it, ``allow_pickle`` not needed):
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,14 @@ def load_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise HybridQuantError(f"cannot read integer program {path}: {exc}") from exc
     if MANIFEST_KEY not in arrays:
         raise HybridQuantError(f"{path} has no {MANIFEST_KEY}: not an exported integer program")
-    manifest = json.loads(str(arrays.pop(MANIFEST_KEY)))
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(str(arrays.pop(MANIFEST_KEY)))
+    except json.JSONDecodeError as exc:
+        raise HybridQuantError(f"{path}: its manifest is not JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HybridQuantError(f"{path} is not a {FORMAT} file")
     return manifest, arrays

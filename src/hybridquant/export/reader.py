@@ -1,8 +1,10 @@
-"""A reference reader of exported integer programs: numpy only (no torch, no hybridquant).
+"""A reference reader of exported integer programs: numpy only (it imports neither torch nor the rest of hybridquant).
 
 It reads the ``.npz`` written by ``hybridquant.export.export_npz`` and runs
 the program on int64 numpy arrays following the manifest alone, so it checks
-that the export carries everything a hardware implementation needs:
+that the export carries everything a hardware implementation needs (the
+tests hold it bit-exact against the torch integer executor, and
+``hybridquant eval --program model.npz`` runs it on a dataset):
 
     program = load("model.npz")
     logits, codes = run(program, images)        # images: float32 [N, C, H, W]
@@ -48,11 +50,18 @@ def load(path) -> Program:
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     manifest = json.loads(str(arrays.pop(MANIFEST_KEY)))
-    for op in manifest["ops"]:  # the manifest lists exactly the stored arrays
-        for meta in op["arrays"].values():
-            arr = arrays[meta["key"]]
-            assert arr.dtype.name == meta["dtype"] and list(arr.shape) == meta["shape"], meta
-    return Program(manifest, arrays)
+    return checked(Program(manifest, arrays))
+
+
+def checked(p: Program) -> Program:
+    """``p`` when the manifest lists exactly the stored arrays; ValueError naming the first mismatch."""
+    for op in p.manifest["ops"]:
+        for name, meta in op["arrays"].items():
+            arr = p.arrays.get(meta["key"])
+            if arr is None or arr.dtype.name != meta["dtype"] or list(arr.shape) != meta["shape"]:
+                raise ValueError(f"op {op['index']} ({op['name']}): array '{name}' is missing or not "
+                                 f"{meta['dtype']}{meta['shape']}")
+    return p
 
 
 # --- integer helpers ---------------------------------------------------------------
