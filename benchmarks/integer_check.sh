@@ -34,10 +34,10 @@ for d in sorted(p for p in work.iterdir() if p.is_dir()):
                  "onnx_top1": onnx["top1"], "onnx_agreement_sim": onnx.get("agreement_sim"),
                  "onnx_minus_sim_pp": round(100 * (onnx["top1"] - rep["quant_top1"]), 2),
                  "images": integ["images"], "integer": rep.get("integer", {})})
-out = Path("benchmarks/results") / f"integer_{model}"
-write_json(out.with_suffix(".json"), {"model": model, "environment": environment(), "rows": rows})
+out = Path("benchmarks/results") / f"integer_{model}"  # model names contain dots: no with_suffix
+write_json(out.parent / f"{out.name}.json", {"model": model, "environment": environment(), "rows": rows})
 cols = ["cell", "fp32_top1", "sim_top1", "integer_top1", "agreement_sim", "max_logit_diff_lsb", "onnx_top1",
         "onnx_minus_sim_pp", "integer_seconds", "images"]
-write_text(out.with_suffix(".md"), f"# integer program vs simulation vs ONNX: {model}\n\n" + markdown_table(rows, cols) + "\n")
+write_text(out.parent / f"{out.name}.md", f"# integer program vs simulation vs ONNX: {model}\n\n" + markdown_table(rows, cols) + "\n")
 print(markdown_table(rows, cols))
 PY
