@@ -6,7 +6,6 @@ peer tool skip unless the ``peers`` extra is installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,10 +27,7 @@ TOOL_MODULES = {"torchao": "torchao", "brevitas": "brevitas", "quark": "quark",
 
 
 def _load_runner():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run")
 
 
 @pytest.fixture(scope="module")

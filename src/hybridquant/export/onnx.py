@@ -53,7 +53,7 @@ import torch
 
 from .._io import atomic_path, plain
 from ..errors import HybridQuantError
-from ..graph.ir import LAYOUT_OPS, Node
+from ..graph.ir import LAYOUT_OPS, Node, unique_name
 from ..graph.quantized import QuantizedGraph
 from ..qparams import QParams
 
@@ -110,11 +110,7 @@ class _Builder:
         self.weight_dq = 0
 
     def unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def const(self, base: str, array: np.ndarray) -> str:
         from onnx import numpy_helper

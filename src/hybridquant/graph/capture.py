@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import HybridQuantError
-from .ir import Graph, Node
+from .ir import Graph, Node, unique_name
 from .transforms import fold_batch_norm, remove_identities
 
 # timm classes -> the block kinds reports talk about
@@ -102,11 +102,7 @@ class _Translator:
         raise HybridQuantError(f"expected a parameter, got {arg}")
 
     def _name(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def _ref(self, arg: fx.Node) -> str:
         return self.names[arg.name]

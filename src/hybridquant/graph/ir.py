@@ -60,6 +60,15 @@ class Node:
 OutputHook = Callable[[Node, torch.Tensor], torch.Tensor]
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... — the first not in ``taken`` (which it joins)."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 @dataclass
 class Graph:
     """A topologically ordered op graph with one input and one output."""
