@@ -53,7 +53,8 @@ def baselines_table(rows: list[dict[str, Any]]) -> str:
     """Methods × (setting, scales): top-1 % (drop in points)."""
     if not rows:
         return "_not measured yet: `python benchmarks/run.py --suite baselines`_\n"
-    cols = [(s, sc) for s in ("W8A8", "W6A6") for sc in ("float", "pot")]
+    measured = {_setting(r) for r in rows}
+    cols = [(s, sc) for s in SETTINGS if s in measured for sc in ("float", "pot")]
     by = {(r["method"], _setting(r), r["scales"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = "| method | " + " | ".join(f"{s} {'PoT' if sc == 'pot' else 'float'}" for s, sc in cols) + " |"
@@ -155,6 +156,23 @@ def plot(results: Path, model: str, out: Path) -> bool:
     return True
 
 
+def integer_table(results: Path, model: str) -> str:
+    """Integer program and ONNX against the simulation (``benchmarks/integer_check.sh``)."""
+    path = results / f"integer_{model}.json"
+    if not path.exists():
+        return "_not measured yet: `bash benchmarks/integer_check.sh`_\n"
+    rows = json.loads(path.read_text())["rows"]
+    lines = ["| quantized model | simulation top-1 % | integer top-1 % | integer = simulation (top-1) | "
+             "max logit diff (LSB) | integer s | ONNX top-1 % | ONNX − simulation (pp) |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {100 * r['sim_top1']:.2f} | {100 * r['integer_top1']:.2f} | "
+                     f"{r['agreement_sim']:.4f} | {r['max_logit_diff_lsb']:g} | {r['integer_seconds']:.0f} | "
+                     f"{100 * r['onnx_top1']:.2f} | {r['onnx_minus_sim_pp']:+.2f} |")
+    env = json.loads(path.read_text())["environment"]
+    return "\n".join(lines) + (f"\n\n{rows[0]['images']} test images each. Environment: "
+                               + _env_line([{"environment": env}]) + ".\n")
+
+
 def bundled_table(results: Path) -> str:
     """The bundled models with their measured top-1 (``bundled_eval*.json`` from ``hybridquant eval --out``)."""
     lines = ["| name | top-1 | top-5 | test images | measured by |", "|---|---|---|---|---|"]
@@ -172,6 +190,7 @@ def tables(results: Path, model: str) -> dict[str, str]:
         f"ablation.{model}": ablation_table(_load(results, "ablation", model)),
         f"core.{model}": core_table(_load(results, "core", model)),
         f"peers.{model}": peers_table(_load(results, "peers", model)),
+        f"integer.{model}": integer_table(results, model),
     }
 
 
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--readme", default=str(ROOT / "README.md"))
-    p.add_argument("--models", default="mobilevit_xxs.cifar10", help="comma-separated model names")
+    p.add_argument("--models", default="mobilevit_xxs.cifar10,mobilevit_xxs.reference_6ep",
+                   help="comma-separated result names (benchmarks/run.py's --label)")
     p.add_argument("--check", action="store_true", help="exit 1 when the README tables differ from the JSON")
     args = p.parse_args(argv)
     results, readme = Path(args.results), Path(args.readme)

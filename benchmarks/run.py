@@ -4,8 +4,8 @@ Suites (each cell is one quantization of the same model, data and
 calibration images; each writes its own JSON, so an interrupted run resumes
 where it stopped):
 
-* ``baselines`` — every method at W8A8 and W6A6 with float and power-of-two
-  scales (the README's method table).
+* ``baselines`` — every method at W8A8, W6A6 and W4A8 with float and
+  power-of-two scales (the README's method table).
 * ``ablation`` — hfq with each part switched off, at W8A8, W6A6 and W4A8
   with power-of-two scales (the README's "Why hfq" table).
 * ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
@@ -54,6 +54,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "PoT round (no objective search)": {"pot_rounding": "round"},
     "PoT ceil (no objective search)": {"pot_rounding": "ceil"},
     "no weight rounding": {"weight_rounding": False},
+    "no input-error compensation": {"input_compensation": False},
     "no bias correction": {"bias_correction": False},
     "2 shift terms": {"shift_terms": 2},
 }
@@ -80,7 +81,7 @@ def cells(suite: str) -> list[tuple[str, Any]]:
     if suite == "peers":
         return _peers().cells()
     if suite == "baselines":
-        for setting in ("W8A8", "W6A6"):
+        for setting in ("W8A8", "W6A6", "W4A8"):
             wb, ab = _setting(setting)
             for scales in ("float", "pot"):
                 for method in BASELINE_METHODS:
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=["baselines", "ablation", "core", "peers"], required=True)
     p.add_argument("--model", default="mobilevit_xxs.cifar10")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help="weights for --model (a timm name); results are filed "
+                   "under <model>.<checkpoint file stem> unless --label says otherwise")
+    p.add_argument("--label", default=None, help="name of the results (default: the model, or model.checkpoint)")
     p.add_argument("--data", default="../shared/data/cifar10")
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset (default: all)")
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     out_root = Path(args.out)
-    cell_dir = out_root / args.suite / args.model.replace("/", "_")
+    label = args.label or (f"{args.model}.{Path(args.checkpoint).stem}" if args.checkpoint else args.model)
+    cell_dir = out_root / args.suite / label.replace("/", "_")
     todo = [(cid, cfg) for cid, cfg in cells(args.suite)
             if not args.only or any(s in cid for s in args.only.split(","))]
     torch.manual_seed(args.seed)
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads((cell_dir / f"{cid}.json").read_text()) for cid, _ in cells(args.suite)
             if (cell_dir / f"{cid}.json").exists()]
     if rows:
-        summarise(args.suite, args.model, rows, out_root)
+        summarise(args.suite, label, rows, out_root)
     return 0
 
 

@@ -84,6 +84,8 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-outlier-scaling", action="store_true", help="hfq: skip outlier scaling (ablation)")
     g.add_argument("--alpha", choices=["pot", "float"], default="pot", help="hfq: outlier-scaling factors 2^k or float")
     g.add_argument("--no-weight-rounding", action="store_true", help="hfq: round weights to nearest (ablation)")
+    g.add_argument("--no-input-compensation", action="store_true",
+                   help="hfq: weight rounding ignores the error arriving at each layer's input (ablation)")
     g.add_argument("--no-bias-correction", action="store_true", help="hfq: skip bias correction (ablation)")
 
 
@@ -98,6 +100,7 @@ def _quant_config(args: argparse.Namespace):
         percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
         shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
         weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
+        input_compensation=not args.no_input_compensation,
     )
 
 

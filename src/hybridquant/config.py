@@ -49,6 +49,8 @@ class QuantConfig:
         outlier_scaling / alpha_pot: hfq's outlier scaling on/off and α restricted to 2^k.
         weight_rounding / bias_correction: hfq's GPTQ-style weight rounding and
             empirical bias correction on/off.
+        input_compensation: hfq's weight rounding also absorbs the error arriving
+            at each layer's input (target: the float model's output).
         sqnr_images: calibration images used for the per-layer SQNR table.
     """
 
@@ -69,6 +71,7 @@ class QuantConfig:
     outlier_scaling: bool = True
     alpha_pot: bool = True
     weight_rounding: bool = True
+    input_compensation: bool = True
     bias_correction: bool = True
     sqnr_images: int = 32
 

@@ -46,7 +46,11 @@ def evaluate(
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
-    """Run ``model`` over ``loader`` and count top-1 / top-5 hits."""
+    """Run ``model`` over ``loader`` and count top-1 / top-5 hits.
+
+    Top-1 is ``argmax`` (the first of tied logits), the rule every evaluator in
+    hybridquant uses — ties are common in quantized logits, and ``topk`` does
+    not promise an order among them."""
     if isinstance(model, nn.Module):
         model.eval()
     hit1 = hit5 = n = 0
@@ -55,11 +59,12 @@ def evaluate(
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2):
         logits = model(x.to(device)).float().cpu()
         k = min(5, logits.shape[1])
+        pred = logits.argmax(1)
         top = logits.topk(k, dim=1).indices
-        hit1 += (top[:, 0] == y).sum().item()
-        hit5 += (top == y[:, None]).any(dim=1).sum().item()
+        hit1 += (pred == y).sum().item()
+        hit5 += ((top == y[:, None]).any(dim=1) | (pred == y)).sum().item()
         n += len(y)
-        preds.append(top[:, 0])
+        preds.append(pred)
     seconds = time.perf_counter() - start
     predictions = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, seconds, predictions)

@@ -41,3 +41,17 @@ def test_tables_follow_the_json(tmp_path):
     rows[1]["quant_top1"] = 0.7  # a new measurement makes the README stale
     (results / "baselines_m.json").write_text(json.dumps({"rows": rows}))
     assert mod.main(args + ["--check"]) == 1
+
+
+def test_integer_table_follows_the_json(tmp_path):
+    mod = _load()
+    results = tmp_path / "results"
+    results.mkdir()
+    assert "not measured yet" in mod.integer_table(results, "m")
+    row = {"cell": "hfq_W8A8_pot", "sim_top1": 0.85, "integer_top1": 0.8501, "agreement_sim": 1.0,
+           "max_logit_diff_lsb": 0.0, "integer_seconds": 200.4, "onnx_top1": 0.849, "onnx_minus_sim_pp": -0.1,
+           "images": 100}
+    (results / "integer_m.json").write_text(json.dumps({"rows": [row], "environment": {"torch": "x"}}))
+    text = mod.integer_table(results, "m")
+    assert "| hfq_W8A8_pot | 85.00 | 85.01 | 1.0000 | 0 | 200 | 84.90 | -0.10 |" in text
+    assert "100 test images" in text and "torch x" in text

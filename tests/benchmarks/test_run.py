@@ -31,7 +31,7 @@ def test_core_suite_runs_and_resumes(tmp_path, q_ckpt_path, data_dir):
 def test_suites_cover_the_documented_matrix():
     runner = _load_runner()
     baselines = dict(runner.cells("baselines"))
-    assert len(baselines) == len(runner.BASELINE_METHODS) * 2 * 2
+    assert len(baselines) == len(runner.BASELINE_METHODS) * 3 * 2  # W8A8, W6A6, W4A8 x float, PoT
     assert {c.method for c in baselines.values()} == set(runner.BASELINE_METHODS)
     ablation = runner.cells("ablation")
     assert len(ablation) == len(runner.ABLATIONS) * 3

@@ -7,7 +7,7 @@ import torch
 
 from hybridquant import qmodel
 from hybridquant.config import QuantConfig
-from hybridquant.graph.ir import Node
+from hybridquant.graph.ir import Graph, Node
 from hybridquant.methods import ptq4vit
 from hybridquant.methods.ptq4vit import (
     LayerData,
@@ -15,6 +15,7 @@ from hybridquant.methods.ptq4vit import (
     collect_layers,
     search_act,
     search_weight,
+    twin_act_nodes,
     twin_signed_qparams,
     twin_softmax_qparams,
 )
@@ -24,6 +25,54 @@ from hybridquant.qparams import QParams, range_to_qparams, with_scale
 from hybridquant.quantize import quantize_graph
 
 META = {"name": "toy", "num_classes": 3, "class_names": ["a", "b", "c"], "data_cfg": {}}
+TOY_CONV_SILUS = ("stem.silu", "blk.conv1_1x1.silu", "blk.conv2_kxk.silu")
+
+
+def make_mlp_graph(seed: int = 0, c: int = 8) -> Graph:
+    """input → conv → silu → 1x1 conv → silu → tokens → LayerNorm → fc1 → silu → fc2 (+ residual) →
+    LayerNorm → select → head; a second MLP-like silu reaches its linear through a transpose.
+
+    ``stem.silu`` is read by a conv, ``conv.silu`` (through layout ops) by a LayerNorm and an add,
+    ``mlp.silu`` only by ``mlp.fc2``, ``aux.silu`` only by ``aux.fc`` via a layout op pair.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def conv(name: str, src: str, cin: int, cout: int, k: int) -> Node:
+        attrs = {"stride": [1, 1], "padding": [k // 2, k // 2], "dilation": [1, 1], "groups": 1}
+        params = {"weight": torch.randn(cout, cin, k, k, generator=gen) * 0.3,
+                  "bias": torch.randn(cout, generator=gen) * 0.1}
+        return Node(name, "conv2d", [src], attrs, params)
+
+    def linear(name: str, src: str, cin: int, cout: int, scale: float = 0.3) -> Node:
+        params = {"weight": torch.randn(cout, cin, generator=gen) * scale,
+                  "bias": torch.randn(cout, generator=gen) * 0.1}
+        return Node(name, "linear", [src], {}, params)
+
+    nodes = [
+        Node("input", "input", []),
+        conv("stem.conv", "input", 3, c, 3),
+        Node("stem.silu", "silu", ["stem.conv"]),
+        conv("conv.pw", "stem.silu", c, c, 1),
+        Node("conv.silu", "silu", ["conv.pw"]),
+        Node("tok.flatten", "flatten", ["conv.silu"], {"start": 2, "end": -1}),
+        Node("tok.transpose", "transpose", ["tok.flatten"], {"dim0": 1, "dim1": 2}),
+        Node("tok.norm", "layer_norm", ["tok.transpose"], {"shape": [c], "eps": 1e-5},
+             {"weight": torch.ones(c), "bias": torch.randn(c, generator=gen) * 0.1}),
+        linear("mlp.fc1", "tok.norm", c, 2 * c, 0.6),
+        Node("mlp.silu", "silu", ["mlp.fc1"]),
+        linear("mlp.fc2", "mlp.silu", 2 * c, c),
+        Node("mlp.add", "add", ["mlp.fc2", "tok.transpose"]),
+        linear("aux.fc0", "mlp.add", c, c, 0.6),
+        Node("aux.silu", "silu", ["aux.fc0"]),
+        Node("aux.t1", "transpose", ["aux.silu"], {"dim0": 1, "dim1": 2}),
+        Node("aux.t2", "transpose", ["aux.t1"], {"dim0": 1, "dim1": 2}),
+        linear("aux.fc", "aux.t2", c, c),
+        Node("tok.norm2", "layer_norm", ["aux.fc"], {"shape": [c], "eps": 1e-5}, {}),
+        Node("tok.select", "select", ["tok.norm2"], {"dim": 1, "index": 0}),
+        linear("head.fc", "tok.select", c, 3),
+        Node("output", "output", ["head.fc"]),
+    ]
+    return Graph(nodes, meta={"input_size": [3, 6, 6]})
 
 
 def softmax_like(seed: int = 0) -> torch.Tensor:
@@ -142,8 +191,10 @@ def test_collected_gradients_match_autograd(toy_graph, toy_calib):
 def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
     q = quantize_graph(toy_graph, QuantConfig(method="ptq4vit", scales=scales), toy_calib)
     assert q.act["tok.softmax"].kind == "twin" and q.act["tok.softmax"].qmin == 0
-    for name in ("stem.silu", "blk.conv1_1x1.silu", "blk.conv2_kxk.silu"):
-        assert q.act[name].kind == "twin" and q.act[name].qmin < 0
+    # conv-trunk SiLUs (read by convs / adds) keep the engine's uniform quantizer
+    assert twin_act_nodes(toy_graph) == set() and q.info["transform"]["twin_act_candidates"] == 0
+    for name in TOY_CONV_SILUS:
+        assert q.act[name].kind == "uniform", name
     info = q.info["refine"]
     assert info["layers"] == 8 and info["images"] == 32
     for name, d in info["per_layer"].items():
@@ -156,13 +207,41 @@ def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
     assert torch.isfinite(out).all()
 
 
-def test_model_file_round_trip(tmp_path, toy_graph, toy_calib):
-    q = quantize_graph(toy_graph, QuantConfig(method="ptq4vit", scales="pot"), toy_calib)
+def test_only_mlp_silus_are_twin_eligible(toy_graph):
+    assert twin_act_nodes(make_mlp_graph()) == {"mlp.silu", "aux.silu"}  # layout ops are transparent
+    assert twin_act_nodes(toy_graph) == set()
+
+
+@pytest.mark.parametrize("scales", ["float", "pot"])
+def test_mlp_silu_gets_twin_conv_silu_does_not(toy_calib, scales):
+    graph = make_mlp_graph()
+    keep = graph.run(torch.cat(toy_calib), keep=True)
+    for name in ("stem.silu", "conv.silu", "mlp.silu"):
+        assert float(keep[name].min()) < 0, name  # all go negative: the consumers decide
+    q = quantize_graph(graph, QuantConfig(method="ptq4vit", scales=scales), toy_calib)
+    assert q.act["mlp.silu"].kind == "twin" and q.act["mlp.silu"].qmin < 0
+    for name in ("stem.silu", "conv.silu"):
+        assert q.act[name].kind == "uniform", name
+    info = q.info["refine"]
+    assert info["layers"] == len(graph.by_op("conv2d", "linear", "matmul"))
+    for name, d in info["per_layer"].items():
+        assert d["after"] <= d["before"] * (1 + 1e-6) + 1e-12, name
+    assert torch.isfinite(q.run(torch.cat(toy_calib))).all()
+
+
+def test_model_file_round_trip(tmp_path, toy_calib):
+    q = quantize_graph(make_mlp_graph(), QuantConfig(method="ptq4vit", scales="pot"), toy_calib)
     path = tmp_path / "model.hq"
     qmodel.save(path, q, META)
     loaded, _ = qmodel.load(path)
-    assert loaded.act["tok.softmax"].twin_shift == q.act["tok.softmax"].twin_shift
-    assert "blk.conv2_kxk.conv" in loaded.bias_int  # bias at the twin input's fine step
+    twin = q.act["mlp.silu"]
+    assert twin.kind == "twin"
+    assert loaded.act["mlp.silu"].kind == "twin" and loaded.act["mlp.silu"].twin_shift == twin.twin_shift
+    # fc2 reads the twin input: its integer bias sits at the twin's fine step times the weight step
+    assert "mlp.fc2" in loaded.bias_int
+    step = twin.scale.double() * q.weight["mlp.fc2"].scale.double()
+    ref = torch.floor(q.graph["mlp.fc2"].params["bias"].double() / step + 0.5).to(torch.int64)
+    assert torch.equal(loaded.bias_int["mlp.fc2"], ref)
     x = torch.cat(toy_calib)
     assert torch.equal(loaded(x), q(x))
 
@@ -175,6 +254,11 @@ def test_runs_on_mobilevit(mvit_graph, calib_images, monkeypatch):
     kinds = {qp.kind for qp in q.act.values()}
     assert "twin" in kinds
     assert sum(qp.kind == "twin" and qp.qmin == 0 for qp in q.act.values()) == len(mvit_graph.by_op("softmax"))
+    # only the transformer MLPs' hidden SiLUs (fc1 -> silu -> fc2) may be twin; the conv trunk's are not
+    mlp = twin_act_nodes(mvit_graph)
+    assert mlp and all(".mlp." in n for n in mlp) and len(mlp) < len(mvit_graph.by_op("silu"))
+    signed = {n for n, qp in q.act.items() if qp.kind == "twin" and qp.qmin < 0}
+    assert signed and signed <= mlp
     info = q.info["refine"]
     assert info["layers"] == len(mvit_graph.by_op("conv2d", "linear", "matmul"))
     assert torch.isfinite(q.run(calib_images[:2])).all()

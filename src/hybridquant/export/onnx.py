@@ -26,10 +26,14 @@ ONNX runtimes understand (opset :data:`OPSET`):
   opset-21 models with int8 activations: "output_dtype INT8 does not match
   y_zero_point type UINT8").
 
-The result follows the simulation up to rounding: ``QuantizeLinear`` rounds
-half to even where the simulation rounds half up, and softmax / LayerNorm run
-in float where a power-of-two simulation runs integer kernels, so logits
-differ by a few output LSBs at most (see ``tests/export/test_onnx.py``).
+``QuantizeLinear`` rounds half to even where hybridquant rounds half up;
+with power-of-two scales ties are frequent (a requantization drops whole
+bits), so each per-tensor activation quantizer is preceded by
+``Mul(1/s) -> Add(0.5) -> Floor -> Mul(s)``, which puts the value on the
+grid with the simulation's rounding and leaves ``QuantizeLinear`` no tie
+(counted as ``half_up_rounding``). Softmax / LayerNorm run in float where a
+power-of-two simulation runs integer kernels, so logits still differ by a
+few output LSBs at most (see ``tests/export/test_onnx.py``).
 Quantizers with no uniform QDQ form (``log2``, ``log_sqrt2``, ``twin``) are
 refused with :class:`~hybridquant.errors.HybridQuantError`.
 
@@ -108,6 +112,7 @@ class _Builder:
         self.qdq_pairs = 0
         self.layout_qdq = 0
         self.weight_dq = 0
+        self.rounded = 0
 
     def unique(self, base: str) -> str:
         return unique_name(base, self.taken)
@@ -144,6 +149,8 @@ class _Builder:
             attrs["axis"] = int(qp.axis)
         s = self.const(f"{owner}.act_scale", scale)
         z = self.const(f"{owner}.act_zero_point", zp)
+        if clip and scale.ndim == 0:
+            src = self._round_half_up(src, scale, owner)
         q = self.add("QuantizeLinear", [src, s, z], f"{owner}.quantized", **attrs)
         if clip and (qp.qmin, qp.qmax) != (lo, hi):  # a code range narrower than the container
             if np_dtype in (np.int8, np.uint8):
@@ -159,6 +166,16 @@ class _Builder:
         if not clip:
             self.layout_qdq += 1
         return self.add("DequantizeLinear", [q, s, z], f"{owner}.dequantized", **attrs)
+
+    def _round_half_up(self, src: str, scale: np.ndarray, owner: str) -> str:
+        """``floor(x/s + 0.5)·s``: values already on the grid, so QuantizeLinear's half-to-even never
+        meets a tie and the codes are the simulation's (ties are frequent with power-of-two scales)."""
+        t = self.add("Mul", [src, self.const(f"{owner}.act_inv_scale", (1.0 / scale).astype(np.float32))],
+                     f"{owner}.scaled")
+        t = self.add("Add", [t, self.const(f"{owner}.half", np.array(0.5, np.float32))], f"{owner}.plus_half")
+        t = self.add("Floor", [t], f"{owner}.floor")
+        self.rounded += 1
+        return self.add("Mul", [t, self.const(f"{owner}.act_grid_scale", scale)], f"{owner}.on_grid")
 
     def dq_const(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                  axis: int | None) -> str:
@@ -435,7 +452,9 @@ def export_onnx(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, 
     ``qdq_pairs`` (QuantizeLinear -> DequantizeLinear pairs: one per
     activation quantizer plus ``layout_qdq``, the exact re-quantization
     after layout ops), ``weight_dq`` (integer weight / bias initializers
-    read through DequantizeLinear), ``input`` and ``output`` (tensor names).
+    read through DequantizeLinear), ``half_up_rounding`` (quantizers
+    preceded by the half-up rounding chain), ``input`` and ``output``
+    (tensor names).
     Raises HybridQuantError for quantizers without a QDQ form, and when
     ``onnx`` is not installed; nothing is written then.
     """
@@ -445,6 +464,7 @@ def export_onnx(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, 
         tmp.write_bytes(data)
     return {"opset": OPSET, "ir_version": IR_VERSION, "nodes": len(model.graph.node),
             "qdq_pairs": built.qdq_pairs, "layout_qdq": built.layout_qdq, "weight_dq": built.weight_dq,
+            "half_up_rounding": built.rounded,
             "input": model.graph.input[0].name, "output": model.graph.output[0].name}
 
 

@@ -115,6 +115,20 @@ class Graph:
             node = self[node.inputs[0]]
         return node
 
+    def value_users(self, name: str) -> list[tuple[list[Node], Node, int]]:
+        """(layout chain, value-changing reader, input index) for every reader of ``name``'s output,
+        layout ops being transparent (the counterpart of :meth:`producer`)."""
+        out = []
+        stack: list[tuple[str, list[Node]]] = [(name, [])]
+        while stack:
+            src, chain = stack.pop()
+            for user in self.users(src):
+                if user.op in LAYOUT_OPS:
+                    stack.append((user.name, chain + [user]))
+                else:
+                    out.extend((chain, user, i) for i, inp in enumerate(user.inputs) if inp == src)
+        return out
+
     # -- editing ----------------------------------------------------------
     def remove(self, name: str, replacement: str) -> None:
         """Delete node ``name``; its users read ``replacement`` instead."""

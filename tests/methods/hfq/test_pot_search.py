@@ -11,7 +11,6 @@ from hybridquant.methods.hfq.pot_search import (
     _choose_act,
     _choose_weight,
     _Walker,
-    consumers,
     sequential_refine,
 )
 from hybridquant.primitives import is_power_of_two, is_two_term, two_term_round
@@ -71,7 +70,7 @@ def test_sequential_refine_improves_the_model_output(toy_calib):
 
 def test_consumers_follow_layout_ops():
     graph = make_toy_graph()
-    found = {(c.name, i) for _, c, i in consumers(graph, "tok.fc")}
+    found = {(c.name, i) for _, c, i in graph.value_users("tok.fc")}
     assert found == {("tok.scores", 0), ("tok.scores", 1), ("tok.attn", 1)}
 
 

@@ -43,3 +43,45 @@ def test_dense_and_depthwise_conv():
     dw_attrs = dict(attrs, groups=6)
     dw = Node("d", "conv2d", ["x"], dw_attrs, {"weight": torch.randn(6, 1, 3, 3, generator=g)})
     _check(dw, x, lambda wt: F.conv2d(x, wt, None, 1, 1, 1, 6))
+
+
+def test_input_compensation_absorbs_upstream_error():
+    """With the float input as target, the rounded weight also undoes the (linear part of the) error its
+    quantized input carries: lower ‖W x − Ŵ x̃‖ than GPTQ on x̃ alone, on held-out samples too."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 32, generator=g)
+    mix = torch.randn(32, 32, generator=g)
+    x = torch.randn(4096, 32, generator=g) @ mix
+    upstream = torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g)  # e.g. a mis-scaled producer
+    x_q = x @ upstream + 0.05 * torch.randn(4096, 32, generator=g)
+    node = Node("fc", "linear", ["x"], {}, {"weight": w})
+    qp = restrict_pot(weight_qparams(w, 6))
+    plain = gptq_weight(node, x_q[:2048], qp)
+    compensated = gptq_weight(node, x_q[:2048], qp, x_float=x[:2048])
+    codes = compensated / qp.scale[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # same grid
+    ref = x[2048:] @ w.t()
+    err = lambda wt: float((x_q[2048:] @ wt.t() - ref).pow(2).mean())  # noqa: E731
+    assert err(compensated) < 0.5 * err(plain)
+
+
+def test_input_compensation_is_a_no_op_without_input_error():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 16, generator=g)
+    x = torch.randn(1024, 16, generator=g)
+    node = Node("fc", "linear", ["x"], {}, {"weight": w})
+    qp = restrict_pot(weight_qparams(w, 4))
+    assert torch.equal(gptq_weight(node, x, qp, x_float=x.clone()), gptq_weight(node, x, qp))
+
+
+def test_input_compensation_skips_layers_with_too_few_samples():
+    """The classifier sees one row per image: fewer rows than MIN_SAMPLES_PER_COLUMN per column keep W."""
+    from hybridquant.methods.hfq.weight_rounding import MIN_SAMPLES_PER_COLUMN
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 64, generator=g)
+    n = MIN_SAMPLES_PER_COLUMN * 64 - 1
+    x = torch.randn(n, 64, generator=g)
+    node = Node("fc", "linear", ["x"], {}, {"weight": w})
+    qp = restrict_pot(weight_qparams(w, 4))
+    assert torch.equal(gptq_weight(node, x, qp, x_float=2 * x), gptq_weight(node, x, qp))

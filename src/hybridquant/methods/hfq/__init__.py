@@ -7,11 +7,13 @@
    weight and activation exponent chosen by the error it causes downstream,
    layer by layer on quantized inputs.
 3. **Remaining post-training, multiplier-free refinements**: GPTQ-style weight
-   rounding on the chosen grid (:mod:`.weight_rounding`) and empirical bias
+   rounding on the chosen grid that also compensates the error arriving at
+   each layer's input (:mod:`.weight_rounding`), and empirical bias
    correction (an int32 bias change).
 
 Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
-``alpha_pot=False``, ``weight_rounding=False``, ``bias_correction=False`` in
+``alpha_pot=False``, ``weight_rounding=False``, ``input_compensation=False``,
+``bias_correction=False`` in
 :class:`~hybridquant.config.QuantConfig`.
 """
 
@@ -40,4 +42,5 @@ class HFQ(Method):
         search = config.pot and config.pot_rounding == "objective"
         return sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
                                  bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
+                                 input_compensation=config.input_compensation,
                                  two_term_weights=config.shift_terms == 2)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...graph import ops as graph_ops
-from ...graph.ir import LAYOUT_OPS, Graph, Node
+from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
 from ...primitives import two_term_round
 from ...qparams import QParams, with_scale
@@ -39,20 +39,6 @@ TWO_TERM_DELTAS = (-2, -1, 0, 1, 2)
 #: layers (the classifier sees one row per image): 256 instead of 64 gave +0.7 dB logit SQNR on the
 #: bundled model at W8A8-PoT, 512 nothing more
 SEARCH_IMAGES = 256
-
-
-def consumers(graph: Graph, name: str) -> list[tuple[list[Node], Node, int]]:
-    """(layout chain, value consumer, input index) for every reader of ``name``'s output."""
-    out = []
-    stack = [(name, [])]
-    while stack:
-        src, chain = stack.pop()
-        for user in graph.users(src):
-            if user.op in LAYOUT_OPS:
-                stack.append((user.name, chain + [user]))
-            else:
-                out.extend((chain, user, i) for i, inp in enumerate(user.inputs) if inp == src)
-    return out
 
 
 def _channel_axis(node: Node) -> int:
@@ -94,7 +80,7 @@ class _Walker:
     def consumer_error(self, name: str, value: torch.Tensor) -> float:
         """Summed relative error of the consumers' outputs when ``name`` carries ``value``."""
         total, used = 0.0, 0
-        for chain, user, idx in consumers(self.graph, name):
+        for chain, user, idx in self.graph.value_users(name):
             if user.attrs.get("raw_input"):
                 continue  # reads the value before this quantizer
             if user.op == "output":
@@ -128,10 +114,15 @@ def sequential_refine(
     search_acts: bool = True,
     bias_correction: bool = True,
     weight_rounding: bool = False,
+    input_compensation: bool = False,
     two_term_weights: bool = False,
     max_images: int = SEARCH_IMAGES,
 ) -> dict[str, Any]:
-    """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place."""
+    """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place.
+
+    ``weight_rounding`` runs GPTQ on each weight on its chosen grid; with ``input_compensation`` its target
+    is the float model's output from the float input, so it also absorbs the upstream error
+    (:mod:`.weight_rounding`)."""
     x = torch.cat(calib)[:max_images]
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
@@ -149,7 +140,8 @@ def sequential_refine(
                 wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights, two_term_weights)
                 qgraph.weight[node.name] = wq
                 changed_w += n_changed
-                if weight_rounding and (rounded := gptq_weight(node, ins[0], wq)) is not None:
+                x_float = walker.ref[node.inputs[0]] if input_compensation else None
+                if weight_rounding and (rounded := gptq_weight(node, ins[0], wq, x_float)) is not None:
                     node.params["weight"] = rounded  # RTN of these values gives GPTQ's codes
                     rounded_layers += 1
                 if bias_correction:
