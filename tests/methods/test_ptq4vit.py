@@ -110,6 +110,23 @@ def test_twin_beats_single_range_uniform_on_softmax():
     assert float(quant_mse(p, twin)) < 0.5 * float(quant_mse(p, uniform))
 
 
+@pytest.mark.parametrize("pot", [None, "round", "ceil"])
+@pytest.mark.parametrize("hi", [0.11, 0.0, -0.14])
+def test_twin_signed_reaches_the_minimum_of_mostly_negative_activations(pot, hi):
+    """MLP SiLUs that rarely fire (max small or below zero, min ≈ −0.278): the step must still reach the
+    minimum (a coarse step from ``hi`` alone vanished, and every negative value was lost — 0 dB)."""
+    gen = torch.Generator().manual_seed(1)
+    lo = -0.278
+    x = lo + (hi - lo) * torch.rand(5000, generator=gen)
+    qp = twin_signed_qparams(lo, hi, 8, 1.0, pot)
+    fine = float(qp.scale)
+    sqnr = float(10 * torch.log10(x.pow(2).mean() / (qp.fake(x) - x).pow(2).mean()))
+    if pot == "round":  # rounding log2 of the step may clip the last part of the range, as everywhere
+        assert 128 * fine >= 0.7 * -lo and sqnr > 25.0, sqnr
+    else:
+        assert 128 * fine >= -lo * (1 - 1e-6) and sqnr > 35.0, sqnr
+
+
 @pytest.mark.parametrize("pot", [None, "round"])
 def test_twin_signed_ranges(pot):
     gen = torch.Generator().manual_seed(0)
