@@ -95,15 +95,16 @@ def test_peers_suite_writes_cells_and_summary(tmp_path, q_ckpt_path, data_dir):
             "--calib", "6", "--workers", "0", "--batch-size", "6", "--only", "hfq_W8A8_pot,torchao_W8A8_pot",
             "--out", str(tmp_path)]
     assert runner.main(args) == 0
-    summary = json.loads((tmp_path / "peers_mobilevit_xxs.json").read_text())
+    label = f"mobilevit_xxs.{q_ckpt_path.stem}"  # results of a --checkpoint are filed under model.stem
+    summary = json.loads((tmp_path / f"peers_{label}.json").read_text())
     rows = {r["cell"]: r for r in summary["rows"]}
     assert set(rows) == {"hfq_W8A8_pot", "torchao_W8A8_pot"}
     assert rows["hfq_W8A8_pot"]["error"] is None and 0 <= rows["hfq_W8A8_pot"]["quant_top1"] <= 1
     assert rows["hfq_W8A8_pot"]["quantize_seconds"] > 0 and rows["hfq_W8A8_pot"]["agreement_fp32"] is not None
     assert rows["torchao_W8A8_pot"]["quant_top1"] is None and rows["torchao_W8A8_pot"]["error"]
-    md = (tmp_path / "peers_mobilevit_xxs.md").read_text()
+    md = (tmp_path / f"peers_{label}.md").read_text()
     assert "| error |" in md and "unsupported: PT2E observers have no power-of-two scale option" in md
-    assert (tmp_path / "peers" / "mobilevit_xxs" / "hfq_W8A8_pot.json").exists()
+    assert (tmp_path / "peers" / label / "hfq_W8A8_pot.json").exists()
 
 
 @pytest.mark.parametrize("tool", ["torchao", "brevitas", "quark", "mct", "nncf"])

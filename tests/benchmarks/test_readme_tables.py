@@ -34,7 +34,8 @@ def test_tables_follow_the_json(tmp_path):
     assert mod.main(args + ["--check"]) == 1  # "old" is not what the JSON says
     assert mod.main(args) == 0
     text = readme.read_text()
-    assert "| hfq | – | 75.00 (-5.00) | – | – |" in text and "old" not in text
+    # only the measured setting gets columns (float and PoT)
+    assert "| hfq | – | 75.00 (-5.00) |" in text and "W6A6" not in text and "old" not in text
     assert text.startswith("intro\n") and text.endswith("end\n")
     assert mod.main(args + ["--check"]) == 0
     assert (results / "accuracy_m.png").stat().st_size > 0

@@ -14,15 +14,16 @@ def _load_runner():
 def test_core_suite_runs_and_resumes(tmp_path, q_ckpt_path, data_dir):
     runner = _load_runner()
     args = ["--suite", "core", "--model", "mobilevit_xxs", "--checkpoint", str(q_ckpt_path), "--data", str(data_dir),
-            "--calib", "6", "--workers", "0", "--batch-size", "6", "--only", "minmax_W8A8,minmax_W16", "--out", str(tmp_path)]
+            "--calib", "6", "--workers", "0", "--batch-size", "6", "--only", "minmax_W8A8,minmax_W16", "--out", str(tmp_path),
+            "--label", "ref"]
     assert runner.main(args) == 0
-    summary = json.loads((tmp_path / "core_mobilevit_xxs.json").read_text())
+    summary = json.loads((tmp_path / "core_ref.json").read_text())
     cells = {r["cell"] for r in summary["rows"]}
     assert cells == {"minmax_W8A8_pot", "minmax_W16A16_float"}
     assert summary["environment"]["torch"] and summary["environment"]["cpu_cores"]
-    assert "| minmax_W8A8_pot |" in (tmp_path / "core_mobilevit_xxs.md").read_text()
+    assert "| minmax_W8A8_pot |" in (tmp_path / "core_ref.md").read_text()
     # resumable: a second run reuses the cell files
-    cell = tmp_path / "core" / "mobilevit_xxs" / "minmax_W8A8_pot.json"
+    cell = tmp_path / "core" / "ref" / "minmax_W8A8_pot.json"
     stamp = cell.stat().st_mtime_ns
     assert runner.main(args) == 0
     assert cell.stat().st_mtime_ns == stamp
