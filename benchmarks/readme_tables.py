@@ -161,16 +161,16 @@ def integer_table(results: Path, model: str) -> str:
     path = results / f"integer_{model}.json"
     if not path.exists():
         return "_not measured yet: `bash benchmarks/integer_check.sh`_\n"
-    rows = json.loads(path.read_text())["rows"]
+    summary = json.loads(path.read_text())
+    rows = summary["rows"]
     lines = ["| quantized model | simulation top-1 % | integer top-1 % | integer = simulation (top-1) | "
              "max logit diff (LSB) | integer s | ONNX top-1 % | ONNX − simulation (pp) |", "|---" * 8 + "|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {100 * r['sim_top1']:.2f} | {100 * r['integer_top1']:.2f} | "
                      f"{r['agreement_sim']:.4f} | {r['max_logit_diff_lsb']:g} | {r['integer_seconds']:.0f} | "
                      f"{100 * r['onnx_top1']:.2f} | {r['onnx_minus_sim_pp']:+.2f} |")
-    env = json.loads(path.read_text())["environment"]
     return "\n".join(lines) + (f"\n\n{rows[0]['images']} test images each. Environment: "
-                               + _env_line([{"environment": env}]) + ".\n")
+                               + _env_line([summary]) + ".\n")
 
 
 def bundled_table(results: Path) -> str:

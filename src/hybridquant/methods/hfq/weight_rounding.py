@@ -81,13 +81,13 @@ def gptq_weight(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor 
     ``x_float``); ``None`` when not applicable. ``x`` is the layer's quantized input."""
     w = node.params["weight"].double()
     cols = _patches(node, x).double()
+    if cols.shape[-1] < MIN_SAMPLES_PER_COLUMN * cols.shape[-2]:
+        x_float = None  # too few samples to fit W' without over-fitting (checked before unfolding x_float)
     colsf = _patches(node, x_float).double() if x_float is not None else None
     if cols.shape[-1] > max_samples:
         idx = torch.randperm(cols.shape[-1], generator=torch.Generator().manual_seed(0))[:max_samples]
         cols = cols[..., idx]
         colsf = colsf[..., idx] if colsf is not None else None
-    if colsf is not None and cols.shape[-1] < MIN_SAMPLES_PER_COLUMN * cols.shape[-2]:
-        colsf = None
     scale = qp.scale.double()
     if is_depthwise(node):
         if w.shape[0] != x.shape[1]:
