@@ -40,7 +40,7 @@ def _cell(row: dict[str, Any] | None) -> str:
         return "–"
     if row.get("quant_top1") is None:
         return "error"
-    return f"{100 * row['quant_top1']:.2f} ({-row['drop_pp']:+.2f})"
+    return f"{100 * row['quant_top1']:.2f} ({0.0 - row['drop_pp']:+.2f})"  # 0.0 - 0.0 prints +0.00, not -0.00
 
 
 def _env_line(rows: list[dict[str, Any]]) -> str:
@@ -49,19 +49,46 @@ def _env_line(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} {env[k]}" for k in keys if k in env)
 
 
+def _seconds(rows: list[dict[str, Any]]) -> str:
+    """The range of ``quantize_seconds`` over ``rows`` (calibration and search, evaluation excluded)."""
+    secs = sorted(r["quantize_seconds"] for r in rows if r.get("quant_top1") is not None and "quantize_seconds" in r)
+    if not secs:
+        return "–"
+    lo, hi = round(secs[0]), round(secs[-1])
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def _matrix(rows: list[dict[str, Any]], key: str, scales: tuple[str, str]) -> tuple[list[str], list[str]]:
+    """Rows of ``key`` × (setting, scales) with a quantize-seconds column; errors become numbered notes."""
+    measured = {_setting(r) for r in rows}
+    cols = [(s, sc) for s in SETTINGS if s in measured for sc in scales]
+    by = {(r[key], _setting(r), r["scales"]): r for r in rows}
+    names = list(dict.fromkeys(r[key] for r in rows))
+    head = f"| {key} | " + " | ".join(f"{s} {'PoT' if sc == 'pot' else 'float'}" for s, sc in cols) + " | quantize s |"
+    lines, notes = [head, "|---" * (len(cols) + 2) + "|"], []
+    for name in names:
+        cells = []
+        for s, sc in cols:
+            r = by.get((name, s, sc))
+            if r is not None and r.get("quant_top1") is None and r.get("error"):
+                err = str(r["error"]).replace("|", "/")[:200]
+                if err not in notes:
+                    notes.append(err)
+                cells.append(f"n/a [{notes.index(err) + 1}]")
+            else:
+                cells.append(_cell(r))
+        mine = [r for r in rows if r[key] == name]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_seconds(mine)} |")
+    return lines, [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+
+
 def baselines_table(rows: list[dict[str, Any]]) -> str:
-    """Methods × (setting, scales): top-1 % (drop in points)."""
+    """Methods × (setting, scales): top-1 % (drop in points), and the seconds each method's runs took."""
     if not rows:
         return "_not measured yet: `python benchmarks/run.py --suite baselines`_\n"
-    measured = {_setting(r) for r in rows}
-    cols = [(s, sc) for s in SETTINGS if s in measured for sc in ("float", "pot")]
-    by = {(r["method"], _setting(r), r["scales"]): r for r in rows}
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    head = "| method | " + " | ".join(f"{s} {'PoT' if sc == 'pot' else 'float'}" for s, sc in cols) + " |"
-    lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(_cell(by.get((m, s, sc))) for s, sc in cols) + " |")
-    return _footer(lines, rows, "Top-1 % (change against FP32 in points)")
+    lines, _ = _matrix(rows, "method", ("float", "pot"))
+    return _footer(lines, rows, "Top-1 % (change against FP32 in points); quantize s = calibration and search, "
+                                "the range over the method's cells")
 
 
 def ablation_table(rows: list[dict[str, Any]]) -> str:
@@ -93,18 +120,15 @@ def core_table(rows: list[dict[str, Any]]) -> str:
 
 
 def peers_table(rows: list[dict[str, Any]]) -> str:
-    """Peer tools × setting, errors spelled out."""
+    """Tools × (setting, scales), each tool's own quantized model; what a tool cannot do is spelled out."""
     if not rows:
         return "_not measured yet: `python benchmarks/run.py --suite peers` (needs the `peers` extra)_\n"
-    lines = ["| tool | setting | scales | top-1 % | drop (pp) | agreement | quantize s | note |", "|---" * 8 + "|"]
-    for r in rows:
-        ok = r.get("quant_top1") is not None
-        lines.append(
-            f"| {r.get('tool', r['cell'].split('_')[0])} | {_setting(r)} | {r['scales']} | "
-            + (f"{100 * r['quant_top1']:.2f} | {r['drop_pp']:.2f} | {r['agreement_fp32']:.4f} | "
-               f"{r.get('quantize_seconds', 0):.0f} | {r.get('note', '') or ''} |" if ok
-               else f"– | – | – | – | {str(r.get('error', '')).replace('|', '/')[:160]} |"))
-    return _footer(lines, rows, "Each tool's own quantized model, same calibration and evaluation images")
+    rows = [{**r, "tool": f"{r['tool']} {r.get('version', '')}".strip()} for r in rows]
+    lines, notes = _matrix(rows, "tool", ("pot", "float"))
+    body = "\n".join(lines) + ("\n\n" + "<br>\n".join(notes) if notes else "")
+    return _footer([body], rows, "Top-1 % (change against FP32 in points) of each tool's own quantized model, same "
+                                 "calibration and evaluation images; n/a = the tool cannot run that setting, for the "
+                                 "reason noted")
 
 
 def _footer(lines: list[str], rows: list[dict[str, Any]], what: str) -> str:
@@ -114,39 +138,64 @@ def _footer(lines: list[str], rows: list[dict[str, Any]], what: str) -> str:
         f"{first['calib_images']} calibration images. Environment: {_env_line(rows)}.\n")
 
 
-def plot(results: Path, model: str, out: Path) -> bool:
-    """Top-1 against bit width per method (PoT scales) and peer tool; False when there is nothing to plot."""
-    series: dict[str, list[tuple[int, float]]] = {}
+def _series(results: Path, model: str) -> tuple[dict[str, list], dict[str, list]]:
+    """(engine methods with PoT scales, peer tools with PoT and float scales): label -> [(setting index, top-1 %)]."""
+    methods: dict[str, list[tuple[int, float]]] = {}
+    tools: dict[str, list[tuple[int, float]]] = {}
     for suite in ("core", "baselines", "peers"):
         for r in _load(results, suite, model):
-            if r.get("quant_top1") is None or _setting(r) not in SETTINGS or r["scales"] != "pot":
+            if r.get("quant_top1") is None or _setting(r) not in SETTINGS:
                 continue
-            if suite == "peers" and r.get("tool") == "hfq":  # the same method as the core suite's hfq line
+            if suite == "peers":
+                if r.get("tool") == "hfq":  # the same method as the engine's hfq line
+                    continue
+                series, label = tools, f"{r['tool']} ({'PoT' if r['scales'] == 'pot' else 'float'})"
+            elif r["scales"] == "pot":
+                series, label = methods, r["method"]
+            else:
                 continue
-            label = r.get("tool", r["method"]) + (" (tool)" if suite == "peers" else "")
-            series.setdefault(label, [])
             x = SETTINGS.index(_setting(r))
-            if all(p[0] != x for p in series[label]):
-                series[label].append((x, 100 * r["quant_top1"]))
-    if not series:
+            pts = series.setdefault(label, [])
+            if all(p[0] != x for p in pts):
+                pts.append((x, 100 * r["quant_top1"]))
+    return methods, tools
+
+
+def plot(results: Path, model: str, out: Path) -> bool:
+    """Top-1 against bit width: the engine's methods (PoT scales) and the peer tools, hfq on both panels.
+
+    False when there is nothing to plot.
+    """
+    methods, tools = _series(results, model)
+    if not methods and not tools:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        style = "--" if label.endswith("(tool)") else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label,
-                linewidth=2.5 if label == "hfq" else 1.2)
     fp32 = next(r["fp32_top1"] for s in ("core", "baselines", "peers") for r in _load(results, s, model))
-    ax.axhline(100 * fp32, color="k", linewidth=0.8, linestyle=":", label="FP32")
-    ax.set_xticks(range(len(SETTINGS)), SETTINGS)
-    ax.set_ylabel("top-1 %")
-    ax.set_title(f"{model}: power-of-two scales")
-    ax.legend(fontsize=7, ncol=2)
+    panels = [("methods in hybridquant, power-of-two scales", methods)]
+    if tools:
+        panels.append(("peer tools (solid PoT, dotted float) vs hfq PoT",
+                       {**tools, **({"hfq": methods["hfq"]} if "hfq" in methods else {})}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    # hfq keeps orange; everything else cycles through the other colours (a tool's PoT and float share one)
+    others = [c for c in plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors if c != plt.get_cmap("tab10")(1)[:3]]
+    for ax, (title, series) in zip(axes[0], panels):
+        bases = sorted({label.split(" (")[0] for label in series} - {"hfq"})
+        for label, pts in sorted(series.items()):
+            pts = sorted(pts)
+            base = label.split(" (")[0]
+            color = "tab:orange" if label == "hfq" else others[bases.index(base) % len(others)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ":" if label.endswith("(float)") else "-", marker="o",
+                    label=label, linewidth=2.5 if label == "hfq" else 1.2, color=color)
+        ax.axhline(100 * fp32, color="k", linewidth=0.8, linestyle=":", label="FP32")
+        ax.set_xticks(range(len(SETTINGS)), SETTINGS)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("top-1 %")
+    fig.suptitle(model)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
@@ -207,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--readme", default=str(ROOT / "README.md"))
-    p.add_argument("--models", default="mobilevit_xxs.cifar10,mobilevit_xxs.reference_6ep",
+    p.add_argument("--models", default="mobilevit_xxs.cifar10,mobilevit_xxs.reference_6ep,mobilevitv2_050.cifar10",
                    help="comma-separated result names (benchmarks/run.py's --label)")
     p.add_argument("--check", action="store_true", help="exit 1 when the README tables differ from the JSON")
     args = p.parse_args(argv)

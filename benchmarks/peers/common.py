@@ -94,6 +94,37 @@ class StaticMobileVitBlock(nn.Module):
         return x
 
 
+class StaticMobileVitV2Block(nn.Module):
+    """timm ``MobileVitV2Block`` (separable linear attention) with static unfold / fold shapes.
+
+    Same reshape / permute sequence as timm's non-CoreML path, shapes fixed
+    for the block's input size (batch free), so the output is identical.
+    """
+
+    def __init__(self, block: nn.Module, hw: tuple[int, int]):
+        super().__init__()
+        self.conv_kxk, self.conv_1x1 = block.conv_kxk, block.conv_1x1
+        self.transformer, self.norm, self.conv_proj = block.transformer, block.norm, block.conv_proj
+        self.patch_h, self.patch_w = block.patch_size
+        self.dim = block.conv_1x1.out_channels
+        self.h, self.w = hw
+        self.n_h = math.ceil(self.h / self.patch_h)
+        self.n_w = math.ceil(self.w / self.patch_w)
+        self.interpolate = (self.n_h * self.patch_h, self.n_w * self.patch_w) != (self.h, self.w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw, nh, nw, c = self.patch_h, self.patch_w, self.n_h, self.n_w, self.dim
+        if self.interpolate:
+            x = F.interpolate(x, size=(nh * ph, nw * pw), mode="bilinear", align_corners=True)
+        x = self.conv_1x1(self.conv_kxk(x))
+        # unfold: [B, C, H, W] -> [B, C, P, N]
+        x = x.reshape(-1, c, nh, ph, nw, pw).permute(0, 1, 3, 5, 2, 4).reshape(-1, c, ph * pw, nh * nw)
+        x = self.norm(self.transformer(x))
+        # fold: [B, C, P, N] -> [B, C, H, W]
+        x = x.reshape(-1, c, ph, pw, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(-1, c, nh * ph, nw * pw)
+        return self.conv_proj(x)
+
+
 class ExplicitAttention(nn.Module):
     """timm ``Attention`` with a fixed token count and explicit q·kᵀ, softmax, attn·v.
 
@@ -130,7 +161,7 @@ def _plain_bn_act(m: nn.Module) -> nn.Module:
 
 
 def traceable(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
-    """A copy of a timm MobileViT that ``torch.fx.symbolic_trace`` can trace, same output.
+    """A copy of a timm MobileViT (v1 or v2) that ``torch.fx.symbolic_trace`` can trace, same output.
 
     MobileViT blocks get static shapes for ``input_size`` (C, H, W), attention
     is spelled out, timm's ``BatchNormAct2d`` becomes ``BatchNorm2d`` + act and
@@ -139,7 +170,7 @@ def traceable(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
     """
     from timm.layers import Attention
     from timm.layers.norm_act import BatchNormAct2d
-    from timm.models.mobilevit import MobileVitBlock
+    from timm.models.mobilevit import MobileVitBlock, MobileVitV2Block
 
     model = copy.deepcopy(model).eval()
     # spatial size at the input of every MobileViT block, and tokens at every attention
@@ -151,7 +182,7 @@ def traceable(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
         return hook
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, (MobileVitBlock, Attention))]
+             if isinstance(m, (MobileVitBlock, MobileVitV2Block, Attention))]
     with torch.no_grad():
         model(torch.zeros(1, *input_size))
     for h in hooks:
@@ -162,6 +193,8 @@ def traceable(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
             full = f"{prefix}{name}"
             if isinstance(child, MobileVitBlock):
                 new = StaticMobileVitBlock(child, sizes[full][2:4])
+            elif isinstance(child, MobileVitV2Block):
+                new = StaticMobileVitV2Block(child, sizes[full][2:4])
             elif isinstance(child, Attention):
                 new = ExplicitAttention(child, sizes[full][1])
             elif isinstance(child, BatchNormAct2d):

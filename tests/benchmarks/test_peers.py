@@ -61,6 +61,19 @@ def test_traceable_wrapper_matches_timm(timm_model):
     assert any(type(m).__name__ == "MobileVitBlock" for m in timm_model.modules())
 
 
+def test_traceable_wrapper_matches_timm_mobilevitv2():
+    from tests.conftest import make_bn_model
+
+    model = make_bn_model("mobilevitv2_050")
+    traced = torch.fx.symbolic_trace(common.traceable(model, (3, 64, 64)))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(traced(x), ref, atol=1e-5, rtol=0)
+        assert torch.allclose(traced(x[:1]), ref[:1], atol=1e-5, rtol=0)
+    assert any(type(m).__name__ == "MobileVitV2Block" for m in model.modules())
+
+
 def test_peers_cells_are_well_formed():
     cells = peers.cells()
     ids = [cid for cid, _ in cells]

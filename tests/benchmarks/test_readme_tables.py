@@ -56,3 +56,23 @@ def test_integer_table_follows_the_json(tmp_path):
     text = mod.integer_table(results, "m")
     assert "| hfq_W8A8_pot | 85.00 | 85.01 | 1.0000 | 0 | 200 | 84.90 | -0.10 |" in text
     assert "100 test images" in text and "torch x" in text
+
+
+def test_peers_table_spells_out_what_a_tool_cannot_do(tmp_path):
+    mod = _load()
+    ok = {**_row("mct_W8A8_pot", None, 8, 8, "pot", 0.79), "tool": "mct", "version": "2.6", "quantize_seconds": 12.4}
+    no = {**_row("nncf_W8A8_pot", None, 8, 8, "pot", 0.0), "tool": "nncf", "version": "3.4", "quant_top1": None,
+          "drop_pp": None, "error": "unsupported: NNCF has no power-of-two scale option"}
+    text = mod.peers_table([ok, no])
+    assert "| mct 2.6 | 79.00 (-1.00) | – | 12 |" in text  # float not measured: a dash
+    assert "| nncf 3.4 | n/a [1] | – | – |" in text
+    assert "[1] unsupported: NNCF has no power-of-two scale option" in text
+    # a plot has one panel for the engine's methods and one for the tools
+    results = tmp_path / "results"
+    results.mkdir()
+    hfq = _row("hfq_W8A8_pot", "hfq", 8, 8, "pot", 0.8)
+    (results / "baselines_m.json").write_text(json.dumps({"rows": [hfq]}))
+    (results / "peers_m.json").write_text(json.dumps({"rows": [ok, no]}))
+    methods, tools = mod._series(results, "m")
+    assert methods == {"hfq": [(0, 80.0)]} and tools == {"mct (PoT)": [(0, 79.0)]}
+    assert mod.plot(results, "m", results / "p.png")

@@ -211,7 +211,16 @@ def make_all_ops_graph(seed: int = 0) -> Graph:
         Node("shift", "scale_channels", ["half"], {"dim": 1, "raw_input": True},
              {"inv_alpha": 2.0 ** -torch.randint(0, 3, (2 * c,), generator=gen).float()}),
         _conv("c2", "shift", 2 * c, c, 1, gen),
-        Node("gap", "global_avg_pool", ["c2"]),
+        # MobileViT-v2-style separable attention: slices of one conv, softmax over tokens, sum, expand
+        Node("q", "slice", ["c2"], {"dim": 1, "start": 0, "end": c // 2}),
+        Node("k", "slice", ["c2"], {"dim": 1, "start": c // 2, "end": c}),
+        Node("qsm", "softmax", ["q"], {"dim": -1}),
+        Node("qk", "mul", ["k", "qsm"]),
+        Node("ctx", "sum", ["qk"], {"dims": [-1], "keepdim": True}),
+        Node("ctx_wide", "expand", ["ctx"], {"shape": [-1, c // 2, 6, 6]}),
+        Node("attn", "mul", ["ctx_wide", "k"]),
+        Node("qa", "cat", ["q", "attn"], {"dim": 1}),
+        Node("gap", "global_avg_pool", ["qa"]),
         Node("flat", "flatten", ["gap"], {"start": 1, "end": -1}),
         Node("perm", "permute", ["c2"], {"dims": [0, 2, 3, 1]}),
         Node("tokens", "reshape", ["perm"], {"shape": [-1, 36, c]}),
@@ -254,7 +263,8 @@ def test_every_op(monkeypatch):
     model = build_onnx(qg, None)
     ops = {n.op_type for n in model.graph.node}
     assert {"GroupNormalization", "Gelu", "HardSwish", "Relu", "Mul", "Concat", "GlobalAveragePool", "Transpose",
-            "Reshape", "LayerNormalization", "MatMul", "Softmax", "Gather", "Add", "Gemm", "Conv"} <= ops
+            "Reshape", "LayerNormalization", "MatMul", "Softmax", "Gather", "Add", "Gemm", "Conv", "Slice", "Expand",
+            "ReduceSum"} <= ops
     x = _toy_images()
     got = _session(model).run(None, {"input": x.numpy()})[0]
     want = _sim_as_onnx(qg, x, monkeypatch).numpy()

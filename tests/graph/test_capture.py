@@ -76,3 +76,28 @@ def test_unsupported_op_is_a_clear_error():
 
 def test_layout_ops_have_one_input(mvit_graph):
     assert all(len(n.inputs) == 1 for n in mvit_graph if n.op in LAYOUT_OPS)
+
+
+@pytest.mark.parametrize("arch", ["mobilevit_xxs", "mobilevitv2_050"])
+def test_every_bundled_family_is_captured_exactly(arch):
+    """MobileViT v1 (softmax attention) and v2 (separable linear attention: split, sum, expand)."""
+    from tests.conftest import QIMG, make_bn_model
+
+    model = make_bn_model(arch)
+    graph = capture(model, (3, QIMG, QIMG))
+    x = torch.randn(2, 3, QIMG, QIMG)
+    with torch.no_grad():
+        assert _rel_err(graph(x), model(x)) <= 1e-5
+    assert len(graph.by_op("conv2d")) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_linear_attention_ops_of_mobilevitv2():
+    from tests.conftest import QIMG, make_bn_model
+
+    graph = capture(make_bn_model("mobilevitv2_050"), (3, QIMG, QIMG))
+    # query / key / value are three slices of one qkv conv along the channel dim
+    slices = graph.by_op("slice")
+    assert slices and all(n.attrs["dim"] == 1 for n in slices)
+    assert {(n.attrs["start"], n.attrs["end"] - n.attrs["start"]) for n in slices} >= {(0, 1)}
+    assert len(graph.by_op("sum")) == len(graph.by_op("softmax")) == len(graph.by_op("expand"))
+    assert all(n.block == "mobilevit" for n in graph.by_op("softmax", "sum"))

@@ -336,6 +336,17 @@ class _Exporter:
         if op == "select":
             return b.add("Gather", [xs[0], b.const(f"{name}.index", np.array(int(a["index"]), np.int64))], name,
                          axis=int(a["dim"]))
+        if op == "slice":
+            ints = [np.array([int(a[k])], np.int64) for k in ("start", "end", "dim")]
+            return b.add("Slice", [xs[0]] + [b.const(f"{name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints)],
+                         name)
+        if op == "expand":
+            # Expand broadcasts: a 1 on the batch dim keeps the input's batch size
+            shape = np.array([1 if int(d) == -1 else int(d) for d in a["shape"]], np.int64)
+            return b.add("Expand", [xs[0], b.const(f"{name}.shape", shape)], name)
+        if op == "sum":
+            axes = np.array([int(d) for d in a["dims"]], np.int64)
+            return b.add("ReduceSum", [xs[0], b.const(f"{name}.axes", axes)], name, keepdims=int(a["keepdim"]))
         raise HybridQuantError(f"node {name}: op '{op}' has no ONNX form")
 
     def norm(self, node: Node, x: str, p: dict[str, torch.Tensor]) -> str:

@@ -90,6 +90,7 @@ class _Translator:
         self.names: dict[str, str] = {}  # fx node name -> our node name
         self.taken: set[str] = set()
         self.unbinds: dict[str, tuple[str, int]] = {}
+        self.splits: dict[str, tuple[str, int, list[int]]] = {}  # split node -> (source, dim, chunk sizes)
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         if arg is None:
@@ -193,6 +194,17 @@ class _Translator:
             self.emit(n, "flatten", [self._ref(a[0])], {"start": int(a[1]), "end": int(a[2]) if len(a) > 2 else -1})
         elif t == _ATEN.unbind.int:
             self.unbinds[n.name] = (self._ref(a[0]), int(a[1]) if len(a) > 1 else 0)
+        elif t == _ATEN.split_with_sizes.default:
+            self.splits[n.name] = (self._ref(a[0]), int(a[2]) if len(a) > 2 else 0, [int(s) for s in a[1]])
+        elif t == operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.splits:
+            src, dim, sizes = self.splits[a[0].name]
+            start = sum(sizes[: int(a[1])])
+            self.emit(n, "slice", [src], {"dim": dim, "start": start, "end": start + sizes[int(a[1])]})
+        elif t == _ATEN.sum.dim_IntList:
+            self.emit(n, "sum", [self._ref(a[0])], {"dims": [int(d) for d in a[1]],
+                                                    "keepdim": bool(a[2]) if len(a) > 2 else False})
+        elif t in (_ATEN.expand_as.default, _ATEN.expand.default):
+            self.emit(n, "expand", [self._ref(a[0])], {"shape": self._static_shape(n, None)})
         elif t == operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.unbinds:
             src, dim = self.unbinds[a[0].name]
             self.emit(n, "select", [src], {"dim": dim, "index": int(a[1])})

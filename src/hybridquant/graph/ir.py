@@ -23,11 +23,11 @@ VALUE_OPS = frozenset(
     {
         "input", "conv2d", "linear", "matmul", "add", "mul", "mul_const", "cat",
         "silu", "gelu", "sigmoid", "relu", "hardswish", "softmax", "layer_norm",
-        "group_norm", "global_avg_pool", "scale_channels",
+        "group_norm", "global_avg_pool", "scale_channels", "sum",
     }
 )
 #: ops that only move values around (a quantized input stays on its grid)
-LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "flatten", "select"})
+LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "flatten", "select", "slice", "expand"})
 #: multiply-accumulate ops: every input must be an integer tensor
 MAC_OPS = frozenset({"conv2d", "linear", "matmul"})
 #: elementwise non-linearities, run as lookup tables in integer arithmetic

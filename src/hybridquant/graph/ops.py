@@ -60,6 +60,9 @@ _IMPL: dict[str, Callable] = {
     "permute": lambda n, i, p: i[0].permute(n.attrs["dims"]),
     "flatten": lambda n, i, p: i[0].flatten(n.attrs["start"], n.attrs["end"]),
     "select": lambda n, i, p: i[0].select(n.attrs["dim"], n.attrs["index"]),
+    "slice": lambda n, i, p: i[0].narrow(n.attrs["dim"], n.attrs["start"], n.attrs["end"] - n.attrs["start"]),
+    "expand": lambda n, i, p: i[0].expand(n.attrs["shape"]),
+    "sum": lambda n, i, p: i[0].sum(dim=n.attrs["dims"], keepdim=n.attrs["keepdim"]),
 }
 for _name, _fn in _UNARY.items():
     _IMPL[_name] = (lambda fn: lambda n, i, p: fn(i[0]))(_fn)
