@@ -138,12 +138,15 @@ def _footer(lines: list[str], rows: list[dict[str, Any]], what: str) -> str:
         f"{first['calib_images']} calibration images. Environment: {_env_line(rows)}.\n")
 
 
-def _series(results: Path, model: str) -> tuple[dict[str, list], dict[str, list]]:
-    """(engine methods with PoT scales, peer tools with PoT and float scales): label -> [(setting index, top-1 %)]."""
+def _series(results: Path, model: str) -> tuple[dict[str, list], dict[str, list], float | None]:
+    """(engine methods with PoT scales, peer tools with PoT and float scales): label -> [(setting index, top-1 %)],
+    and the FP32 top-1 (None when nothing is measured)."""
     methods: dict[str, list[tuple[int, float]]] = {}
     tools: dict[str, list[tuple[int, float]]] = {}
+    fp32 = None
     for suite in ("core", "baselines", "peers"):
         for r in _load(results, suite, model):
+            fp32 = r["fp32_top1"] if fp32 is None else fp32
             if r.get("quant_top1") is None or _setting(r) not in SETTINGS:
                 continue
             if suite == "peers":
@@ -158,7 +161,7 @@ def _series(results: Path, model: str) -> tuple[dict[str, list], dict[str, list]
             pts = series.setdefault(label, [])
             if all(p[0] != x for p in pts):
                 pts.append((x, 100 * r["quant_top1"]))
-    return methods, tools
+    return methods, tools, fp32
 
 
 def plot(results: Path, model: str, out: Path) -> bool:
@@ -166,7 +169,7 @@ def plot(results: Path, model: str, out: Path) -> bool:
 
     False when there is nothing to plot.
     """
-    methods, tools = _series(results, model)
+    methods, tools, fp32 = _series(results, model)
     if not methods and not tools:
         return False
     import matplotlib
@@ -174,7 +177,6 @@ def plot(results: Path, model: str, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fp32 = next(r["fp32_top1"] for s in ("core", "baselines", "peers") for r in _load(results, s, model))
     panels = [("methods in hybridquant, power-of-two scales", methods)]
     if tools:
         panels.append(("peer tools (solid PoT, dotted float) vs hfq PoT",

@@ -50,6 +50,13 @@ def one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- fx-traceable MobileViT
 
 
+def _patch_grid(block: nn.Module, hw: tuple[int, int]) -> tuple[int, int, int, int, bool]:
+    """(patch_h, patch_w, patches along H, patches along W, whether the map is resized to fit) of a MobileViT block."""
+    ph, pw = block.patch_size
+    nh, nw = math.ceil(hw[0] / ph), math.ceil(hw[1] / pw)
+    return ph, pw, nh, nw, (nh * ph, nw * pw) != tuple(hw)
+
+
 class StaticMobileVitBlock(nn.Module):
     """timm ``MobileVitBlock`` with the unfold / fold shapes fixed at build time.
 
@@ -65,13 +72,10 @@ class StaticMobileVitBlock(nn.Module):
         self.conv_kxk, self.conv_1x1 = block.conv_kxk, block.conv_1x1
         self.transformer, self.norm = block.transformer, block.norm
         self.conv_proj, self.conv_fusion = block.conv_proj, block.conv_fusion
-        self.patch_h, self.patch_w = block.patch_size
+        self.patch_h, self.patch_w, self.n_h, self.n_w, self.interpolate = _patch_grid(block, hw)
         self.dim = block.conv_1x1.out_channels
         self.h, self.w = hw
-        self.new_h = math.ceil(self.h / self.patch_h) * self.patch_h
-        self.new_w = math.ceil(self.w / self.patch_w) * self.patch_w
-        self.n_h, self.n_w = self.new_h // self.patch_h, self.new_w // self.patch_w
-        self.interpolate = (self.new_h, self.new_w) != (self.h, self.w)
+        self.new_h, self.new_w = self.n_h * self.patch_h, self.n_w * self.patch_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -105,12 +109,8 @@ class StaticMobileVitV2Block(nn.Module):
         super().__init__()
         self.conv_kxk, self.conv_1x1 = block.conv_kxk, block.conv_1x1
         self.transformer, self.norm, self.conv_proj = block.transformer, block.norm, block.conv_proj
-        self.patch_h, self.patch_w = block.patch_size
+        self.patch_h, self.patch_w, self.n_h, self.n_w, self.interpolate = _patch_grid(block, hw)
         self.dim = block.conv_1x1.out_channels
-        self.h, self.w = hw
-        self.n_h = math.ceil(self.h / self.patch_h)
-        self.n_w = math.ceil(self.w / self.patch_w)
-        self.interpolate = (self.n_h * self.patch_h, self.n_w * self.patch_w) != (self.h, self.w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw, nh, nw, c = self.patch_h, self.patch_w, self.n_h, self.n_w, self.dim

@@ -73,6 +73,6 @@ def test_peers_table_spells_out_what_a_tool_cannot_do(tmp_path):
     hfq = _row("hfq_W8A8_pot", "hfq", 8, 8, "pot", 0.8)
     (results / "baselines_m.json").write_text(json.dumps({"rows": [hfq]}))
     (results / "peers_m.json").write_text(json.dumps({"rows": [ok, no]}))
-    methods, tools = mod._series(results, "m")
-    assert methods == {"hfq": [(0, 80.0)]} and tools == {"mct (PoT)": [(0, 79.0)]}
+    methods, tools, fp32 = mod._series(results, "m")
+    assert methods == {"hfq": [(0, 80.0)]} and tools == {"mct (PoT)": [(0, 79.0)]} and fp32 == 0.8
     assert mod.plot(results, "m", results / "p.png")
