@@ -184,7 +184,7 @@ def plot(results: Path, model: str, out: Path) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
     # hfq keeps orange; everything else cycles through the other colours (a tool's PoT and float share one)
     others = [c for c in plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors if c != plt.get_cmap("tab10")(1)[:3]]
-    for ax, (title, series) in zip(axes[0], panels):
+    for ax, (title, series) in zip(axes[0], panels, strict=True):
         bases = sorted({label.split(" (")[0] for label in series} - {"hfq"})
         for label, pts in sorted(series.items()):
             pts = sorted(pts)

@@ -50,12 +50,15 @@ BASELINE_METHODS = ("minmax", "percentile", "omse", "fq-vit", "smoothquant", "hy
 ABLATIONS: dict[str, dict[str, Any]] = {
     "hfq (full)": {},
     "no outlier scaling": {"outlier_scaling": False},
+    "no channel shift": {"channel_shift": False},
+    "no LayerNorm PTF": {"ptf": False},
     "alpha float": {"alpha_pot": False},
     "PoT round (no objective search)": {"pot_rounding": "round"},
     "PoT ceil (no objective search)": {"pot_rounding": "ceil"},
     "no weight rounding": {"weight_rounding": False},
     "no input-error compensation": {"input_compensation": False},
     "no bias correction": {"bias_correction": False},
+    "no block reconstruction": {"reconstruction": False},
     "2 shift terms": {"shift_terms": 2},
 }
 

@@ -87,6 +87,13 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-input-compensation", action="store_true",
                    help="hfq: weight rounding ignores the error arriving at each layer's input (ablation)")
     g.add_argument("--no-bias-correction", action="store_true", help="hfq: skip bias correction (ablation)")
+    g.add_argument("--no-channel-shift", action="store_true",
+                   help="hfq: do not centre the input channels of layers that read a norm (ablation)")
+    g.add_argument("--no-ptf", action="store_true",
+                   help="hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)")
+    g.add_argument("--no-reconstruction", action="store_true",
+                   help="hfq: skip block reconstruction, the learned rounding and biases per block (ablation; faster)")
+    g.add_argument("--reconstruction-iters", type=int, default=300, help="hfq: optimisation steps per block")
 
 
 def _quant_config(args: argparse.Namespace):
@@ -100,7 +107,8 @@ def _quant_config(args: argparse.Namespace):
         percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
         shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
         weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
-        input_compensation=not args.no_input_compensation,
+        input_compensation=not args.no_input_compensation, channel_shift=not args.no_channel_shift,
+        ptf=not args.no_ptf, reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
     )
 
 

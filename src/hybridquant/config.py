@@ -47,10 +47,17 @@ class QuantConfig:
         hyq_iters / hyq_lr: QADS optimisation of ``hyq`` (lr ``None`` = 0.01).
         shift_terms: requantization multipliers as a sum of this many powers of two.
         outlier_scaling / alpha_pot: hfq's outlier scaling on/off and α restricted to 2^k.
+        channel_shift: hfq's outlier scaling also centres the input channels of a layer
+            that reads a norm (X − z into the norm's bias, W z into the layer's bias).
         weight_rounding / bias_correction: hfq's GPTQ-style weight rounding and
             empirical bias correction on/off.
         input_compensation: hfq's weight rounding also absorbs the error arriving
             at each layer's input (target: the float model's output).
+        ptf: hfq gives LayerNorm inputs per-channel power-of-two factors (FQ-ViT's
+            PTF), with power-of-two scales only.
+        reconstruction / reconstruction_iters: hfq's block reconstruction (learned
+            rounding and biases per block with the activation quantizers in the
+            loop) on/off, and its optimisation steps per block.
         sqnr_images: calibration images used for the per-layer SQNR table.
     """
 
@@ -70,9 +77,13 @@ class QuantConfig:
     shift_terms: int = 1
     outlier_scaling: bool = True
     alpha_pot: bool = True
+    channel_shift: bool = True
+    ptf: bool = True
     weight_rounding: bool = True
     input_compensation: bool = True
     bias_correction: bool = True
+    reconstruction: bool = True
+    reconstruction_iters: int = 300
     sqnr_images: int = 32
 
     def __post_init__(self) -> None:
@@ -89,6 +100,7 @@ class QuantConfig:
         _check(0.0 <= self.smoothquant_alpha <= 1.0, "smoothquant alpha must be in [0, 1]")
         _check(self.hyq_iters >= 0, "hyq iterations must be >= 0")
         _check(self.shift_terms in (1, 2), f"--shift-terms must be 1 or 2, got {self.shift_terms}")
+        _check(self.reconstruction_iters >= 0, "--reconstruction-iters must be >= 0")
         _check(self.sqnr_images >= 1, "sqnr_images must be >= 1")
         object.__setattr__(self, "float_ops", tuple(self.float_ops))
 

@@ -22,6 +22,8 @@ CONFIGS = [
     QuantConfig(scales="pot"),
     QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6),
     QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2),
+    QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True, ptf=True,
+                reconstruction=True, reconstruction_iters=20),
 ]
 
 
@@ -37,7 +39,7 @@ def _node_diffs(qg, im, x):
     return out, sim, diffs
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["minmax-pot", "hfq-w6a6", "hfq-two-term"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["minmax-pot", "hfq-w6a6", "hfq-two-term", "hfq-w6a6-opt-in"])
 def test_toy_graph_is_bit_exact(cfg, toy_calib):
     graph = make_toy_graph()
     qg = quantize_graph(graph, cfg, toy_calib)
@@ -55,6 +57,17 @@ def test_mobilevit_is_bit_exact(mvit_graph, calib_images):
     assert torch.equal(out, qg(x))
     assert codes.q.dtype == torch.int64
     assert im.stats["luts"] >= 30 and im.stats["requant_shifts"] >= 150
+
+
+def test_mobilevit_with_ptf_and_channel_shift_is_bit_exact(mvit_graph, calib_images):
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True,
+                      ptf=True)
+    qg = quantize_graph(mvit_graph, cfg, calib_images)
+    assert qg.info["transform"]["ptf_tensors"] and qg.info["transform"]["layers_shifted"]
+    assert any(qg.act[n].scale.dim() == 1 for n in qg.info["transform"]["ptf_tensors"])
+    x = calib_images[:4]
+    out, _ = IntegerModel(qg).run(x)
+    assert torch.equal(out, qg(x))
 
 
 def test_float_multiplier_is_refused_unless_allowed(toy_calib):

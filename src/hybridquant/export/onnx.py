@@ -338,7 +338,7 @@ class _Exporter:
                          axis=int(a["dim"]))
         if op == "slice":
             ints = [np.array([int(a[k])], np.int64) for k in ("start", "end", "dim")]
-            return b.add("Slice", [xs[0]] + [b.const(f"{name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints)],
+            return b.add("Slice", [xs[0]] + [b.const(f"{name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints, strict=True)],
                          name)
         if op == "expand":
             # Expand broadcasts: a 1 on the batch dim keeps the input's batch size

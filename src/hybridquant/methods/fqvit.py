@@ -106,6 +106,45 @@ def channel_axis(chain: list[Node], shape: list[int], channels: int) -> int | No
     return None
 
 
+@torch.no_grad()
+def ptf_samples(graph: Graph, calib: list[torch.Tensor]) -> tuple[dict[str, tuple[int, torch.Tensor]], list[str]]:
+    """For every value-changing node that feeds a LayerNorm: (axis of its output that is the LayerNorm
+    channel, ``[rows, C]`` calibration sample); and the producers whose channel axis could not be found."""
+    feeds: dict[str, str] = {}  # producer name -> name of the tensor the LayerNorm reads
+    for ln in graph.by_op("layer_norm"):
+        prod = graph.producer(ln.inputs[0])
+        feeds.setdefault(prod.name, ln.inputs[0])
+    wanted = set(feeds.values())
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
+    shapes: dict[str, list[int]] = {}
+    per_batch = max(1, math.ceil(PTF_SAMPLE_ROWS / max(len(calib), 1)))
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
+        if node.name in feeds and node.name not in shapes:
+            shapes[node.name] = [1, *out.shape[1:]]
+        if node.name in wanted:
+            flat = out.detach().reshape(-1, out.shape[-1])
+            if flat.shape[0] > per_batch:
+                flat = flat[torch.randperm(flat.shape[0], generator=gen)[:per_batch]]
+            rows[node.name].append(flat.float().clone())
+        return out
+
+    for x in calib:
+        graph.run(x, hook=hook)
+
+    ptf: dict[str, tuple[int, torch.Tensor]] = {}
+    skipped = []
+    for prod, src in feeds.items():
+        sample = torch.cat(rows[src])
+        axis = channel_axis(layout_chain(graph, src), shapes[prod], sample.shape[1])
+        if axis is None:
+            skipped.append(prod)
+            continue
+        ptf[prod] = (axis, sample)
+    return ptf, skipped
+
+
 class FQViT(Method):
     """PTF quantizers on LayerNorm inputs, log2 softmax outputs, min-max elsewhere."""
 
@@ -115,41 +154,9 @@ class FQViT(Method):
         # producer name -> (axis of its output that is the LayerNorm channel, [rows, C] sample)
         self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
 
-    @torch.no_grad()
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         """Leaves the graph as is; gathers the per-channel samples of every LayerNorm input."""
-        feeds: dict[str, str] = {}  # producer name -> name of the tensor the LayerNorm reads
-        for ln in graph.by_op("layer_norm"):
-            prod = graph.producer(ln.inputs[0])
-            feeds.setdefault(prod.name, ln.inputs[0])
-        wanted = set(feeds.values())
-        rows: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
-        shapes: dict[str, list[int]] = {}
-        per_batch = max(1, math.ceil(PTF_SAMPLE_ROWS / max(len(calib), 1)))
-        gen = torch.Generator().manual_seed(0)
-
-        def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
-            if node.name in feeds and node.name not in shapes:
-                shapes[node.name] = [1, *out.shape[1:]]
-            if node.name in wanted:
-                flat = out.detach().reshape(-1, out.shape[-1])
-                if flat.shape[0] > per_batch:
-                    flat = flat[torch.randperm(flat.shape[0], generator=gen)[:per_batch]]
-                rows[node.name].append(flat.float().clone())
-            return out
-
-        for x in calib:
-            graph.run(x, hook=hook)
-
-        self.ptf = {}
-        skipped = []
-        for prod, src in feeds.items():
-            sample = torch.cat(rows[src])
-            axis = channel_axis(layout_chain(graph, src), shapes[prod], sample.shape[1])
-            if axis is None:
-                skipped.append(prod)
-                continue
-            self.ptf[prod] = (axis, sample)
+        self.ptf, skipped = ptf_samples(graph, calib)
         return {
             "ptf_tensors": sorted(self.ptf),
             "ptf_skipped": skipped,

@@ -8,13 +8,17 @@ its affine) — free. Otherwise an explicit ``scale_channels`` node is inserted
 on that edge only; it reads the producer's value before quantization (the
 integer program requantizes the wide accumulator per channel, a shift when α
 is a power of two) and its α vector is the reported parameter increase.
+
+The same holds for a per-channel shift, ``X' = X − z`` and ``b' = b + W z``
+(Outlier Suppression+'s channel shifting), where ``X`` is a norm's output:
+:func:`shift_source`, :func:`apply_input_shift`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..graph.ir import Graph, Node
+from ..graph.ir import LAYOUT_OPS, Graph, Node
 
 
 def input_channel_dim(node: Node) -> int:
@@ -78,3 +82,38 @@ def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow
     )
     graph.insert_before(consumer.name, 0, node)
     return "explicit"
+
+
+def shift_source(graph: Graph, consumer: Node) -> Node | None:
+    """The norm whose affine bias can absorb a per-channel shift of ``consumer``'s input, else ``None``.
+
+    ``X' = X − z`` with ``b' = b + W z`` leaves a linear or a 1×1 unpadded conv unchanged in float (a
+    wider kernel would see the shift in its zero padding); ``X − z`` is free when ``X`` is a LayerNorm or
+    GroupNorm output that only ``consumer`` reads (through layout ops): its bias becomes ``β − z``.
+    """
+    if consumer.op == "conv2d":
+        w, a = consumer.params["weight"], consumer.attrs
+        if a["groups"] != 1 or tuple(w.shape[-2:]) != (1, 1) or any(a["padding"]):
+            return None
+    elif consumer.op != "linear":
+        return None
+    name = consumer.inputs[0]
+    while True:
+        if len(graph.users(name)) != 1:
+            return None
+        node = graph[name]
+        if node.op in ("layer_norm", "group_norm"):
+            return node
+        if node.op not in LAYOUT_OPS:
+            return None
+        name = node.inputs[0]
+
+
+def apply_input_shift(consumer: Node, source: Node, z: torch.Tensor) -> None:
+    """Shift ``consumer``'s input by −z (into ``source``'s bias) and add ``W z`` to its bias (exact in float)."""
+    z = z.float()
+    beta = source.params.get("bias")
+    source.params["bias"] = (beta if beta is not None else torch.zeros_like(z)) - z
+    w = consumer.params["weight"].flatten(1)  # 1×1 conv: [Cout, Cin]
+    bias = consumer.params.get("bias")
+    consumer.params["bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ z

@@ -30,7 +30,7 @@ def test_outlier_scaling_can_be_switched_off(toy_calib):
     graph = make_toy_graph()
     on = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6), toy_calib)
     off = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6, outlier_scaling=False), toy_calib)
-    assert off.info["transform"] == {"outlier_scaling": "off"}
+    assert off.info["transform"]["outlier_scaling"] == "off" and "layers_shifted" not in off.info["transform"]
     assert not off.graph.by_op("scale_channels")
     assert on.info["param_increase_pct"] >= off.info["param_increase_pct"]
 
@@ -49,3 +49,17 @@ def test_float_scales_hfq_is_outlier_scaling_alone(toy_calib):
     graph = make_toy_graph()
     qg = quantize_graph(graph, QuantConfig(method="hfq", scales="float", abits=6), toy_calib)
     assert qg.info["refine"]["weight_channels_moved"] == 0 and qg.info["refine"]["act_exponents_moved"] == 0
+
+
+def test_ptf_gives_layernorm_inputs_per_channel_power_of_two_scales(toy_calib):
+    graph = make_toy_graph()
+    on = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6), toy_calib)
+    # tok.add feeds tok.norm2 along its last dim; blk.add reaches tok.norm through a transpose (axis 1): skipped
+    assert on.info["transform"]["ptf_tensors"] == ["tok.add"]
+    qp = on.act["tok.add"]
+    assert qp.scale.dim() == 1 and qp.axis == -1 and qp.is_pot and qp.zero_point.dim() == 0
+    assert len(set(qp.scale.tolist())) > 1  # the channels really got different factors
+    off = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6, ptf=False), toy_calib)
+    assert off.act["tok.add"].scale.dim() == 0
+    floats = quantize_graph(graph, QuantConfig(method="hfq", scales="float", abits=6), toy_calib)
+    assert "ptf_tensors" not in floats.info["transform"] and floats.act["tok.add"].scale.dim() == 0

@@ -11,7 +11,8 @@ where it matters — in the outputs that read the tensor:
   output error per channel (it stays an int32 bias, still multiplier-free).
 * **activations** (per tensor): for candidate exponents k + d, the summed
   relative error of every consumer's output (a conv, a matmul, a softmax, a
-  LayerNorm, ...) against the float model.
+  LayerNorm, ...) against the float model. A LayerNorm input with per-channel
+  factors (``ptf``) moves all its channels' exponents together.
 
 The graph is walked in topological order on calibration images with the
 *quantized* values flowing forward, so every choice sees the error of the
@@ -30,7 +31,7 @@ from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
 from ...primitives import two_term_round
 from ...qparams import QParams, with_scale
-from .weight_rounding import gptq_weight
+from .weight_rounding import gptq
 
 ACT_DELTAS = (-2, -1, 0, 1)
 WEIGHT_DELTAS = (-1, 0, 1)
@@ -117,12 +118,13 @@ def sequential_refine(
     input_compensation: bool = False,
     two_term_weights: bool = False,
     max_images: int = SEARCH_IMAGES,
+    rounding_targets: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place.
 
     ``weight_rounding`` runs GPTQ on each weight on its chosen grid; with ``input_compensation`` its target
     is the float model's output from the float input, so it also absorbs the upstream error
-    (:mod:`.weight_rounding`)."""
+    (:mod:`.weight_rounding`); ``rounding_targets``, when given, receives the float values GPTQ rounded."""
     x = torch.cat(calib)[:max_images]
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
@@ -141,8 +143,10 @@ def sequential_refine(
                 qgraph.weight[node.name] = wq
                 changed_w += n_changed
                 x_float = walker.ref[node.inputs[0]] if input_compensation else None
-                if weight_rounding and (rounded := gptq_weight(node, ins[0], wq, x_float)) is not None:
-                    node.params["weight"] = rounded  # RTN of these values gives GPTQ's codes
+                if weight_rounding and (rounded := gptq(node, ins[0], wq, x_float)) is not None:
+                    node.params["weight"] = rounded.weight  # RTN of these values gives GPTQ's codes
+                    if rounding_targets is not None:
+                        rounding_targets[node.name] = rounded.target
                     rounded_layers += 1
                 if bias_correction:
                     out = walker.run_with_weight(node, ins, wq)
@@ -153,7 +157,7 @@ def sequential_refine(
         if node.name in raw_needed:
             walker.raw[node.name] = raw
         qp = qgraph.act.get(node.name)
-        if qp is not None and qp.kind == "uniform" and qp.scale.dim() == 0 and search_acts:
+        if qp is not None and qp.kind == "uniform" and search_acts:
             best = _choose_act(walker, node.name, raw, qp)
             changed_a += int(not torch.equal(best.scale, qp.scale))
             qgraph.act[node.name] = qp = best
@@ -190,11 +194,11 @@ def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QPa
 
 
 def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams) -> QParams:
-    k0 = int(_exponent(qp))
-    lo = -float(qp.zero_point) * float(qp.scale)
+    """The exponent (for per-channel PTF scales: all channels' exponents together) with the least consumer error."""
+    lo = -float(qp.zero_point) * float(qp.scale.max())  # a shared zero point belongs to the widest channel
     best, best_err = qp, None
     for d in ACT_DELTAS:
-        cand = with_scale(qp, torch.tensor(2.0 ** (k0 + d)), lo=torch.tensor(lo))
+        cand = with_scale(qp, qp.scale * 2.0**d, lo=torch.tensor(lo))
         err = walker.consumer_error(name, cand.fake(raw))
         if best_err is None or err < best_err:
             best, best_err = cand, err

@@ -21,6 +21,8 @@ added to the integer program.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -74,11 +76,27 @@ def _quant_col(w: torch.Tensor, scale: torch.Tensor, qp: QParams) -> torch.Tenso
     return torch.clamp(torch.floor(w / scale + 0.5), qp.qmin, qp.qmax) * scale
 
 
-@torch.no_grad()
+@dataclass
+class GPTQResult:
+    """GPTQ's dequantized weight and, column by column, the float values it rounded (the weight with the
+    error of the columns before compensated): the starting point of learned rounding."""
+
+    weight: torch.Tensor
+    target: torch.Tensor
+
+
 def gptq_weight(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor | None = None,
                 max_samples: int = 65536) -> torch.Tensor | None:
     """Dequantized weight whose codes minimise ‖W x_float − Ŵ x‖ greedily (‖(W − Ŵ) x‖ without
     ``x_float``); ``None`` when not applicable. ``x`` is the layer's quantized input."""
+    res = gptq(node, x, qp, x_float, max_samples)
+    return None if res is None else res.weight
+
+
+@torch.no_grad()
+def gptq(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor | None = None,
+         max_samples: int = 65536) -> GPTQResult | None:
+    """:func:`gptq_weight` with the values it rounded."""
     w = node.params["weight"].double()
     cols = _patches(node, x).double()
     if cols.shape[-1] < MIN_SAMPLES_PER_COLUMN * cols.shape[-2]:
@@ -98,13 +116,14 @@ def gptq_weight(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor 
             c = colsf @ cols.transpose(-1, -2) / cols.shape[-1]
             wm = _compensated(wm.unsqueeze(1), h, c).squeeze(1)
         hinv = _inverse_cholesky(h)
-        out = torch.empty_like(wm)
+        out, target = torch.empty_like(wm), torch.empty_like(wm)
         for j in range(wm.shape[1]):
+            target[:, j] = wm[:, j]
             q = _quant_col(wm[:, j], scale, qp)
             err = (wm[:, j] - q) / hinv[:, j, j]
             wm[:, j:] -= err[:, None] * hinv[:, j, j:]
             out[:, j] = q
-        return out.reshape(w.shape).float()
+        return GPTQResult(out.reshape(w.shape).float(), target.reshape(w.shape).float())
     wm = w.flatten(1).clone()  # [Cout, K]
     if wm.shape[1] > MAX_COLUMNS:
         return None
@@ -117,11 +136,12 @@ def gptq_weight(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor 
     perm = torch.argsort(torch.diagonal(h), descending=True)  # most active inputs first
     wm, h = wm[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h)
-    out = torch.empty_like(wm)
+    out, target = torch.empty_like(wm), torch.empty_like(wm)
     for j in range(wm.shape[1]):
+        target[:, j] = wm[:, j]
         q = _quant_col(wm[:, j], scale, qp)
         err = (wm[:, j] - q) / hinv[j, j]
         wm[:, j:] -= err[:, None] * hinv[j, j:][None, :]
         out[:, j] = q
-    out = out[:, torch.argsort(perm)]
-    return out.reshape(w.shape).float()
+    inv = torch.argsort(perm)
+    return GPTQResult(out[:, inv].reshape(w.shape).float(), target[:, inv].reshape(w.shape).float())

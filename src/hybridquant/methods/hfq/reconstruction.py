@@ -1,0 +1,287 @@
+"""Block reconstruction: learned weight rounding with the activation quantizers in the loop.
+
+Round-to-nearest and GPTQ choose each weight's code from that layer's own
+error. Here every block of the network — a timm list element: an MV2
+bottleneck, a transformer layer, the stem, the head — learns for each of its
+weights whether to round down or up (AdaRound, Nagel et al. 2020), and its
+biases, by minimising the error of the block's *quantized* output against
+the float model's output (BRECQ, Li et al. 2021). Every activation quantizer
+inside the block is in the loop (straight-through), so the weights learn to
+absorb part of the activation quantization error that limits 6-bit models.
+Blocks are visited in order and each one reads the quantized outputs of the
+blocks already reconstructed. Rounding starts from the values GPTQ rounded
+(:mod:`.weight_rounding`), and a block keeps what it learned only when its
+error on the calibration images fell.
+
+QDrop's random bypass of the quantizers (Wei et al. 2022) is left out: on
+the toy graph of the tests it made the learned rounding worse than GPTQ's,
+and on the bundled model at W6A6 (300 steps per block, all 10,000 test
+images) a first version with it, starting from the float weights, reached
+83.65 % against this version's 83.79 %.
+
+The codes stay on the same power-of-two grid and the biases stay int32:
+nothing is added to the integer program. Softmax and LayerNorm run in float
+(their outputs quantized) during the optimisation; the finished simulation
+uses the integer kernels again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...graph import ops as graph_ops
+from ...graph.ir import Graph, Node
+from ...graph.quantized import QuantizedGraph
+from ...qparams import QParams
+
+#: rectified sigmoid stretch of AdaRound: h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)
+ZETA, GAMMA = 1.1, -0.1
+ROUND_REG = 0.01  # weight of the rounding regulariser against the block's output error
+WARMUP = 0.2  # fraction of iterations without the regulariser
+BETA_START, BETA_END = 20.0, 2.0
+BATCH = 32
+RECONSTRUCTION_IMAGES = 512
+LR_ROUNDING, LR_BIAS = 1e-2, 1e-3
+
+
+def block_key(module: str) -> str:
+    """The block a module belongs to: its deepest path prefix ending in a list index
+    (``stages.2.1.transformer.0.attn.qkv`` -> ``stages.2.1.transformer.0``), else its top-level name."""
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return parts[0]
+
+
+def blocks(graph: Graph) -> list[list[Node]]:
+    """Consecutive runs of nodes with the same :func:`block_key`; nodes without a module join the run before."""
+    out: list[list[Node]] = []
+    key: str | None = None
+    for node in graph:
+        if node.op in ("input", "output"):
+            continue
+        k = block_key(node.module) if node.module else key
+        if not out or k != key:
+            out.append([])
+            key = k
+        out[-1].append(node)
+    return out
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+class _LearnedRounding:
+    """AdaRound state of one weight on its fixed per-channel grid."""
+
+    def __init__(self, weight: torch.Tensor, qp: QParams):
+        shape = [-1] + [1] * (weight.dim() - 1)
+        self.scale = qp.scale.reshape(shape)
+        self.qmin, self.qmax = qp.qmin, qp.qmax
+        w = weight / self.scale
+        self.base = torch.floor(w)
+        frac = (w - self.base).clamp(0.01, 0.99)  # h(V) = frac at the start: the soft weight is the float one
+        self.v = torch.log((frac - GAMMA) / (ZETA - frac)).requires_grad_(True)
+
+    def soft(self) -> torch.Tensor:
+        return torch.clamp(self.base + _rectified_sigmoid(self.v), self.qmin, self.qmax) * self.scale
+
+    def hard(self) -> torch.Tensor:
+        return torch.clamp(self.base + (self.v.detach() >= 0).float(), self.qmin, self.qmax) * self.scale
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * _rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+
+@dataclass
+class _Block:
+    nodes: list[Node]
+    inputs: list[str]  # values read from earlier blocks (quantized, as consumers see them)
+    raw_inputs: list[str]  # values read from earlier blocks before their quantizer
+    outputs: list[str]  # values later blocks read
+    read_later: set[str]  # every value read after this block (what the stores must keep)
+
+
+def _plan(graph: Graph) -> list[_Block]:
+    plan = []
+    segs = blocks(graph)
+    later: set[str] = {graph.output.inputs[0]}
+    reads_after: list[set[str]] = []
+    for seg in reversed(segs):  # what the blocks after each one read
+        reads_after.append(set(later))
+        for node in seg:
+            later.update(node.inputs)
+    reads_after.reverse()
+    for seg, after in zip(segs, reads_after, strict=True):
+        inside = {n.name for n in seg}
+        inputs, raw_inputs = [], []
+        for node in seg:
+            for i in node.inputs:
+                if i in inside:
+                    continue
+                target = raw_inputs if node.attrs.get("raw_input") else inputs
+                if i not in target:
+                    target.append(i)
+        plan.append(_Block(seg, inputs, raw_inputs, [n.name for n in seg if n.name in after], after))
+    return plan
+
+
+def _forward(block: _Block, act: dict[str, QParams], params: dict[str, dict[str, torch.Tensor]],
+             q_in: dict[str, torch.Tensor], raw_in: dict[str, torch.Tensor],
+             quantize: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run one block; returns (values as consumers see them, values before their quantizer)."""
+    vals, raws = dict(q_in), dict(raw_in)
+    for node in block.nodes:
+        src = raws if node.attrs.get("raw_input") else vals
+        probe = Node(node.name, node.op, node.inputs, node.attrs, params.get(node.name, node.params))
+        out = graph_ops.run_op(probe, [src[i] for i in node.inputs])
+        raws[node.name] = out
+        qp = act.get(node.name) if quantize else None
+        if qp is not None:
+            out = out + (qp.fake(out.detach()) - out).detach()  # straight-through rounding
+        vals[node.name] = out
+    return vals, raws
+
+
+def _learnable(block: _Block, qgraph: QuantizedGraph, float_graph: Graph, start: dict[str, torch.Tensor]):
+    rounding: dict[str, _LearnedRounding] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for node in block.nodes:
+        wq = qgraph.weight.get(node.name)
+        if wq is None or wq.kind != "uniform":
+            continue
+        w = start.get(node.name, float_graph[node.name].params["weight"])
+        rounding[node.name] = _LearnedRounding(w, wq)
+        if "bias" in node.params:
+            biases[node.name] = node.params["bias"].clone().requires_grad_(True)
+    return rounding, biases
+
+
+def _params(block: _Block, rounding, biases, hard: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for node in block.nodes:
+        if node.name not in rounding:
+            continue
+        p = dict(node.params)
+        p["weight"] = rounding[node.name].hard() if hard else rounding[node.name].soft()
+        if node.name in biases:
+            p["bias"] = biases[node.name].detach() if hard else biases[node.name]
+        out[node.name] = p
+    return out
+
+
+def _rows(t: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of ``t`` that belong to ``images`` (of ``n``): a token tensor may hold several rows per image,
+    image-major (MobileViT's unfolded patches: [B, C, H, W] -> [B·P, N, C])."""
+    per = t.shape[0] // n
+    if per == 1:
+        return t[images]
+    return t[(images[:, None] * per + torch.arange(per)).flatten()]
+
+
+def _batched(block: _Block, store_q, store_raw, fn, n: int, batch: int = 128) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, n, batch):
+        images = torch.arange(start, min(start + batch, n))
+        res = fn({k: _rows(store_q[k], images, n) for k in block.inputs},
+                 {k: _rows(store_raw[k], images, n) for k in block.raw_inputs})
+        for k, v in res.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
+                start: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Learn the rounding and biases of every block of ``qgraph`` in place; ``float_graph`` is the float model
+    (same node names) whose outputs are the targets. A weight's rounding starts from its float values, or
+    from ``start[name]`` (the values GPTQ rounded, so that learning starts next to GPTQ's codes).
+    Returns facts for the report."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = _plan(qgraph.graph)
+    raw_needed = {n.inputs[0] for n in qgraph.graph if n.attrs.get("raw_input")}
+    name_in = qgraph.graph.nodes[0].name
+    x_in, n = calib, calib.shape[0]
+    qp_in = qgraph.act.get(name_in)
+    store_q = {name_in: qp_in.fake(x_in) if qp_in is not None else x_in}
+    store_raw = {name_in: x_in}
+    store_f = {name_in: x_in}
+    no_act: dict[str, QParams] = {}
+    float_params = {n.name: n.params for n in float_graph}
+    rows = []
+    for block in plan:
+        rounding, biases = _learnable(block, qgraph, float_graph, start or {})
+        keep = set(block.outputs)
+
+        def float_run(q_in, raw_in, block=block, keep=keep):
+            vals, _ = _forward(block, no_act, float_params, q_in, raw_in, quantize=False)
+            return {k: vals[k] for k in keep}
+
+        targets = _batched(block, store_f, store_f, float_run, n)
+        err_before = err_after = None
+        if rounding and iters > 0:
+            err_before = _block_error(block, qgraph, {}, store_q, store_raw, targets, n)
+            _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n, iters, gen)
+            hard = _params(block, rounding, biases, hard=True)
+            err_after = _block_error(block, qgraph, hard, store_q, store_raw, targets, n)
+            kept = err_after < err_before  # never worse than the rounding it started from
+            if kept:
+                for name, p in hard.items():
+                    qgraph.graph[name].params.update(p)
+            rows.append({"block": block_key(block.nodes[0].module), "layers": len(rounding),
+                         "error_before": err_before, "error_after": err_after, "kept": kept})
+
+        def quant_run(q_in, raw_in, block=block, keep=keep):
+            vals, raws = _forward(block, qgraph.act, {}, q_in, raw_in, quantize=True)
+            out = {k: vals[k] for k in keep}
+            out.update({f"raw:{k}": raws[k] for k in keep if k in raw_needed})
+            return out
+
+        with torch.no_grad():
+            res = _batched(block, store_q, store_raw, quant_run, n)
+        for k in keep:
+            store_q[k] = res[k]
+            store_f[k] = targets[k]
+            if k in raw_needed:
+                store_raw[k] = res[f"raw:{k}"]
+        for store in (store_q, store_raw, store_f):
+            for k in [k for k in store if k not in block.read_later]:
+                del store[k]
+    return {"blocks": len(rows), "blocks_kept": sum(r["kept"] for r in rows), "iters": iters,
+            "images": int(calib.shape[0]), "per_block": rows}
+
+
+def _rel_error(vals: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> float:
+    return float(sum((vals[k] - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30) for k, t in targets.items()))
+
+
+@torch.no_grad()
+def _block_error(block, qgraph, params, store_q, store_raw, targets, n: int) -> float:
+    def run(q_in, raw_in):
+        vals, _ = _forward(block, qgraph.act, params, q_in, raw_in, quantize=True)
+        return {k: vals[k] for k in targets}
+
+    return _rel_error(_batched(block, store_q, store_raw, run, n), targets)
+
+
+def _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n: int, iters: int,
+              gen: torch.Generator) -> None:
+    opt = torch.optim.Adam([{"params": [r.v for r in rounding.values()], "lr": LR_ROUNDING},
+                            {"params": list(biases.values()), "lr": LR_BIAS}])
+    warm = int(WARMUP * iters)
+    for it in range(iters):
+        idx = torch.randint(0, n, (min(BATCH, n),), generator=gen)
+        q_in = {k: _rows(store_q[k], idx, n) for k in block.inputs}
+        raw_in = {k: _rows(store_raw[k], idx, n) for k in block.raw_inputs}
+        vals, _ = _forward(block, qgraph.act, _params(block, rounding, biases), q_in, raw_in, quantize=True)
+        loss = sum((vals[k] - _rows(t, idx, n)).pow(2).flatten(1).sum(1).mean() for k, t in targets.items())
+        if it >= warm:
+            beta = BETA_END + (BETA_START - BETA_END) * (1 - (it - warm) / max(iters - warm, 1))
+            loss = loss + ROUND_REG * sum(r.regulariser(beta) for r in rounding.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
