@@ -82,14 +82,22 @@ def layer_output(node: Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
+def _channel_view(x: torch.Tensor, node: Node) -> torch.Tensor:
+    """[C, everything else] along ``node``'s input channel dim."""
+    return x.transpose(0, 1 if node.op == "conv2d" else x.dim() - 1).flatten(1)
+
+
+def _broadcast(v: torch.Tensor, x: torch.Tensor, node: Node) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[1 if node.op == "conv2d" else -1] = -1
+    return v.reshape(shape)
+
+
 def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantConfig, ref: torch.Tensor,
                 norm: torch.Tensor | None = None) -> float:
     """Output error of ``node`` with input scaling ``alpha`` (bias excluded: it cancels), relative to
     ``norm`` (default ``‖ref‖²``)."""
-    dim = 1 if node.op == "conv2d" else -1
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    xq = _quant_act(x / alpha.reshape(shape), config.abits, config.pot, config.act_symmetry)
+    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.pot, config.act_symmetry)
     w = node.params["weight"]
     factor = alpha
     if is_depthwise(node) and w.shape[0] != alpha.numel():
@@ -119,17 +127,6 @@ def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) 
 
 def _layer_input(values: dict[str, torch.Tensor], node: Node) -> torch.Tensor:
     return values[node.inputs[0]]
-
-
-def _channel_view(x: torch.Tensor, node: Node) -> torch.Tensor:
-    """[C, everything else] along ``node``'s input channel dim."""
-    return x.transpose(0, 1 if node.op == "conv2d" else x.dim() - 1).flatten(1)
-
-
-def _broadcast(v: torch.Tensor, x: torch.Tensor, node: Node) -> torch.Tensor:
-    shape = [1] * x.dim()
-    shape[1 if node.op == "conv2d" else -1] = -1
-    return v.reshape(shape)
 
 
 def channel_shift(graph: Graph, node: Node, xin: torch.Tensor, config: QuantConfig,
@@ -189,8 +186,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
             xin = res[0]
             shifted.append({"layer": node.name, "block": node.block, "shift": res[1]})
         ref = layer_output(node, xin, node.params["weight"])
-        dim = 1 if node.op == "conv2d" else -1
-        x_absmax = xin.abs().transpose(0, dim if dim >= 0 else xin.dim() - 1).flatten(1).max(1).values
+        x_absmax = _channel_view(xin, node).abs().max(1).values
         w = node.params["weight"]
         if is_depthwise(node):
             w_absmax = w.abs().flatten(1).max(1).values.reshape(x_absmax.numel(), -1).max(1).values
