@@ -83,3 +83,24 @@ def test_zero_iterations_change_nothing(toy_calib):
     for name in off.weight_int:
         assert torch.equal(off.weight_int[name], zero.weight_int[name])
     assert zero.info["refine"]["reconstruction"]["blocks"] == 0
+
+
+def test_reconstruction_runs_on_one_thread_and_restores_the_callers(toy_calib, monkeypatch):
+    import hybridquant.methods.hfq.reconstruction as rec
+
+    seen = []
+    real = rec._optimise
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "_optimise", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quantize_graph(make_toy_graph(), _config(reconstruction_iters=5), toy_calib)
+        assert seen and set(seen) == {1}  # the learned rounding does not depend on the machine's threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

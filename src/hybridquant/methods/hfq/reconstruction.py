@@ -201,6 +201,18 @@ def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor,
     (same node names) whose outputs are the targets. A weight's rounding starts from its float values, or
     from ``start[name]`` (the values GPTQ rounded, so that learning starts next to GPTQ's codes).
     Returns facts for the report."""
+    threads = torch.get_num_threads()
+    # gradient sums over a batch round differently with each thread count, and the learned rounding follows
+    # them: one thread gives the same model on every machine (the steps are small; little is lost)
+    torch.set_num_threads(1)
+    try:
+        return _reconstruct(qgraph, float_graph, calib, iters, start or {}, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
+                 start: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     plan = _plan(qgraph.graph)
     raw_needed = {n.inputs[0] for n in qgraph.graph if n.attrs.get("raw_input")}
@@ -214,7 +226,7 @@ def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor,
     float_params = {n.name: n.params for n in float_graph}
     rows = []
     for block in plan:
-        rounding, biases = _learnable(block, qgraph, float_graph, start or {})
+        rounding, biases = _learnable(block, qgraph, float_graph, start)
         keep = set(block.outputs)
 
         def float_run(q_in, raw_in, block=block, keep=keep):
