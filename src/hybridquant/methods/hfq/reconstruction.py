@@ -228,35 +228,28 @@ def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor
     rows = []
     for block in plan:
         rounding, biases = _learnable(block, qgraph, float_graph, start)
-        keep = set(block.outputs)
 
-        def float_run(q_in, raw_in, block=block, keep=keep):
+        def float_run(q_in, raw_in, block=block):
             vals, _ = _forward(block, no_act, float_params, q_in, raw_in, quantize=False)
-            return {k: vals[k] for k in keep}
+            return {k: vals[k] for k in block.outputs}
 
         targets = _batched(block, store_f, store_f, float_run, n)
-        err_before = err_after = None
+        # the block's quantized outputs with its current weights: the error to beat, and what later blocks read
+        res = _quantized_outputs(block, qgraph.act, {}, store_q, store_raw, n, raw_needed)
         if rounding and iters > 0:
-            err_before = _block_error(block, qgraph, {}, store_q, store_raw, targets, n)
+            err_before = _rel_error(res, targets)
             _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n, iters, gen)
             hard = _params(block, rounding, biases, hard=True)
-            err_after = _block_error(block, qgraph, hard, store_q, store_raw, targets, n)
+            learned = _quantized_outputs(block, qgraph.act, hard, store_q, store_raw, n, raw_needed)
+            err_after = _rel_error(learned, targets)
             kept = err_after < err_before  # never worse than the rounding it started from
             if kept:
                 for name, p in hard.items():
                     qgraph.graph[name].params.update(p)
+                res = learned
             rows.append({"block": block_key(block.nodes[0].module), "layers": len(rounding),
                          "error_before": err_before, "error_after": err_after, "kept": kept})
-
-        def quant_run(q_in, raw_in, block=block, keep=keep):
-            vals, raws = _forward(block, qgraph.act, {}, q_in, raw_in, quantize=True)
-            out = {k: vals[k] for k in keep}
-            out.update({f"raw:{k}": raws[k] for k in keep if k in raw_needed})
-            return out
-
-        with torch.no_grad():
-            res = _batched(block, store_q, store_raw, quant_run, n)
-        for k in keep:
+        for k in block.outputs:
             store_q[k] = res[k]
             store_f[k] = targets[k]
             if k in raw_needed:
@@ -273,12 +266,17 @@ def _rel_error(vals: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def _block_error(block, qgraph, params, store_q, store_raw, targets, n: int) -> float:
+def _quantized_outputs(block: _Block, act: dict[str, QParams], params: dict[str, dict[str, torch.Tensor]],
+                       store_q, store_raw, n: int, raw_needed: set[str]) -> dict[str, torch.Tensor]:
+    """The block's outputs on every calibration image, as consumers see them (``raw:<name>``: before the
+    quantizer, for the outputs that a later ``raw_input`` node reads)."""
     def run(q_in, raw_in):
-        vals, _ = _forward(block, qgraph.act, params, q_in, raw_in, quantize=True)
-        return {k: vals[k] for k in targets}
+        vals, raws = _forward(block, act, params, q_in, raw_in, quantize=True)
+        out = {k: vals[k] for k in block.outputs}
+        out.update({f"raw:{k}": raws[k] for k in block.outputs if k in raw_needed})
+        return out
 
-    return _rel_error(_batched(block, store_q, store_raw, run, n), targets)
+    return _batched(block, store_q, store_raw, run, n)
 
 
 def _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n: int, iters: int,
