@@ -9,7 +9,8 @@ where it stopped):
 * ``ablation`` — hfq with each part switched off, at W8A8, W6A6 and W4A8
   with power-of-two scales (the README's "Why hfq" table).
 * ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
-  W4A8, plus the W16A16 wiring check.
+  W4A8, hfq at W8A6 and W6A8 (which side limits W6A6), plus the W16A16
+  wiring check.
 * ``peers`` — hfq next to the tools users would pick instead (torchao PT2E,
   Brevitas, AMD Quark, Sony MCT, NNCF; ``benchmarks/peers/``), each
   quantizing the same model on the same calibration images and evaluated as
@@ -52,6 +53,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no outlier scaling": {"outlier_scaling": False},
     "no channel shift": {"channel_shift": False},
     "no LayerNorm PTF": {"ptf": False},
+    "no LUT-input zero point": {"lut_zero_point": False},
     "alpha float": {"alpha_pot": False},
     "PoT round (no objective search)": {"pot_rounding": "round"},
     "PoT ceil (no objective search)": {"pot_rounding": "ceil"},
@@ -105,6 +107,11 @@ def cells(suite: str) -> list[tuple[str, Any]]:
                 rounding = "objective" if method == "hfq" else "round"
                 out.append((f"{method}_{setting}_pot", QuantConfig(method=method, wbits=wb, abits=ab, scales="pot",
                                                                    pot_rounding=rounding)))
+        # which side limits W6A6: 6-bit activations alone, 6-bit weights alone
+        for setting in ("W8A6", "W6A8"):
+            wb, ab = _setting(setting)
+            out.append((f"hfq_{setting}_pot", QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot",
+                                                          pot_rounding="objective")))
     else:
         raise SystemExit(f"unknown suite '{suite}'")
     return out

@@ -112,3 +112,19 @@ def test_eval_integer_refuses_float_scales(tmp_path, capsys, base_args, data_dir
     code, _, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--integer", "--data", str(data_dir),
                         "--workers", "0")
     assert code == 2 and "not a power of two" in err
+
+
+@pytest.mark.parametrize("flags, changes", [
+    ([], {}),
+    (["--no-lut-zero-point"], {"lut_zero_point": False}),
+    (["--no-ptf", "--no-channel-shift"], {"ptf": False, "channel_shift": False}),
+    (["--no-reconstruction", "--reconstruction-iters", "7"], {"reconstruction": False, "reconstruction_iters": 7}),
+])
+def test_hfq_switches_reach_the_config(flags, changes):
+    from hybridquant.cli import _quant_config, build_parser
+    from hybridquant.config import QuantConfig
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--data", "d", "--out-dir", "o",
+                                      "--method", "hfq", "--scales", "pot", *flags])
+    want = QuantConfig(method="hfq", scales="pot", pot_rounding="objective").replace(**changes)
+    assert _quant_config(args) == want

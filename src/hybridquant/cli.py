@@ -91,6 +91,8 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
                    help="hfq: do not centre the input channels of layers that read a norm (ablation)")
     g.add_argument("--no-ptf", action="store_true",
                    help="hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)")
+    g.add_argument("--no-lut-zero-point", action="store_true",
+                   help="hfq: symmetric grids on lookup-table inputs, no zero-point search (ablation)")
     g.add_argument("--no-reconstruction", action="store_true",
                    help="hfq: skip block reconstruction, the learned rounding and biases per block (ablation; faster)")
     g.add_argument("--reconstruction-iters", type=int, default=300, help="hfq: optimisation steps per block")
@@ -108,7 +110,7 @@ def _quant_config(args: argparse.Namespace):
         shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
         weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
         input_compensation=not args.no_input_compensation, channel_shift=not args.no_channel_shift,
-        ptf=not args.no_ptf, reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
+        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point, reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
     )
 
 

@@ -55,6 +55,9 @@ class QuantConfig:
             at each layer's input (target: the float model's output).
         ptf: hfq gives LayerNorm inputs per-channel power-of-two factors (FQ-ViT's
             PTF), with power-of-two scales only.
+        lut_zero_point: hfq (power-of-two scales only) gives a two-sided tensor read only
+            by lookup-table non-linearities (a conv's output before its SiLU) a zero point,
+            and the exponent search also lowers the zero points of asymmetric grids.
         reconstruction / reconstruction_iters: hfq's block reconstruction (learned
             rounding and biases per block with the activation quantizers in the
             loop) on/off, and its optimisation steps per block.
@@ -79,6 +82,7 @@ class QuantConfig:
     alpha_pot: bool = True
     channel_shift: bool = True
     ptf: bool = True
+    lut_zero_point: bool = True
     weight_rounding: bool = True
     input_compensation: bool = True
     bias_correction: bool = True

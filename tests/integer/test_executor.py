@@ -24,6 +24,8 @@ CONFIGS = [
     QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2),
     QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True, ptf=True,
                 reconstruction=True, reconstruction_iters=20),
+    QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, lut_zero_point=False,
+                reconstruction_iters=20),
 ]
 
 
@@ -39,7 +41,7 @@ def _node_diffs(qg, im, x):
     return out, sim, diffs
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["minmax-pot", "hfq-w6a6", "hfq-two-term", "hfq-w6a6-opt-in"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["minmax-pot", "hfq-w6a6", "hfq-two-term", "hfq-w6a6-opt-in", "hfq-w6a6-no-lut-zp"])
 def test_toy_graph_is_bit_exact(cfg, toy_calib):
     graph = make_toy_graph()
     qg = quantize_graph(graph, cfg, toy_calib)
@@ -59,9 +61,10 @@ def test_mobilevit_is_bit_exact(mvit_graph, calib_images):
     assert im.stats["luts"] >= 30 and im.stats["requant_shifts"] >= 150
 
 
-def test_mobilevit_with_ptf_and_channel_shift_is_bit_exact(mvit_graph, calib_images):
+@pytest.mark.parametrize("lut_zero_point", [False, True])
+def test_mobilevit_with_ptf_and_channel_shift_is_bit_exact(mvit_graph, calib_images, lut_zero_point):
     cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True,
-                      ptf=True)
+                      ptf=True, lut_zero_point=lut_zero_point)
     qg = quantize_graph(mvit_graph, cfg, calib_images)
     assert qg.info["transform"]["ptf_tensors"] and qg.info["transform"]["layers_shifted"]
     assert any(qg.act[n].scale.dim() == 1 for n in qg.info["transform"]["ptf_tensors"])

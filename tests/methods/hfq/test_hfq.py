@@ -63,3 +63,17 @@ def test_ptf_gives_layernorm_inputs_per_channel_power_of_two_scales(toy_calib):
     assert off.act["tok.add"].scale.dim() == 0
     floats = quantize_graph(graph, QuantConfig(method="hfq", scales="float", abits=6), toy_calib)
     assert "ptf_tensors" not in floats.info["transform"] and floats.act["tok.add"].scale.dim() == 0
+
+
+def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
+    graph = make_toy_graph()
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False)
+    on = quantize_graph(graph, cfg, toy_calib)
+    off = quantize_graph(graph, cfg.replace(lut_zero_point=False), toy_calib)
+    silu_inputs = [n.inputs[0] for n in graph.by_op("silu")]
+    assert all(on.act[name].qmin == 0 and int(on.act[name].zero_point) > 0 for name in silu_inputs)
+    assert any(off.act[name].qmin < 0 for name in silu_inputs)  # the symmetric grid it replaces
+    assert all(q.is_pot for q in on.act.values() if q.kind == "uniform")
+    x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    naive = quantize_graph(graph, QuantConfig(scales="pot", wbits=6, abits=6), toy_calib)
+    assert _err(on, graph, x) < _err(naive, graph, x)

@@ -12,6 +12,7 @@ from hybridquant.methods.hfq.pot_search import (
     _choose_weight,
     _Walker,
     sequential_refine,
+    zero_point_moves,
 )
 from hybridquant.primitives import is_power_of_two, is_two_term, two_term_round
 from hybridquant.qparams import QParams, range_to_qparams, restrict_pot
@@ -89,3 +90,27 @@ def test_pot_restriction_keeps_zero_exact(lo, width, bits):
     pot = restrict_pot(qp, "round", lo=torch.tensor(lo))
     assert is_power_of_two(float(pot.scale))
     assert float(pot.fake(torch.zeros(1))[0]) == 0.0  # zero stays exactly representable
+
+
+def test_zero_point_moves_only_for_asymmetric_grids():
+    asym = QParams(torch.tensor(0.25), torch.tensor(20, dtype=torch.int32), 0, 63, 6, None)
+    assert zero_point_moves(asym) == [0, 2, 5, 10, 15]
+    symmetric = QParams(torch.tensor(0.25), torch.tensor(0, dtype=torch.int32), -32, 31, 6, None)
+    unsigned = QParams(torch.tensor(0.25), torch.tensor(0, dtype=torch.int32), 0, 63, 6, None)
+    assert zero_point_moves(symmetric) == [0] and zero_point_moves(unsigned) == [0]
+
+
+def test_zero_point_search_gives_up_the_flat_side_of_a_silu(toy_calib):
+    """A two-sided SiLU input with a long negative tail: the search lowers the zero point, and its
+    consumer error is never worse than the exponent search alone."""
+    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="pot", abits=6, wbits=6), toy_calib)
+    walker = _Walker(qg, torch.cat(toy_calib))
+    name = "blk.conv1_1x1.conv"
+    raw = walker.ref[name] + 4.0 * walker.ref[name].clamp(max=0)  # stretch the negative side 5x
+    qp = range_to_qparams(raw.min(), raw.max(), 6, "asymmetric")
+    qp = restrict_pot(qp, "round", lo=raw.min())
+    plain = _choose_act(walker, name, raw, qp)
+    moved = _choose_act(walker, name, raw, qp, zero_point_search=True)
+    assert is_power_of_two(float(moved.scale))
+    assert walker.consumer_error(name, moved.fake(raw)) <= walker.consumer_error(name, plain.fake(raw))
+    assert int(moved.zero_point) < int(plain.zero_point)

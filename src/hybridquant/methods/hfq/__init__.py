@@ -16,14 +16,18 @@
    ``ptf``): the residual stream of a transformer has a few wide channels;
    each channel gets the scale 2^(k + c_j), which the integer LayerNorm
    aligns with left shifts.
-5. **Block reconstruction** (:mod:`.reconstruction`): each block learns its
+5. **Zero points on lookup-table inputs** (``lut_zero_point``): a conv's
+   output read only by its SiLU spends half of a symmetric grid on the
+   negative side, where SiLU is flat; an asymmetric grid lets the exponent
+   search give that side up for resolution where the output varies.
+6. **Block reconstruction** (:mod:`.reconstruction`): each block learns its
    weights' rounding (down or up on the same grid) and its biases against the
    float model's block output, with the activation quantizers in the loop.
 
 Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
 ``alpha_pot=False``, ``weight_rounding=False``, ``input_compensation=False``,
 ``bias_correction=False``, ``channel_shift=False``, ``ptf=False``,
-``reconstruction=False`` in :class:`~hybridquant.config.QuantConfig`.
+``lut_zero_point=False``, ``reconstruction=False`` in :class:`~hybridquant.config.QuantConfig`.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from typing import Any
 import torch
 
 from ...config import QuantConfig
-from ...graph.ir import Graph, Node
+from ...graph.ir import ELEMENTWISE_OPS, Graph, Node
 from ...observers import ActivationObserver
-from ...qparams import QParams, choose_mode
+from ...qparams import QParams, choose_mode, range_to_qparams
 from ..base import Method
 from ..fqvit import ptf_qparams, ptf_samples
 from .outlier_scaling import outlier_scaling
@@ -49,6 +53,8 @@ class HFQ(Method):
     def __init__(self) -> None:
         # LayerNorm-input producer -> (channel axis, [rows, C] sample), for per-channel factors (``ptf``)
         self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
+        # values read only by lookup-table non-linearities (``lut_zero_point``)
+        self.lut_inputs: set[str] = set()
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         info = outlier_scaling(graph, calib, config) if config.outlier_scaling else {"outlier_scaling": "off"}
@@ -57,6 +63,9 @@ class HFQ(Method):
             # the integer LayerNorm aligns channels along its normalised (last) dim only
             self.ptf = {name: v for name, v in found.items() if v[0] == -1}
             info["ptf_tensors"] = sorted(self.ptf)
+        if config.lut_zero_point and config.pot:
+            self.lut_inputs = {n.name for n in graph if n.name not in self.ptf and (users := graph.users(n.name))
+                               and all(u.op in ELEMENTWISE_OPS for u in users)}
         return info
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
@@ -64,6 +73,9 @@ class HFQ(Method):
             axis, sample = self.ptf[node.name]
             return ptf_qparams(sample, obs.min, obs.max, bits, choose_mode(obs.min, obs.max, config.act_symmetry),
                                axis)
+        if node.name in self.lut_inputs and obs.min < 0:
+            lo, hi = obs.range(self.act_range)
+            return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, "asymmetric")
         return super().act_qparams(node, obs, bits, config)
 
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
@@ -73,7 +85,8 @@ class HFQ(Method):
         info = sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
                                  bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
                                  input_compensation=config.input_compensation,
-                                 two_term_weights=config.shift_terms == 2, rounding_targets=targets)
+                                 two_term_weights=config.shift_terms == 2, rounding_targets=targets,
+                                 zero_point_search=config.lut_zero_point)
         if float_graph is not None:
             images = torch.cat(calib)[:RECONSTRUCTION_IMAGES]
             info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,
