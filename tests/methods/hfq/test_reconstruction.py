@@ -42,7 +42,7 @@ def test_rows_picks_every_row_of_an_image():
 
 def _config(**changes) -> QuantConfig:
     return QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=4, abits=4,
-                       reconstruction=True, reconstruction_iters=150).replace(**changes)
+                       reconstruction=True, reconstruction_iters=300).replace(**changes)
 
 
 def _calib_error(qg, graph, calib) -> float:
