@@ -110,7 +110,8 @@ def _quant_config(args: argparse.Namespace):
         shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
         weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
         input_compensation=not args.no_input_compensation, channel_shift=not args.no_channel_shift,
-        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point, reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
+        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point,
+        reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
     )
 
 
