@@ -25,6 +25,7 @@ model's values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams,
     for d in ACT_DELTAS:
         base = with_scale(qp, qp.scale * 2.0**d, lo=torch.tensor(lo))
         for move in zero_point_moves(base) if zero_point_search else [0]:
-            cand = QParams(base.scale, base.zero_point - move, base.qmin, base.qmax, base.bits, base.axis, base.kind)
+            cand = dataclasses.replace(base, zero_point=base.zero_point - move)
             err = walker.consumer_error(name, cand.fake(raw))
             if best_err is None or err < best_err:
                 best, best_err = cand, err
