@@ -73,6 +73,7 @@ def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
     silu_inputs = [n.inputs[0] for n in graph.by_op("silu")]
     assert all(on.act[name].qmin == 0 and int(on.act[name].zero_point) > 0 for name in silu_inputs)
     assert any(off.act[name].qmin < 0 for name in silu_inputs)  # the symmetric grid it replaces
+    assert off.info["refine"]["act_zero_points_lowered"] == 0
     assert all(q.is_pot for q in on.act.values() if q.kind == "uniform")
     x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
     naive = quantize_graph(graph, QuantConfig(scales="pot", wbits=6, abits=6), toy_calib)

@@ -34,7 +34,8 @@ def test_activation_search_never_worse_than_naive_rounding(toy_calib):
         qp = qg.act.get(node.name)
         if qp is None or qp.kind != "uniform" or qp.scale.dim() != 0:
             continue
-        best = _choose_act(walker, node.name, raw, qp)
+        best, move = _choose_act(walker, node.name, raw, qp)
+        assert move == 0  # no zero-point candidates unless asked
         assert is_power_of_two(float(best.scale))
         assert walker.consumer_error(node.name, best.fake(raw)) <= walker.consumer_error(node.name, qp.fake(raw)) + 1e-12
 
@@ -109,8 +110,9 @@ def test_zero_point_search_gives_up_the_flat_side_of_a_silu(toy_calib):
     raw = walker.ref[name] + 4.0 * walker.ref[name].clamp(max=0)  # stretch the negative side 5x
     qp = range_to_qparams(raw.min(), raw.max(), 6, "asymmetric")
     qp = restrict_pot(qp, "round", lo=raw.min())
-    plain = _choose_act(walker, name, raw, qp)
-    moved = _choose_act(walker, name, raw, qp, zero_point_search=True)
+    plain, no_move = _choose_act(walker, name, raw, qp)
+    moved, move = _choose_act(walker, name, raw, qp, zero_point_search=True)
+    assert no_move == 0 and move > 0
     assert is_power_of_two(float(moved.scale))
     assert walker.consumer_error(name, moved.fake(raw)) <= walker.consumer_error(name, plain.fake(raw))
     assert int(moved.zero_point) < int(plain.zero_point)

@@ -136,7 +136,7 @@ def sequential_refine(
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
     raw_needed = {n.inputs[0] for n in graph if n.attrs.get("raw_input")}
-    changed_w = changed_a = rounded_layers = 0
+    changed_w = changed_a = changed_zp = rounded_layers = 0
     for node in graph:
         if node.op == "output":
             continue
@@ -165,12 +165,13 @@ def sequential_refine(
             walker.raw[node.name] = raw
         qp = qgraph.act.get(node.name)
         if qp is not None and qp.kind == "uniform" and search_acts:
-            best = _choose_act(walker, node.name, raw, qp, zero_point_search)
+            best, move = _choose_act(walker, node.name, raw, qp, zero_point_search)
             changed_a += int(not torch.equal(best.scale, qp.scale))
+            changed_zp += int(move != 0)
             qgraph.act[node.name] = qp = best
         walker.q[node.name] = qp.fake(raw) if qp is not None else raw
     qgraph.rebuild()
-    return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a,
+    return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a, "act_zero_points_lowered": changed_zp,
             "gptq_layers": rounded_layers, "images": int(x.shape[0])}
 
 
@@ -201,18 +202,19 @@ def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QPa
 
 
 def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams,
-                zero_point_search: bool = False) -> QParams:
-    """The exponent (for per-channel PTF scales: all channels' exponents together) with the least consumer error."""
+                zero_point_search: bool = False) -> tuple[QParams, int]:
+    """The exponent (for per-channel PTF scales: all channels' exponents together) with the least consumer
+    error, and how many codes its zero point was lowered below the min-max one (0 without ``zero_point_search``)."""
     lo = -float(qp.zero_point) * float(qp.scale.max())  # a shared zero point belongs to the widest channel
-    best, best_err = qp, None
+    best, best_err, best_move = qp, None, 0
     for d in ACT_DELTAS:
         base = with_scale(qp, qp.scale * 2.0**d, lo=torch.tensor(lo))
         for move in zero_point_moves(base) if zero_point_search else [0]:
             cand = dataclasses.replace(base, zero_point=base.zero_point - move)
             err = walker.consumer_error(name, cand.fake(raw))
             if best_err is None or err < best_err:
-                best, best_err = cand, err
-    return best
+                best, best_err, best_move = cand, err, move
+    return best, best_move
 
 
 def zero_point_moves(qp: QParams) -> list[int]:
