@@ -57,7 +57,8 @@ class QuantConfig:
             PTF), with power-of-two scales only.
         lut_zero_point: hfq (power-of-two scales only) gives a two-sided tensor read only
             by lookup-table non-linearities (a conv's output before its SiLU) a zero point,
-            and the exponent search also lowers the zero points of asymmetric grids.
+            and the exponent search also lowers the zero points of asymmetric grids
+            (for those tensors it overrides ``act_symmetry``).
         reconstruction / reconstruction_iters: hfq's block reconstruction (learned
             rounding and biases per block with the activation quantizers in the
             loop) on/off, and its optimisation steps per block.
