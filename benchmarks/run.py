@@ -53,6 +53,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no outlier scaling": {"outlier_scaling": False},
     "no channel shift": {"channel_shift": False},
     "no LayerNorm PTF": {"ptf": False},
+    "no LUT-input threshold grid": {"lut_thresholds": False},
     "no LUT-input zero point": {"lut_zero_point": False},
     "alpha float": {"alpha_pot": False},
     "PoT round (no objective search)": {"pot_rounding": "round"},

@@ -117,6 +117,7 @@ def test_eval_integer_refuses_float_scales(tmp_path, capsys, base_args, data_dir
 @pytest.mark.parametrize("flags, changes", [
     ([], {}),
     (["--no-lut-zero-point"], {"lut_zero_point": False}),
+    (["--no-lut-thresholds"], {"lut_thresholds": False}),
     (["--no-ptf", "--no-channel-shift"], {"ptf": False, "channel_shift": False}),
     (["--no-reconstruction", "--reconstruction-iters", "7"], {"reconstruction": False, "reconstruction_iters": 7}),
 ])

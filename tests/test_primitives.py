@@ -20,6 +20,8 @@ from hybridquant.primitives import (
     saturate,
     shift_right_round,
     sqnr_db,
+    threshold_fake_quantize,
+    threshold_quantize,
 )
 
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -127,3 +129,23 @@ def test_sqnr():
     x = torch.randn(1000)
     assert sqnr_db(x, x) == float("inf")
     assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-4  # float32 product, float64 ratio
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=32),
+       st.lists(st.integers(-4000, 4000), max_size=20, unique=True), st.integers(-8, 2))
+def test_threshold_quantize_counts_bounds_at_or_below(values, thresholds, k):
+    t = torch.tensor(sorted(thresholds), dtype=torch.int64)
+    x = torch.tensor(values, dtype=torch.float32)
+    step = 2.0**k
+    codes = threshold_quantize(x, t, step)
+    want = [sum(1 for b in sorted(thresholds) if b * step <= v) for v in x.tolist()]
+    assert codes.tolist() == want
+    levels = torch.arange(len(thresholds) + 1, dtype=torch.float32) * 10
+    assert torch.equal(threshold_fake_quantize(x, t, step, levels), levels[codes])
+
+
+def test_threshold_quantize_bound_belongs_to_the_code_above():
+    t = torch.tensor([-2, 0, 3])
+    x = torch.tensor([-0.51, -0.5, -0.01, 0.0, 0.74, 0.75, 9.0])
+    assert threshold_quantize(x, t, 0.25).tolist() == [0, 1, 1, 2, 2, 3, 3]

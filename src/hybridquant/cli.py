@@ -91,6 +91,8 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
                    help="hfq: do not centre the input channels of layers that read a norm (ablation)")
     g.add_argument("--no-ptf", action="store_true",
                    help="hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)")
+    g.add_argument("--no-lut-thresholds", action="store_true",
+                   help="hfq: uniform grids on lookup-table inputs instead of threshold grids (ablation)")
     g.add_argument("--no-lut-zero-point", action="store_true",
                    help="hfq: symmetric grids on lookup-table inputs, no zero-point search (ablation)")
     g.add_argument("--no-reconstruction", action="store_true",
@@ -110,7 +112,7 @@ def _quant_config(args: argparse.Namespace):
         shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
         weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
         input_compensation=not args.no_input_compensation, channel_shift=not args.no_channel_shift,
-        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point,
+        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point, lut_thresholds=not args.no_lut_thresholds,
         reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
     )
 

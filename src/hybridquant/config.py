@@ -59,6 +59,10 @@ class QuantConfig:
             by lookup-table non-linearities (a conv's output before its SiLU) a zero point,
             and the exponent search also lowers the zero points of asymmetric grids
             (for those tensors it overrides ``act_symmetry``).
+        lut_thresholds: hfq (power-of-two scales only) quantizes a tensor read only by one
+            lookup table on a threshold grid whose intervals are the preimages of the table's
+            output codes (the integer program compares the shifted accumulator with integer
+            thresholds); it replaces the uniform grid, zero point included, for those tensors.
         reconstruction / reconstruction_iters: hfq's block reconstruction (learned
             rounding and biases per block with the activation quantizers in the
             loop) on/off, and its optimisation steps per block.
@@ -84,6 +88,7 @@ class QuantConfig:
     channel_shift: bool = True
     ptf: bool = True
     lut_zero_point: bool = True
+    lut_thresholds: bool = True
     weight_rounding: bool = True
     input_compensation: bool = True
     bias_correction: bool = True

@@ -97,8 +97,9 @@ def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float]) -> list[dict[str,
 def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
     """Bytes of the deployed parameters at the chosen bit widths.
 
-    Integer weights at their bit width, int32 biases, and the parameters that
-    stay outside the MACs (norm affines, outlier-scaling vectors) at 16 bits.
+    Integer weights at their bit width, int32 biases, the parameters that
+    stay outside the MACs (norm affines, outlier-scaling vectors) at 16 bits,
+    and threshold grids' thresholds as int32.
     """
     weights = sum(qgraph.weight_int[n].numel() * qgraph.weight[n].bits for n in qgraph.weight_int) // 8
     biases = 4 * sum(b.numel() for b in qgraph.bias_int.values())
@@ -111,6 +112,7 @@ def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
                 continue
             if not key.startswith("running_"):
                 other += 2 * t.numel()
+    other += 4 * sum(q.thresholds.numel() for q in qgraph.act.values() if q.kind == "threshold")
     return {"weights": weights, "biases": biases, "other": other, "total": weights + biases + other}
 
 

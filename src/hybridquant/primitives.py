@@ -104,6 +104,40 @@ def twin_fake_quantize(x: torch.Tensor, scale, shift: int, qmin: int, qmax: int)
     return torch.where(q_fine <= qmax, torch.clamp(q_fine, 0, qmax) * fine, y_coarse)
 
 
+def threshold_quantize(x: torch.Tensor, thresholds: torch.Tensor, step) -> torch.Tensor:
+    """Codes of a threshold grid: the number of decision thresholds ``thresholds_j · step`` at or below ``x``.
+
+    ``thresholds`` are ascending integers on the grid ``step`` (a power of two, so every bound is exact in
+    float32 below 2^24); code ``k`` covers ``[t_k·step, t_(k+1)·step)``, codes ``0 … len(thresholds)``.
+    Returns int64 codes.
+    """
+    bounds = thresholds.to(x.dtype) * torch.as_tensor(step, dtype=x.dtype)
+    return torch.searchsorted(bounds, x.contiguous(), right=True)
+
+
+def threshold_table(thresholds: torch.Tensor, levels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(lo, table)`` with ``table[i] = levels[code]`` for the grid index ``lo + i``, from one below the
+    first threshold to the last: the code of ``x`` is a lookup of ``floor(x / step)`` instead of a search."""
+    if thresholds.numel() == 0:
+        return 0, levels[:1].clone()
+    lo, hi = int(thresholds[0]) - 1, int(thresholds[-1])
+    codes = torch.searchsorted(thresholds.to(torch.int64), torch.arange(lo, hi + 1), right=True)
+    return lo, levels[codes]
+
+
+def threshold_fake_quantize(x: torch.Tensor, thresholds: torch.Tensor, step, levels: torch.Tensor,
+                            table: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`threshold_quantize`, each code replaced by its representative value ``levels[code]``.
+
+    Computed as a lookup of ``floor(x / step)`` in :func:`threshold_table` (``table``, when given, is its
+    result): since every threshold is an integer, ``t ≤ x / step ⟺ t ≤ floor(x / step)``.
+    """
+    lo, values = table if table is not None else threshold_table(thresholds, levels)
+    k = x / torch.as_tensor(step, dtype=x.dtype)
+    k.floor_().clamp_(lo, lo + values.numel() - 1).sub_(lo)
+    return torch.take(values.to(x.dtype), k.long())
+
+
 def pot_exponent(scale: torch.Tensor | float, mode: str = "round") -> torch.Tensor:
     """Exponent k of the power of two 2^k that replaces ``scale`` (``round`` or ``ceil`` of log2)."""
     log = torch.log2(torch.as_tensor(scale, dtype=torch.float64))

@@ -7,7 +7,8 @@ rounding (:mod:`primitives`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from .primitives import (
     pot_exponent,
     qrange,
     round_half_up,
+    threshold_fake_quantize,
+    threshold_table,
     twin_fake_quantize,
     two_term_round,
 )
@@ -37,6 +40,11 @@ class QParams:
       ``scale`` is the fine range's step and ``scale·2^twin_shift`` the coarse
       one's; ``qmin == 0`` is the post-softmax form, ``qmin < 0`` the
       post-GELU/SiLU form (see :func:`~hybridquant.primitives.twin_fake_quantize`).
+    * ``'threshold'``: a non-uniform grid for a tensor read only by a lookup table (hfq): code ``k`` of
+      ``0 … qmax`` covers ``[thresholds_k·scale, thresholds_(k+1)·scale)`` (``thresholds``: ``qmax``
+      ascending integers on the power-of-two grid ``scale``) and stands for ``levels[k]``; the integer
+      program compares the accumulator, shifted to ``scale``, with the thresholds
+      (:func:`~hybridquant.primitives.threshold_quantize`).
     """
 
     scale: torch.Tensor
@@ -47,6 +55,10 @@ class QParams:
     axis: int | None = None
     kind: str = "uniform"
     twin_shift: int = 0
+    thresholds: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
+    #: lookup table of a threshold grid (:func:`~hybridquant.primitives.threshold_table`), built on first use
+    _table: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def signed(self) -> bool:
@@ -66,6 +78,10 @@ class QParams:
             return log_sqrt2_fake_quantize(x, self.bits)
         if self.kind == "twin":
             return twin_fake_quantize(x, self.scale, self.twin_shift, self.qmin, self.qmax)
+        if self.kind == "threshold":
+            if self._table is None:
+                self._table = threshold_table(self.thresholds, self.levels)
+            return threshold_fake_quantize(x, self.thresholds, self.scale, self.levels, self._table)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +91,8 @@ class QParams:
         }
         if self.kind == "twin":
             d["twin_shift"] = self.twin_shift
+        if self.kind == "threshold":
+            d["thresholds"], d["levels"] = self.thresholds.tolist(), self.levels.tolist()
         return d
 
     @classmethod
@@ -83,6 +101,8 @@ class QParams:
             torch.tensor(d["scale"], dtype=torch.float32), torch.tensor(d["zero_point"], dtype=torch.int32),
             int(d["qmin"]), int(d["qmax"]), int(d["bits"]), d["axis"], d.get("kind", "uniform"),
             int(d.get("twin_shift", 0)),
+            torch.tensor(d["thresholds"], dtype=torch.int64) if "thresholds" in d else None,
+            torch.tensor(d["levels"], dtype=torch.float32) if "levels" in d else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -97,6 +117,8 @@ class QParams:
             out["channels"] = int(s.numel())
         if self.kind == "twin":
             out["twin_shift"] = self.twin_shift
+        if self.kind == "threshold":
+            out["levels"] = self.qmax + 1
         out["pot"] = self.is_pot
         return out
 
@@ -149,7 +171,7 @@ def with_scale(qp: QParams, scale: torch.Tensor, lo: torch.Tensor | None = None)
             ref = ref.max()                      # PTF): the widest channel's grid must reach ``lo``
         zp = torch.clamp(round_half_up(-torch.as_tensor(lo, dtype=torch.float64) / ref), qp.qmin, qp.qmax)
         zp = zp.to(torch.int32).reshape(qp.zero_point.shape)
-    return QParams(scale, zp, qp.qmin, qp.qmax, qp.bits, qp.axis, qp.kind, qp.twin_shift)
+    return dataclasses.replace(qp, scale=scale, zero_point=zp)
 
 
 def restrict_pot(qp: QParams, mode: str = "round", lo: torch.Tensor | None = None) -> QParams:

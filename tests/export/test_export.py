@@ -101,10 +101,18 @@ def test_manifest_layout(toy_calib, tmp_path):
     inp, out = stored["ops"][0], stored["ops"][-1]
     assert inp["kind"] == "quantize" and {"scale", "scale_exp", "zero_point", "qmin", "qmax"} <= set(inp["arrays"])
     assert out["kind"] == "output" and {"scale", "scale_exp", "zero_point"} <= set(out["arrays"])
-    conv = by_name["stem.conv"]
+    conv = by_name["blk.conv3_1x1.conv"]
     assert conv["arrays"]["weight"]["dtype"] == "int8" and conv["arrays"]["bias"]["dtype"] == "int32"
     assert conv["attrs"]["requant"] == {"mode": "two_term", "axis": 1}
     assert {"requant.a", "requant.b", "requant.sign", "requant.n"} <= set(conv["arrays"])
+    # a conv output read only by its SiLU table: a threshold grid, reached by the same two terms
+    grids = [name for name, qp in qg.act.items() if qp.kind == "threshold"]
+    assert grids
+    for name in grids:
+        op = by_name[name]
+        assert op["attrs"]["requant"] == {"mode": "threshold", "axis": 1}
+        assert {"requant.a", "requant.b", "requant.sign", "requant.n", "requant.thresholds"} <= set(op["arrays"])
+        assert op["arrays"]["requant.thresholds"]["shape"] == [qg.act[name].qmax]
     assert by_name["blk.add"]["arrays"]["align_shift.1"]["shape"] == []
     assert by_name["tok.softmax"]["arrays"]["exp_table"]["shape"] == [256]
     assert {"gamma_q", "beta_q", "eps_q", "out_shift", "channel_shift", "sqrt_frac_bits"} <= set(

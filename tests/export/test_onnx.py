@@ -117,6 +117,21 @@ def test_onnx_is_the_simulation_up_to_float_softmax_and_layernorm(name, mvit_gra
     assert float((got == want).mean()) >= 0.95, float((got == want).mean())
 
 
+def test_threshold_grids_export_exactly(mvit_graph, calib_images, images, monkeypatch, tmp_path):
+    """hfq's threshold grids on the SiLU inputs become comparisons and a gather: the same logits as the
+    simulation (float softmax / LayerNorm on both sides), as in the test above."""
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
+    qg = quantize_graph(mvit_graph, cfg, calib_images)
+    grids = sum(qp.kind == "threshold" for qp in qg.act.values())
+    assert grids > 0
+    summary = export_onnx(qg, tmp_path / "hfq.onnx", META)
+    assert summary["threshold_grids"] == grids
+    got = _session(tmp_path / "hfq.onnx").run(None, {"input": images.numpy()})[0]
+    want = _sim_as_onnx(qg, images, monkeypatch).numpy()
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    assert float((got == want).mean()) >= 0.95, float((got == want).mean())
+
+
 def test_half_up_rounding_chain_is_what_makes_it_exact(mvit_graph, calib_images, images, monkeypatch):
     """Without the Floor chain, QuantizeLinear alone would round ties to even: the simulation with that
     rounding differs from the exported model, so the chain is doing the work (the test can fail)."""

@@ -23,8 +23,10 @@ from hybridquant.integer.arith import (
     int_softmax,
     isqrt,
     layernorm_constants,
+    lut_codes,
     multiplier_to_shifts,
     requantize,
+    requantize_thresholds,
     requantize_two_term,
     softmax_exp_table,
 )
@@ -143,6 +145,36 @@ def test_requantize_two_term_per_channel_and_saturation():
     ms = [Fraction(6, 16), Fraction(5, 16)]
     want = [[ref_clamp(ref_round(x * ms[r]) + [0, 10][r], -128, 127) for x in acc[r].tolist()] for r in range(2)]
     assert got.tolist() == want
+
+
+@FAST
+@given(st.lists(INT32, min_size=1, max_size=16), st.integers(-12, 20), st.integers(1, 12), st.sampled_from([-1, 0, 1]),
+       st.integers(-6, 40), st.lists(st.integers(-(2**20), 2**20), max_size=12, unique=True))
+def test_requantize_thresholds_counts_thresholds_at_or_below_the_exact_product(acc, a, gap, sign, n, thresholds):
+    b = a - gap
+    m = (Fraction(2) ** a + sign * Fraction(2) ** b) / Fraction(2) ** n
+    assume(max(a, b, 0) + max(0, -n) + max(0, -min(a, b)) <= 29)
+    thresholds = sorted(thresholds)
+    got = requantize_thresholds(t64(acc), a, b, sign, n, t64(thresholds))
+    # no rounding anywhere: a value exactly on a threshold belongs to the code above it
+    assert got.tolist() == [sum(1 for t in thresholds if x * m >= t) for x in acc]
+
+
+def test_requantize_thresholds_per_channel_ties_and_negatives():
+    acc = t64([[-9, -8, -7, 7, 8], [-9, -8, -7, 7, 8]])
+    # channel 0: M = 1/4 (floor(-9/4) = -3, floor(-7/4) = -2); channel 1: M = 2
+    got = requantize_thresholds(acc, t64([0, 1]), t64([0, 0]), t64([0, 0]), t64([2, 0]), t64([-2, 0, 2]), axis=0)
+    assert got.tolist() == [[0, 1, 1, 2, 3], [0, 0, 0, 3, 3]]
+    with pytest.raises(OverflowError):
+        requantize_thresholds(t64([2**40]), 25, 0, 0, 0, t64([0]))
+
+
+def test_lut_codes_per_channel_broadcast_is_the_channel_table():
+    values = torch.linspace(-3, 3, 9, dtype=torch.float64).unsqueeze(0)
+    out_scale = torch.tensor([[0.25], [0.125]], dtype=torch.float64)
+    table = lut_codes(F.silu, values, out_scale, 3, 0, 63)
+    for j in range(2):
+        assert torch.equal(table[j], lut_codes(F.silu, values[0], float(out_scale[j]), 3, 0, 63))
 
 
 def test_requantize_overflow_is_refused():

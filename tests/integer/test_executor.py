@@ -35,9 +35,10 @@ def _node_diffs(qg, im, x):
     sim = qg.run(x, keep=True)
     diffs = {}
     for name, v in trace.items():
-        if name in qg.act:
-            deq = (v.q - v.zp).double() * v.scale.double()
-            diffs[name] = float(((deq - sim[name].double()).abs() / qg.act[name].scale.double()).max())
+        qp = qg.act.get(name)
+        if qp is not None:  # codes of a threshold grid stand for its levels
+            deq = qp.levels.double()[v.q] if qp.kind == "threshold" else (v.q - v.zp).double() * v.scale.double()
+            diffs[name] = float(((deq - sim[name].double()).abs() / qp.scale.double()).max())
     return out, sim, diffs
 
 
@@ -87,3 +88,16 @@ def test_float_nodes_cannot_be_lowered(toy_calib):
     qg = quantize_graph(make_toy_graph(), QuantConfig(scales="pot", float_ops=("tok.softmax",)), toy_calib)
     with pytest.raises(HybridQuantError, match="left in float"):
         IntegerModel(qg)
+
+
+def test_threshold_grids_read_through_per_channel_tables_are_bit_exact(toy_calib):
+    """A SiLU folded into outlier scaling's per-channel shift has no quantizer of its own: its input's
+    threshold grid serves every channel's output grid, and the per-channel table is built from the grid."""
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
+    qg = quantize_graph(make_toy_graph(), cfg, toy_calib)
+    deferred = [n.inputs[0] for n in qg.graph.by_op("silu") if n.name not in qg.act]
+    assert deferred and all(qg.act[name].kind == "threshold" for name in deferred)
+    x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 3 - 1.5  # beyond the calibration range
+    out, sim, diffs = _node_diffs(qg, IntegerModel(qg), x)
+    assert max(diffs.values()) == 0.0, {k: v for k, v in diffs.items() if v}
+    assert torch.equal(out, sim["head.fc"])

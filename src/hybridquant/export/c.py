@@ -9,7 +9,7 @@ The header holds the same content as the ``.npz`` export:
   ops whose values an op reads, -1 padded);
 * per op ``NNNN``: its structural attributes as ``#define <P>_OPNNNN_<ATTR>``
   (lists as brace initialisers, e.g. ``<P>_OP0001_STRIDE {1, 1}``; the
-  requant mode as ``<P>_OPNNNN_REQUANT_TWO_TERM`` 0/1 and its axis,
+  requant mode as ``<P>_OPNNNN_REQUANT_TWO_TERM`` and ``_REQUANT_THRESHOLD`` 0/1 and its axis,
   ``-1`` for none), ``<P>_OPNNNN_OUT_SHAPE``; every scalar constant as a
   typed ``#define`` (``((int32_t)9)``, ``INT64_C(...)``, float scales as
   hex float literals) and every array as ``static const <exact type>
@@ -167,6 +167,7 @@ def header_text(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None
         for key, value in op["attrs"].items():
             if key == "requant":
                 w(f"#define {up}_{tag}_REQUANT_TWO_TERM {int(value['mode'] == 'two_term')}")
+                w(f"#define {up}_{tag}_REQUANT_THRESHOLD {int(value['mode'] == 'threshold')}")
                 axis = value["axis"]
                 w(f"#define {up}_{tag}_REQUANT_AXIS " + (str(axis) if axis is not None else "(-1) /* per tensor */"))
                 continue

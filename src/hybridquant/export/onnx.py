@@ -34,8 +34,12 @@ grid with the simulation's rounding and leaves ``QuantizeLinear`` no tie
 (counted as ``half_up_rounding``). Softmax / LayerNorm run in float where a
 power-of-two simulation runs integer kernels, so logits still differ by a
 few output LSBs at most (see ``tests/export/test_onnx.py``).
-Quantizers with no uniform QDQ form (``log2``, ``log_sqrt2``, ``twin``) are
-refused with :class:`~hybridquant.errors.HybridQuantError`.
+A threshold grid (hfq's grid on a lookup table's input) has no QDQ form
+either; it is exported exactly as ``GreaterOrEqual`` against its bounds,
+summed to the code, and ``Gather`` of the code's representative value
+(counted as ``threshold_grids``). Quantizers with no uniform QDQ form
+(``log2``, ``log_sqrt2``, ``twin``) are refused with
+:class:`~hybridquant.errors.HybridQuantError`.
 
 The model's metadata (``metadata_props``, JSON strings under
 ``hybridquant.*`` keys) holds the model name, class names, data config
@@ -113,6 +117,7 @@ class _Builder:
         self.layout_qdq = 0
         self.weight_dq = 0
         self.rounded = 0
+        self.threshold_grids = 0
 
     def unique(self, base: str) -> str:
         return unique_name(base, self.taken)
@@ -136,6 +141,8 @@ class _Builder:
 
         ``clip=False`` leaves out the Clip of a narrow code range (for values already on the grid).
         """
+        if qp.kind == "threshold":
+            return self.threshold_grid(src, qp, owner)
         if qp.kind != "uniform":
             raise HybridQuantError(f"node {owner}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
                                    "DequantizeLinear form; export a model with uniform quantizers")
@@ -166,6 +173,19 @@ class _Builder:
         if not clip:
             self.layout_qdq += 1
         return self.add("DequantizeLinear", [q, s, z], f"{owner}.dequantized", **attrs)
+
+    def threshold_grid(self, src: str, qp: QParams, owner: str) -> str:
+        """A threshold grid (no QDQ form): the code is the number of bounds at or below ``x``
+        (``GreaterOrEqual`` against every bound, summed over them), its value ``levels[code]`` (``Gather``)."""
+        bounds = (qp.thresholds.double() * float(qp.scale)).float().numpy()  # exact: integers times 2^f
+        last = self.const(f"{owner}.last_axis", np.array([-1], np.int64))
+        x = self.add("Unsqueeze", [src, last], f"{owner}.unsqueezed")
+        above = self.add("GreaterOrEqual", [x, self.const(f"{owner}.bounds", bounds)], f"{owner}.at_or_above")
+        above = self.add("Cast", [above], f"{owner}.at_or_above_int", to=self.onnx.TensorProto.INT64)
+        codes = self.add("ReduceSum", [above, last], f"{owner}.codes", keepdims=0)
+        self.threshold_grids += 1
+        return self.add("Gather", [self.const(f"{owner}.levels", qp.levels.float().numpy()), codes],
+                        f"{owner}.dequantized")
 
     def _round_half_up(self, src: str, scale: np.ndarray, owner: str) -> str:
         """``floor(x/s + 0.5)·s``: values already on the grid, so QuantizeLinear's half-to-even never
@@ -221,9 +241,9 @@ class _Exporter:
         self.value_qp: dict[str, QParams | None] = {}  # node -> quantizer of the value it carries
 
     def check_quantizers(self) -> None:
-        """Refuse quantizers without a QDQ form (log2, log_sqrt2, twin) up front."""
+        """Refuse quantizers without an ONNX form (log2, log_sqrt2, twin) up front."""
         for name, qp in list(self.qg.act.items()) + list(self.qg.weight.items()):
-            if qp.kind != "uniform":
+            if qp.kind not in ("uniform", "threshold"):
                 raise HybridQuantError(f"node {name}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
                                        "DequantizeLinear form; export a model with uniform quantizers")
 
@@ -464,7 +484,8 @@ def export_onnx(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, 
     activation quantizer plus ``layout_qdq``, the exact re-quantization
     after layout ops), ``weight_dq`` (integer weight / bias initializers
     read through DequantizeLinear), ``half_up_rounding`` (quantizers
-    preceded by the half-up rounding chain), ``input`` and ``output``
+    preceded by the half-up rounding chain), ``threshold_grids`` (threshold
+    grids, exported as comparisons and a gather), ``input`` and ``output``
     (tensor names).
     Raises HybridQuantError for quantizers without a QDQ form, and when
     ``onnx`` is not installed; nothing is written then.
@@ -475,7 +496,7 @@ def export_onnx(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, 
         tmp.write_bytes(data)
     return {"opset": OPSET, "ir_version": IR_VERSION, "nodes": len(model.graph.node),
             "qdq_pairs": built.qdq_pairs, "layout_qdq": built.layout_qdq, "weight_dq": built.weight_dq,
-            "half_up_rounding": built.rounded,
+            "half_up_rounding": built.rounded, "threshold_grids": built.threshold_grids,
             "input": model.graph.input[0].name, "output": model.graph.output[0].name}
 
 

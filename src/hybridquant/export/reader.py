@@ -11,7 +11,7 @@ tests hold it bit-exact against the torch integer executor, and
 
 Every kernel is written from the export's contract: exact int64 products
 (conv2d via im2col), requantization by shifts with round half up
-(``(acc + (1 << (n - 1))) >> n`` for ``n > 0``), lookup tables, the integer
+(``(acc + (1 << (n - 1))) >> n`` for ``n > 0``) or onto threshold grids, lookup tables, the integer
 softmax and LayerNorm (floor square root by the digit-by-digit method,
 division rounded half up as ``(2·num + den) // (2·den)``).
 """
@@ -112,6 +112,15 @@ def requant(p: Program, op: dict[str, Any], acc: np.ndarray) -> np.ndarray:
         a, b, n = a + lift, b + lift, n + lift
         _check(acc, "requant two-term", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
         out = shift_round((acc << a) + sign * (acc << b), n)
+    elif rq["mode"] == "threshold":  # the same sum, shifted with floor, then count the thresholds at or below
+        a, b, sign, n = g("a"), g("b"), g("sign"), g("n")
+        b = np.where(sign != 0, b, a)
+        lift = np.maximum(-np.minimum(np.minimum(a, b), 0), 0)
+        a, b, n = a + lift, b + lift, n + lift
+        _check(acc, "requant threshold", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
+        total = (acc << a) + sign * (acc << b)
+        v = np.where(n > 0, total >> np.maximum(n, 0), total << np.maximum(-n, 0))
+        out = np.searchsorted(p.get(op, "requant.thresholds"), v, side="right").astype(np.int64)
     else:
         raise ValueError(f"requant mode {rq['mode']} has no integer form")
     return np.clip(out + zp, int(p.get(op, "requant.qmin")), int(p.get(op, "requant.qmax")))

@@ -43,8 +43,10 @@ __all__ = [
     "int_softmax",
     "isqrt",
     "layernorm_constants",
+    "lut_codes",
     "multiplier_to_shifts",
     "requantize",
+    "requantize_thresholds",
     "requantize_two_term",
     "softmax_exp_table",
 ]
@@ -160,11 +162,35 @@ def requantize_two_term(acc: torch.Tensor, a: torch.Tensor | int, b: torch.Tenso
     e.g. an int32 accumulator with ``a, b ≤ 29`` and ``n ≤ 60``.
     """
     acc = _i64(acc)
+    total, n = _two_term_sum(acc, a, b, sign, n, axis)
+    return torch.clamp(shift_right_round(total, n) + _param(zero_point, acc, axis), qmin, qmax)
 
-    def prm(t):
-        return _bcast(_i64(t), acc, axis) if isinstance(t, torch.Tensor) else int(t)
 
-    a, b, sign, n, zero_point = prm(a), prm(b), prm(sign), prm(n), prm(zero_point)
+def requantize_thresholds(acc: torch.Tensor, a: torch.Tensor | int, b: torch.Tensor | int,
+                          sign: torch.Tensor | int, n: torch.Tensor | int, thresholds: torch.Tensor,
+                          axis: int | None = None) -> torch.Tensor:
+    """Requantize onto a threshold grid: ``code = #{j : thresholds_j ≤ floor(acc·M)}``.
+
+    ``M = (2^a + sign·2^b)·2^-n`` takes the accumulator to the thresholds' grid (parameters as in
+    :func:`requantize_two_term`; ``sign = 0`` for a single shift). Since each threshold is an integer,
+    ``acc·M ≥ t ⟺ floor(acc·M) ≥ t``: the arithmetic right shift by ``n`` (floor, no rounding bias) of
+    ``(acc << a) + sign·(acc << b)`` gives the code exactly, with comparisons only. ``thresholds`` are
+    ascending integers; codes ``0 … len(thresholds)``. Same range check as :func:`requantize_two_term`.
+    """
+    acc = _i64(acc)
+    total, n = _two_term_sum(acc, a, b, sign, n, axis)
+    n = torch.as_tensor(n, dtype=torch.int64)
+    v = torch.where(n > 0, total >> n.clamp_min(0), total << (-n).clamp_min(0))
+    return torch.searchsorted(_i64(thresholds).contiguous(), v.contiguous(), right=True)
+
+
+def _param(t: torch.Tensor | int, acc: torch.Tensor, axis: int | None) -> torch.Tensor | int:
+    return _bcast(_i64(t), acc, axis) if isinstance(t, torch.Tensor) else int(t)
+
+
+def _two_term_sum(acc: torch.Tensor, a, b, sign, n, axis: int | None):
+    """``((acc << a) + sign·(acc << b), n)`` with ``a, b`` lifted to ``≥ 0`` (``n`` with them), range-checked."""
+    a, b, sign, n = (_param(t, acc, axis) for t in (a, b, sign, n))
     if isinstance(sign, torch.Tensor):
         if sign.numel() and not bool(((sign == 0) | (sign == 1) | (sign == -1)).all()):
             raise ValueError("sign must be -1, 0 or +1")
@@ -183,8 +209,7 @@ def requantize_two_term(acc: torch.Tensor, a: torch.Tensor | int, b: torch.Tenso
         a, b_eff, n = a + lift, b_eff + lift, n + lift
     top = max(_max(a), _max(b_eff)) + max(0, -_min(n))
     _guard((_absmax(acc) << (top + 1)) + (1 << max(0, _max(n))), "requantize_two_term shifted accumulator")
-    total = (acc << a) + sign * (acc << b_eff)
-    return torch.clamp(shift_right_round(total, n) + zero_point, qmin, qmax)
+    return (acc << a) + sign * (acc << b_eff), n
 
 
 def multiplier_to_shifts(m: float, terms: int) -> tuple[int, int, int, int]:
@@ -258,9 +283,20 @@ def build_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale: float, in_zp
     ``in_qmax − in_qmin + 1`` entries; apply with :func:`apply_lut`.
     """
     codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64)
-    # fn runs in float32, as in the simulation, so the table reproduces it bit for bit
-    y = fn(((codes - in_zp) * float(in_scale)).float()).to(torch.float64)
-    out = round_half_up(y / float(out_scale)) + out_zp
+    return lut_codes(fn, (codes - in_zp) * float(in_scale), out_scale, out_zp, out_qmin, out_qmax)
+
+
+def lut_codes(fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, out_scale, out_zp,
+              out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Output codes of ``fn`` at the input ``values`` (setup time): the entries of a lookup table.
+
+    ``clamp(round_half_up(fn(values) / out_scale) + out_zp, out_qmin, out_qmax)``; ``fn`` runs in float32,
+    as in the simulation, so a table reproduces it bit for bit; the quotient is rounded in float64.
+    ``out_scale`` and ``out_zp`` are numbers or tensors that broadcast with ``values`` (``[C, 1]`` against
+    ``[1, levels]`` for a per-channel table). Returns int64.
+    """
+    y = fn(values.float()).to(torch.float64)
+    out = round_half_up(y / torch.as_tensor(out_scale, dtype=torch.float64)) + torch.as_tensor(out_zp)
     return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
 
 
@@ -295,9 +331,7 @@ def build_channel_lut(fn: Callable[[torch.Tensor], torch.Tensor], in_scale, in_z
         return t.expand(channels, 1) if t.shape[0] == 1 else t
 
     codes = torch.arange(in_qmin, in_qmax + 1, dtype=torch.float64).unsqueeze(0)
-    y = fn(((codes - col(in_zp)) * col(in_scale)).float()).to(torch.float64)
-    out = round_half_up(y / col(out_scale)) + col(out_zp)
-    return torch.clamp(out, out_qmin, out_qmax).to(torch.int64)
+    return lut_codes(fn, (codes - col(in_zp)) * col(in_scale), col(out_scale), col(out_zp), out_qmin, out_qmax)
 
 
 def apply_channel_lut(q: torch.Tensor, table: torch.Tensor, in_qmin: int, axis: int) -> torch.Tensor:

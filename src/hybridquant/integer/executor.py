@@ -94,11 +94,16 @@ class Requant:
         zp = qp.zero_point.to(torch.int64)
         if self.params is None:  # float fallback (explicitly allowed)
             m = _bc(self.m, acc, axis if self.m.numel() > 1 else None)
+            if qp.kind == "threshold":
+                return torch.searchsorted(qp.thresholds.double().contiguous(), (acc.double() * m).contiguous(),
+                                          right=True)
             return torch.clamp(torch.floor(acc.double() * m + 0.5).to(torch.int64) + zp, qp.qmin, qp.qmax)
         a, b, sign, n = (torch.tensor(v, dtype=torch.int64) for v in zip(*self.params, strict=True))
         ax = axis if a.numel() > 1 else None
         if a.numel() == 1:
             a, b, sign, n = a[0], b[0], sign[0], n[0]
+        if qp.kind == "threshold":
+            return arith.requantize_thresholds(acc, a, b, sign, n, qp.thresholds, axis=ax)
         if bool((sign == 0).all()):
             return arith.requantize(acc, n - a, zp, qp.qmin, qp.qmax, axis=ax)
         return arith.requantize_two_term(acc, a, b, sign, n, zp, qp.qmin, qp.qmax, axis=ax)
@@ -152,6 +157,8 @@ REQUANT_DOC = (
     "mode 'shift': codes = clamp(srr(acc, requant.shift) + requant.zero_point, requant.qmin, requant.qmax); "
     "mode 'two_term': codes = clamp(srr((acc << a) + sign * (acc << b), n) + zero_point, qmin, qmax); "
     "srr(v, k) = (v + (1 << (k - 1))) >> k for k > 0 (round half up, arithmetic shift), v << -k for k <= 0; "
+    "mode 'threshold' (a lookup table's input on a threshold grid): v = ((acc << a) + sign * (acc << b)) >> n "
+    "(floor: no rounding bias; a left shift for n <= 0), codes = the number of requant.thresholds <= v; "
     "per-channel parameters lie along attrs.requant.axis"
 )
 
@@ -253,7 +260,10 @@ class IntegerModel:
             qp = self.qg.act.get(node.name)
             if node.op == "group_norm":
                 raise HybridQuantError(f"cannot lower {node.name}: integer GroupNorm is not implemented")
-            if qp is not None and qp.kind != "uniform":
+            if qp is not None and qp.kind == "threshold":
+                if not all(u.op in ELEMENTWISE_OPS for u in self.graph.users(node.name)):
+                    raise HybridQuantError(f"cannot lower {node.name}: a threshold grid may feed lookup tables only")
+            elif qp is not None and qp.kind != "uniform":
                 raise HybridQuantError(f"cannot lower {node.name}: {qp.kind} quantizers have no integer kernel yet")
         # a dry run on one image builds every requantizer (and raises on float multipliers)
         c, h, w = self.graph.meta["input_size"]
@@ -392,8 +402,13 @@ class IntegerModel:
         in_qp = self.qg.act[self.graph.producer(node.inputs[0]).name]
         if table is None:
             fn = _FN[node.op]
-            table = self._luts[node.name] = arith.build_lut(fn, float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax,
-                                                           float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
+            if in_qp.kind == "threshold":  # one entry per interval, at its representative value
+                table = arith.lut_codes(fn, in_qp.levels.double(), float(qp.scale), int(qp.zero_point), qp.qmin,
+                                        qp.qmax)
+            else:
+                table = arith.build_lut(fn, float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax, float(qp.scale),
+                                        int(qp.zero_point), qp.qmin, qp.qmax)
+            self._luts[node.name] = table
             self.stats["luts"] += 1
         codes = arith.apply_lut(x.q, table, in_qp.qmin)
         if self._recording:
@@ -432,9 +447,13 @@ class IntegerModel:
             table = self._luts.get(node.name)
             if table is None:
                 out_scale = qp.scale.double() / inv_alpha
-                table = self._luts[node.name] = arith.build_channel_lut(
-                    _FN[prod.op], float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax, out_scale,
-                    int(qp.zero_point), qp.qmin, qp.qmax)
+                if in_qp.kind == "threshold":  # one column per interval, at its representative value
+                    table = arith.lut_codes(_FN[prod.op], in_qp.levels.double().unsqueeze(0), out_scale.reshape(-1, 1),
+                                            int(qp.zero_point), qp.qmin, qp.qmax)
+                else:
+                    table = arith.build_channel_lut(_FN[prod.op], float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax,
+                                                    out_scale, int(qp.zero_point), qp.qmin, qp.qmax)
+                self._luts[node.name] = table
                 self.stats["luts"] += 1
             axis = dim % x.q.dim()
             codes = arith.apply_channel_lut(x.q, table, in_qp.qmin, axis)
@@ -535,13 +554,15 @@ class IntegerModel:
             per_channel = a.numel() > 1
             if not per_channel:
                 a, b, sign, n = a[0], b[0], sign[0], n[0]
-            if bool((sign == 0).all()):
+            if bool((sign == 0).all()) and qp.kind != "threshold":
                 mode = "shift"
                 arrays["requant.shift"] = _np_int(n - a)
             else:
-                mode = "two_term"
+                mode = "threshold" if qp.kind == "threshold" else "two_term"
                 arrays.update({"requant.a": _np_int(a), "requant.b": _np_int(b), "requant.sign": _np_int(sign),
                                "requant.n": _np_int(n)})
+                if qp.kind == "threshold":
+                    arrays["requant.thresholds"] = _np_int(qp.thresholds)
         # a per-channel parameter without an axis broadcasts along the last dim (as torch does)
         axis = (acc.axis if acc.axis is not None else acc.q.dim() - 1) if per_channel else None
         if axis is not None:

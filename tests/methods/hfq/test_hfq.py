@@ -67,7 +67,8 @@ def test_ptf_gives_layernorm_inputs_per_channel_power_of_two_scales(toy_calib):
 
 def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
     graph = make_toy_graph()
-    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False)
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False,
+                      lut_thresholds=False)
     on = quantize_graph(graph, cfg, toy_calib)
     off = quantize_graph(graph, cfg.replace(lut_zero_point=False), toy_calib)
     silu_inputs = [n.inputs[0] for n in graph.by_op("silu")]
@@ -78,3 +79,21 @@ def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
     x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
     naive = quantize_graph(graph, QuantConfig(scales="pot", wbits=6, abits=6), toy_calib)
     assert _err(on, graph, x) < _err(naive, graph, x)
+
+
+def test_lut_thresholds_give_silu_inputs_threshold_grids_that_lower_the_error(toy_calib):
+    graph = make_toy_graph()
+    # without outlier scaling no SiLU is folded into a per-channel shift, so every SiLU input qualifies
+    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=8, wbits=6, reconstruction=False,
+                      outlier_scaling=False)
+    on = quantize_graph(graph, cfg, toy_calib)
+    off = quantize_graph(graph, cfg.replace(lut_thresholds=False), toy_calib)
+    silu_inputs = [n.inputs[0] for n in graph.by_op("silu")]
+    assert on.info["refine"]["lut_threshold_grids"] == len(silu_inputs)
+    for name in silu_inputs:
+        qp = on.act[name]
+        assert qp.kind == "threshold" and qp.is_pot and qp.qmax + 1 <= 2**8
+        assert qp.thresholds.numel() == qp.qmax and bool((qp.thresholds.diff() > 0).all())
+        assert off.act[name].kind == "uniform"
+    x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    assert _err(on, graph, x) < _err(off, graph, x)

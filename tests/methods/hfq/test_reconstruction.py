@@ -41,8 +41,11 @@ def test_rows_picks_every_row_of_an_image():
 
 
 def _config(**changes) -> QuantConfig:
+    # uniform grids on the SiLU inputs: with threshold grids the toy graph's 4-bit blocks leave the learned
+    # rounding nothing to gain (blk: relative error 0.163 before, 0.169 after; not kept), while the bundled
+    # model keeps most blocks with them (the per-block rows of any hfq report)
     return QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=4, abits=4,
-                       reconstruction=True, reconstruction_iters=300).replace(**changes)
+                       reconstruction=True, reconstruction_iters=300, lut_thresholds=False).replace(**changes)
 
 
 def _calib_error(qg, graph, calib) -> float:

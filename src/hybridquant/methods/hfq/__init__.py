@@ -16,10 +16,14 @@
    ``ptf``): the residual stream of a transformer has a few wide channels;
    each channel gets the scale 2^(k + c_j), which the integer LayerNorm
    aligns with left shifts.
-5. **Zero points on lookup-table inputs** (``lut_zero_point``): a conv's
-   output read only by its SiLU spends half of a symmetric grid on the
-   negative side, where SiLU is flat; an asymmetric grid lets the exponent
-   search give that side up for resolution where the output varies.
+5. **Grids for lookup-table inputs**: a conv's output read only by its SiLU
+   table is quantized on a threshold grid (``lut_thresholds``,
+   :mod:`.lut_grid`) whose intervals are the preimages of the SiLU output's
+   codes, so it adds (almost) no error beyond the output's own quantizer.
+   Where that does not apply (``--no-lut-thresholds``, or a table folded into
+   a per-channel shift) a uniform grid with a zero point
+   (``lut_zero_point``) lets the exponent search give up the negative side,
+   where SiLU is flat, for resolution where the output varies.
 6. **Block reconstruction** (:mod:`.reconstruction`): each block learns its
    weights' rounding (down or up on the same grid) and its biases against the
    float model's block output, with the activation quantizers in the loop.
@@ -27,7 +31,7 @@
 Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
 ``alpha_pot=False``, ``weight_rounding=False``, ``input_compensation=False``,
 ``bias_correction=False``, ``channel_shift=False``, ``ptf=False``,
-``lut_zero_point=False``, ``reconstruction=False`` in :class:`~hybridquant.config.QuantConfig`.
+``lut_thresholds=False``, ``lut_zero_point=False``, ``reconstruction=False`` in :class:`~hybridquant.config.QuantConfig`.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class HFQ(Method):
             # the integer LayerNorm aligns channels along its normalised (last) dim only
             self.ptf = {name: v for name, v in found.items() if v[0] == -1}
             info["ptf_tensors"] = sorted(self.ptf)
-        if config.lut_zero_point and config.pot:
+        if (config.lut_zero_point or config.lut_thresholds) and config.pot:
             self.lut_inputs = {n.name for n in graph if n.name not in self.ptf and (users := graph.users(n.name))
                                and all(u.op in ELEMENTWISE_OPS for u in users)}
         return info
@@ -73,10 +77,33 @@ class HFQ(Method):
             axis, sample = self.ptf[node.name]
             return ptf_qparams(sample, obs.min, obs.max, bits, choose_mode(obs.min, obs.max, config.act_symmetry),
                                axis)
-        if node.name in self.lut_inputs and obs.min < 0:
+        if config.lut_zero_point and node.name in self.lut_inputs and obs.min < 0:
             lo, hi = obs.range(self.act_range)
             return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, "asymmetric")
         return super().act_qparams(node, obs, bits, config)
+
+    def lut_grid_inputs(self, qgraph) -> dict[str, str]:
+        """Lookup-table inputs that get threshold grids, each with the node whose quantizer completes its
+        table: the table itself when it has its own per-tensor quantizer and nothing reads its value
+        before that quantizer, or the one per-channel shift that alone reads it (outlier scaling's α
+        folded into a per-channel table)."""
+        graph, out = qgraph.graph, {}
+        for name in sorted(self.lut_inputs):
+            users = graph.users(name)
+            if name not in qgraph.act or len(users) != 1:
+                continue
+            table, readers = users[0], graph.users(users[0].name)
+            raw_readers = [u for u in readers if u.attrs.get("raw_input")]
+            if table.name in qgraph.act and not raw_readers:
+                completes = table.name
+            elif table.name not in qgraph.act and len(readers) == 1 and readers[0].op == "scale_channels":
+                completes = readers[0].name
+            else:
+                continue
+            qp = qgraph.act.get(completes)
+            if qp is not None and qp.kind == "uniform" and qp.scale.dim() == 0:
+                out[name] = completes
+        return out
 
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         search = config.pot and config.pot_rounding == "objective"
@@ -86,7 +113,8 @@ class HFQ(Method):
                                  bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
                                  input_compensation=config.input_compensation,
                                  two_term_weights=config.shift_terms == 2, rounding_targets=targets,
-                                 zero_point_search=config.lut_zero_point)
+                                 zero_point_search=config.lut_zero_point,
+                                 lut_grids=self.lut_grid_inputs(qgraph) if config.lut_thresholds else {})
         if float_graph is not None:
             images = torch.cat(calib)[:RECONSTRUCTION_IMAGES]
             info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,

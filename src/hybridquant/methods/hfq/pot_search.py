@@ -35,6 +35,7 @@ from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
 from ...primitives import two_term_round
 from ...qparams import QParams, with_scale
+from .lut_grid import lut_input_grid
 from .weight_rounding import gptq
 
 ACT_DELTAS = (-2, -1, 0, 1)
@@ -126,16 +127,22 @@ def sequential_refine(
     max_images: int = SEARCH_IMAGES,
     rounding_targets: dict[str, torch.Tensor] | None = None,
     zero_point_search: bool = False,
+    lut_grids: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place.
 
     ``weight_rounding`` runs GPTQ on each weight on its chosen grid; with ``input_compensation`` its target
     is the float model's output from the float input, so it also absorbs the upstream error
-    (:mod:`.weight_rounding`); ``rounding_targets``, when given, receives the float values GPTQ rounded."""
+    (:mod:`.weight_rounding`); ``rounding_targets``, when given, receives the float values GPTQ rounded.
+    ``lut_grids`` maps lookup-table inputs to the node whose quantizer completes their table (the table,
+    or the per-channel shift that reads it); each gets a threshold grid (:mod:`.lut_grid`) once that
+    quantizer is chosen, and until then the table reads it exactly."""
     x = torch.cat(calib)[:max_images]
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
     raw_needed = {n.inputs[0] for n in graph if n.attrs.get("raw_input")}
+    lut_grids = lut_grids or {}
+    completes = {out: src for src, out in lut_grids.items()}  # read exactly until their table's grid is chosen
     changed_w = changed_a = changed_zp = rounded_layers = 0
     for node in graph:
         if node.op == "output":
@@ -164,15 +171,40 @@ def sequential_refine(
         if node.name in raw_needed:
             walker.raw[node.name] = raw
         qp = qgraph.act.get(node.name)
+        if node.name in lut_grids:
+            walker.q[node.name] = raw
+            continue
         if qp is not None and qp.kind == "uniform" and search_acts:
             best, move = _choose_act(walker, node.name, raw, qp, zero_point_search)
             changed_a += int(not torch.equal(best.scale, qp.scale))
             changed_zp += int(move != 0)
             qgraph.act[node.name] = qp = best
+        if node.name in completes:
+            raw = _grid_lut_input(walker, completes[node.name], node, qp, raw_needed)
         walker.q[node.name] = qp.fake(raw) if qp is not None else raw
     qgraph.rebuild()
     return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a, "act_zero_points_lowered": changed_zp,
-            "gptq_layers": rounded_layers, "images": int(x.shape[0])}
+            "lut_threshold_grids": len(lut_grids), "gptq_layers": rounded_layers, "images": int(x.shape[0])}
+
+
+def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams, raw_needed: set[str]) -> torch.Tensor:
+    """Give the lookup-table input ``src`` its threshold grid for the output grid ``qp`` of ``node`` (the
+    table, or the per-channel shift reading it); the walker's values move onto the grid. Returns ``node``'s
+    new value before its quantizer."""
+    graph = walker.graph
+    table = graph.users(src)[0]
+    factor = 1.0 / node.params["inv_alpha"] if node.op == "scale_channels" else None
+    grid = lut_input_grid(lambda t: graph_ops.run_op(table, [t]), qp, walker.q[src], walker.qg.act[src].bits,
+                          factor, node.attrs.get("dim"))
+    walker.qg.act[src] = grid
+    walker.q[src] = grid.fake(walker.q[src])
+    value = graph_ops.run_op(table, [walker.q[src]])
+    if table.name in raw_needed:
+        walker.raw[table.name] = value
+    if table is node:
+        return value
+    walker.q[table.name] = value  # a table without a quantizer of its own, read only by ``node``
+    return graph_ops.run_op(node, [value])
 
 
 def _weight_candidates(wq: QParams, two_term: bool) -> list[torch.Tensor]:
