@@ -105,22 +105,18 @@ def requant(p: Program, op: dict[str, Any], acc: np.ndarray) -> np.ndarray:
         k = g("shift")
         _check(acc, "requant", max(0, -int(np.min(k))))
         out = shift_round(acc, k)
-    elif rq["mode"] == "two_term":
+    elif rq["mode"] in ("two_term", "threshold"):
         a, b, sign, n = g("a"), g("b"), g("sign"), g("n")
         b = np.where(sign != 0, b, a)
         lift = np.maximum(-np.minimum(np.minimum(a, b), 0), 0)
         a, b, n = a + lift, b + lift, n + lift
-        _check(acc, "requant two-term", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
-        out = shift_round((acc << a) + sign * (acc << b), n)
-    elif rq["mode"] == "threshold":  # the same sum, shifted with floor, then count the thresholds at or below
-        a, b, sign, n = g("a"), g("b"), g("sign"), g("n")
-        b = np.where(sign != 0, b, a)
-        lift = np.maximum(-np.minimum(np.minimum(a, b), 0), 0)
-        a, b, n = a + lift, b + lift, n + lift
-        _check(acc, "requant threshold", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
+        _check(acc, f"requant {rq['mode']}", int(np.max(np.maximum(a, b))) + 1 + max(0, -int(np.min(n))))
         total = (acc << a) + sign * (acc << b)
-        v = np.where(n > 0, total >> np.maximum(n, 0), total << np.maximum(-n, 0))
-        out = np.searchsorted(p.get(op, "requant.thresholds"), v, side="right").astype(np.int64)
+        if rq["mode"] == "two_term":
+            out = shift_round(total, n)
+        else:  # shifted with floor, then the number of thresholds at or below
+            v = np.where(n > 0, total >> np.maximum(n, 0), total << np.maximum(-n, 0))
+            out = np.searchsorted(p.get(op, "requant.thresholds"), v, side="right").astype(np.int64)
     else:
         raise ValueError(f"requant mode {rq['mode']} has no integer form")
     return np.clip(out + zp, int(p.get(op, "requant.qmin")), int(p.get(op, "requant.qmax")))
