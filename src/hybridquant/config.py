@@ -59,8 +59,8 @@ class QuantConfig:
             by lookup-table non-linearities (a conv's output before its SiLU) a zero point,
             and the exponent search also lowers the zero points of asymmetric grids
             (for those tensors it overrides ``act_symmetry``).
-        lut_thresholds: hfq (power-of-two scales only) quantizes a tensor read only by one
-            lookup table on a threshold grid whose intervals are the preimages of the table's
+        lut_thresholds: hfq (power-of-two scales only) quantizes a tensor of at most 6 bits read
+            only by one lookup table on a threshold grid whose intervals are the preimages of the table's
             output codes (the integer program compares the shifted accumulator with integer
             thresholds); it replaces the uniform grid, zero point included, for those tensors.
         reconstruction / reconstruction_iters: hfq's block reconstruction (learned

@@ -16,8 +16,8 @@
    ``ptf``): the residual stream of a transformer has a few wide channels;
    each channel gets the scale 2^(k + c_j), which the integer LayerNorm
    aligns with left shifts.
-5. **Grids for lookup-table inputs**: a conv's output read only by its SiLU
-   table is quantized on a threshold grid (``lut_thresholds``,
+5. **Grids for lookup-table inputs**: a conv's output (up to 6 bits) read
+   only by its SiLU table is quantized on a threshold grid (``lut_thresholds``,
    :mod:`.lut_grid`) whose intervals are the preimages of the SiLU output's
    codes, so it adds (almost) no error beyond the output's own quantizer.
    Where that does not apply (``--no-lut-thresholds``, or a table folded into
@@ -46,6 +46,7 @@ from ...observers import ActivationObserver
 from ...qparams import QParams, choose_mode, range_to_qparams
 from ..base import Method
 from ..fqvit import ptf_qparams, ptf_samples
+from .lut_grid import MAX_BITS
 from .outlier_scaling import outlier_scaling
 from .pot_search import sequential_refine
 from .reconstruction import RECONSTRUCTION_IMAGES, reconstruct
@@ -83,14 +84,14 @@ class HFQ(Method):
         return super().act_qparams(node, obs, bits, config)
 
     def lut_grid_inputs(self, qgraph) -> dict[str, str]:
-        """Lookup-table inputs that get threshold grids, each with the node whose quantizer completes its
-        table: the table itself when it has its own per-tensor quantizer and nothing reads its value
-        before that quantizer, or the one per-channel shift that alone reads it (outlier scaling's α
-        folded into a per-channel table)."""
+        """Lookup-table inputs of at most :data:`~.lut_grid.MAX_BITS` bits that get threshold grids, each
+        with the node whose quantizer completes its table: the table itself when it has its own per-tensor
+        quantizer and nothing reads its value before that quantizer, or the one per-channel shift that
+        alone reads it (outlier scaling's α folded into a per-channel table)."""
         graph, out = qgraph.graph, {}
         for name in sorted(self.lut_inputs):
             users = graph.users(name)
-            if name not in qgraph.act or len(users) != 1:
+            if name not in qgraph.act or qgraph.act[name].bits > MAX_BITS or len(users) != 1:
                 continue
             table, readers = users[0], graph.users(users[0].name)
             raw_readers = [u for u in readers if u.attrs.get("raw_input")]

@@ -15,7 +15,8 @@ where it matters — in the outputs that read the tensor:
   factors (``ptf``) moves all its channels' exponents together. With
   ``zero_point_search`` an asymmetric grid also tries lower zero points (giving up part of the
   negative side, which a SiLU after it flattens, for range on the positive
-  side).
+  side). A lookup table's input named in ``lut_grids`` skips the search: it
+  gets a threshold grid (:mod:`.lut_grid`) from its table's output grid.
 
 The graph is walked in topological order on calibration images with the
 *quantized* values flowing forward, so every choice sees the error of the
