@@ -28,7 +28,7 @@ def toy_calib() -> list[torch.Tensor]:
 TOY_CONFIGS = {
     "minmax-pot": QuantConfig(scales="pot"),
     "hfq-w6a6": QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6),
-    "hfq-two-term": QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2),
+    "hfq-two-term": QuantConfig(method="hfq", scales="pot", wbits=4, abits=6, shift_terms=2),
 }
 
 
@@ -114,13 +114,16 @@ def test_manifest_layout(toy_calib, tmp_path):
         assert {"requant.a", "requant.b", "requant.sign", "requant.n", "requant.thresholds"} <= set(op["arrays"])
         assert op["arrays"]["requant.thresholds"]["shape"] == [qg.act[name].qmax]
     assert by_name["blk.add"]["arrays"]["align_shift.1"]["shape"] == []
-    assert by_name["tok.softmax"]["arrays"]["exp_table"]["shape"] == [256]
+    assert by_name["tok.softmax"]["arrays"]["exp_table"]["shape"] == [64]  # one entry per 6-bit input level
     assert {"gamma_q", "beta_q", "eps_q", "out_shift", "channel_shift", "sqrt_frac_bits"} <= set(
         by_name["tok.norm"]["arrays"])
     assert by_name["tok.fc"]["out_shape"] == [1, 36, 8]
     # per-channel tables after a non-linearity, and the deferred non-linearity itself
     assert by_name["blk.conv3_1x1.conv.input_scale"]["kind"] == "channel_lut"
-    assert by_name["blk.conv3_1x1.conv.input_scale"]["arrays"]["table"]["shape"] == [16, 256]
+    # one column per code of its input: the depthwise conv's output, a 6-bit threshold grid
+    levels = qg.act["blk.conv2_kxk.conv"].qmax + 1
+    assert qg.act["blk.conv2_kxk.conv"].kind == "threshold" and levels <= 64
+    assert by_name["blk.conv3_1x1.conv.input_scale"]["arrays"]["table"]["shape"] == [16, levels]
     assert by_name["blk.conv2_kxk.silu"]["kind"] == "deferred"
     manifest2, arrays = load_npz(path)
     assert manifest2 == stored and MANIFEST_KEY not in arrays

@@ -21,7 +21,7 @@ def toy_calib() -> list[torch.Tensor]:
 CONFIGS = [
     QuantConfig(scales="pot"),
     QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6),
-    QuantConfig(method="hfq", scales="pot", wbits=4, shift_terms=2),
+    QuantConfig(method="hfq", scales="pot", wbits=4, abits=6, shift_terms=2),
     QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True, ptf=True,
                 reconstruction=True, reconstruction_iters=20),
     QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, lut_zero_point=False,

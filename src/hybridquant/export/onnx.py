@@ -35,9 +35,10 @@ grid with the simulation's rounding and leaves ``QuantizeLinear`` no tie
 power-of-two simulation runs integer kernels, so logits still differ by a
 few output LSBs at most (see ``tests/export/test_onnx.py``).
 A threshold grid (hfq's grid on a lookup table's input) has no QDQ form
-either; it is exported exactly as ``GreaterOrEqual`` against its bounds,
-summed to the code, and ``Gather`` of the code's representative value
-(counted as ``threshold_grids``). Quantizers with no uniform QDQ form
+either; it is exported exactly as a branchless binary search over its
+bounds (``Gather``, ``GreaterOrEqual``, ``Where`` per code bit) and a
+``Gather`` of the code's representative value (counted as
+``threshold_grids``). Quantizers with no uniform QDQ form
 (``log2``, ``log_sqrt2``, ``twin``) are refused with
 :class:`~hybridquant.errors.HybridQuantError`.
 
@@ -175,16 +176,25 @@ class _Builder:
         return self.add("DequantizeLinear", [q, s, z], f"{owner}.dequantized", **attrs)
 
     def threshold_grid(self, src: str, qp: QParams, owner: str) -> str:
-        """A threshold grid (no QDQ form): the code is the number of bounds at or below ``x``
-        (``GreaterOrEqual`` against every bound, summed over them), its value ``levels[code]`` (``Gather``)."""
+        """A threshold grid (no QDQ form): the code, the number of bounds at or below ``x``, by a branchless
+        binary search (``Gather`` of a bound, ``GreaterOrEqual``, ``Where``; one step per code bit, as
+        hardware would compare), then its representative value ``levels[code]`` (``Gather``)."""
         bounds = (qp.thresholds.double() * float(qp.scale)).float().numpy()  # exact: integers times 2^f
-        last = self.const(f"{owner}.last_axis", np.array([-1], np.int64))
-        x = self.add("Unsqueeze", [src, last], f"{owner}.unsqueezed")
-        above = self.add("GreaterOrEqual", [x, self.const(f"{owner}.bounds", bounds)], f"{owner}.at_or_above")
-        above = self.add("Cast", [above], f"{owner}.at_or_above_int", to=self.onnx.TensorProto.INT64)
-        codes = self.add("ReduceSum", [above, last], f"{owner}.codes", keepdims=0)
+        steps = max(1, int(bounds.size).bit_length())
+        padded = np.full(1 << steps, np.inf, np.float32)  # bounds past the last never count
+        padded[:bounds.size] = bounds
+        table = self.const(f"{owner}.bounds", padded)
+        code = self.const(f"{owner}.code0", np.array(0, np.int64))
+        one = self.const(f"{owner}.one", np.array(1, np.int64))
+        for bit in reversed(range(steps)):
+            cand = self.add("Add", [code, self.const(f"{owner}.bit{bit}", np.array(1 << bit, np.int64))],
+                            f"{owner}.candidate{bit}")
+            index = self.add("Sub", [cand, one], f"{owner}.index{bit}")
+            bound = self.add("Gather", [table, index], f"{owner}.bound{bit}")
+            above = self.add("GreaterOrEqual", [src, bound], f"{owner}.at_or_above{bit}")
+            code = self.add("Where", [above, cand, code], f"{owner}.code{bit}")
         self.threshold_grids += 1
-        return self.add("Gather", [self.const(f"{owner}.levels", qp.levels.float().numpy()), codes],
+        return self.add("Gather", [self.const(f"{owner}.levels", qp.levels.float().numpy()), code],
                         f"{owner}.dequantized")
 
     def _round_half_up(self, src: str, scale: np.ndarray, owner: str) -> str:
