@@ -20,8 +20,10 @@
    only by its SiLU table is quantized on a threshold grid (``lut_thresholds``,
    :mod:`.lut_grid`) whose intervals are the preimages of the SiLU output's
    codes, so it adds (almost) no error beyond the output's own quantizer.
-   Where that does not apply (``--no-lut-thresholds``, or a table folded into
-   a per-channel shift) a uniform grid with a zero point
+   A table folded into outlier scaling's per-channel shift gets one grid for
+   all its channels' output grids. Where no grid applies
+   (``--no-lut-thresholds``, 8-bit activations, a table read both before and
+   after its own quantizer) a uniform grid with a zero point
    (``lut_zero_point``) lets the exponent search give up the negative side,
    where SiLU is flat, for resolution where the output varies.
 6. **Block reconstruction** (:mod:`.reconstruction`): each block learns its
