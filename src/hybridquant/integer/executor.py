@@ -82,7 +82,7 @@ class Requant:
         try:
             self.params = [arith.multiplier_to_shifts(float(v), terms) for v in m]
         except ValueError as exc:
-            if not allow_float:
+            if not allow_float or qp.kind == "threshold":  # a threshold grid has no float form here
                 raise HybridQuantError(
                     f"requantization multiplier of node {name} is not a power of two "
                     f"(e.g. {float(m[0]):.6g}); quantize with --scales pot or allow float multipliers"
@@ -94,9 +94,6 @@ class Requant:
         zp = qp.zero_point.to(torch.int64)
         if self.params is None:  # float fallback (explicitly allowed)
             m = _bc(self.m, acc, axis if self.m.numel() > 1 else None)
-            if qp.kind == "threshold":
-                return torch.searchsorted(qp.thresholds.double().contiguous(), (acc.double() * m).contiguous(),
-                                          right=True)
             return torch.clamp(torch.floor(acc.double() * m + 0.5).to(torch.int64) + zp, qp.qmin, qp.qmax)
         a, b, sign, n = (torch.tensor(v, dtype=torch.int64) for v in zip(*self.params, strict=True))
         ax = axis if a.numel() > 1 else None
