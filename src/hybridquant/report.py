@@ -72,9 +72,13 @@ def quantize_report_md(report: dict[str, Any]) -> str:
         "",
         markdown_table(
             report["layers"],
-            ["name", "op", "block", "act_bits", "act_scale", "weight_bits", "sqnr_db"],
-            ["node", "op", "block", "act bits", "act scale", "weight bits", "SQNR (dB)"],
+            ["name", "op", "block", "act_bits", "act_kind", "act_scale", "weight_bits", "sqnr_db"],
+            ["node", "op", "block", "act bits", "act grid", "act scale", "weight bits", "SQNR (dB)"],
         ),
+        "",
+        "A `threshold` grid (a lookup table's input) has non-uniform codes: its scale is the step its thresholds "
+        "lie on, and its SQNR compares each code's representative value with the exact value, not the error "
+        "that reaches the table's output." if any(r.get("act_kind") == "threshold" for r in report["layers"]) else "",
         "",
         "## Environment",
         "",

@@ -30,7 +30,7 @@ from ...integer.arith import lut_codes
 from ...qparams import QParams
 
 #: widest lookup-table input given a threshold grid: a b-bit grid stores up to 2^b − 1 thresholds, and at 8 bits
-#: (255 per tensor) the bundled models' 33 grids would add about 0.85 % parameters (the reference checkpoint's W8A8
+#: (255 per tensor) mobilevit_xxs's 33 grids would add about 0.85 % parameters (the reference checkpoint's W8A8
 #: cell measured 1.16 % in all) for what an 8-bit uniform grid already resolves
 MAX_BITS = 6
 #: the thresholds lie on a power-of-two grid with at least 2^GRID_BITS points over the calibration range: a
