@@ -112,7 +112,7 @@ def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
                 continue
             if not key.startswith("running_"):
                 other += 2 * t.numel()
-    other += 4 * sum(q.thresholds.numel() for q in qgraph.act.values() if q.kind == "threshold")
+    other += 4 * qgraph.grid_constants()
     return {"weights": weights, "biases": biases, "other": other, "total": weights + biases + other}
 
 

@@ -119,9 +119,8 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
         weight[node.name] = qp
     qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info)
     info["refine"] = method.refine(qgraph, batches, config)
-    # constants the integer program needs besides weights, biases and tables: threshold grids' thresholds
-    grid_constants = sum(q.thresholds.numel() for q in qgraph.act.values() if q.kind == "threshold")
-    info["param_increase_pct"] = 100.0 * (graph.num_params() + grid_constants - base_params) / max(base_params, 1)
+    info["param_increase_pct"] = (100.0 * (graph.num_params() + qgraph.grid_constants() - base_params)
+                                  / max(base_params, 1))
     return qgraph
 
 

@@ -112,6 +112,11 @@ class QuantizedGraph:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
+    def grid_constants(self) -> int:
+        """Thresholds of the threshold grids: constants the integer program needs besides weights, biases and
+        tables (counted as parameters)."""
+        return sum(q.thresholds.numel() for q in self.act.values() if q.kind == "threshold")
+
     def quantized_macs(self) -> list[Node]:
         """MAC nodes whose every input (and weight) is integer."""
         out = []
