@@ -119,6 +119,23 @@ def core_table(rows: list[dict[str, Any]]) -> str:
     return _footer(lines, rows, "Each row one `quantize` run")
 
 
+def limits_table(rows: list[dict[str, Any]]) -> str:
+    """hfq W6A6 with one activation group left in float: what each group's 6-bit quantization costs."""
+    if not rows:
+        return "_not measured yet: `python benchmarks/run.py --suite limits`_\n"
+    base = next((r for r in rows if not r["config"]["float_ops"]), None)
+    lines = ["| activations left in float | float_ops | top-1 % | drop (pp) | agreement | agreement change |",
+             "|---" * 6 + "|"]
+    for r in rows:
+        group = r["cell"].split("float-", 1)[1].replace("-", " ")
+        ops = ", ".join(f"`{p}`" for p in r["config"]["float_ops"]) or "none"
+        change = f"{100 * (r['agreement_fp32'] - base['agreement_fp32']):+.2f}" if base else "n/a"
+        lines.append(f"| {group} | {ops} | {100 * r['quant_top1']:.2f} | {r['drop_pp']:.2f} | "
+                     f"{r['agreement_fp32']:.4f} | {change} |")
+    return _footer(lines, rows, "hfq W6A6 with power-of-two scales, one `quantize` run per row; agreement change in "
+                                "points against the fully quantized row")
+
+
 def peers_table(rows: list[dict[str, Any]]) -> str:
     """Tools × (setting, scales), each tool's own quantized model; what a tool cannot do is spelled out."""
     if not rows:
@@ -241,6 +258,7 @@ def tables(results: Path, model: str) -> dict[str, str]:
         f"ablation.{model}": ablation_table(_load(results, "ablation", model)),
         f"core.{model}": core_table(_load(results, "core", model)),
         f"peers.{model}": peers_table(_load(results, "peers", model)),
+        f"limits.{model}": limits_table(_load(results, "limits", model)),
         f"integer.{model}": integer_table(results, model),
     }
 

@@ -11,6 +11,10 @@ where it stopped):
 * ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
   W4A8, hfq at W8A6 and W6A8 (which side limits W6A6), plus the W16A16
   wiring check.
+* ``limits`` — what limits hfq at W6A6: the same run with one group of
+  activation quantizers left in float (``float_ops``; the rest of the
+  method re-adapts to it), so each row's gain over "all quantized" is what
+  that group's 6-bit quantization costs.
 * ``peers`` — hfq next to the tools users would pick instead (torchao PT2E,
   Brevitas, AMD Quark, Sony MCT, NNCF; ``benchmarks/peers/``), each
   quantizing the same model on the same calibration images and evaluated as
@@ -65,6 +69,17 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "2 shift terms": {"shift_terms": 2},
 }
 
+#: activation groups of the ``limits`` suite, as ``float_ops`` globs on mobilevit node names
+FLOAT_GROUPS: dict[str, tuple[str, ...]] = {
+    "all quantized": (),
+    "input image": ("input",),
+    "residual adds": ("*add*",),
+    "LayerNorm outputs": ("*norm*",),
+    "attention": ("*attn*",),
+    "transformer MLPs": ("*mlp*",),
+    "MV2 bottleneck convs": ("stages.*.conv1_1x1*", "stages.*.conv2_kxk*", "stages.*.conv3_1x1*"),
+}
+
 
 def _setting(name: str) -> tuple[int, int]:
     w, a = name.upper().lstrip("W").split("A")
@@ -100,6 +115,10 @@ def cells(suite: str) -> list[tuple[str, Any]]:
             for label, changes in ABLATIONS.items():
                 cfg = QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot", pot_rounding="objective").replace(**changes)
                 out.append((f"{label.replace(' ', '-').replace('(', '').replace(')', '')}_{setting}", cfg))
+    elif suite == "limits":
+        for label, patterns in FLOAT_GROUPS.items():
+            cfg = QuantConfig(method="hfq", wbits=6, abits=6, scales="pot", pot_rounding="objective", float_ops=patterns)
+            out.append((f"hfq_W6A6_float-{label.replace(' ', '-')}", cfg))
     elif suite == "core":
         out.append(("minmax_W16A16_float", QuantConfig(wbits=16, abits=16)))
         for setting in ("W8A8", "W6A6", "W4A8"):
@@ -189,7 +208,7 @@ def summarise(suite: str, model: str, rows: list[dict[str, Any]], out_root: Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["baselines", "ablation", "core", "peers"], required=True)
+    p.add_argument("--suite", choices=["baselines", "ablation", "core", "limits", "peers"], required=True)
     p.add_argument("--model", default="mobilevit_xxs.cifar10")
     p.add_argument("--checkpoint", default=None, help="weights for --model (a timm name); results are filed "
                    "under <model>.<checkpoint file stem> unless --label says otherwise")

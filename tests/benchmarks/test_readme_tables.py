@@ -76,3 +76,14 @@ def test_peers_table_spells_out_what_a_tool_cannot_do(tmp_path):
     methods, tools, fp32 = mod._series(results, "m")
     assert methods == {"hfq": [(0, 80.0)]} and tools == {"mct (PoT)": [(0, 79.0)]} and fp32 == 0.8
     assert mod.plot(results, "m", results / "p.png")
+
+
+def test_limits_table_measures_each_group_against_the_fully_quantized_run():
+    mod = _load()
+    assert "not measured yet" in mod.limits_table([])
+    full = {**_row("hfq_W6A6_float-all-quantized", "hfq", 6, 6, "pot", 0.79), "config": {"float_ops": []}}
+    adds = {**_row("hfq_W6A6_float-residual-adds", "hfq", 6, 6, "pot", 0.795), "agreement_fp32": 0.925,
+            "config": {"float_ops": ["*add*"]}}
+    text = mod.limits_table([full, adds])
+    assert "| all quantized | none | 79.00 | 1.00 | 0.9000 | +0.00 |" in text
+    assert "| residual adds | `*add*` | 79.50 | 0.50 | 0.9250 | +2.50 |" in text

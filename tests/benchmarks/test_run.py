@@ -36,3 +36,6 @@ def test_suites_cover_the_documented_matrix():
     assert {c.method for c in baselines.values()} == set(runner.BASELINE_METHODS)
     ablation = runner.cells("ablation")
     assert len(ablation) == len(runner.ABLATIONS) * 3
+    limits = dict(runner.cells("limits"))
+    assert len(limits) == len(runner.FLOAT_GROUPS)
+    assert {c.float_ops for c in limits.values()} == set(runner.FLOAT_GROUPS.values())
