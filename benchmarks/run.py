@@ -9,8 +9,8 @@ where it stopped):
 * ``ablation`` — hfq with each part switched off, at W8A8, W6A6 and W4A8
   with power-of-two scales (the README's "Why hfq" table).
 * ``core`` — hfq, min-max and hyq with power-of-two scales at W8A8, W6A6 and
-  W4A8, hfq at W8A6 and W6A8 (which side limits W6A6), plus the W16A16
-  wiring check.
+  W4A8, hfq at W8A6 and W6A8 (which side limits W6A6) and at W16A8 and W8A16
+  (which side limits W8A8), plus the W16A16 wiring check.
 * ``limits`` — what limits hfq at W6A6: the same run with one group of
   activation quantizers left in float (``float_ops``; the rest of the
   method re-adapts to it), so each row's gain over "all quantized" is what
@@ -127,8 +127,9 @@ def cells(suite: str) -> list[tuple[str, Any]]:
                 rounding = "objective" if method == "hfq" else "round"
                 out.append((f"{method}_{setting}_pot", QuantConfig(method=method, wbits=wb, abits=ab, scales="pot",
                                                                    pot_rounding=rounding)))
-        # which side limits W6A6: 6-bit activations alone, 6-bit weights alone
-        for setting in ("W8A6", "W6A8"):
+        # which side limits W6A6 (6-bit activations alone, 6-bit weights alone) and W8A8 (8-bit activations
+        # alone, 8-bit weights alone)
+        for setting in ("W8A6", "W6A8", "W16A8", "W8A16"):
             wb, ab = _setting(setting)
             out.append((f"hfq_{setting}_pot", QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot",
                                                           pot_rounding="objective")))

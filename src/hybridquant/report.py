@@ -11,7 +11,12 @@ import torch
 
 
 def environment() -> dict[str, Any]:
-    """What produced a number: versions, cores, threads and the date (UTC)."""
+    """What produced a number: versions, cores, threads, the CPU's vector instruction set and the date (UTC).
+
+    The instruction set is there because float kernels sum in another order on other CPUs, and a post-training
+    search that compares quantized errors can then choose differently: the same hfq W8A8 command gave 85.11 % /
+    agreement 0.9809 on the machine of the earlier results and 85.09 % / 0.9784 on an AVX2-only one.
+    """
     import timm
 
     from . import __version__
@@ -24,6 +29,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -21,6 +21,7 @@ def test_core_suite_runs_and_resumes(tmp_path, q_ckpt_path, data_dir):
     cells = {r["cell"] for r in summary["rows"]}
     assert cells == {"minmax_W8A8_pot", "minmax_W16A16_float"}
     assert summary["environment"]["torch"] and summary["environment"]["cpu_cores"]
+    assert summary["environment"]["cpu_capability"]
     assert "| minmax_W8A8_pot |" in (tmp_path / "core_ref.md").read_text()
     # resumable: a second run reuses the cell files
     cell = tmp_path / "core" / "ref" / "minmax_W8A8_pot.json"
@@ -36,6 +37,10 @@ def test_suites_cover_the_documented_matrix():
     assert {c.method for c in baselines.values()} == set(runner.BASELINE_METHODS)
     ablation = runner.cells("ablation")
     assert len(ablation) == len(runner.ABLATIONS) * 3
+    core = dict(runner.cells("core"))
+    # the three settings, plus one side at a time of W6A6 and of W8A8
+    assert {(c.wbits, c.abits) for c in core.values() if c.method == "hfq"} == {
+        (8, 8), (6, 6), (4, 8), (8, 6), (6, 8), (16, 8), (8, 16)}
     limits = dict(runner.cells("limits"))
     assert len(limits) == len(runner.FLOAT_GROUPS)
     assert {c.float_ops for c in limits.values()} == set(runner.FLOAT_GROUPS.values())
