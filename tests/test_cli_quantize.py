@@ -32,6 +32,12 @@ def test_quantize_writes_report_and_model_that_reloads_exactly(tmp_path, capsys,
     assert report["calib_images"] == 6 and report["eval_images"] == 12
     assert report["all_scales_pot"] is True
     assert report["drop_pp"] == pytest.approx(100 * (report["fp32_top1"] - report["quant_top1"]))
+    # the paired counts give the same drop, and its interval holds it
+    n = report["eval_images"]
+    assert report["drop_pp"] == pytest.approx(100 * (report["fp32_only_correct"] - report["quant_only_correct"]) / n)
+    lo, hi = report["drop_ci95_pp"]
+    assert lo <= report["drop_pp"] <= hi
+    assert json.loads(out)["drop_ci95_pp"] == [lo, hi]
     layer = report["layers"][1]
     assert {"name", "op", "act_bits", "sqnr_db"} <= set(layer)
     assert (out_dir / "report.md").read_text().startswith("# hybridquant")
