@@ -139,7 +139,8 @@ def cells(suite: str) -> list[tuple[str, Any]]:
 
 
 KEYS = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp",
-        "fp32_only_correct", "quant_only_correct", "agreement_fp32", "param_increase_pct", "all_scales_pot", "eval_images", "calib_images", "quantize_seconds", "seconds")
+        "fp32_only_correct", "quant_only_correct", "agreement_fp32", "param_increase_pct", "all_scales_pot",
+        "eval_images", "calib_images", "quantize_seconds", "seconds")
 
 
 PEER_KEYS = ("tool", "version", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "agreement_fp32",

@@ -356,8 +356,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     qmodel.save(out_dir / "model.hq", qgraph, meta)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", quantize_report_md(report))
-    keys = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp", "agreement_fp32",
-            "eval_images", "param_increase_pct", "seconds")
+    keys = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp",
+            "agreement_fp32", "eval_images", "param_increase_pct", "seconds")
     return {**{k: report[k] for k in keys}, "out_dir": str(out_dir)}
 
 

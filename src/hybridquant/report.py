@@ -63,8 +63,7 @@ def quantize_report_md(report: dict[str, Any]) -> str:
         "",
         f"- drop, 95 % interval over the eval images: {_fmt(report['drop_ci95_pp'][0], 2)} to "
         f"{_fmt(report['drop_ci95_pp'][1], 2)} points (FP32 alone right on {report['fp32_only_correct']} images, "
-        f"the quantized model alone on {report['quant_only_correct']}; another calibration draw moves the drop too)"
-        if "drop_ci95_pp" in report else "",
+        f"the quantized model alone on {report['quant_only_correct']}; another calibration draw moves the drop too)",
         f"- quantized MACs: {report['coverage']['quantized_macs']} of {report['coverage']['macs']} "
         f"(conv {report['coverage']['conv2d']}, linear {report['coverage']['linear']}, matmul {report['coverage']['matmul']})",
         f"- first conv and classifier: {'8 bits' if c['first_last_8bit'] else 'same bits as the rest'}; input image: {c['input_bits']} bits",
