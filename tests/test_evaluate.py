@@ -17,10 +17,10 @@ def _masks(ref: list[bool], quant: list[bool]) -> tuple[torch.Tensor, torch.Tens
 
 
 def test_counts_and_standard_error_by_hand():
-    # 10 images: the reference alone right on 3, the quantized model alone on 1, both right on 4, both wrong on 2
+    # 10 images: FP32 alone right on 3, the quantized model alone on 1, both right on 4, both wrong on 2
     ref, quant = _masks([1, 1, 1, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
     p = paired_drop(ref, quant)
-    assert (p["reference_only"], p["quant_only"]) == (3, 1)
+    assert (p["fp32_only_correct"], p["quant_only_correct"]) == (3, 1)
     se = 100 * math.sqrt(3 + 1 - (3 - 1) ** 2 / 10) / 10  # 18.97 points
     assert p["drop_se_pp"] == pytest.approx(se, abs=1e-4)
     assert p["drop_ci95_pp"] == pytest.approx([20 - 1.96 * se, 20 + 1.96 * se], abs=1e-4)
@@ -28,7 +28,7 @@ def test_counts_and_standard_error_by_hand():
 
 def test_identical_hits_give_a_zero_width_interval():
     ref = torch.tensor([True, False, True, True])
-    assert paired_drop(ref, ref.clone()) == {"reference_only": 0, "quant_only": 0, "drop_se_pp": 0.0,
+    assert paired_drop(ref, ref.clone()) == {"fp32_only_correct": 0, "quant_only_correct": 0, "drop_se_pp": 0.0,
                                             "drop_ci95_pp": [0.0, 0.0]}
 
 
@@ -52,7 +52,7 @@ def test_interval_is_the_standard_error_of_the_per_image_difference(pairs):
 
 
 def test_interval_covers_the_true_drop_about_95_percent_of_the_time():
-    # images drawn from a population where the reference alone is right 4 % of the time and the quantized model
+    # images drawn from a population where FP32 alone is right 4 % of the time and the quantized model
     # alone 3 %: the true drop is 1 point; 400 evaluations of 2,000 images each
     gen = torch.Generator().manual_seed(0)
     covered = 0

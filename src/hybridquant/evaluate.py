@@ -71,24 +71,24 @@ def evaluate(
     return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, seconds, predictions)
 
 
-def paired_drop(reference_correct: torch.Tensor, quant_correct: torch.Tensor, z: float = 1.96) -> dict[str, Any]:
-    """The top-1 drop (points) of a model against its reference on the same images, with its interval.
+def paired_drop(fp32_correct: torch.Tensor, quant_correct: torch.Tensor, z: float = 1.96) -> dict[str, Any]:
+    """The top-1 drop (points) of a quantized model against FP32 on the same images, with its interval.
 
     Only the images that one model gets right and the other wrong carry the difference: with ``b`` of them
-    right for the reference alone and ``c`` for the quantized model alone, out of ``n``, the drop is
-    100·(b − c)/n and its standard error that of the mean per-image difference,
-    100·sqrt(b + c − (b − c)²/n)/n; the interval is drop ± ``z`` standard errors (normal approximation;
-    1.96: 95 %). It is the sampling error of the evaluation images only: the same model on another n
-    images would land in it 95 % of the time. Another calibration draw is another model and moves the drop too.
+    right for FP32 alone and ``c`` for the quantized model alone, out of ``n``, the drop is 100·(b − c)/n and
+    its standard error that of the mean per-image difference, 100·sqrt(b + c − (b − c)²/n)/n; the interval is
+    drop ± ``z`` standard errors (normal approximation; 1.96: 95 %). It is the sampling error of the evaluation
+    images only: the same model on another n images would land in it 95 % of the time. Another calibration
+    draw is another model and moves the drop too. Returns the report's fields.
     """
-    if reference_correct.shape != quant_correct.shape or reference_correct.dim() != 1:
+    if fp32_correct.shape != quant_correct.shape or fp32_correct.dim() != 1:
         raise ValueError("paired_drop needs two 1-D hit masks over the same images")
-    n = reference_correct.numel()
-    b = int((reference_correct & ~quant_correct).sum())
-    c = int((quant_correct & ~reference_correct).sum())
+    n = fp32_correct.numel()
+    b = int((fp32_correct & ~quant_correct).sum())
+    c = int((quant_correct & ~fp32_correct).sum())
     if n == 0:
-        return {"reference_only": 0, "quant_only": 0, "drop_se_pp": 0.0, "drop_ci95_pp": [0.0, 0.0]}
+        return {"fp32_only_correct": 0, "quant_only_correct": 0, "drop_se_pp": 0.0, "drop_ci95_pp": [0.0, 0.0]}
     drop = 100.0 * (b - c) / n
     se = 100.0 * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
-    return {"reference_only": b, "quant_only": c, "drop_se_pp": round(se, 4),
+    return {"fp32_only_correct": b, "quant_only_correct": c, "drop_se_pp": round(se, 4),
             "drop_ci95_pp": [round(drop - z * se, 4), round(drop + z * se, 4)]}

@@ -184,12 +184,6 @@ def _tensor_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) 
     return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
 
 
-def _drop_interval(fp32_pred: torch.Tensor, quant_pred: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    p = paired_drop(fp32_pred == labels, quant_pred == labels)
-    return {"drop_se_pp": p["drop_se_pp"], "drop_ci95_pp": p["drop_ci95_pp"],
-            "fp32_only_correct": p["reference_only"], "quant_only_correct": p["quant_only"]}
-
-
 def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
                progress: bool = True) -> tuple[dict[str, Any], QuantizedGraph, dict[str, Any]]:
     """Quantize the prepared graph with ``config`` and evaluate it; returns (report, qgraph, meta)."""
@@ -212,7 +206,7 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
         "drop_pp": round(100.0 * (fp32.top1 - quant.top1), 4),
         "agreement_fp32": float((fp32.predictions == quant.predictions).float().mean()) if quant.images else 0.0,
         # the drop's 95 % interval over these eval images, from the images only one of the two gets right
-        **_drop_interval(fp32.predictions, quant.predictions, prep.eval_labels),
+        **paired_drop(fp32.predictions == prep.eval_labels, quant.predictions == prep.eval_labels),
         "fp32_top5": fp32.top5, "quant_top5": quant.top5,
         "calib_images": int(prep.calib.shape[0]), "eval_images": quant.images,
         "param_increase_pct": round(qgraph.info.get("param_increase_pct", 0.0), 4),
