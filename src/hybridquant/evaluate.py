@@ -71,13 +71,17 @@ def evaluate(
     return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, seconds, predictions)
 
 
-def paired_drop(fp32_correct: torch.Tensor, quant_correct: torch.Tensor, z: float = 1.96) -> dict[str, Any]:
+#: standard errors either side of the drop for its two-sided 95 % interval (normal approximation)
+Z_95 = 1.96
+
+
+def paired_drop(fp32_correct: torch.Tensor, quant_correct: torch.Tensor) -> dict[str, Any]:
     """The top-1 drop (points) of a quantized model against FP32 on the same images, with its interval.
 
     Only the images that one model gets right and the other wrong carry the difference: with ``b`` of them
     right for FP32 alone and ``c`` for the quantized model alone, out of ``n``, the drop is 100·(b − c)/n and
     its standard error that of the mean per-image difference, 100·sqrt(b + c − (b − c)²/n)/n; the interval is
-    drop ± ``z`` standard errors (normal approximation; 1.96: 95 %). It is the sampling error of the evaluation
+    drop ± :data:`Z_95` standard errors. It is the sampling error of the evaluation
     images only: the same model on another n images would land in it 95 % of the time. Another calibration
     draw is another model and moves the drop too. Returns the report's fields.
     """
@@ -91,4 +95,4 @@ def paired_drop(fp32_correct: torch.Tensor, quant_correct: torch.Tensor, z: floa
     drop = 100.0 * (b - c) / n
     se = 100.0 * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
     return {"fp32_only_correct": b, "quant_only_correct": c, "drop_se_pp": round(se, 4),
-            "drop_ci95_pp": [round(drop - z * se, 4), round(drop + z * se, 4)]}
+            "drop_ci95_pp": [round(drop - Z_95 * se, 4), round(drop + Z_95 * se, 4)]}
