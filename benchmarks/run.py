@@ -105,34 +105,30 @@ def cells(suite: str) -> list[tuple[str, Any]]:
         for setting in ("W8A8", "W6A6", "W4A8"):
             wb, ab = _setting(setting)
             for scales in ("float", "pot"):
-                for method in BASELINE_METHODS:
-                    rounding = "objective" if method == "hfq" else "round"
-                    cfg = QuantConfig(method=method, wbits=wb, abits=ab, scales=scales, pot_rounding=rounding)
+                for method in BASELINE_METHODS:  # each method's own PoT rounding (QuantConfig resolves it)
+                    cfg = QuantConfig(method=method, wbits=wb, abits=ab, scales=scales)
                     out.append((f"{method}_{setting}_{scales}", cfg))
     elif suite == "ablation":
         for setting in ("W8A8", "W6A6", "W4A8"):
             wb, ab = _setting(setting)
             for label, changes in ABLATIONS.items():
-                cfg = QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot", pot_rounding="objective").replace(**changes)
+                cfg = QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot").replace(**changes)
                 out.append((f"{label.replace(' ', '-').replace('(', '').replace(')', '')}_{setting}", cfg))
     elif suite == "limits":
         for label, patterns in FLOAT_GROUPS.items():
-            cfg = QuantConfig(method="hfq", wbits=6, abits=6, scales="pot", pot_rounding="objective", float_ops=patterns)
+            cfg = QuantConfig(method="hfq", wbits=6, abits=6, scales="pot", float_ops=patterns)
             out.append((f"hfq_W6A6_float-{label.replace(' ', '-')}", cfg))
     elif suite == "core":
-        out.append(("minmax_W16A16_float", QuantConfig(wbits=16, abits=16)))
+        out.append(("minmax_W16A16_float", QuantConfig(method="minmax", wbits=16, abits=16, scales="float")))
         for setting in ("W8A8", "W6A6", "W4A8"):
             wb, ab = _setting(setting)
             for method in ("minmax", "hyq", "hfq"):
-                rounding = "objective" if method == "hfq" else "round"
-                out.append((f"{method}_{setting}_pot", QuantConfig(method=method, wbits=wb, abits=ab, scales="pot",
-                                                                   pot_rounding=rounding)))
+                out.append((f"{method}_{setting}_pot", QuantConfig(method=method, wbits=wb, abits=ab, scales="pot")))
         # which side limits W6A6 (6-bit activations alone, 6-bit weights alone) and W8A8 (8-bit activations
         # alone, 8-bit weights alone)
         for setting in ("W8A6", "W6A8", "W16A8", "W8A16"):
             wb, ab = _setting(setting)
-            out.append((f"hfq_{setting}_pot", QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot",
-                                                          pot_rounding="objective")))
+            out.append((f"hfq_{setting}_pot", QuantConfig(method="hfq", wbits=wb, abits=ab, scales="pot")))
     else:
         raise SystemExit(f"unknown suite '{suite}'")
     return out

@@ -73,6 +73,7 @@ def assert_user_error(
 
 def test_eval_writes_json_with_required_keys(capsys, tmp_path, data_dir, ckpt_path):
     out = tmp_path / "out" / "result.json"
+    out.parent.mkdir()  # --out's folder must exist
     rc, stdout, err = run(capsys, *eval_args(data_dir, ckpt_path, "--out", str(out)))
     assert rc == 0, err
     written = json.loads(out.read_text())
@@ -242,8 +243,8 @@ def test_error_missing_checkpoint(capsys, tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "content",
-    [b"this is not a checkpoint", b"", b"PK\x03\x04" + b"\x00" * 64],
-    ids=["text", "empty", "broken-zip"],
+    [b"this is not a checkpoint", b"", b"PK\x03\x04" + b"\x00" * 64, b"\x80\x02garbage here", b'{"a": 1}'],
+    ids=["text", "empty", "broken-zip", "bad-pickle", "json"],
 )
 def test_error_corrupt_checkpoint(capsys, tmp_path, data_dir, content):
     out_dir = tmp_path / "out"
@@ -251,7 +252,8 @@ def test_error_corrupt_checkpoint(capsys, tmp_path, data_dir, content):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)
     rc, _, err = run(capsys, *eval_args(data_dir, bad, "--out", str(out_dir / "r.json")))
-    assert_user_error(rc, err, f"cannot read checkpoint {bad}", out_dir)
+    assert_user_error(rc, err, f"cannot read checkpoint {bad}: not a valid or complete torch.save file", out_dir)
+    assert "weights_only" not in err and "Weights only" not in err  # none of torch's advice
 
 
 def test_error_truncated_checkpoint(capsys, tmp_path, data_dir, ckpt_path):
@@ -261,7 +263,27 @@ def test_error_truncated_checkpoint(capsys, tmp_path, data_dir, ckpt_path):
     data = ckpt_path.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     rc, _, err = run(capsys, *eval_args(data_dir, bad, "--out", str(out_dir / "r.json")))
-    assert_user_error(rc, err, f"cannot read checkpoint {bad}", out_dir)
+    assert_user_error(rc, err, f"cannot read checkpoint {bad}: not a valid or complete torch.save file", out_dir)
+
+
+def test_error_checkpoint_with_pickled_objects(capsys, tmp_path, data_dir, state_dict):
+    import argparse
+
+    bad = tmp_path / "objects.pt"
+    torch.save({"state_dict": state_dict, "args": argparse.Namespace(lr=1)}, bad)
+    rc, _, err = run(capsys, *eval_args(data_dir, bad))
+    line = assert_user_error(rc, err, f"cannot read checkpoint {bad}: it stores Python objects")
+    assert "argparse.Namespace" in line and "add_safe_globals" not in line
+
+
+def test_debug_keeps_the_traceback_of_a_corrupt_checkpoint(capsys, tmp_path, data_dir):
+    from hybridquant.errors import HybridQuantError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02garbage here")
+    with pytest.raises(HybridQuantError, match="not a valid or complete torch.save file") as info:
+        main(eval_args(data_dir, bad, "--debug"))
+    assert info.value.__cause__ is not None  # torch's own error stays chained for --debug
 
 
 def test_error_checkpoint_not_a_state_dict(capsys, tmp_path, data_dir, save_ckpt):
@@ -427,6 +449,199 @@ def test_error_in_train_leaves_no_checkpoint(capsys, tmp_path):
         str(out),
     )
     assert_user_error(rc, err, "data folder not found", command="train")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- issue 22 item 3: paths first
+# Every bad output path and input file is refused before any model, data or calibration is loaded:
+# the loaders are replaced by functions that fail the test.
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every model, data and file loader fail the test if a command reaches it."""
+    from hybridquant import data, export, models, pipeline, qmodel, train
+    from hybridquant.export import onnx as export_onnx
+
+    def reached(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"the command reached {name} before refusing its arguments")
+
+        return fail
+
+    for module, name in [(models, "load_model"), (pipeline, "load_model"), (pipeline, "prepare"),
+                         (train, "train"), (qmodel, "load"), (export, "load_npz"), (export_onnx, "OnnxRunner"),
+                         (data, "image_folder")]:
+        monkeypatch.setattr(module, name, reached(f"{module.__name__}.{name}"))
+
+
+def _unwritable_folder(tmp_path: Path) -> Path | None:
+    """A folder in which no file can be created, really tried (root ignores permissions): None if none."""
+    import tempfile
+
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for folder in (ro, Path("/sys")):
+        if not folder.is_dir():
+            continue
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    folder = _unwritable_folder(tmp_path)
+    if folder is None:
+        pytest.skip("no folder here refuses to create files")
+    yield folder
+    (tmp_path / "read_only").chmod(0o755)
+
+
+def _cmd(command: str, data: Path, *extra: str) -> list[str]:
+    """A command line of ``command`` with valid model/data options, then ``extra``."""
+    base = {
+        "eval": ["eval", "--model", ARCH, "--data", str(data)],
+        "quantize": ["quantize", "--model", ARCH, "--data", str(data)],
+        "analyze": ["analyze", "--model", ARCH, "--data", str(data)],
+        "train": ["train", "--model", ARCH, "--data", str(data), "--epochs", "1"],
+    }.get(command)
+    return ["export", *extra] if base is None else [*base, "--workers", "0", *extra]
+
+
+def _refused(capsys, argv: list[str], *needles: str) -> str:
+    rc, out, err = run(capsys, *argv)
+    line = assert_user_error(rc, err, needles[0], command=argv[0])
+    for needle in needles[1:]:
+        assert needle in line, line
+    assert out == ""
+    return line
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze"])
+def test_out_dir_that_is_a_file(capsys, tmp_path, data_dir, no_work, command):
+    existing = tmp_path / "taken"
+    existing.write_text("x")
+    _refused(capsys, _cmd(command, data_dir, "--out-dir", str(existing)), f"--out-dir {existing} is a file, not a folder")
+    assert existing.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze"])
+def test_out_dir_under_a_file(capsys, tmp_path, data_dir, no_work, command):
+    existing = tmp_path / "taken"
+    existing.write_text("x")
+    target = existing / "sub" / "run"
+    _refused(capsys, _cmd(command, data_dir, "--out-dir", str(target)),
+             f"--out-dir {target} cannot be created: {existing} is a file, not a folder")
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze"])
+def test_out_dir_not_writable(capsys, data_dir, no_work, unwritable, command):
+    for target in (unwritable, unwritable / "hq_run"):  # the folder itself, or where it would be created
+        line = _refused(capsys, _cmd(command, data_dir, "--out-dir", str(target)), f"--out-dir {target} is not writable")
+        assert not target.exists() or target == unwritable, line
+    assert not list(unwritable.glob(".hybridquant-probe-*"))  # the probe file is gone
+
+
+def test_out_dir_whose_output_name_is_a_folder(capsys, tmp_path, data_dir, no_work):
+    out_dir = tmp_path / "run"
+    (out_dir / "model.hq").mkdir(parents=True)
+    _refused(capsys, _cmd("quantize", data_dir, "--out-dir", str(out_dir)), f"{out_dir / 'model.hq'} is a directory")
+
+
+def test_out_dir_is_created_when_its_parent_is_writable(tmp_path):
+    from hybridquant._io import check_out_dir
+
+    target = tmp_path / "a" / "b"
+    assert check_out_dir(target) == target
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+    assert list(tmp_path.iterdir()) == []  # and leaves no probe file
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "export"])
+def test_out_in_a_missing_folder(capsys, tmp_path, data_dir, ckpt_path, no_work, command):
+    target = tmp_path / "missing" / "result.x"
+    extra = ["--qmodel", str(ckpt_path)] if command == "export" else []
+    _refused(capsys, _cmd(command, data_dir, *extra, "--out", str(target)),
+             f"--out {target}: folder {target.parent} does not exist")
+    assert not target.parent.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "export"])
+def test_out_that_is_a_folder_or_under_a_file(capsys, tmp_path, data_dir, ckpt_path, no_work, command):
+    extra = ["--qmodel", str(ckpt_path)] if command == "export" else []
+    _refused(capsys, _cmd(command, data_dir, *extra, "--out", str(tmp_path)), f"--out {tmp_path} is a directory")
+    target = ckpt_path / "result.x"
+    _refused(capsys, _cmd(command, data_dir, *extra, "--out", str(target)),
+             f"--out {target}: {ckpt_path} is a file, not a folder")
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_out_in_an_unwritable_folder(capsys, data_dir, no_work, unwritable, command):
+    target = unwritable / "result.x"
+    _refused(capsys, _cmd(command, data_dir, "--out", str(target)), f"--out {target}: folder {unwritable} is not writable")
+
+
+INPUTS = [  # (command, option, what the message calls it)
+    ("eval", "--checkpoint", "checkpoint"),
+    ("quantize", "--checkpoint", "checkpoint"),
+    ("analyze", "--checkpoint", "checkpoint"),
+    ("train", "--init-checkpoint", "checkpoint"),
+    ("eval", "--qmodel", "quantized model"),
+    ("export", "--qmodel", "quantized model"),
+    ("eval", "--program", "integer program"),
+    ("eval", "--onnx", "ONNX model"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "kind"), INPUTS, ids=[f"{c}{o}" for c, o, _ in INPUTS])
+def test_input_file_missing_or_a_folder(capsys, tmp_path, data_dir, no_work, command, option, kind):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    outputs = {"eval": ["--out", str(out_dir / "r.json")], "quantize": ["--out-dir", str(out_dir)],
+               "analyze": ["--out-dir", str(out_dir)], "train": ["--out", str(out_dir / "c.pt")],
+               "export": ["--out", str(out_dir / "x.npz")]}
+    missing = tmp_path / "missing.file"
+    argv = _cmd(command, data_dir, option, str(missing), *outputs[command])
+    if command == "eval" and option != "--checkpoint":  # these options carry their own model
+        del argv[1:3]
+    _refused(capsys, argv, f"{kind} not found: {missing}")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    argv[argv.index(str(missing))] = str(folder)
+    _refused(capsys, argv, f"{kind} {folder} is a directory, not a file")
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize", "analyze", "train"])
+def test_missing_data_folder_before_the_model(capsys, tmp_path, no_work, command):
+    missing = tmp_path / "no_data"
+    extra = {"quantize": ["--out-dir", str(tmp_path / "q")], "analyze": ["--out-dir", str(tmp_path / "a")],
+             "train": ["--out", str(tmp_path / "c.pt")]}.get(command, [])
+    _refused(capsys, _cmd(command, missing, *extra), f"data folder not found: {missing}")
+
+
+def test_corrupt_qmodel_is_one_line(capsys, tmp_path, data_dir):
+    bad = tmp_path / "model.hq"
+    bad.write_bytes(b"\x80\x02garbage here")
+    for argv in (["eval", "--qmodel", str(bad), "--data", str(data_dir), "--workers", "0"],
+                 ["export", "--qmodel", str(bad), "--out", str(tmp_path / "x.npz")]):
+        _refused(capsys, argv, f"cannot read quantized model {bad}: not a valid or complete model.hq file")
+        assert not (tmp_path / "x.npz").exists()
+
+
+def test_corrupt_training_state_is_one_line(capsys, tmp_path, data_dir):
+    out = tmp_path / "c.pt"
+    state = tmp_path / "c.pt.state"
+    state.write_bytes(b"PK\x03\x04 half a zip")
+    argv = _cmd("train", data_dir, "--img-size", "32", "--batch-size", "4", "--out", str(out))
+    _refused(capsys, argv, f"cannot read training state {state}: not a valid or complete torch.save file",
+             "delete it to start over")
     assert not out.exists()
 
 

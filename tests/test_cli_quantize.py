@@ -17,8 +17,9 @@ def _run(capsys, *argv):
 
 @pytest.fixture
 def base_args(q_ckpt_path, data_dir):
+    """minmax (the CLI's default is hfq); a later --method in argv wins."""
     return ["--model", "mobilevit_xxs", "--checkpoint", str(q_ckpt_path), "--data", str(data_dir),
-            "--workers", "0", "--batch-size", "8"]
+            "--workers", "0", "--batch-size", "8", "--method", "minmax"]
 
 
 def test_quantize_writes_report_and_model_that_reloads_exactly(tmp_path, capsys, base_args, data_dir):
@@ -87,7 +88,7 @@ def test_model_with_an_unquantizable_op(tmp_path, capsys, data_dir):
     ckpt = tmp_path / "r.pt"
     torch.save({"state_dict": model.state_dict(), "pretrained_cfg": pretrained_cfg(32)}, ckpt)
     code, _, err = _run(capsys, "quantize", "--model", "resnet10t", "--checkpoint", str(ckpt), "--data", str(data_dir),
-                        "--workers", "0", "--calib", "4", "--out-dir", str(tmp_path / "q"))
+                        "--method", "minmax", "--workers", "0", "--calib", "4", "--out-dir", str(tmp_path / "q"))
     assert code == 2 and "cannot quantize op" in err and "max_pool2d" in err
 
 
@@ -133,5 +134,59 @@ def test_hfq_switches_reach_the_config(flags, changes):
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--data", "d", "--out-dir", "o",
                                       "--method", "hfq", "--scales", "pot", *flags])
-    want = QuantConfig(method="hfq", scales="pot", pot_rounding="objective").replace(**changes)
+    want = QuantConfig(method="hfq", scales="pot").replace(**changes)
+    assert want.pot_rounding == "objective"
     assert _quant_config(args) == want
+
+
+# --- issue 22 item 4: the CLI's defaults are QuantConfig's ------------------------------------------------------
+@pytest.mark.parametrize("flags, kwargs", [
+    ([], {}),
+    (["--method", "minmax"], {"method": "minmax"}),
+    (["--method", "hfq", "--scales", "float"], {"method": "hfq", "scales": "float"}),
+    (["--pot-rounding", "round"], {"pot_rounding": "round"}),
+    (["--method", "minmax", "--scales", "pot"], {"method": "minmax", "scales": "pot"}),
+    (["--method", "ptq4vit", "--pot-rounding", "ceil"], {"method": "ptq4vit", "pot_rounding": "ceil"}),
+    (["--wbits", "6", "--abits", "4", "--first-last-8bit", "--float-ops", "a*, b"],
+     {"wbits": 6, "abits": 4, "first_last_8bit": True, "float_ops": ("a*", "b")}),
+    (["--method", "percentile", "--percentile", "99.9", "--shift-terms", "2", "--alpha", "float"],
+     {"method": "percentile", "percentile": 99.9, "shift_terms": 2, "alpha_pot": False}),
+    (["--no-ptf", "--reconstruction-iters", "5"], {"ptf": False, "reconstruction_iters": 5}),
+], ids=["none", "minmax", "hfq-float", "pot-rounding-round", "minmax-pot", "ptq4vit-ceil", "bits", "percentile",
+        "switch"])
+def test_cli_config_equals_api_config(flags, kwargs):
+    from hybridquant.cli import _quant_config, build_parser
+    from hybridquant.config import QuantConfig
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--data", "d", "--out-dir", "o", *flags])
+    assert _quant_config(args) == QuantConfig(**kwargs)
+    assert _quant_config(args).to_dict() == QuantConfig(**kwargs).to_dict()
+
+
+def test_no_flags_is_hfq_pot_objective():
+    from hybridquant.cli import _quant_config, build_parser
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--data", "d", "--out-dir", "o"])
+    c = _quant_config(args)
+    assert (c.method, c.scales, c.pot_rounding) == ("hfq", "pot", "objective")
+
+
+def test_switches_turn_off_fields_that_default_to_on():
+    from hybridquant.cli import _SWITCHES
+    from hybridquant.config import field_defaults
+
+    d = field_defaults()
+    assert all(d[name] is True for name, _ in _SWITCHES.values())
+    assert d["first_last_8bit"] is False  # --first-last-8bit can only switch it on
+
+
+def test_help_states_the_defaults(capsys):
+    from hybridquant.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default hfq)" in text
+    assert "default: pot for hfq, float for the other methods" in text
+    assert "default: objective for hfq, round for the other methods" in text
+    assert "weight bits: 2-8 or 16 (default 8)" in text

@@ -90,9 +90,13 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     with pytest.raises(HybridQuantError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(HybridQuantError, match=r"cannot read checkpoint .*bad\.pt"):
-        read_checkpoint(bad)
+    for content in (b"\x00\x01garbage", b"\x80\x02garbage here", b""):  # the second: torch's weights_only advice
+        bad.write_bytes(content)
+        with pytest.raises(HybridQuantError) as info:
+            read_checkpoint(bad)
+        assert str(info.value) == f"cannot read checkpoint {bad}: not a valid or complete torch.save file"
+    with pytest.raises(HybridQuantError, match=f"checkpoint {tmp_path} is a directory, not a file"):
+        read_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["resnet_999", "mobilevit_xxs.no_such_tag", "mobilevit_xxs.no_such_dataset"])

@@ -2,7 +2,7 @@
 
 Config: ``capture`` (torch.export, BN folded, attention spelled out) and
 ``quantize_graph`` with ``QuantConfig(method="hfq", wbits, abits,
-scales="pot" | "float", pot_rounding="objective")``: every conv, linear and
+scales="pot" | "float")`` (hfq's own defaults: objective exponent search): every conv, linear and
 attention matmul reads integers, adds/concats and SiLU/softmax/LayerNorm
 outputs are requantized (see the README). Evaluated as the fake-quantized
 simulation (``QuantizedGraph.run``), which the integer program reproduces
@@ -25,8 +25,7 @@ def run(model: torch.nn.Module, calib: torch.Tensor, images: torch.Tensor, label
     """Quantize ``model`` with hfq at W``wbits``A``abits`` and evaluate it."""
     from hybridquant.config import QuantConfig
 
-    cfg = QuantConfig(method="hfq", wbits=wbits, abits=abits, scales="pot" if pot else "float",
-                      pot_rounding="objective")
+    cfg = QuantConfig(method="hfq", wbits=wbits, abits=abits, scales="pot" if pot else "float")
     desc = (f"hybridquant quantize_graph {cfg.method} W{wbits}A{abits} scales {cfg.scales} "
             f"(pot_rounding {cfg.pot_rounding}); every MAC, add, concat and nonlinearity output quantized")
 

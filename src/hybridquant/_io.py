@@ -1,14 +1,22 @@
-"""Atomic file writes: an output file is either complete or absent."""
+"""File handling: atomic writes, and up-front checks of input files and output paths.
+
+An output file is either complete or absent. The checks turn every bad path
+(and every unreadable input file) into a one-line :class:`HybridQuantError`
+that names the path, so the CLI can refuse it before loading anything.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import HybridQuantError
 
 
 @contextmanager
@@ -57,3 +65,99 @@ def plain(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
+
+
+# --- checks: every input file and output path, before any work -------------------------------------
+
+
+def check_input_file(path: str | os.PathLike, kind: str) -> Path:
+    """``path`` when it is a readable regular file; else a one-line error naming ``kind`` and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise HybridQuantError(f"{kind} not found: {path}")
+    if path.is_dir():
+        raise HybridQuantError(f"{kind} {path} is a directory, not a file")
+    if not path.is_file():
+        raise HybridQuantError(f"{kind} {path} is not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise HybridQuantError(f"cannot read {kind} {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _writable_problem(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder`` (really tried: root ignores permissions), or None."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hybridquant-probe-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, option: str = "--out-dir", names: Iterable[str] = ()) -> Path:
+    """``path`` when it is, or can be created as, a writable folder in which the files ``names`` can be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HybridQuantError(f"{option} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # the nearest folder that is there
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HybridQuantError(f"{option} {path} cannot be created: {existing} is a file, not a folder")
+    problem = _writable_problem(existing)
+    if problem:
+        where = "" if existing == path else f" ({existing}, where it would be created)"
+        raise HybridQuantError(f"{option} {path} is not writable{where}: {problem}")
+    for name in names:
+        if (path / name).is_dir():
+            raise HybridQuantError(f"{option} {path}: {path / name} is a directory; cannot write {name} there")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` when it names a file that can be written: not a directory, in a writable folder that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise HybridQuantError(f"{option} {path} is a directory; give a file name")
+    folder = path.parent
+    if not folder.exists():
+        raise HybridQuantError(f"{option} {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise HybridQuantError(f"{option} {path}: {folder} is a file, not a folder")
+    problem = _writable_problem(folder)
+    if problem:
+        raise HybridQuantError(f"{option} {path}: folder {folder} is not writable: {problem}")
+    return path
+
+
+# --- reading: a damaged file is one line that names it, never a library's advice ---------------------
+
+
+def invalid_file(kind: str, path: str | os.PathLike, fmt: str) -> HybridQuantError:
+    """The error for a file that is there but cannot be parsed (corrupt, truncated or another format)."""
+    return HybridQuantError(f"cannot read {kind} {path}: not a valid or complete {fmt} file")
+
+
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_torch_file(path: str | os.PathLike, kind: str, fmt: str = "torch.save", weights_only: bool = True,
+                    map_location: Any = "cpu") -> Any:
+    """``torch.load`` of ``path`` with one-line errors (``kind`` names the file in them)."""
+    import torch
+
+    path = check_input_file(path, kind)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises many types for a damaged file, with pages of advice
+        refused = _REFUSED_GLOBAL.search(str(exc)) if weights_only else None
+        if refused:  # a sound file holding pickled objects that a weights-only load does not run
+            raise HybridQuantError(f"cannot read {kind} {path}: it stores Python objects that a safe "
+                                   f"(weights-only) load refuses, e.g. {refused.group(1)}") from exc
+        raise invalid_file(kind, path, fmt) from exc

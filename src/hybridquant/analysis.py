@@ -72,7 +72,7 @@ def analyze_graph(graph: Graph, images: torch.Tensor) -> dict[str, Any]:
             if node.op in ("conv2d", "linear") and idx == 0:
                 out_ref = layer_output(node, x, node.params["weight"])
                 for wb, ab in SETTINGS:
-                    cfg = QuantConfig(wbits=wb, abits=ab)
+                    cfg = QuantConfig(method="minmax", wbits=wb, abits=ab)
                     err = layer_error(node, x, torch.ones(x.shape[1 if node.op == "conv2d" else -1]), cfg, out_ref)
                     row[f"sqnr_w{wb}a{ab}_db"] = round(_sqnr_from_rel(err), 2)
             layers.append(row)

@@ -1,7 +1,9 @@
 """The ``hybridquant`` command line.
 
 Every sub-command reports user errors on one line and exits with code 2
-(``--debug`` shows the traceback instead). Outputs are written atomically.
+(``--debug`` shows the traceback instead). Input files, data folders and
+output paths are checked before any model or data is loaded. Outputs are
+written atomically.
 """
 
 from __future__ import annotations
@@ -62,58 +64,73 @@ def _add_data(p: argparse.ArgumentParser, limit: bool = True) -> None:
         g.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
 
 
+#: hfq ablation switches: flag -> the QuantConfig field it turns off (each of those defaults to on)
+_SWITCHES: dict[str, tuple[str, str]] = {
+    "--no-outlier-scaling": ("outlier_scaling", "hfq: skip outlier scaling (ablation)"),
+    "--no-weight-rounding": ("weight_rounding", "hfq: round weights to nearest (ablation)"),
+    "--no-input-compensation": ("input_compensation",
+                                "hfq: weight rounding ignores the error arriving at each layer's input (ablation)"),
+    "--no-bias-correction": ("bias_correction", "hfq: skip bias correction (ablation)"),
+    "--no-channel-shift": ("channel_shift",
+                           "hfq: do not centre the input channels of layers that read a norm (ablation)"),
+    "--no-ptf": ("ptf", "hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)"),
+    "--no-lut-thresholds": ("lut_thresholds",
+                            "hfq: uniform grids on lookup-table inputs instead of threshold grids (ablation)"),
+    "--no-lut-zero-point": ("lut_zero_point",
+                            "hfq: symmetric grids on lookup-table inputs, no zero-point search (ablation)"),
+    "--no-reconstruction": ("reconstruction",
+                            "hfq: skip block reconstruction, the learned rounding and biases per block (ablation; faster)"),
+}
+
+
 def _add_quant(p: argparse.ArgumentParser) -> None:
-    from .config import POT_ROUNDING
+    """The quantization options; every default is QuantConfig's (``config.field_defaults``)."""
+    from .config import POT_ROUNDING, describe_method_default, field_defaults
     from .methods import METHODS
 
+    d = field_defaults()
     g = p.add_argument_group("quantization")
-    g.add_argument("--method", default="minmax", help=f"one of: {', '.join(sorted(METHODS))} (default minmax)")
-    g.add_argument("--wbits", type=int, default=8, help="weight bits: 2-8 or 16 (default 8)")
-    g.add_argument("--abits", type=int, default=8, help="activation bits: 2-8 or 16 (default 8)")
-    g.add_argument("--scales", default="float", help="float (any scale) or pot (powers of two); default float")
-    g.add_argument("--pot-rounding", default=None, choices=POT_ROUNDING,
-                   help="how scales become 2^k with --scales pot (default: objective for hfq, round otherwise)")
-    g.add_argument("--act-symmetry", default="auto", help="auto, symmetric or asymmetric activations")
+    g.add_argument("--method", default=d["method"], help=f"one of: {', '.join(sorted(METHODS))} (default %(default)s)")
+    g.add_argument("--wbits", type=int, default=d["wbits"], help="weight bits: 2-8 or 16 (default %(default)s)")
+    g.add_argument("--abits", type=int, default=d["abits"], help="activation bits: 2-8 or 16 (default %(default)s)")
+    g.add_argument("--scales", default=d["scales"],
+                   help=f"float (any scale) or pot (powers of two); default: {describe_method_default('scales')}")
+    g.add_argument("--pot-rounding", default=d["pot_rounding"], choices=POT_ROUNDING,
+                   help="how scales become 2^k with --scales pot; default: "
+                        f"{describe_method_default('pot_rounding')}")
+    g.add_argument("--act-symmetry", default=d["act_symmetry"],
+                   help="auto, symmetric or asymmetric activations (default %(default)s)")
     g.add_argument("--first-last-8bit", action="store_true", help="keep the first conv and the classifier at 8 bits")
-    g.add_argument("--float-ops", default="", help="comma-separated node names (globs) to leave in float")
-    g.add_argument("--calib", type=int, default=512, help="calibration images from train/ (default 512)")
-    g.add_argument("--percentile", type=float, default=99.99, help="percentile of the percentile method")
-    g.add_argument("--smoothquant-alpha", type=float, default=0.5, help="migration strength of smoothquant")
-    g.add_argument("--hyq-iters", type=int, default=1000, help="QADS iterations of hyq")
-    g.add_argument("--shift-terms", type=int, default=1, help="requantization as a sum of 1 or 2 powers of two")
-    g.add_argument("--no-outlier-scaling", action="store_true", help="hfq: skip outlier scaling (ablation)")
-    g.add_argument("--alpha", choices=["pot", "float"], default="pot", help="hfq: outlier-scaling factors 2^k or float")
-    g.add_argument("--no-weight-rounding", action="store_true", help="hfq: round weights to nearest (ablation)")
-    g.add_argument("--no-input-compensation", action="store_true",
-                   help="hfq: weight rounding ignores the error arriving at each layer's input (ablation)")
-    g.add_argument("--no-bias-correction", action="store_true", help="hfq: skip bias correction (ablation)")
-    g.add_argument("--no-channel-shift", action="store_true",
-                   help="hfq: do not centre the input channels of layers that read a norm (ablation)")
-    g.add_argument("--no-ptf", action="store_true",
-                   help="hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)")
-    g.add_argument("--no-lut-thresholds", action="store_true",
-                   help="hfq: uniform grids on lookup-table inputs instead of threshold grids (ablation)")
-    g.add_argument("--no-lut-zero-point", action="store_true",
-                   help="hfq: symmetric grids on lookup-table inputs, no zero-point search (ablation)")
-    g.add_argument("--no-reconstruction", action="store_true",
-                   help="hfq: skip block reconstruction, the learned rounding and biases per block (ablation; faster)")
-    g.add_argument("--reconstruction-iters", type=int, default=300, help="hfq: optimisation steps per block")
+    g.add_argument("--float-ops", default=",".join(d["float_ops"]),
+                   help="comma-separated node names (globs) to leave in float (default: none)")
+    g.add_argument("--calib", type=int, default=512, help="calibration images from train/ (default %(default)s)")
+    g.add_argument("--percentile", type=float, default=d["percentile"],
+                   help="percentile of the percentile method (default %(default)s)")
+    g.add_argument("--smoothquant-alpha", type=float, default=d["smoothquant_alpha"],
+                   help="migration strength of smoothquant (default %(default)s)")
+    g.add_argument("--hyq-iters", type=int, default=d["hyq_iters"], help="QADS iterations of hyq (default %(default)s)")
+    g.add_argument("--shift-terms", type=int, default=d["shift_terms"],
+                   help="requantization as a sum of 1 or 2 powers of two (default %(default)s)")
+    g.add_argument("--alpha", choices=["pot", "float"], default="pot" if d["alpha_pot"] else "float",
+                   help="hfq: outlier-scaling factors 2^k or float (default %(default)s)")
+    for flag, (_, text) in _SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=text)
+    g.add_argument("--reconstruction-iters", type=int, default=d["reconstruction_iters"],
+                   help="hfq: optimisation steps per block (default %(default)s)")
 
 
 def _quant_config(args: argparse.Namespace):
+    """The QuantConfig of the parsed options: what ``QuantConfig(...)`` gives for the same values."""
     from .config import QuantConfig
 
-    rounding = args.pot_rounding or ("objective" if args.method == "hfq" else "round")
+    switched_off = {name: False for flag, (name, _) in _SWITCHES.items() if getattr(args, flag[2:].replace("-", "_"))}
     return QuantConfig(
-        method=args.method, wbits=args.wbits, abits=args.abits, scales=args.scales, pot_rounding=rounding,
+        method=args.method, wbits=args.wbits, abits=args.abits, scales=args.scales, pot_rounding=args.pot_rounding,
         act_symmetry=args.act_symmetry, first_last_8bit=args.first_last_8bit,
         float_ops=tuple(x.strip() for x in args.float_ops.split(",") if x.strip()),
         percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
-        shift_terms=args.shift_terms, outlier_scaling=not args.no_outlier_scaling, alpha_pot=args.alpha == "pot",
-        weight_rounding=not args.no_weight_rounding, bias_correction=not args.no_bias_correction,
-        input_compensation=not args.no_input_compensation, channel_shift=not args.no_channel_shift,
-        ptf=not args.no_ptf, lut_zero_point=not args.no_lut_zero_point, lut_thresholds=not args.no_lut_thresholds,
-        reconstruction=not args.no_reconstruction, reconstruction_iters=args.reconstruction_iters,
+        shift_terms=args.shift_terms, alpha_pot=args.alpha == "pot",
+        reconstruction_iters=args.reconstruction_iters, **switched_off,
     )
 
 
@@ -212,6 +229,53 @@ def _check_runtime(args: argparse.Namespace) -> None:
         raise HybridQuantError(f"--workers must be >= 0, got {args.workers}")
 
 
+#: input-file options -> what the file is, as the error messages name it
+_INPUT_FILES = {"checkpoint": "checkpoint", "init_checkpoint": "checkpoint", "qmodel": "quantized model",
+                "program": "integer program", "onnx": "ONNX model"}
+#: the --data splits each command reads
+_DATA_SPLITS = {"eval": ("eval",), "quantize": ("train", "eval"), "analyze": ("train",), "train": ("train", "eval")}
+#: the fixed file names each command writes into --out-dir
+_OUT_DIR_FILES = {"quantize": ("model.hq", "report.json", "report.md"), "analyze": ("analysis.json", "analysis.md")}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse every bad input file, data folder and output path before loading anything."""
+    from ._io import check_input_file, check_out_dir, check_out_file
+
+    for dest, kind in _INPUT_FILES.items():
+        if getattr(args, dest, None):
+            check_input_file(getattr(args, dest), kind)
+    if getattr(args, "data", None):
+        from .data import split_dir
+
+        for split in _DATA_SPLITS.get(args.command, ()):
+            split_dir(args.data, split)
+    if getattr(args, "out_dir", None):
+        check_out_dir(args.out_dir, "--out-dir", _OUT_DIR_FILES.get(args.command, ()))
+    if getattr(args, "out", None):
+        check_out_file(args.out, "--out")
+
+
+def _read(load, path: str, kind: str, fmt: str, own: tuple[type[BaseException], ...] = ()):
+    """``load(path)`` of a file whose reader is not ours: a failure to parse it is one line naming it.
+
+    The reader's own diagnoses (a HybridQuantError raised without a cause, or caused by one of
+    ``own``) pass through; anything else means the file is not a valid or complete ``fmt`` file.
+    """
+    from ._io import invalid_file
+
+    try:
+        return load(path)
+    except HybridQuantError as exc:
+        if exc.__cause__ is None or isinstance(exc.__cause__, own):
+            raise
+        raise invalid_file(kind, path, fmt) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise invalid_file(kind, path, fmt) from exc
+
+
 def _print_result(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
@@ -286,7 +350,7 @@ def _eval_program(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.model or args.checkpoint or args.qmodel or args.onnx:
         raise HybridQuantError("--program carries its own model; do not pass --model, --checkpoint, --qmodel or --onnx")
-    manifest, arrays = load_npz(args.program)
+    manifest, arrays = _read(load_npz, args.program, "integer program", "npz", own=(json.JSONDecodeError,))
     try:
         program = rr.checked(rr.Program(manifest, arrays))
         meta = manifest["model"]
@@ -315,7 +379,8 @@ def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:
         raise HybridQuantError("--onnx carries its own model; do not pass --model or --checkpoint")
     if args.integer:
         raise HybridQuantError("--integer runs the integer program of a --qmodel; it cannot be combined with --onnx")
-    runner = OnnxRunner(args.onnx, threads=torch.get_num_threads())
+    runner = _read(lambda path: OnnxRunner(path, threads=torch.get_num_threads()), args.onnx, "ONNX model", "ONNX",
+                   own=(ImportError, json.JSONDecodeError))
     qgraph = None
     if args.qmodel:  # fail on a bad --qmodel before evaluating anything
         from . import qmodel
@@ -405,9 +470,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from .export import export_c, export_npz, export_onnx
 
     qgraph, meta = qmodel.load(args.qmodel)
-    out = Path(args.out)
-    if out.is_dir():
-        raise HybridQuantError(f"--out {out} is a directory; give a file name")
+    out = Path(args.out)  # checked up front (main): a file name in a writable folder
     extra: dict[str, Any] = {}
     try:
         if args.format == "npz":
@@ -446,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_runtime(args)
+        _check_paths(args)
         _seed(args.seed)
         result = COMMANDS[args.command](args)
     except Exception as exc:

@@ -2,6 +2,11 @@
 
 ``QuantConfig`` says *what* to quantize and how; it round-trips through JSON
 (``to_dict`` / ``from_dict``) and is stored inside every ``model.hq``.
+
+Its field defaults are the only defaults: ``hybridquant quantize`` takes its
+option defaults from :func:`field_defaults` and leaves ``--scales`` and
+``--pot-rounding`` unset, so ``QuantConfig`` resolves them per method
+(:data:`METHOD_DEFAULTS`) exactly as for ``QuantConfig(method=...)`` in Python.
 """
 
 from __future__ import annotations
@@ -19,6 +24,24 @@ POT_ROUNDING = ("round", "ceil", "objective")
 ACT_SYMMETRY = ("auto", "symmetric", "asymmetric")
 OBSERVERS = ("minmax", "percentile", "mse")
 
+#: the method of ``QuantConfig()`` and of ``hybridquant quantize`` without ``--method``
+DEFAULT_METHOD = "hfq"
+#: what ``QuantConfig`` fills in for ``scales`` / ``pot_rounding`` left unset (``None``): a method's own
+#: entry, else ``BASE_DEFAULTS``; the resolved values are stored, so a saved config never changes meaning
+BASE_DEFAULTS: dict[str, str] = {"scales": "float", "pot_rounding": "round"}
+METHOD_DEFAULTS: dict[str, dict[str, str]] = {"hfq": {"scales": "pot", "pot_rounding": "objective"}}
+
+
+def method_default(method: str, name: str) -> str:
+    """The value ``QuantConfig(method=method)`` gives the method-dependent field ``name``."""
+    return METHOD_DEFAULTS.get(method, {}).get(name, BASE_DEFAULTS[name])
+
+
+def describe_method_default(name: str) -> str:
+    """``'pot for hfq, float for the other methods'``: the per-method default of ``name``, for help texts."""
+    special = [f"{d[name]} for {m}" for m, d in METHOD_DEFAULTS.items() if name in d]
+    return ", ".join([*special, f"{BASE_DEFAULTS[name]} for the other methods" if special else BASE_DEFAULTS[name]])
+
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
@@ -31,12 +54,14 @@ class QuantConfig:
 
     Attributes:
         method: the algorithm (``minmax``, ``percentile``, ``omse``, ``fq-vit``,
-            ``smoothquant``, ``hyq``, ``ptq4vit``, ``repq-vit``, ``hfq``).
+            ``smoothquant``, ``hyq``, ``ptq4vit``, ``repq-vit``, ``hfq``); default ``hfq``.
         wbits / abits: weight and activation bit widths (2–8 or 16).
-        scales: ``float`` (any real scale) or ``pot`` (every scale a power of two).
+        scales: ``float`` (any real scale) or ``pot`` (every scale a power of two);
+            unset (``None``): the method's default, ``pot`` for hfq, ``float`` otherwise.
         pot_rounding: how a float scale becomes 2^k with ``scales='pot'``:
             ``round`` (round log2), ``ceil`` (never clip more), ``objective``
-            (search the exponent that minimises output error; hfq).
+            (search the exponent that minimises output error; hfq); unset (``None``):
+            ``objective`` for hfq, ``round`` otherwise.
         act_symmetry: ``auto`` quantizes one-sided activation ranges
             asymmetrically (with a zero point) and the rest symmetrically.
         input_bits: bits of the quantized input image.
@@ -54,12 +79,12 @@ class QuantConfig:
         input_compensation: hfq's weight rounding also absorbs the error arriving
             at each layer's input (target: the float model's output).
         ptf: hfq gives LayerNorm inputs per-channel power-of-two factors (FQ-ViT's
-            PTF), with power-of-two scales only.
-        lut_zero_point: hfq (power-of-two scales only) gives a two-sided tensor read only
+            PTF).
+        lut_zero_point: hfq gives a two-sided tensor read only
             by lookup-table non-linearities (a conv's output before its SiLU) a zero point,
             and the exponent search also lowers the zero points of asymmetric grids
             (for those tensors it overrides ``act_symmetry``).
-        lut_thresholds: hfq (power-of-two scales only) quantizes a tensor of at most 6 bits read
+        lut_thresholds: hfq quantizes a tensor of at most 6 bits read
             only by one lookup table on a threshold grid whose intervals are the preimages of the table's
             output codes (the integer program compares the shifted accumulator with integer
             thresholds); it replaces the uniform grid, zero point included, for those tensors.
@@ -67,13 +92,16 @@ class QuantConfig:
             rounding and biases per block with the activation quantizers in the
             loop) on/off, and its optimisation steps per block.
         sqnr_images: calibration images used for the per-layer SQNR table.
+
+    ``scales`` and ``pot_rounding`` are resolved in ``__post_init__``, so every
+    instance holds concrete values; ``replace(method=...)`` keeps them as they are.
     """
 
-    method: str = "minmax"
+    method: str = DEFAULT_METHOD
     wbits: int = 8
     abits: int = 8
-    scales: str = "float"
-    pot_rounding: str = "round"
+    scales: str | None = None  # None: method_default(method, "scales")
+    pot_rounding: str | None = None  # None: method_default(method, "pot_rounding")
     act_symmetry: str = "auto"
     input_bits: int = 8
     first_last_8bit: bool = False
@@ -100,6 +128,9 @@ class QuantConfig:
         from .methods import METHODS  # late import: methods import this module
 
         _check(self.method in METHODS, f"unknown method '{self.method}' (choose from {', '.join(sorted(METHODS))})")
+        for name in BASE_DEFAULTS:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, method_default(self.method, name))
         for name in ("wbits", "abits", "input_bits"):
             value = getattr(self, name)
             _check(value in BITS_ALLOWED, f"--{name} must be one of 2-8 or 16, got {value}")
@@ -139,3 +170,11 @@ class QuantConfig:
 
     def replace(self, **changes: Any) -> QuantConfig:
         return dataclasses.replace(self, **changes)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each ``QuantConfig`` field's default (``None`` for the per-method ones), for the CLI's options."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(QuantConfig):
+        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out

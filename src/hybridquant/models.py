@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from ._io import read_torch_file
 from .errors import HybridQuantError
 
 #: Keys of timm's pretrained_cfg that describe preprocessing.
@@ -69,13 +70,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     keys ``model``, ``num_classes``, ``class_names`` and ``pretrained_cfg``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise HybridQuantError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HybridQuantError(f"cannot read checkpoint {path}: {reason}") from exc
+    obj = read_torch_file(path, "checkpoint")  # missing, a folder or damaged: a one-line error naming it
     if isinstance(obj, dict) and "state_dict" in obj:
         ckpt = dict(obj)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

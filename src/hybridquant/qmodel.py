@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_path, plain
+from ._io import atomic_path, plain, read_torch_file
 from .config import QuantConfig
 from .errors import HybridQuantError
 from .graph.ir import Graph, Node
@@ -104,13 +104,10 @@ def save(path: str | Path, qgraph: QuantizedGraph, model_meta: dict[str, Any]) -
 
 
 def load(path: str | Path) -> tuple[QuantizedGraph, dict[str, Any]]:
-    """Read ``model.hq``; a missing, truncated or foreign file is a clear error."""
+    """Read ``model.hq``; a missing, truncated or foreign file is a one-line error naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise HybridQuantError(f"quantized model not found: {path}")
+    data = read_torch_file(path, "quantized model", "model.hq")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HybridQuantError(f"cannot read quantized model {path}: {reason}") from exc
-    return from_dict(data)
+        return from_dict(data)
+    except HybridQuantError as exc:
+        raise HybridQuantError(f"quantized model {path}: {exc}") from exc

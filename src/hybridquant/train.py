@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from ._io import atomic_path
+from ._io import atomic_path, check_input_file, check_out_dir, read_torch_file
 from .data import (
     DataOverrides,
     channel_stats,
@@ -95,6 +95,12 @@ def train(
     """
     out = Path(out)
     state_path = out.with_name(out.name + ".state")
+    # a bad output path or starting checkpoint fails now, not after the epochs
+    if out.is_dir():
+        raise HybridQuantError(f"checkpoint path {out} is a directory; give a file name")
+    check_out_dir(out.parent, "checkpoint folder")
+    if init_checkpoint is not None:
+        check_input_file(init_checkpoint, "checkpoint")
     torch.manual_seed(recipe.seed)
 
     train_set = image_folder(data_root, "train")
@@ -125,8 +131,11 @@ def train(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["recipe"] != asdict(recipe) or state["model"] != loaded.name:
+        try:  # our own file (optimizer state and all): a full load
+            state = read_torch_file(state_path, "training state", weights_only=False, map_location=device)
+        except HybridQuantError as exc:
+            raise HybridQuantError(f"{exc}; delete it to start over") from exc
+        if not isinstance(state, dict) or state.get("recipe") != asdict(recipe) or state.get("model") != loaded.name:
             raise HybridQuantError(f"{state_path} was written by a different run; delete it to start over")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])

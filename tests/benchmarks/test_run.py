@@ -44,3 +44,15 @@ def test_suites_cover_the_documented_matrix():
     limits = dict(runner.cells("limits"))
     assert len(limits) == len(runner.FLOAT_GROUPS)
     assert {c.float_ops for c in limits.values()} == set(runner.FLOAT_GROUPS.values())
+
+
+def test_cells_take_each_methods_defaults_from_the_config():
+    """No PoT rounding is chosen in the runner: each method's comes from QuantConfig (hfq: objective)."""
+    runner = _load_runner()
+    for suite in ("baselines", "ablation", "core", "limits"):
+        for cid, cfg in runner.cells(suite):
+            want = "objective" if cfg.method == "hfq" else "round"
+            if not cid.startswith("PoT-"):  # the ablation rows that switch the search off
+                assert cfg.pot_rounding == want, cid
+    core = dict(runner.cells("core"))
+    assert core["minmax_W16A16_float"].method == "minmax" and core["minmax_W16A16_float"].scales == "float"

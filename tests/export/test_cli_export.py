@@ -42,6 +42,7 @@ def pot_model(tmp_path_factory):
 
 def test_export_npz_reproduces_the_loaded_model(pot_model, tmp_path, capsys):
     out = tmp_path / "deploy" / "toy.npz"
+    out.parent.mkdir()  # --out's folder must exist
     code, stdout, err = _run(capsys, "export", "--qmodel", str(pot_model), "--format", "npz", "--out", str(out))
     assert code == 0, err
     summary = json.loads(stdout)
@@ -75,12 +76,13 @@ def _assert_one_line_error(code, err, message, out):
     assert not out.exists()
 
 
-def test_truncated_model(tmp_path, capsys):
-    bad = tmp_path / "model.hq"
-    bad.write_bytes(b"PK\x03\x04 truncated")
+def test_truncated_model(tmp_path, capsys, pot_model):
     out = tmp_path / "x.npz"
-    code, _, err = _run(capsys, "export", "--qmodel", str(bad), "--out", str(out))
-    _assert_one_line_error(code, err, "cannot read quantized model", out)
+    bad = tmp_path / "model.hq"
+    for content in (b"PK\x03\x04 truncated", pot_model.read_bytes()[: pot_model.stat().st_size // 2]):
+        bad.write_bytes(content)
+        code, _, err = _run(capsys, "export", "--qmodel", str(bad), "--out", str(out))
+        _assert_one_line_error(code, err, f"cannot read quantized model {bad}: not a valid or complete model.hq file", out)
 
 
 def test_malformed_model(tmp_path, capsys, pot_model):
@@ -100,7 +102,7 @@ def test_malformed_model(tmp_path, capsys, pot_model):
 
 
 def test_float_multipliers_are_refused(tmp_path, capsys):
-    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="float"), _calib())
+    qg = quantize_graph(make_toy_graph(), QuantConfig(method="minmax", scales="float"), _calib())
     path = tmp_path / "model.hq"
     qmodel.save(path, qg, META)
     for fmt in ("npz", "c"):
@@ -157,8 +159,12 @@ def test_eval_program_bad_files(program_for_data, data_dir, tmp_path, capsys):
 
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
-    check(truncated, "cannot read integer program")
-    check(tmp_path / "missing.npz", "cannot read integer program")
+    check(truncated, f"cannot read integer program {truncated}: not a valid or complete npz file")
+    check(tmp_path / "missing.npz", f"integer program not found: {tmp_path / 'missing.npz'}")
+    check(tmp_path, f"integer program {tmp_path} is a directory, not a file")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    check(garbage, f"cannot read integer program {garbage}: not a valid or complete npz file")
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, x=np.zeros(3))
     check(foreign, "not an exported integer program")
@@ -167,3 +173,18 @@ def test_eval_program_bad_files(program_for_data, data_dir, tmp_path, capsys):
     broken = tmp_path / "broken.npz"
     np.savez(broken, __manifest__=np.array(json.dumps(manifest)), **arrays)
     check(broken, "malformed integer program")
+
+
+def test_eval_onnx_truncated_file(pot_model, data_dir, tmp_path, capsys):
+    """A truncated export is one line naming the file, not onnxruntime's protobuf error."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    good = tmp_path / "toy.onnx"
+    code, _, err = _run(capsys, "export", "--qmodel", str(pot_model), "--format", "onnx", "--out", str(good))
+    assert code == 0, err
+    out = tmp_path / "r.json"
+    for name, size in (("half.onnx", good.stat().st_size // 2), ("head.onnx", 40)):
+        bad = tmp_path / name
+        bad.write_bytes(good.read_bytes()[:size])
+        code, _, err = _run(capsys, "eval", "--onnx", str(bad), "--data", str(data_dir), "--workers", "0", "--out", str(out))
+        _assert_one_line_error(code, err, f"cannot read ONNX model {bad}: not a valid or complete ONNX file", out)
