@@ -7,6 +7,7 @@ returns the report, the quantized graph and the model metadata.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,19 +75,60 @@ def coverage(qgraph: QuantizedGraph) -> dict[str, int]:
     return out
 
 
-def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float]) -> list[dict[str, Any]]:
-    """One report row per quantized node."""
+#: why a layer row has no SQNR (JSON ``sqnr_note``; report.md footnotes)
+SQNR_EXACT = "exact on these images: the quantized output equals the float one (no noise, SQNR infinite)"
+SQNR_ZERO = "the float output is zero on these images: no signal to compare with"
+SQNR_MISSING = "no float value to compare with"
+
+
+def _sqnr_cell(value: float | None, refined: float | None, kind: str = "uniform") -> tuple[float | None, str | None]:
+    """A row's (sqnr_db, note): a finite SQNR (full precision), or None and the reason; a note also explains
+    an SQNR below 0 dB."""
+    if value is None or math.isnan(value):
+        return None, SQNR_MISSING
+    if math.isinf(value):
+        return None, SQNR_EXACT if value > 0 else SQNR_ZERO
+    note = None
+    if value < 0:
+        if kind == "threshold":
+            note = ("below 0 dB on a threshold grid: its codes are placed for the lookup table it feeds (the "
+                    "table's row measures the error that matters); a code's representative value is not meant "
+                    "to approximate the input")
+        elif refined is not None and math.isfinite(refined) and refined >= 0:
+            note = (f"below 0 dB from the method's refinement, not from this node's quantization: GPTQ, bias "
+                    f"correction and block reconstruction fit weights and biases to a later output (e.g. a bias "
+                    f"shift through attention that the next bias cancels), so this inner value leaves the float "
+                    f"model's; against those refined float parameters it is {refined:.1f} dB")
+        else:
+            note = "below 0 dB: the quantization noise exceeds this output's signal"
+    return value, note
+
+
+def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float],
+               refined: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One report row per quantized node.
+
+    ``sqnr_db``: against the transformed float graph (:func:`~hybridquant.quantize.layer_sqnr`); None with a
+    ``sqnr_note`` saying why where there is no finite value, and a note too under 0 dB. ``sqnr_refined_db``
+    (when ``refined`` is given): against the float parameters after the method's refinement.
+    """
     rows = []
+    refined = refined or {}
     for node in qgraph.graph:
         if node.name not in qgraph.act:
             continue
         a = qgraph.act[node.name].summary()
+        value, note = _sqnr_cell(sqnr.get(node.name), refined.get(node.name), a["kind"])
         row: dict[str, Any] = {
             "name": node.name, "op": node.op, "block": node.block, "act_bits": a["bits"],
             "act_scale": a.get("scale", f"{a.get('scale_min', 0):.3g}..{a.get('scale_max', 0):.3g}"),
             "act_zero_point": a.get("zero_point", 0), "act_kind": a["kind"],
-            "sqnr_db": round(sqnr.get(node.name, float("nan")), 2),
+            "sqnr_db": value,
         }
+        if note is not None:
+            row["sqnr_note"] = note
+        if node.name in refined and math.isfinite(refined[node.name]):
+            row["sqnr_refined_db"] = refined[node.name]
         if node.name in qgraph.weight:
             w = qgraph.weight[node.name].summary()
             row.update({"weight_bits": w["bits"], "weight_scale_min": w["scale_min"], "weight_scale_max": w["scale_max"]})
@@ -94,15 +136,19 @@ def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float]) -> list[dict[str,
     return rows
 
 
-def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
-    """Bytes of the deployed parameters at the chosen bit widths.
+def estimated_size(qgraph: QuantizedGraph) -> dict[str, int]:
+    """Bytes of a model that has no integer program (float scales, float nodes), estimated from the graph:
+    weights packed at their bit width, int32 (int64) biases, int32 thresholds, every other parameter (norm
+    affines, outlier-scaling vectors) at 16 bits; requantization constants and lookup tables are not
+    counted (they depend on a lowering the model does not have)."""
+    from .graph.quantized import accumulator_bits
+    from .integer.executor import packed_nbytes
 
-    Integer weights at their bit width, int32 biases, the parameters that
-    stay outside the MACs (norm affines, outlier-scaling vectors) at 16 bits,
-    and threshold grids' thresholds as int32.
-    """
-    weights = sum(qgraph.weight_int[n].numel() * qgraph.weight[n].bits for n in qgraph.weight_int) // 8
-    biases = 4 * sum(b.numel() for b in qgraph.bias_int.values())
+    weights = sum(packed_nbytes(q.numel(), qgraph.weight[n].bits) for n, q in qgraph.weight_int.items())
+    biases = 0
+    for name, b in qgraph.bias_int.items():
+        x_qp = qgraph.input_qparams(qgraph.graph[name])
+        biases += b.numel() * accumulator_bits(x_qp.bits, qgraph.weight[name].bits) // 8
     other = 0
     for node in qgraph.graph:
         for key, t in node.params.items():
@@ -112,21 +158,50 @@ def model_size_bytes(qgraph: QuantizedGraph) -> dict[str, int]:
                 continue
             if not key.startswith("running_"):
                 other += 2 * t.numel()
-    other += 4 * qgraph.grid_constants()
-    return {"weights": weights, "biases": biases, "other": other, "total": weights + biases + other}
+    return {"weights": weights, "biases": biases, "thresholds": 4 * qgraph.grid_constants(),
+            "other_params_16bit": other}
 
 
-def integer_summary(qgraph: QuantizedGraph) -> dict[str, Any]:
-    """Whether the model lowers to an integer-only, shift-requantized program, and its counts."""
+def integer_summary(qgraph: QuantizedGraph) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(integer, size)``: what the lowered program is made of, and what the hardware stores.
+
+    ``integer``: whether the model lowers to an integer-only, shift-requantized program; its requantizations
+    (real ones as shifts apart from identity ones, multiplier exactly 1), lookup tables, and the fraction of
+    its ops (and of its MACs) on integer kernels, measured on the lowered program
+    (:meth:`~hybridquant.integer.executor.IntegerModel.op_counts`). ``size``: ``deployed_bytes``, its
+    ``deployed_bytes_breakdown`` and ``host_bytes`` (:meth:`~hybridquant.integer.executor.IntegerModel.storage`:
+    the constants of the lowered program, sub-8-bit weights packed, exactly what the exports store), or
+    for a model without an integer program an estimate (:func:`estimated_size`); ``deployed_bytes_basis``
+    says which.
+    """
     from .errors import HybridQuantError
     from .integer.executor import IntegerModel
+
+    def counts(model: IntegerModel) -> dict[str, Any]:
+        st = model.stats
+        return {"requant_multiplies_replaced_by_shifts": st["requant_shifts"],
+                "identity_requantizations": st["requant_identity"],
+                "two_term_requantizations": st["requant_two_term"],
+                "threshold_requantizations": st["requant_threshold"],
+                "float_requantizations": st["requant_float"],
+                "lookup_tables": st["luts"], **model.op_counts()}
 
     try:
         model = IntegerModel(qgraph)
     except HybridQuantError as exc:
-        return {"integer_only": False, "reason": str(exc)}
-    return {"integer_only": True, "requant_multiplies_replaced_by_shifts": model.stats["requant_shifts"],
-            "lookup_tables": model.stats["luts"], "integer_op_fraction": 1.0}
+        integer: dict[str, Any] = {"integer_only": False, "reason": str(exc)}
+        try:  # float multipliers the only obstacle: the program exists, with float requantizations
+            integer.update(counts(IntegerModel(qgraph, allow_float_multipliers=True)))
+        except HybridQuantError:
+            integer.update({"integer_op_fraction": None, "integer_mac_fraction": None})
+        breakdown = estimated_size(qgraph)
+        return integer, {"deployed_bytes": sum(breakdown.values()), "deployed_bytes_breakdown": breakdown,
+                         "host_bytes": 0,
+                         "deployed_bytes_basis": f"estimate from the quantized graph (no integer program: {exc})"}
+    storage = model.storage()
+    return {"integer_only": True, **counts(model)}, {
+        "deployed_bytes": storage["deployed_bytes"], "deployed_bytes_breakdown": storage["breakdown"],
+        "host_bytes": storage["host_bytes"], "deployed_bytes_basis": "lowered integer program"}
 
 
 def all_scales_pot(qgraph: QuantizedGraph) -> bool:
@@ -198,26 +273,30 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
     quant = evaluate(qgraph.run, _tensor_loader(prep.eval_images, prep.eval_labels, batch_size), "cpu",
                      progress=progress, desc="eval quantized")
     times["eval_quant"] = time.perf_counter() - t
-    sqnr = layer_sqnr(prep.graph, qgraph, prep.calib[: config.sqnr_images])
+    sqnr_images = prep.calib[: config.sqnr_images]
+    sqnr = layer_sqnr(qgraph, sqnr_images)  # against the transformed float graph (qgraph.reference)
+    refined = layer_sqnr(qgraph, sqnr_images, reference=qgraph.graph) if qgraph.reference is not None else None
+    integer, size = integer_summary(qgraph)
     meta = model_meta(prep.loaded, prep.cfg)
     report: dict[str, Any] = {
         "method": config.method, "wbits": config.wbits, "abits": config.abits, "scales": config.scales,
         "fp32_top1": fp32.top1, "quant_top1": quant.top1,
-        "drop_pp": round(100.0 * (fp32.top1 - quant.top1), 4),
+        "drop_pp": 100.0 * (fp32.top1 - quant.top1),  # full precision: report.md rounds
         "agreement_fp32": float((fp32.predictions == quant.predictions).float().mean()) if quant.images else 0.0,
         # the drop's 95 % interval over these eval images, from the images only one of the two gets right
         **paired_drop(fp32.predictions == prep.eval_labels, quant.predictions == prep.eval_labels),
         "fp32_top5": fp32.top5, "quant_top5": quant.top5,
         "calib_images": int(prep.calib.shape[0]), "eval_images": quant.images,
-        "param_increase_pct": round(qgraph.info.get("param_increase_pct", 0.0), 4),
+        "param_increase_pct": qgraph.info.get("param_increase_pct", 0.0),
         "all_scales_pot": all_scales_pot(qgraph),
         "coverage": coverage(qgraph),
-        "integer": integer_summary(qgraph),
-        "model_size_bytes": model_size_bytes(qgraph),
+        "integer": integer,
+        **size,
         "float_nodes": list(qgraph.float_nodes),
         "method_info": qgraph.info,
         "model": meta, "config": config.to_dict(),
-        "layers": layer_rows(qgraph, sqnr),
+        "sqnr_images": int(sqnr_images.shape[0]),
+        "layers": layer_rows(qgraph, sqnr, refined),
         "seconds_breakdown": {k: round(v, 2) for k, v in times.items()},
         "environment": environment(),
     }

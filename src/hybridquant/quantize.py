@@ -97,6 +97,8 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
     graph = graph.clone()
     float_nodes = float_node_names(graph, config.float_ops)
     info: dict[str, Any] = {"transform": method.transform(graph, batches, config)}
+    # the float model the quantized one is built from: transformed, not yet refined (layer_sqnr's reference)
+    reference = graph.clone()
 
     points = quant_points(graph, float_nodes)
     observers = observe(graph, batches, [n.name for n in points], config, progress)
@@ -117,7 +119,7 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
         elif config.pot:
             qp = restrict_pot(qp, "round" if config.pot_rounding == "objective" else config.pot_rounding)
         weight[node.name] = qp
-    qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info)
+    qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info, reference=reference)
     info["refine"] = method.refine(qgraph, batches, config)
     info["param_increase_pct"] = (100.0 * (graph.num_params() + qgraph.grid_constants() - base_params)
                                   / max(base_params, 1))
@@ -125,12 +127,31 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
 
 
 @torch.no_grad()
-def layer_sqnr(reference: Graph, qgraph: QuantizedGraph, images: torch.Tensor) -> dict[str, float]:
-    """Output SQNR (dB) of every quantized node against the float graph on ``images``.
+def layer_sqnr(qgraph: QuantizedGraph, images: torch.Tensor, reference: Graph | None = None) -> dict[str, float]:
+    """Output SQNR (dB) of every quantized node against the float graph it approximates, on ``images``.
 
-    Nodes are matched by name; nodes that a transform added have no float twin
-    and are skipped.
+    The reference is the *transformed* float graph — ``reference``, else ``qgraph.reference`` (the graph
+    after the method's transforms, kept by :func:`quantize_graph`), else ``qgraph.graph`` (a loaded model:
+    the float parameters after refinement) — run in float, so every node, including those a transform added
+    (outlier-scaling shifts), has its float twin. Comparing with the *untransformed* model instead would
+    measure the transforms, not the quantization: outlier scaling divides a LayerNorm's affine by α_j and a
+    channel shift subtracts a per-channel mean z_j from it (both compensated in the next layer), so that
+    norm's output X/α − z differs from the original X by far more than any quantization error: on the
+    bundled model at W8A8 the LayerNorm rows read −4.4…+6.2 dB that way and 16…24 dB against the
+    transformed graph (W6A6: ≈ 0 dB against 7…16 dB), and the added shift nodes had no twin at all (``nan``).
+
+    A few rows may stay below 0 dB for another reason, which :func:`hybridquant.pipeline.layer_rows` states:
+    block reconstruction learns biases (and roundings) against the *block's* output, so inner values may
+    move along directions the block's output does not see — on the bundled model's last stage the attention
+    runs over a single token (softmax ≡ 1), so a shift of the ``v`` bias passes through unchanged and the
+    ``proj`` bias cancels it; ``attn.qkv``/``matmul_1``/``proj`` then read −5…−1 dB at W6A6 against the
+    float model, and 7…25 dB against the refined float parameters (``reference=qgraph.graph``).
+
+    Values may be ``inf`` (no error on these images) or ``-inf`` (a float output that is zero); the report
+    turns them into a reason (:func:`hybridquant.pipeline.layer_rows`).
     """
-    ref = reference.run(images, keep=True)
+    ref_graph = reference if reference is not None else qgraph.reference if qgraph.reference is not None \
+        else qgraph.graph
+    ref = ref_graph.run(images, keep=True)
     sim = qgraph.run(images, keep=True)
     return {name: sqnr_db(ref[name], sim[name]) for name in qgraph.act if name in ref and name in sim}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,50 +42,227 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | None = None) -> str:
-    """A GitHub-flavoured Markdown table of ``columns`` from ``rows``."""
+# --- human formatting of report.md: one formatter per kind of figure (report.json keeps full precision) ----
+DASH = "—"
+
+
+def fmt_seconds(v: float | None) -> str:
+    """Wall time: ``298 s`` (one decimal under 10 s: ``2.4 s``)."""
+    if v is None:
+        return DASH
+    return f"{v:,.0f} s" if abs(v) >= 10 else f"{v:.1f} s"
+
+
+def fmt_pp(v: float | None) -> str:
+    """A top-1 difference in percentage points: ``0.20 pp``."""
+    return DASH if v is None else f"{v:.2f} pp"
+
+
+def fmt_agreement(fraction: float | None) -> str:
+    """A fraction of images (agreement): ``98.0 %``."""
+    return DASH if fraction is None else f"{100 * fraction:.1f} %"
+
+
+def fmt_top1(fraction: float | None) -> str:
+    """Top-1 accuracy given as a fraction: ``85.13 %``."""
+    return DASH if fraction is None else f"{100 * fraction:.2f} %"
+
+
+def fmt_pct(v: float | None) -> str:
+    """A value already in percent: ``0.12 %``."""
+    return DASH if v is None else f"{v:.2f} %"
+
+
+def fmt_db(v: float | None) -> str:
+    """Decibels with one decimal: ``23.4``; ``—`` when there is no value."""
+    return DASH if v is None else f"{v:.1f}"
+
+
+def fmt_int(v: int | None) -> str:
+    """An integer with thousands separators: ``1,601,234``."""
+    return DASH if v is None else f"{int(v):,}"
+
+
+def fmt_bytes(n: int | None) -> str:
+    """A size in decimal units: ``1.60 MB``, ``540.3 kB``, ``912 B``."""
+    if n is None:
+        return DASH
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f} MB"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n} B"
+
+
+def fmt_fraction(v: float | None) -> str:
+    """A measured fraction as a percentage with one decimal: ``100.0 %``."""
+    return DASH if v is None else f"{100 * v:.1f} %"
+
+
+def fmt_scale(v: Any) -> str:
+    """A quantization scale: ``2^-6`` for a power of two, else three significant digits (ranges as given)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        m, e = math.frexp(v)
+        return f"2^{e - 1}" if m == 0.5 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | None = None,
+                   formats: dict[str, Callable[[Any], str]] | None = None) -> str:
+    """A GitHub-flavoured Markdown table of ``columns`` from ``rows``; ``formats`` maps a column to its
+    formatter (others: a plain default)."""
     headers = headers or columns
+    formats = formats or {}
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(formats[c](v) if c in formats and v != "" else _fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: rows of ``deployed_bytes_breakdown`` in report.md
+_STORAGE_LABELS = {
+    "weights": "weights (packed at their bit width)", "biases": "biases", "requant_shifts": "requantization shifts",
+    "thresholds": "threshold grids", "zero_points_and_ranges": "zero points and code ranges",
+    "align_shifts": "add / concat alignment shifts", "lookup_tables": "lookup tables (activation functions)",
+    "softmax_constants": "softmax constants (exp tables)", "layernorm_constants": "LayerNorm constants",
+    "other": "other", "other_params_16bit": "other parameters (16 bits each)",
+}
+
+def _sqnr_text(report: dict[str, Any]) -> str:
+    """What the SQNR column measures, and why LayerNorm rows are (and used not to be) where they are."""
+    n = report.get("sqnr_images", report["config"].get("sqnr_images"))
+    text = (
+        f"SQNR compares each node's simulated quantized output with the same node of the float graph the "
+        f"quantized one was built from — after BatchNorm folding and the method's transforms (outlier scaling, "
+        f"channel shifts, PTF), before its refinements — on {fmt_int(n)} calibration images, so every node, "
+        f"the per-channel shift nodes a transform adds included, has a float twin."
+    )
+    norms = [r["sqnr_db"] for r in report["layers"] if r.get("op") == "layer_norm" and r.get("sqnr_db") is not None]
+    transform = (report.get("method_info") or {}).get("transform") or {}
+    if norms and any(bool(v) for v in transform.values()):
+        text += (
+            f" LayerNorm rows (here {fmt_db(min(norms))} to {fmt_db(max(norms))} dB) are compared with the "
+            f"transformed norm: outlier scaling divides a norm's affine by per-channel factors α_j and a channel "
+            f"shift subtracts a per-channel mean z_j from it (the next layer compensates both), so the norm's "
+            f"output X/α − z is far from the untransformed model's X — comparing with that model, as earlier "
+            f"reports did, measured the transform, not the quantization (about 0 dB, −4.4 to +6.2 dB on the "
+            f"bundled W8A8 model)."
+        )
+    text += (" A row below 0 dB says why; inside blocks tuned by block reconstruction, inner values can leave "
+             "the float model's while the block's output stays close (report.json's `sqnr_refined_db` compares "
+             "with the refined float parameters).")
+    return text
+
+
+def _integer_line(integer: dict[str, Any]) -> str:
+    if not integer.get("integer_only"):
+        line = f"- integer-only program: no ({integer.get('reason', '')})"
+        if integer.get("integer_op_fraction") is not None:
+            line += (f"; with float multipliers allowed, {fmt_fraction(integer['integer_op_fraction'])} of its "
+                     f"{fmt_int(integer['ops'])} ops and {fmt_fraction(integer['integer_mac_fraction'])} of its MACs "
+                     f"are integer")
+        return line
+    extra = []
+    if integer.get("two_term_requantizations"):
+        extra.append(f"{integer['two_term_requantizations']} with two terms")
+    if integer.get("threshold_requantizations"):
+        extra.append(f"{integer['threshold_requantizations']} onto threshold grids")
+    return (f"- integer-only program: yes — {integer['requant_multiplies_replaced_by_shifts']} requantizations "
+            f"as shifts{' (' + ', '.join(extra) + ')' if extra else ''}, plus "
+            f"{integer.get('identity_requantizations', 0)} identity ones (multiplier 1, only a saturation: after "
+            f"a lookup table, softmax or LayerNorm), {integer['lookup_tables']} lookup tables; integer kernels "
+            f"run {fmt_fraction(integer.get('integer_op_fraction'))} of its {fmt_int(integer.get('ops'))} compute "
+            f"ops and {fmt_fraction(integer.get('integer_mac_fraction'))} of its {fmt_int(integer.get('macs'))} "
+            f"MACs per image (measured on the lowered program; host input quantizer and output dequantization "
+            f"excluded)")
+
+
+def _size_section(report: dict[str, Any]) -> list[str]:
+    total = report["deployed_bytes"]
+    breakdown = report["deployed_bytes_breakdown"]
+    rows = [{"what": _STORAGE_LABELS.get(k, k), "bytes": v, "share": v / total if total else 0.0}
+            for k, v in breakdown.items() if v]
+    rows.append({"what": "**total (deployed_bytes)**", "bytes": total, "share": 1.0 if total else 0.0})
+    lines = [
+        "## Deployed size",
+        "",
+        f"{fmt_bytes(total)} ({fmt_int(total)} bytes): every constant the integer hardware stores — basis: "
+        f"{report.get('deployed_bytes_basis', '')}. The host's input quantizer and output dequantization (float "
+        f"scales) take {fmt_int(report.get('host_bytes', 0))} bytes more, counted apart.",
+        "",
+        markdown_table(rows, ["what", "bytes", "share"], ["what", "bytes", "share"],
+                       {"bytes": fmt_int, "share": fmt_fraction}),
+    ]
+    return lines
+
+
+def _layer_table(layers: list[dict[str, Any]]) -> list[str]:
+    notes: list[str] = []
+    shown = []
+    for row in layers:
+        row = dict(row)
+        cell = fmt_db(row.get("sqnr_db"))
+        if row.get("sqnr_note"):
+            if row["sqnr_note"] not in notes:
+                notes.append(row["sqnr_note"])
+            cell += f" [{notes.index(row['sqnr_note']) + 1}]"
+        row["sqnr_cell"] = cell
+        shown.append(row)
+    lines = [markdown_table(
+        shown,
+        ["name", "op", "block", "act_bits", "act_kind", "act_scale", "weight_bits", "sqnr_cell"],
+        ["node", "op", "block", "act bits", "act grid", "act scale", "weight bits", "SQNR (dB)"],
+        {"act_scale": fmt_scale, "sqnr_cell": str},
+    )]
+    if notes:
+        lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
+    return lines
 
 
 def quantize_report_md(report: dict[str, Any]) -> str:
     """The Markdown twin of a ``quantize`` report.json."""
     c = report["config"]
+    lo, hi = report["drop_ci95_pp"]
+    cov = report["coverage"]
     lines = [
         f"# hybridquant: {report['model']['name']} — {c['method']} W{c['wbits']}A{c['abits']} ({c['scales']} scales)",
         "",
         markdown_table(
             [report],
-            ["fp32_top1", "quant_top1", "drop_pp", "agreement_fp32", "eval_images", "calib_images", "param_increase_pct", "seconds"],
-            ["FP32 top-1", "quant top-1", "drop (pp)", "agreement", "eval images", "calib images", "param increase %", "seconds"],
+            ["fp32_top1", "quant_top1", "drop_pp", "agreement_fp32", "eval_images", "calib_images", "param_increase_pct",
+             "deployed_bytes", "seconds"],
+            ["FP32 top-1", "quant top-1", "drop", "agreement", "eval images", "calib images", "param increase",
+             "deployed size", "time"],
+            {"fp32_top1": fmt_top1, "quant_top1": fmt_top1, "drop_pp": fmt_pp, "agreement_fp32": fmt_agreement,
+             "eval_images": fmt_int, "calib_images": fmt_int, "param_increase_pct": fmt_pct,
+             "deployed_bytes": fmt_bytes, "seconds": fmt_seconds},
         ),
         "",
-        f"- drop, 95 % interval over the eval images: {_fmt(report['drop_ci95_pp'][0], 2)} to "
-        f"{_fmt(report['drop_ci95_pp'][1], 2)} points (FP32 alone right on {report['fp32_only_correct']} images, "
-        f"the quantized model alone on {report['quant_only_correct']}; another calibration draw moves the drop too)",
-        f"- quantized MACs: {report['coverage']['quantized_macs']} of {report['coverage']['macs']} "
-        f"(conv {report['coverage']['conv2d']}, linear {report['coverage']['linear']}, matmul {report['coverage']['matmul']})",
+        f"- drop, 95 % interval over the eval images: {fmt_pp(lo)} to {fmt_pp(hi)} (FP32 alone right on "
+        f"{fmt_int(report['fp32_only_correct'])} images, the quantized model alone on "
+        f"{fmt_int(report['quant_only_correct'])}; another calibration draw moves the drop too)",
+        f"- quantized MACs: {cov['quantized_macs']} of {cov['macs']} MAC layers "
+        f"(conv {cov['conv2d']}, linear {cov['linear']}, matmul {cov['matmul']})",
         f"- first conv and classifier: {'8 bits' if c['first_last_8bit'] else 'same bits as the rest'}; input image: {c['input_bits']} bits",
         f"- left in float by request: {', '.join(report['float_nodes']) or 'none'}",
-        f"- integer-only program: {report['integer'].get('integer_only')}"
-        + (f" ({report['integer']['requant_multiplies_replaced_by_shifts']} requantizations as shifts, "
-           f"{report['integer']['lookup_tables']} lookup tables)" if report["integer"].get("integer_only")
-           else f" ({report['integer'].get('reason', '')})"),
-        f"- deployed size: {report['model_size_bytes']['total']} bytes "
-        f"(weights {report['model_size_bytes']['weights']}, biases {report['model_size_bytes']['biases']})",
+        _integer_line(report["integer"]),
+        f"- deployed size: {fmt_bytes(report['deployed_bytes'])} ({fmt_int(report['deployed_bytes'])} bytes; "
+        f"breakdown below)",
         f"- scales: {c['scales']}" + (f" (power-of-two rounding: {c['pot_rounding']})" if c["scales"] == "pot" else ""),
-        f"- all activation and weight scales powers of two: {report['all_scales_pot']}",
+        f"- all activation and weight scales powers of two: {'yes' if report['all_scales_pot'] else 'no'}",
+        f"- time: {fmt_seconds(report['seconds'])} in all, quantization {fmt_seconds(report.get('quantize_seconds'))}",
+        "",
+        *_size_section(report),
         "",
         "## Layers",
         "",
-        markdown_table(
-            report["layers"],
-            ["name", "op", "block", "act_bits", "act_kind", "act_scale", "weight_bits", "sqnr_db"],
-            ["node", "op", "block", "act bits", "act grid", "act scale", "weight bits", "SQNR (dB)"],
-        ),
+        _sqnr_text(report),
+        "",
+        *_layer_table(report["layers"]),
         "",
         "A `threshold` grid (a lookup table's input) has non-uniform codes: its scale is the step its thresholds "
         "lie on, and its SQNR compares each code's representative value with the exact value, not the error "

@@ -14,7 +14,12 @@ The header holds the same content as the ``.npz`` export:
   typed ``#define`` (``((int32_t)9)``, ``INT64_C(...)``, float scales as
   hex float literals) and every array as ``static const <exact type>
   <p>_opNNNN_<name>[size]`` (row-major, flattened) with
-  ``<P>_OPNNNN_<NAME>_SHAPE`` / ``_SIZE`` defines.
+  ``<P>_OPNNNN_<NAME>_SHAPE`` / ``_SIZE`` defines;
+* a weight of a width that is not a multiple of 8 bits (``<P>_OPNNNN_WEIGHT_BITS``)
+  is the packed ``int8_t`` byte stream of the npz (layout: the conventions'
+  ``packing``), with ``<P>_OPNNNN_WEIGHT_PACKED 1``, ``_PACKED_SIGNED`` and the
+  unpacked codes' ``_UNPACKED_SHAPE`` / ``_UNPACKED_SIZE``; so the header
+  stores exactly the bytes the report's ``deployed_bytes`` counts.
 
 ``<P>``/``<p>`` is the prefix (``HQ``/``hq`` by default); array names are the
 npz names with ``.`` turned into ``_`` (``requant.shift`` -> ``requant_shift``).
@@ -186,6 +191,13 @@ def header_text(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None
                 continue
             w(f"#define {up}_{tag}_{cname.upper()}_SHAPE {_braces(list(arr.shape))}")
             w(f"#define {up}_{tag}_{cname.upper()}_SIZE {arr.size}")
+            packed = meta.get("packed")
+            if packed is not None:
+                w(f"#define {up}_{tag}_{cname.upper()}_PACKED 1 /* {packed['bits']}-bit codes, "
+                  f"least significant bit first */")
+                w(f"#define {up}_{tag}_{cname.upper()}_PACKED_SIGNED {int(bool(packed['signed']))}")
+                w(f"#define {up}_{tag}_{cname.upper()}_UNPACKED_SHAPE {_braces(list(packed['shape']))}")
+                w(f"#define {up}_{tag}_{cname.upper()}_UNPACKED_SIZE {int(np.prod(packed['shape'], dtype=np.int64))}")
             if arr.size == 0:
                 continue
             lits = _literals(arr)

@@ -7,13 +7,22 @@ Layout of the file (``numpy.load`` reads it, ``allow_pickle`` not needed):
   inputs, structural attributes, output shapes and, per op, the names,
   dtypes and shapes of its arrays;
 * ``opNNNN.<name>``: the integer arrays of op ``NNNN`` (execution order),
-  e.g. ``op0001.weight`` (int8/int16), ``op0001.bias`` (int32/int64),
-  ``op0001.requant.shift`` (int32, 0-d or per channel), ``op0002.table``
+  e.g. ``op0001.weight`` (int8/int16; a weight of a width that is not a
+  multiple of 8 bits, e.g. 4 or 6, is stored packed as an int8 byte stream,
+  its manifest entry saying ``packed``: bits, signedness, unpacked dtype and
+  shape — layout in the manifest's ``conventions.packing``),
+  ``op0001.bias`` (int32/int64), ``op0001.requant.shift`` (the smallest
+  signed type, 0-d or per channel, as for zero points and code ranges), ``op0002.table``
   (a lookup table in the output code type), ``op0017.exp_table``,
   ``op0013.gamma_q``; scalars are 0-d arrays. The input quantizer
   (``op0000.scale``/``scale_exp``/``zero_point``/``qmin``/``qmax``) and the
   output dequantization (last op: ``scale``/``scale_exp``/``zero_point``)
   are the only float data (the float32 scales, for the host).
+
+The arrays' ``nbytes`` add up to the report's ``deployed_bytes`` (every op but
+the host's input quantizer and output dequantization) plus ``host_bytes``
+(those two); :meth:`~hybridquant.integer.executor.IntegerModel.storage`
+counts them from the lowered program without writing a file.
 """
 
 from __future__ import annotations

@@ -14,10 +14,27 @@ import numpy as np
 
 from .._io import plain
 from ..graph.quantized import QuantizedGraph
-from ..integer.executor import PROGRAM_KINDS, REQUANT_DOC, IntegerModel, ProgramOp
+from ..integer.executor import (
+    PROGRAM_KINDS,
+    REQUANT_DOC,
+    IntegerModel,
+    ProgramOp,
+    packed_nbytes,
+    packed_weight_bits,
+)
 
 FORMAT = "hybridquant-integer-program"
 VERSION = 1
+#: how sub-8-bit (any width not a multiple of 8) weights are stored
+PACKING = (
+    "a weight whose op has attrs.weight_bits = b with b % 8 != 0 is stored packed: its arrays entry has "
+    "'packed': {'bits': b, 'signed', 'dtype', 'shape'} (the unpacked codes' type and row-major shape) while "
+    "'dtype'/'shape' describe the stored int8 byte stream of ceil(count * b / 8) bytes; code i (row-major order) "
+    "occupies stream bits [i b, (i + 1) b), the stream's bit j being bit (j mod 8) of byte j div 8 (least "
+    "significant bit first: 4-bit codes are two per byte, code 2k in the low nibble; 6-bit codes are four per "
+    "3 bytes); each field is the code's b-bit two's complement when signed (sign-extend on reading), else the "
+    "code itself; the last byte is zero-padded; read the bytes as unsigned (uint8) to unpack"
+)
 #: npz key of the JSON manifest (a 0-d unicode array)
 MANIFEST_KEY = "__manifest__"
 
@@ -32,7 +49,22 @@ CONVENTIONS = {
     "layout": "arrays are row-major (C order); weights conv [Cout, Cin/groups, kh, kw], linear [out, in]",
     "batch": "out_shape is for a batch of one; layout attrs use torch semantics with -1 for the batch-dependent dim",
     "requant": REQUANT_DOC,
+    "packing": PACKING,
 }
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``codes`` (any int array) as the packed int8 byte stream of :data:`PACKING`."""
+    flat = np.asarray(codes, dtype=np.int64).reshape(-1)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if flat.size and flat.min() < 0 else (0, (1 << bits) - 1)
+    if flat.size and (int(flat.min()) < lo or int(flat.max()) > hi):
+        raise ValueError(f"codes do not fit {bits} bits")
+    fields = (flat & ((1 << bits) - 1)).astype(np.uint64)
+    # bit k of code i goes to stream bit i*bits + k
+    stream = ((fields[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8).reshape(-1)
+    out = np.packbits(stream, bitorder="little")
+    assert out.size == packed_nbytes(flat.size, bits)
+    return out.view(np.int8)
 
 
 def lower(qgraph: QuantizedGraph) -> list[ProgramOp]:
@@ -56,7 +88,10 @@ def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = N
     ``kinds`` (what each op kind computes) and ``ops``: per op in execution
     order its ``index``, ``name``, graph ``op``, ``kind``, ``inputs``,
     ``attrs``, ``out_shape`` and ``arrays`` (array name -> ``{"key",
-    "dtype", "shape"}``).
+    "dtype", "shape"}``, plus ``"packed"`` for a packed weight: see
+    :data:`PACKING`). The arrays' sizes add up to
+    :meth:`~hybridquant.integer.executor.IntegerModel.storage`'s
+    ``deployed_bytes + host_bytes``.
     """
     ops = lower(qgraph)
     arrays: dict[str, np.ndarray] = {}
@@ -65,8 +100,15 @@ def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = N
         listed = {}
         for name, arr in op.arrays.items():
             key = array_key(op.index, name)
-            arrays[key] = np.array(arr, order="C", copy=True)  # keeps 0-d arrays 0-d
-            listed[name] = {"key": key, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+            bits = packed_weight_bits(op, name)
+            if bits is None:
+                arrays[key] = np.array(arr, order="C", copy=True)  # keeps 0-d arrays 0-d
+                listed[name] = {"key": key, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+                continue
+            arrays[key] = pack_bits(arr, bits)
+            listed[name] = {"key": key, "dtype": arrays[key].dtype.name, "shape": list(arrays[key].shape),
+                            "packed": {"bits": bits, "signed": bool(arr.size and arr.min() < 0),
+                                       "dtype": arr.dtype.name, "shape": list(arr.shape)}}
         entries.append({"index": op.index, "name": op.name, "op": op.op, "kind": op.kind, "inputs": op.inputs,
                         "attrs": op.attrs, "out_shape": op.out_shape, "arrays": listed})
     graph = qgraph.graph

@@ -9,6 +9,9 @@ tests hold it bit-exact against the torch integer executor, and
     program = load("model.npz")
     logits, codes = run(program, images)        # images: float32 [N, C, H, W]
 
+Weights narrower than a multiple of 8 bits come packed into int8 byte streams (the manifest entry's
+``packed``: bits, signedness, shape); :meth:`Program.get` unpacks them (:func:`unpack_bits`).
+
 Every kernel is written from the export's contract: exact int64 products
 (conv2d via im2col), requantization by shifts with round half up
 (``(acc + (1 << (n - 1))) >> n`` for ``n > 0``) or onto threshold grids, lookup tables, the integer
@@ -19,7 +22,7 @@ division rounded half up as ``(2·num + den) // (2·den)``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,14 +35,20 @@ SAFE = 1 << 62  # every intermediate stays below this (one bit under int64)
 class Program:
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    unpacked: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # packed weights, unpacked once
 
     @property
     def ops(self) -> list[dict[str, Any]]:
         return self.manifest["ops"]
 
     def get(self, op: dict[str, Any], name: str) -> np.ndarray:
-        """Op ``op``'s array ``name`` as int64 (float arrays stay float)."""
-        arr = self.arrays[op["arrays"][name]["key"]]
+        """Op ``op``'s array ``name`` as int64 (float arrays stay float); packed weights are unpacked."""
+        meta = op["arrays"][name]
+        arr = self.arrays[meta["key"]]
+        if "packed" in meta:
+            if meta["key"] not in self.unpacked:
+                self.unpacked[meta["key"]] = unpack_bits(arr, meta["packed"])
+            return self.unpacked[meta["key"]]
         return arr if arr.dtype.kind == "f" else arr.astype(np.int64)
 
     def has(self, op: dict[str, Any], name: str) -> bool:
@@ -61,7 +70,30 @@ def checked(p: Program) -> Program:
             if arr is None or arr.dtype.name != meta["dtype"] or list(arr.shape) != meta["shape"]:
                 raise ValueError(f"op {op['index']} ({op['name']}): array '{name}' is missing or not "
                                  f"{meta['dtype']}{meta['shape']}")
+            packed = meta.get("packed")
+            if packed is not None:
+                count = int(np.prod(packed["shape"], dtype=np.int64))
+                if arr.ndim != 1 or arr.itemsize != 1 or arr.size != (count * int(packed["bits"]) + 7) // 8:
+                    raise ValueError(f"op {op['index']} ({op['name']}): packed array '{name}' does not hold "
+                                     f"{count} codes of {packed['bits']} bits")
     return p
+
+
+def unpack_bits(stream: np.ndarray, packed: dict[str, Any]) -> np.ndarray:
+    """The int64 codes of a packed weight (layout: the manifest's ``conventions.packing``).
+
+    Code i occupies bits [i·b, (i+1)·b) of the byte stream, least significant bit first; a signed field is
+    sign-extended from its b bits.
+    """
+    bits = int(packed["bits"])
+    shape = [int(d) for d in packed["shape"]]
+    count = int(np.prod(shape, dtype=np.int64))
+    stream_bits = np.unpackbits(np.ascontiguousarray(stream).view(np.uint8), bitorder="little")
+    fields = stream_bits[: count * bits].reshape(count, bits).astype(np.int64)
+    codes = (fields << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    if packed.get("signed"):
+        codes = np.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes)
+    return codes.reshape(shape)
 
 
 # --- integer helpers ---------------------------------------------------------------

@@ -33,9 +33,15 @@ def accumulator_bits(act_bits: int, weight_bits: int) -> int:
 class QuantizedGraph:
     """A :class:`Graph` with output quantizers (``act``) and integer weights.
 
-    ``graph`` holds the float parameters after the method's transforms;
+    ``graph`` holds the float parameters after the method's transforms
+    (and its refinements: GPTQ-rounded weights, corrected biases, ...);
     ``sim`` is the same graph with dequantized integer weights and biases,
     which :meth:`run` executes with every output fake-quantized.
+    ``reference``, when set (by :func:`~hybridquant.quantize.quantize_graph`,
+    not saved in ``model.hq``), is the float graph right after the method's
+    transforms — folding, outlier scaling, channel shifts — and before any
+    refinement: the float model the quantized one approximates node by node,
+    which :func:`~hybridquant.quantize.layer_sqnr` compares against.
     """
 
     graph: Graph
@@ -44,6 +50,7 @@ class QuantizedGraph:
     weight: dict[str, QParams]
     float_nodes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    reference: Graph | None = field(default=None, repr=False, compare=False)
     weight_int: dict[str, torch.Tensor] = field(init=False)
     bias_int: dict[str, torch.Tensor] = field(init=False)
     sim: Graph = field(init=False)

@@ -36,5 +36,7 @@ def evaluate_integer(qgraph: QuantizedGraph, loader, allow_float_multipliers: bo
         "top1": hits / max(n, 1), "images": n, "agreement_sim": agree / max(n, 1),
         "max_logit_diff_lsb": max_diff, "seconds": round(seconds, 3),
         "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
-        "requant_shifts": model.stats["requant_shifts"], "luts": model.stats["luts"],
+        # real requantizations as shifts, apart from the identity ones (multiplier 1: only a saturation)
+        "requant_shifts": model.stats["requant_shifts"], "requant_identity": model.stats["requant_identity"],
+        "luts": model.stats["luts"],
     }
