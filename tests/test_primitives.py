@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import struct
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridquant.primitives import (
     dequantize,
+    exp2_int,
     fake_quantize,
     is_power_of_two,
     log2_fake_quantize,
     pot_exponent,
+    pot_scale,
     qrange,
     quantize,
     round_half_up,
@@ -104,12 +108,70 @@ def test_per_channel_axis():
     assert torch.equal(q_last[0, 0], torch.tensor([1, 2, 4], dtype=torch.int32))
 
 
-@given(st.floats(1e-8, 1e8))
-def test_pot_exponent_round_and_ceil(s):
-    k_round, k_ceil = int(pot_exponent(s, "round")), int(pot_exponent(s, "ceil"))
-    assert 2.0**k_ceil >= s * (1 - 1e-12)
-    assert abs(math.log2(s) - k_round) <= 0.5 + 1e-9
-    assert is_power_of_two(2.0**k_round)
+def f64(mantissa: int, exp: int) -> float:
+    """The float64 ``mantissa · 2^exp`` (``mantissa`` in [2^52, 2^53)), built from its bits: no float math."""
+    assert 1 << 52 <= mantissa < 1 << 53 and -1074 < exp + 52 < 1024
+    return struct.unpack("<d", (((exp + 52 + 1023) << 52) | (mantissa - (1 << 52))).to_bytes(8, "little"))[0]
+
+
+#: the 53-bit mantissas on either side of √½·2^53: every float64 with mantissa ≤ TIE_LO rounds down
+TIE_LO = math.isqrt(1 << 105)
+mantissas = st.one_of(st.integers(1 << 52, (1 << 53) - 1), st.integers(TIE_LO - 4, TIE_LO + 5),
+                      st.sampled_from([1 << 52, (1 << 53) - 1]))
+exponents = st.integers(-200, 200)
+
+
+def expected_exponents(mantissa: int, exp: int) -> dict[str, int]:
+    """Exact integer answers for x = mantissa · 2^exp: log2 x ∈ [exp + 52, exp + 53)."""
+    return {
+        "floor": exp + 52,
+        "ceil": exp + 52 if mantissa == 1 << 52 else exp + 53,
+        # round up iff mantissa / 2^53 > √½ ⟺ 2·mantissa² > 2^106 (no float is exactly √½·2^53)
+        "round": exp + 53 if 2 * mantissa * mantissa > 1 << 106 else exp + 52,
+    }
+
+
+@given(mantissas, exponents)
+def test_pot_exponent_is_exact_at_and_next_to_every_tie(mantissa, exp):
+    x = f64(mantissa, exp)
+    for mode, k in expected_exponents(mantissa, exp).items():
+        assert int(pot_exponent(x, mode)) == k, mode
+        assert int(pot_exponent(torch.tensor([x], dtype=torch.float64), mode)[0]) == k, mode
+    assert pot_scale(x, "round").item() == f64(1 << 52, expected_exponents(mantissa, exp)["round"] - 52)
+
+
+@given(st.integers(1 << 23, (1 << 24) - 1), st.integers(-60, 60))
+def test_pot_exponent_of_float32_tensors(mantissa, exp):
+    # float32 inputs widen exactly: the same integer rule at 24 bits
+    x = torch.tensor([f64(mantissa << 29, exp - 29)], dtype=torch.float32)
+    assert int(pot_exponent(x, "round")[0]) == (exp + 24 if 2 * mantissa * mantissa > 1 << 48 else exp + 23)
+    assert int(pot_exponent(x, "ceil")[0]) == (exp + 23 if mantissa == 1 << 23 else exp + 24)
+
+
+def test_pot_exponent_next_to_the_round_tie():
+    below, above = f64(TIE_LO, 0), f64(TIE_LO + 1, 0)  # the two float64 neighbours of √½·2^53
+    assert int(pot_exponent(below, "round")) == 52 and int(pot_exponent(above, "round")) == 53
+    assert int(pot_exponent(2.0**0.5, "round")) == 1  # float64 √2 lies just above √2
+
+
+@given(st.floats(1e-30, 1e30))
+def test_pot_exponent_off_ties_is_nearest_in_log2(s):
+    # the bit-level rule agrees with rounding log2 wherever log2 is not within float error of a tie
+    log = math.log2(s)
+    if abs(log - math.floor(log) - 0.5) > 1e-9:
+        assert int(pot_exponent(s, "round")) == math.floor(log + 0.5)
+
+
+def test_pot_exponent_exact_mode_and_bad_input():
+    assert pot_exponent(torch.tensor([0.25, 8.0]), "exact").tolist() == [-2, 3]
+    for bad, mode in ((0.3, "exact"), (0.0, "round"), (-1.0, "ceil"), (float("inf"), "floor"), (1.0, "nearest")):
+        with pytest.raises(ValueError):
+            pot_exponent(bad, mode)
+
+
+@given(st.integers(-1022, 1023))
+def test_exp2_int_is_exact(k):
+    assert exp2_int(k).item() == f64(1 << 52, k - 52)
 
 
 def test_is_power_of_two():

@@ -138,14 +138,56 @@ def threshold_fake_quantize(x: torch.Tensor, thresholds: torch.Tensor, step, lev
     return torch.take(values.to(x.dtype), k.long())
 
 
-def pot_exponent(scale: torch.Tensor | float, mode: str = "round") -> torch.Tensor:
-    """Exponent k of the power of two 2^k that replaces ``scale`` (``round`` or ``ceil`` of log2)."""
-    log = torch.log2(torch.as_tensor(scale, dtype=torch.float64))
+#: float64 √½, the tie of ``round``: it lies just above the true √½ (irrational), so for every float
+#: ``m ≥ SQRT_HALF`` ⟺ ``m > √½`` — no float sits on the tie itself.
+SQRT_HALF = 0.7071067811865476
+POT_MODES = ("round", "ceil", "floor", "exact")
+
+
+def pot_exponent(x: torch.Tensor | float, mode: str = "round") -> torch.Tensor:
+    """Exponent k of the power of two 2^k that replaces ``x > 0`` (elementwise), as int64.
+
+    The one place where a power-of-two decision is made (scales, requantization multipliers, outlier
+    factors). The exponent is read from the float's bits — ``x = m·2^e`` with ``m ∈ [0.5, 1)`` by
+    ``frexp`` — and decided by comparing ``m`` with exact constants, never by a float ``log2``, so every
+    CPU gives the same answer (float32 inputs are widened to float64 exactly):
+
+    * ``round``: nearest in log2, ``k = e`` when ``m ≥ √½`` else ``e − 1``; the tie log2 m = −½ is
+      irrational, compared with float64 √½ (:data:`SQRT_HALF`), so it rounds up from there;
+    * ``ceil``: smallest ``2^k ≥ x``: ``e − 1`` when ``m = ½`` (x a power of two) else ``e``;
+    * ``floor``: largest ``2^k ≤ x``: ``e − 1``;
+    * ``exact``: ``x`` must be 2^k (``ValueError`` otherwise); returns k.
+    """
+    # a Python float is a float64: keep all its bits (as_tensor alone would make it a float32)
+    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+    if not bool(((t > 0) & torch.isfinite(t)).all()):
+        raise ValueError("a power-of-two exponent needs finite values > 0")
+    m, e = torch.frexp(t)
+    e = e.to(torch.int64)
     if mode == "round":
-        return round_half_up(log).to(torch.int64)
+        return torch.where(m >= SQRT_HALF, e, e - 1)
     if mode == "ceil":
-        return torch.ceil(log - 1e-12).to(torch.int64)
-    raise ValueError(f"unknown power-of-two rounding '{mode}'")
+        return torch.where(m == 0.5, e - 1, e)
+    if mode == "floor":
+        return e - 1
+    if mode == "exact":
+        if not bool((m == 0.5).all()):
+            raise ValueError("not a power of two")
+        return e - 1
+    raise ValueError(f"unknown power-of-two rounding '{mode}' (choose from {', '.join(POT_MODES)})")
+
+
+def exp2_int(k: torch.Tensor | int) -> torch.Tensor:
+    """``2^k`` for integer ``k`` in [−1022, 1023] as float64, built from the bits (exact everywhere)."""
+    k = torch.as_tensor(k, dtype=torch.int64)
+    if not bool(((k >= -1022) & (k <= 1023)).all()):
+        raise ValueError("power-of-two exponent outside the float64 normal range")
+    return ((k + 1023) << 52).view(torch.float64)
+
+
+def pot_scale(x: torch.Tensor | float, mode: str = "round") -> torch.Tensor:
+    """``2^pot_exponent(x, mode)`` as float64 (exact)."""
+    return exp2_int(pot_exponent(x, mode))
 
 
 def is_power_of_two(x: float) -> bool:
@@ -192,14 +234,14 @@ def two_term_round(scale: torch.Tensor) -> torch.Tensor:
     A requantization multiplier built from such a weight scale and power-of-two
     activation scales is two shifts and an add: still multiplier-free.
     """
-    s = torch.as_tensor(scale, dtype=torch.float64)
-    a_lo = torch.floor(torch.log2(s))
-    best = torch.exp2(a_lo)
+    s = scale.detach().double() if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
+    a_lo = pot_exponent(s, "floor")
+    best = exp2_int(a_lo)
     for a in (a_lo, a_lo + 1):
-        p = torch.exp2(a)
+        p = exp2_int(a)
         r = (s - p).abs()
-        b = torch.minimum(round_half_up(torch.log2(r.clamp_min(1e-300))), a - 1)
-        for cand in (p, p + torch.sign(s - p) * torch.exp2(b)):
+        b = torch.minimum(pot_exponent(r.clamp_min(1e-300), "round"), a - 1)
+        for cand in (p, p + torch.sign(s - p) * exp2_int(b)):
             best = torch.where((cand - s).abs() < (best - s).abs(), cand, best)
     return best.float()
 

@@ -17,7 +17,7 @@ from .primitives import (
     fake_quantize,
     log2_fake_quantize,
     log_sqrt2_fake_quantize,
-    pot_exponent,
+    pot_scale,
     qrange,
     round_half_up,
     threshold_fake_quantize,
@@ -175,9 +175,8 @@ def with_scale(qp: QParams, scale: torch.Tensor, lo: torch.Tensor | None = None)
 
 
 def restrict_pot(qp: QParams, mode: str = "round", lo: torch.Tensor | None = None) -> QParams:
-    """Replace every scale by 2^k (``round`` or ``ceil`` of log2); zero points follow."""
-    k = pot_exponent(qp.scale, mode)
-    return with_scale(qp, torch.exp2(k.double()).float(), lo)
+    """Replace every scale by 2^k (:func:`~.primitives.pot_exponent`'s ``mode``); zero points follow."""
+    return with_scale(qp, pot_scale(qp.scale, mode).float().reshape(qp.scale.shape), lo)
 
 
 def restrict_two_term(qp: QParams) -> QParams:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..primitives import _bcast, is_power_of_two, is_two_term, round_half_up, shift_right_round
+from ..primitives import _bcast, is_power_of_two, is_two_term, pot_exponent, round_half_up, shift_right_round
 
 __all__ = [
     "align",
@@ -504,8 +504,8 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
     if gmax == 0:
         e = MAX_LN_OUT_SHIFT - frac_bits
     else:
-        e = min(math.floor(math.log2(limit / gmax)), MAX_LN_OUT_SHIFT - frac_bits)
-        while float(round_half_up(torch.tensor(gmax * 2.0**e))) > limit:  # float log2 may be one too high
+        e = min(int(pot_exponent(limit / gmax, "floor")), MAX_LN_OUT_SHIFT - frac_bits)
+        while float(round_half_up(torch.tensor(gmax * 2.0**e, dtype=torch.float64))) > limit:  # limit / gmax was rounded
             e -= 1
     out_shift = frac_bits + e
     gamma_q = round_half_up(g * 2.0**e).to(torch.int64)

@@ -40,7 +40,7 @@ from ..errors import HybridQuantError
 from ..graph import ops as graph_ops
 from ..graph.ir import ELEMENTWISE_OPS, LAYOUT_OPS, Node
 from ..graph.quantized import QuantizedGraph
-from ..primitives import quantize
+from ..primitives import pot_exponent, quantize
 from ..qparams import QParams
 from . import arith, nonlinear
 
@@ -214,12 +214,112 @@ def _np_int(t: Any, dtype: Any = None) -> np.ndarray:
     return out
 
 
+_SIGNED_TYPES = (np.int8, np.int16, np.int32, np.int64)
+
+
+def _np_small(t: Any) -> np.ndarray:
+    """An exact int array in the smallest signed type that holds it (shifts, zero points, code ranges)."""
+    a = _np_int(t, np.int64)
+    for dtype in _SIGNED_TYPES:
+        info = np.iinfo(dtype)
+        if a.size == 0 or (info.min <= int(a.min()) and int(a.max()) <= info.max):
+            return a.astype(dtype)
+    return a
+
+
+def requant_kind(r: Requant) -> str:
+    """``identity`` (multiplier exactly 1 in every channel: shift 0), ``shift`` (2^-k), ``two_term``,
+    ``threshold`` (onto a threshold grid) or ``float`` (an allowed float multiplier)."""
+    if r.params is None:
+        return "float"
+    if r.qp.kind == "threshold":
+        return "threshold"
+    if any(sign != 0 for _, _, sign, _ in r.params):
+        return "two_term"
+    return "identity" if all(n == a for a, _, _, n in r.params) else "shift"
+
+
+# --- what the hardware stores ------------------------------------------------------
+#: op kinds that run on the host (float32 input quantizer, float output dequantization): not deployed
+HOST_KINDS = frozenset({"quantize", "output"})
+#: op kinds that compute nothing (data movement, or a non-linearity fused into a per-channel table)
+NO_COMPUTE_KINDS = frozenset({"layout", "deferred"})
+#: the categories of :func:`storage_breakdown`, in report order
+STORAGE_CATEGORIES = ("weights", "biases", "requant_shifts", "thresholds", "zero_points_and_ranges",
+                      "align_shifts", "lookup_tables", "softmax_constants", "layernorm_constants", "other")
+
+
+def packed_weight_bits(op: ProgramOp | dict[str, Any], name: str) -> int | None:
+    """The bit width a weight array is packed at in the exports, or None when it is stored as is.
+
+    Weights of a bit width that is not a multiple of 8 (e.g. 4 or 6 bits) are packed into a bit stream
+    (:func:`packed_nbytes` bytes; layout in ``hybridquant.export.program.PACKING``)."""
+    attrs = op.attrs if isinstance(op, ProgramOp) else op["attrs"]
+    bits = attrs.get("weight_bits")
+    if name != "weight" or bits is None or int(bits) % 8 == 0:
+        return None
+    return int(bits)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` values of ``bits`` bits each, packed back to back (the last byte zero-padded)."""
+    return (count * bits + 7) // 8
+
+
+def array_category(kind: str, name: str) -> str:
+    """Which :data:`STORAGE_CATEGORIES` entry the array ``name`` of an op of ``kind`` belongs to."""
+    if name == "requant.thresholds":
+        return "thresholds"
+    if name in ("requant.shift", "requant.a", "requant.b", "requant.sign", "requant.n", "requant.multiplier"):
+        return "requant_shifts"
+    if name.startswith("requant."):
+        return "zero_points_and_ranges"
+    if kind == "softmax":
+        return "softmax_constants"
+    if kind == "layer_norm":
+        return "layernorm_constants"
+    if name == "weight":
+        return "weights"
+    if name == "bias":
+        return "biases"
+    if name == "table":
+        return "lookup_tables"
+    if name.startswith("align_shift"):
+        return "align_shifts"
+    if name.startswith("in_zero_point") or name == "in_qmin":
+        return "zero_points_and_ranges"
+    return "other"
+
+
+def storage_breakdown(ops: list[ProgramOp]) -> dict[str, Any]:
+    """Bytes of every constant of a lowered program, as the exports store them.
+
+    ``deployed_bytes``: everything the integer hardware must hold (weights at their bit width, packed when
+    below 8 bits; biases; requantization shifts; threshold grids; lookup tables; softmax and LayerNorm
+    constants; zero points, code ranges and alignment shifts), with ``breakdown`` by
+    :data:`STORAGE_CATEGORIES`; ``host_bytes``: the host's input quantizer and output dequantization
+    (float32 scales and their integer companions), kept apart. Their sum is the size of the exported
+    arrays (the npz's ``nbytes`` without its manifest).
+    """
+    breakdown = dict.fromkeys(STORAGE_CATEGORIES, 0)
+    host = 0
+    for op in ops:
+        for name, arr in op.arrays.items():
+            bits = packed_weight_bits(op, name)
+            nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+            if op.kind in HOST_KINDS:
+                host += nbytes
+            else:
+                breakdown[array_category(op.kind, name)] += nbytes
+    return {"deployed_bytes": sum(breakdown.values()), "breakdown": breakdown, "host_bytes": host}
+
+
 def _pot_exponent(scale: torch.Tensor) -> np.ndarray | None:
     """``e`` with ``scale == 2^e`` (elementwise), or None when a scale is not a power of two."""
-    m, e = torch.frexp(scale.double())
-    if not bool((m == 0.5).all()):
+    try:
+        return _np_int(pot_exponent(scale, "exact"))
+    except ValueError:
         return None
-    return _np_int(e - 1)
 
 
 def _json_attr(v: Any) -> Any:
@@ -243,8 +343,11 @@ class IntegerModel:
         if qgraph.float_nodes:
             raise HybridQuantError(f"cannot lower: nodes left in float ({', '.join(qgraph.float_nodes[:3])} ...)")
         self.raw_readers = {n.inputs[0] for n in self.graph if n.attrs.get("raw_input")}
-        self.stats = {"requant_shifts": 0, "luts": 0, "ops": 0}
+        # requantization stages by kind (see :meth:`_count_requants`), lookup tables, value-changing nodes
+        self.stats = {"requant_shifts": 0, "requant_identity": 0, "requant_two_term": 0, "requant_threshold": 0,
+                      "requant_float": 0, "luts": 0, "ops": 0}
         self._notes: dict[str, dict[str, Any]] = {}
+        self._macs: dict[str, int] = {}  # multiply-accumulates per image of each MAC node (recorded by the dry run)
         self._recording = False
         self._check()
 
@@ -271,14 +374,33 @@ class IntegerModel:
             self.run(torch.zeros(1, c, h, w))
         finally:
             self._recording = False
+        self._count_requants()
 
     def _requant(self, name: str, s_in: torch.Tensor, qp: QParams) -> Requant:
         r = self._requants.get(name)
         if r is None:
             r = self._requants[name] = Requant(name, s_in, qp, self.terms if name in self.qg.weight else 1,
                                                self.allow_float)
-            self.stats["requant_shifts"] += 1
         return r
+
+    def _count_requants(self) -> None:
+        """Sort the requantization stages: ``requant_shifts`` counts the real ones done by shifts (a multiplier
+        2^-k with k != 0 in some channel, a two-term multiplier, or a threshold grid), ``requant_identity`` those
+        whose multiplier is exactly 1 (shift 0 everywhere: after a lookup table, softmax or LayerNorm, which
+        already emit codes on the output grid, or an add of operands already on it) — only a saturation
+        (and zero point) remains —, ``requant_float`` the float multipliers allowed by
+        ``allow_float_multipliers``; ``requant_two_term`` and ``requant_threshold`` are the parts of
+        ``requant_shifts`` in those forms."""
+        for r in self._requants.values():
+            kind = requant_kind(r)
+            if kind == "identity":
+                self.stats["requant_identity"] += 1
+            elif kind == "float":
+                self.stats["requant_float"] += 1
+            else:
+                self.stats["requant_shifts"] += 1
+                if kind in ("two_term", "threshold"):
+                    self.stats[f"requant_{kind}"] += 1
 
     # -- execution ----------------------------------------------------------------
     @torch.no_grad()
@@ -346,6 +468,7 @@ class IntegerModel:
                 out = out + _bc(self.qg.bias_int[node.name].double(), out, axis)
             if self._recording:
                 self._note_mac(node, ins)
+                self._macs[node.name] = int(out[0].numel()) * int(w_int[0].numel())
             return IntValue(_exact_int(out), x.scale.double() * wq.scale.double(), torch.tensor(0), axis)
         if op == "matmul":
             lhs, rhs = ins
@@ -354,16 +477,17 @@ class IntegerModel:
             out = torch.matmul(lhs.centred().to(dtype), rhs.centred().to(dtype)).double()
             if self._recording:
                 self._note(node, op, list(node.inputs), arrays=self._zp_arrays(ins))
+                self._macs[node.name] = int(out[0].numel()) * int(lhs.q.shape[-1])
             return IntValue(_exact_int(out), lhs.scale.double() * rhs.scale.double(), torch.tensor(0))
         if op in ("add", "cat"):
             fine = min(float(v.scale.min()) for v in ins)
             parts = []
             for v in ins:
-                shift = torch.round(torch.log2(v.scale.double() / fine)).to(torch.int64)
+                shift = pot_exponent(v.scale.double() / fine, "round")
                 parts.append(arith.align(v.q, v.zp.to(torch.int64), shift, 0, axis=v.axis))
             out = parts[0] + parts[1] if op == "add" else torch.cat(parts, dim=a["dim"])
             if self._recording:
-                shifts = {f"align_shift.{k}": _np_int(torch.round(torch.log2(v.scale.double() / fine)))
+                shifts = {f"align_shift.{k}": _np_small(pot_exponent(v.scale.double() / fine, "round"))
                           for k, v in enumerate(ins)}
                 self._note(node, op, list(node.inputs), {"dim": int(a["dim"])} if op == "cat" else {},
                            {**self._zp_arrays(ins), **shifts})
@@ -410,7 +534,7 @@ class IntegerModel:
         codes = arith.apply_lut(x.q, table, in_qp.qmin)
         if self._recording:
             self._note(node, "lut", [node.inputs[0]], arrays={
-                "table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_int(in_qp.qmin)})
+                "table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_small(in_qp.qmin)})
         # already at the output grid: an identity requantization (multiplier 1)
         return IntValue(codes - int(qp.zero_point), qp.scale.double(), torch.tensor(0))
 
@@ -456,7 +580,7 @@ class IntegerModel:
             codes = arith.apply_channel_lut(x.q, table, in_qp.qmin, axis)
             if self._recording:
                 self._note(node, "channel_lut", [prod.inputs[0]], {"axis": axis, "fused": prod.name, "fused_op": prod.op},
-                           {"table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_int(in_qp.qmin)})
+                           {"table": _np_int(table, code_dtype(qp.qmin, qp.qmax)), "in_qmin": _np_small(in_qp.qmin)})
             return IntValue(codes - int(qp.zero_point), qp.scale.double(), torch.tensor(0))
         v = wide.get(src) or vals[src]
         axis = dim % v.q.dim()
@@ -493,6 +617,36 @@ class IntegerModel:
                                  {k: v.copy() for k, v in note["arrays"].items()}, note.get("out_shape")))
         return ops
 
+    def storage(self) -> dict[str, Any]:
+        """``deployed_bytes``, its ``breakdown`` and ``host_bytes`` of the lowered program
+        (:func:`storage_breakdown`); raises HybridQuantError like :meth:`program`."""
+        return storage_breakdown(self.program())
+
+    def op_counts(self) -> dict[str, Any]:
+        """How much of the lowered program runs on integer kernels, measured on its ops.
+
+        Counted: every op that computes (the input quantizer and output dequantization on the host, layout
+        ops and deferred non-linearities excluded). An op is integer when its requantization, if any, is
+        multiplier-free (shifts, two terms or a threshold grid), i.e. not a float multiplier allowed by
+        ``allow_float_multipliers``; ``integer_mac_fraction`` weighs each op by its multiply-accumulates
+        per image (conv / linear / matmul).
+        """
+        ops = integer = macs = integer_macs = 0
+        for node in self.graph:
+            note = self._notes.get(node.name)
+            if note is None or note["kind"] in HOST_KINDS | NO_COMPUTE_KINDS:
+                continue
+            r = self._requants.get(node.name)
+            is_int = r is None or r.params is not None
+            n_macs = self._macs.get(node.name, 0)
+            ops += 1
+            integer += int(is_int)
+            macs += n_macs
+            integer_macs += n_macs if is_int else 0
+        return {"ops": ops, "integer_ops": integer, "integer_op_fraction": integer / ops if ops else 1.0,
+                "macs": macs, "integer_macs": integer_macs,
+                "integer_mac_fraction": integer_macs / macs if macs else 1.0}
+
     def _note(self, node: Node, kind: str | None = None, inputs: list[str] | None = None,
               attrs: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
               out_shape: list[int] | None = None) -> None:
@@ -510,7 +664,7 @@ class IntegerModel:
 
     @staticmethod
     def _zp_arrays(ins: list[IntValue]) -> dict[str, np.ndarray]:
-        return {f"in_zero_point.{k}": _np_int(v.zp) for k, v in enumerate(ins)}
+        return {f"in_zero_point.{k}": _np_small(v.zp) for k, v in enumerate(ins)}
 
     def _note_quantize(self, node: Node, qp: QParams, codes: torch.Tensor) -> None:
         arrays = {"scale": qp.scale.detach().cpu().float().numpy().copy(), "zero_point": _np_int(qp.zero_point),
@@ -533,16 +687,17 @@ class IntegerModel:
                   **self._zp_arrays(ins[:1])}
         if node.name in self.qg.bias_int:
             arrays["bias"] = _np_int(self.qg.bias_int[node.name])
-        attrs = {}
+        attrs: dict[str, Any] = {}
         if node.op == "conv2d":
             attrs = {k: _json_attr(node.attrs[k]) for k in ("stride", "padding", "dilation", "groups")}
+        attrs["weight_bits"] = int(wq.bits)  # the exports pack weights whose width is not a multiple of 8
         self._note(node, node.op, [node.inputs[0]], attrs, arrays)
 
     def _note_requant(self, node: Node, acc: IntValue, shape: list[int]) -> None:
         r = self._requants[node.name]
         qp = r.qp
-        arrays = {"requant.zero_point": _np_int(qp.zero_point), "requant.qmin": _np_int(qp.qmin),
-                  "requant.qmax": _np_int(qp.qmax)}
+        arrays = {"requant.zero_point": _np_small(qp.zero_point), "requant.qmin": _np_small(qp.qmin),
+                  "requant.qmax": _np_small(qp.qmax)}
         if r.params is None:
             mode, per_channel = "float", r.m.numel() > 1
             arrays["requant.multiplier"] = r.m.numpy().copy()
@@ -553,11 +708,11 @@ class IntegerModel:
                 a, b, sign, n = a[0], b[0], sign[0], n[0]
             if bool((sign == 0).all()) and qp.kind != "threshold":
                 mode = "shift"
-                arrays["requant.shift"] = _np_int(n - a)
+                arrays["requant.shift"] = _np_small(n - a)
             else:
                 mode = "threshold" if qp.kind == "threshold" else "two_term"
-                arrays.update({"requant.a": _np_int(a), "requant.b": _np_int(b), "requant.sign": _np_int(sign),
-                               "requant.n": _np_int(n)})
+                arrays.update({"requant.a": _np_small(a), "requant.b": _np_small(b), "requant.sign": _np_small(sign),
+                               "requant.n": _np_small(n)})
                 if qp.kind == "threshold":
                     arrays["requant.thresholds"] = _np_int(qp.thresholds)
         # a per-channel parameter without an axis broadcasts along the last dim (as torch does)
@@ -570,16 +725,16 @@ class IntegerModel:
         # the full table (every possible spread of the input codes); the kernel's entries are its tail
         table = arith.softmax_exp_table(float(in_qp.scale), in_qp.qmax - in_qp.qmin + 1, nonlinear.FRAC_BITS)
         self._note(node, "softmax", [node.inputs[0]], {"dim": int(node.attrs["dim"])}, {
-            "exp_table": _np_int(table), "frac_bits": _np_int(nonlinear.FRAC_BITS),
-            "out_exp": _np_int(nonlinear.softmax_out_exp(qp)), "out_qmax": _np_int(qp.qmax)})
+            "exp_table": _np_int(table), "frac_bits": _np_small(nonlinear.FRAC_BITS),
+            "out_exp": _np_small(nonlinear.softmax_out_exp(qp)), "out_qmax": _np_small(qp.qmax)})
 
     def _note_layernorm(self, node: Node, k: nonlinear.LayerNormKernel) -> None:
         o = k.out_qp
         self._note(node, "layer_norm", [node.inputs[0]], {"dim": -1}, {
-            "in_zero_point": _np_int(k.in_zp), "channel_shift": _np_int(k.shift), "gamma_q": _np_int(k.gamma_q),
-            "beta_q": _np_int(k.beta_q), "eps_q": _np_int(k.eps_q), "frac_bits": _np_int(nonlinear.FRAC_BITS),
-            "sqrt_frac_bits": _np_int(k.sqrt_frac_bits), "out_shift": _np_int(k.out_shift),
-            "out_zero_point": _np_int(o.zero_point), "out_qmin": _np_int(o.qmin), "out_qmax": _np_int(o.qmax)})
+            "in_zero_point": _np_small(k.in_zp), "channel_shift": _np_small(k.shift), "gamma_q": _np_int(k.gamma_q),
+            "beta_q": _np_int(k.beta_q), "eps_q": _np_int(k.eps_q), "frac_bits": _np_small(nonlinear.FRAC_BITS),
+            "sqrt_frac_bits": _np_small(k.sqrt_frac_bits), "out_shift": _np_small(k.out_shift),
+            "out_zero_point": _np_small(o.zero_point), "out_qmin": _np_small(o.qmin), "out_qmax": _np_small(o.qmax)})
 
 
 def _json_attr_dict(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -8,11 +8,10 @@ exact in float arithmetic on the integer grid anyway.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..graph.ir import Node
+from ..primitives import pot_exponent
 from ..qparams import QParams
 from . import arith
 
@@ -35,7 +34,7 @@ def supported(node: Node, in_qp: QParams | None, out_qp: QParams | None) -> bool
 
 def softmax_out_exp(out_qp: QParams) -> int:
     """``m`` with the softmax output scale ``2^-m``."""
-    return -int(round(math.log2(float(out_qp.scale))))
+    return -int(pot_exponent(out_qp.scale, "exact"))
 
 
 def softmax_codes(q: torch.Tensor, node: Node, in_qp: QParams, out_qp: QParams) -> torch.Tensor:
@@ -52,7 +51,7 @@ class LayerNormKernel:
         scale = in_qp.scale.double().reshape(-1)
         base = float(scale.min())
         # PTF: per-channel scales base·2^c_j enter as left shifts c_j
-        self.shift = torch.round(torch.log2(scale / base)).to(torch.int64) if scale.numel() > 1 else torch.zeros((), dtype=torch.int64)
+        self.shift = pot_exponent(scale / base, "round") if scale.numel() > 1 else torch.zeros((), dtype=torch.int64)
         gamma = node.params.get("weight", torch.ones(channels))
         beta = node.params.get("bias", torch.zeros(channels))
         self.gamma_q, self.beta_q, self.eps_q, self.out_shift = arith.layernorm_constants(

@@ -29,7 +29,7 @@ from ..config import QuantConfig
 from ..graph import ops as F_ops
 from ..graph.ir import LAYOUT_OPS, Graph, Node
 from ..observers import ActivationObserver
-from ..primitives import fake_quantize
+from ..primitives import exp2_int, fake_quantize
 from ..qparams import QParams, choose_mode, range_to_qparams
 from .base import Method
 
@@ -60,7 +60,7 @@ def ptf_qparams(sample: torch.Tensor, lo: float, hi: float, bits: int, mode: str
     # ties go to the largest factor (the plain min-max grid, never clips more)
     err = torch.stack(errs[::-1])
     c = PTF_MAX_EXP - err.argmin(0)
-    scale = base * torch.exp2(c.float())  # exact: base times a power of two
+    scale = base * exp2_int(c).float()  # exact: base times a power of two
     return QParams(scale, layer.zero_point.clone(), layer.qmin, layer.qmax, bits, axis)
 
 

@@ -38,7 +38,7 @@ import torch
 from ..config import QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
-from ..primitives import pot_exponent, qrange, round_half_up
+from ..primitives import pot_scale, qrange, round_half_up
 from ..qparams import QParams, choose_mode, range_to_qparams
 from .base import Method
 from .scaling import apply_input_scaling
@@ -213,7 +213,7 @@ class HyQ(Method):
             w = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
             alpha = learn_alpha(x, w, lo, hi, config.abits, config.wbits, config.hyq_iters, lr, seed=i)
             if config.pot:
-                alpha = torch.exp2(pot_exponent(alpha, "round").double()).float()
+                alpha = pot_scale(alpha, "round").float()
             before = qads_loss(x, w, torch.ones_like(alpha), lo, hi, config.abits, config.wbits)
             after = qads_loss(x, w, alpha, lo, hi, config.abits, config.wbits)
             losses[node.name] = {"mse_alpha1": before, "mse": after,

@@ -86,7 +86,6 @@ paper's 100 points; biases are taken in float during the search.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +97,7 @@ from ..graph import ops as graph_ops
 from ..graph.ir import MAC_OPS, Graph, Node
 from ..graph.quantized import QuantizedGraph
 from ..observers import ActivationObserver, quant_mse
-from ..primitives import pot_exponent, two_term_round
+from ..primitives import pot_exponent, pot_scale, two_term_round
 from ..qparams import QParams, choose_mode, range_to_qparams, restrict_pot, with_scale
 from .base import Method
 
@@ -157,9 +156,9 @@ def twin_signed_qparams(lo: float, hi: float, bits: int, alpha: float = 1.0, pot
     neg = max(-lo, 1e-12)
     coarse = max(alpha * max(hi, 0.0) / (half - 1), neg / half, 1e-12)
     if pot is not None:
-        coarse = float(torch.exp2(pot_exponent(coarse, pot).double()))
+        coarse = float(pot_scale(coarse, pot))
     ratio = coarse * half / neg
-    shift = min(max(math.floor(math.log2(ratio)), 0), MAX_TWIN_SHIFT) if ratio > 0 else 0
+    shift = min(max(int(pot_exponent(ratio, "floor")), 0), MAX_TWIN_SHIFT) if ratio > 0 else 0
     fine = torch.tensor(coarse, dtype=torch.float32) / float(2**shift)  # exact: a power-of-two division
     return QParams(fine, torch.tensor(0, dtype=torch.int32), -half, half - 1, bits, None, "twin", shift)
 
@@ -363,7 +362,7 @@ class PTQ4ViT(Method):
             if config.pot and config.shift_terms == 2:
                 s = two_term_round(s).double()
             elif config.pot:
-                s = torch.exp2(pot_exponent(s, _pot_mode(config)).double())
+                s = pot_scale(s, _pot_mode(config))
             out.append(s.float())
         return _dedupe_tensors(out)
 

@@ -49,7 +49,7 @@ import torch
 from ..config import QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
-from ..primitives import pot_exponent, qrange, round_half_up
+from ..primitives import pot_scale, qrange, round_half_up
 from ..qparams import QParams
 from .base import Method
 from .scaling import apply_input_scaling
@@ -107,8 +107,8 @@ def reparam_factors(ch_min: torch.Tensor, ch_max: torch.Tensor, bits: int, pot: 
     s = (hi - lo).clamp_min(1e-8) / (qmax - qmin)
     s_t = s.mean()
     if pot:
-        s_t = torch.exp2(pot_exponent(s_t, "round").double())
-        r1 = torch.exp2(pot_exponent(s / s_t, "round").double())
+        s_t = pot_scale(s_t, "round")
+        r1 = pot_scale(s / s_t, "round")
     else:
         r1 = s / s_t
     r1 = r1.clamp(R_MIN, R_MAX)

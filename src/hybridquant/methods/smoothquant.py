@@ -21,7 +21,7 @@ import torch
 
 from ..config import QuantConfig
 from ..graph.ir import Graph, Node
-from ..primitives import pot_exponent
+from ..primitives import pot_scale
 from .base import Method
 from .scaling import apply_input_scaling, input_channel_dim, scalable
 
@@ -37,7 +37,7 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float,
     s = s.clamp(S_MIN, S_MAX)
     s = torch.where((a_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
     if pot:
-        s = torch.exp2(pot_exponent(s, "round").double())
+        s = pot_scale(s, "round")
     return s.float()
 
 

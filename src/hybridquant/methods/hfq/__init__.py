@@ -30,6 +30,11 @@
    weights' rounding (down or up on the same grid) and its biases against the
    float model's block output, with the activation quantizers in the loop.
 
+With ``scales='float'`` the same parts run (α is still chosen under power-of-two quantizers), the
+search also tries float scales around the best power of two, and a power-of-two twin of the graph is
+searched beside it: the model keeps whichever has the smaller output error on the search images, so
+float scales are never worse than powers of two there (``info['refine']['float_search']``).
+
 Ablations: ``outlier_scaling=False``, ``pot_rounding='round'|'ceil'``,
 ``alpha_pot=False``, ``weight_rounding=False``, ``input_compensation=False``,
 ``bias_correction=False``, ``channel_shift=False``, ``ptf=False``,
@@ -45,12 +50,12 @@ import torch
 from ...config import QuantConfig
 from ...graph.ir import ELEMENTWISE_OPS, Graph, Node
 from ...observers import ActivationObserver
-from ...qparams import QParams, choose_mode, range_to_qparams
+from ...qparams import QParams, choose_mode, range_to_qparams, restrict_pot, restrict_two_term
 from ..base import Method
 from ..fqvit import ptf_qparams, ptf_samples
 from .lut_grid import MAX_BITS
 from .outlier_scaling import outlier_scaling
-from .pot_search import sequential_refine
+from .pot_search import SEARCH_IMAGES, sequential_refine
 from .reconstruction import RECONSTRUCTION_IMAGES, reconstruct
 
 
@@ -65,12 +70,12 @@ class HFQ(Method):
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         info = outlier_scaling(graph, calib, config) if config.outlier_scaling else {"outlier_scaling": "off"}
-        if config.ptf and config.pot:
+        if config.ptf:
             found, _ = ptf_samples(graph, calib)
             # the integer LayerNorm aligns channels along its normalised (last) dim only
             self.ptf = {name: v for name, v in found.items() if v[0] == -1}
             info["ptf_tensors"] = sorted(self.ptf)
-        if (config.lut_zero_point or config.lut_thresholds) and config.pot:
+        if config.lut_zero_point or config.lut_thresholds:
             self.lut_inputs = {n.name for n in graph if n.name not in self.ptf and (users := graph.users(n.name))
                                and all(u.op in ELEMENTWISE_OPS for u in users)}
         return info
@@ -108,19 +113,65 @@ class HFQ(Method):
                 out[name] = completes
         return out
 
-    def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
-        search = config.pot and config.pot_rounding == "objective"
-        float_graph = qgraph.graph.clone() if config.reconstruction else None
+    def _search(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> tuple[dict[str, Any], dict]:
+        """The sequential exponent search, weight rounding and bias correction; returns (info, GPTQ targets)."""
+        # float scales always search; power-of-two scales unless an ablation asks for naive rounding
+        search = not config.pot or config.pot_rounding == "objective"
         targets: dict[str, torch.Tensor] = {}
         info = sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
                                  bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
                                  input_compensation=config.input_compensation,
-                                 two_term_weights=config.shift_terms == 2, rounding_targets=targets,
+                                 two_term_weights=config.pot and config.shift_terms == 2, rounding_targets=targets,
                                  zero_point_search=config.lut_zero_point,
-                                 lut_grids=self.lut_grid_inputs(qgraph) if config.lut_thresholds else {})
+                                 lut_grids=self.lut_grid_inputs(qgraph) if config.lut_thresholds else {},
+                                 float_scales=not config.pot)
+        return info, targets
+
+    def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
+        float_graph = qgraph.graph.clone() if config.reconstruction else None
+        if config.pot:
+            info, targets = self._search(qgraph, calib, config)
+        else:
+            info, targets = self._float_or_pot(qgraph, calib, config)
         if float_graph is not None:
             images = torch.cat(calib)[:RECONSTRUCTION_IMAGES]
             info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,
                                                  start=targets)
             qgraph.rebuild()
         return info
+
+    def _float_or_pot(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> tuple[dict[str, Any], dict]:
+        """Float scales: search them, and search a power-of-two twin of the same graph too; keep whichever
+        gives the smaller network output error on the search images. Float scales are a superset of powers
+        of two, but a layer-by-layer greedy search over more candidates is not always better end to end;
+        this way a float-scale model is never worse than the power-of-two one on the calibration data."""
+        x = torch.cat(calib)[:SEARCH_IMAGES]
+        ref = qgraph.graph.run(x)
+        twin = pot_twin(qgraph, config.replace(scales="pot", pot_rounding="objective"))
+        twin_info, twin_targets = self._search(twin, calib, twin.config)
+        info, targets = self._search(qgraph, calib, config)
+        err_float = float((qgraph.run(x) - ref).pow(2).mean())
+        err_pot = float((twin.run(x) - ref).pow(2).mean())
+        if err_pot < err_float:
+            qgraph.graph, qgraph.act, qgraph.weight = twin.graph, twin.act, twin.weight
+            qgraph.rebuild()
+            info, targets = twin_info, twin_targets
+        info["float_search"] = {"output_mse_float": err_float, "output_mse_pot": err_pot,
+                                "kept": "pot" if err_pot < err_float else "float"}
+        return info, targets
+
+
+def pot_twin(qgraph, config: QuantConfig):
+    """A copy of ``qgraph`` (graph cloned) with every uniform scale rounded to a power of two, as
+    ``scales='pot'`` starts its search; zero points keep the low end of each float grid."""
+    from ...graph.quantized import QuantizedGraph
+
+    act = {}
+    for name, qp in qgraph.act.items():
+        if qp.kind == "uniform":
+            lo = torch.tensor(-float(qp.zero_point.max()) * float(qp.scale.max()))
+            qp = restrict_pot(qp, "round", lo=lo)
+        act[name] = qp
+    weight = {name: restrict_two_term(qp) if config.shift_terms == 2 else restrict_pot(qp, "round")
+              for name, qp in qgraph.weight.items()}
+    return QuantizedGraph(qgraph.graph.clone(), config, act, weight, list(qgraph.float_nodes), dict(qgraph.info))

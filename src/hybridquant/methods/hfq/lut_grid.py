@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ...integer.arith import lut_codes
+from ...primitives import pot_exponent
 from ...qparams import QParams
 
 #: widest lookup-table input given a threshold grid: a b-bit grid stores up to 2^b − 1 thresholds, and at 8 bits
@@ -60,7 +61,7 @@ def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams, 
     values = values.detach().double()
     lo, hi = float(values.min()), float(values.max())
     span = max(hi - lo, 1e-6)
-    f = math.floor(math.log2(span / 2**GRID_BITS))
+    f = int(pot_exponent(span / 2**GRID_BITS, "floor"))
     step = 2.0**f
     i0, i1 = math.floor(lo / step), math.ceil(hi / step)
     idx = torch.arange(i0, i1 + 1, dtype=torch.int64)

@@ -6,6 +6,10 @@ chosen by the quantized output error of that layer,
 
     E(α) = ‖ layer(Q_a(X/α), Q_w(W·α)) − layer(X, W) ‖²,
 
+with power-of-two quantizers Q_a, Q_w whatever the model's scales: a float-scale
+model then starts from the same transformed graph as the power-of-two one, which
+its scale search can fall back to (:mod:`hybridquant.methods.hfq`).
+
 over two candidate families: *clip-to-threshold* (α_j = the smallest power of
 two bringing channel j's max under τ, for τ = max/2^t) and *SmoothQuant-like*
 (α_j ∝ max|X_j|^β / max|W_j|^(1−β)). With ``alpha_pot`` every α is a power of
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from ...config import QuantConfig
 from ...graph.ir import Graph, Node
 from ...observers import weight_qparams
+from ...primitives import pot_scale
 from ...qparams import choose_mode, range_to_qparams, restrict_pot
 from ..scaling import (
     apply_input_scaling,
@@ -45,14 +50,12 @@ SMOOTH_BETAS = (0.25, 0.5, 0.75)
 
 
 def _pot(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.round(torch.log2(x)))
+    return pot_scale(x, "round").to(x.dtype)
 
 
-def _quant_act(x: torch.Tensor, bits: int, pot: bool, symmetry: str) -> torch.Tensor:
+def _quant_act(x: torch.Tensor, bits: int, symmetry: str) -> torch.Tensor:
     lo, hi = float(x.min()), float(x.max())
     qp = range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, choose_mode(lo, hi, symmetry))
-    if not pot:
-        return qp.fake(x)
     # the best of a few power-of-two exponents by tensor MSE, as the engine's search would do
     base = restrict_pot(qp, "round", lo=torch.tensor(lo))
     best, best_err = None, float("inf")
@@ -68,10 +71,8 @@ def _quant_act(x: torch.Tensor, bits: int, pot: bool, symmetry: str) -> torch.Te
     return best
 
 
-def _quant_weight(w: torch.Tensor, bits: int, pot: bool) -> torch.Tensor:
-    qp = weight_qparams(w, bits)
-    if pot:
-        qp = restrict_pot(qp, "round")
+def _quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    qp = restrict_pot(weight_qparams(w, bits), "round")
     return qp.fake(w.flatten(1)).reshape(w.shape)
 
 
@@ -97,12 +98,12 @@ def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantC
                 norm: torch.Tensor | None = None) -> float:
     """Output error of ``node`` with input scaling ``alpha`` (bias excluded: it cancels), relative to
     ``norm`` (default ``‖ref‖²``)."""
-    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.pot, config.act_symmetry)
+    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.act_symmetry)
     w = node.params["weight"]
     factor = alpha
     if is_depthwise(node) and w.shape[0] != alpha.numel():
         factor = alpha.repeat_interleave(w.shape[0] // alpha.numel())
-    wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits, config.pot)
+    wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits)
     out = layer_output(node, xq, wq)
     return float((out - ref).pow(2).sum() / (ref.pow(2).sum() if norm is None else norm).clamp_min(1e-30))
 
@@ -114,7 +115,7 @@ def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) 
     for t in THRESHOLD_STEPS:
         tau = m.max() / 2.0**t
         alpha = torch.clamp(m / tau, min=1.0)
-        cands.append(torch.exp2(torch.ceil(torch.log2(alpha))) if pot else alpha)
+        cands.append(pot_scale(alpha, "ceil").to(alpha.dtype) if pot else alpha)
         # equalize: every channel's max moved next to tau (small channels amplified too)
         cands.append(_pot(m / tau) if pot else m / tau)
     for beta in SMOOTH_BETAS:

@@ -9,6 +9,9 @@ where it matters — in the outputs that read the tensor:
   output. Channels are independent, so the per-channel argmin is the joint
   optimum over the layer. An empirical bias correction then removes the mean
   output error per channel (it stays an int32 bias, still multiplier-free).
+* **float scales** (``float_scales``): the same objective over a superset of the power-of-two
+  candidates (:data:`FLOAT_ACT_STEPS`, :data:`FLOAT_WEIGHT_STEPS`), so float scales can only do
+  better than powers of two, choice by choice.
 * **activations** (per tensor): for candidate exponents k + d, the summed
   relative error of every consumer's output (a conv, a matmul, a softmax, a
   LayerNorm, ...) against the float model. A LayerNorm input with per-channel
@@ -34,13 +37,18 @@ import torch
 from ...graph import ops as graph_ops
 from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
-from ...primitives import two_term_round
+from ...primitives import exp2_int, pot_exponent, pot_scale, two_term_round
 from ...qparams import QParams, with_scale
 from .lut_grid import lut_input_grid
 from .weight_rounding import gptq
 
 ACT_DELTAS = (-2, -1, 0, 1)
 WEIGHT_DELTAS = (-1, 0, 1)
+#: float scales (``scales='float'``): after the power-of-two candidates, the best one times 2^(j/4) — a
+#: superset of the power-of-two search, so a float-scale model's every choice is at least as good
+FLOAT_ACT_STEPS = (-3, -2, -1, 1, 2, 3)
+#: float weight scales: the power-of-two candidates, and the per-channel min-max scale clipped by 2^(-j/8)
+FLOAT_WEIGHT_STEPS = (-4, -3, -2, -1, 0)
 #: fractions of an asymmetric grid's zero point the activation search may remove
 ZERO_POINT_MOVES = (0.125, 0.25, 0.5, 0.75)
 TWO_TERM_DELTAS = (-2, -1, 0, 1, 2)
@@ -59,7 +67,7 @@ def _per_channel_sq_err(out: torch.Tensor, ref: torch.Tensor, axis: int) -> torc
 
 
 def _exponent(qp: QParams) -> torch.Tensor:
-    return torch.round(torch.log2(qp.scale.double())).to(torch.int64)
+    return pot_exponent(qp.scale, "round")
 
 
 class _Walker:
@@ -129,6 +137,7 @@ def sequential_refine(
     rounding_targets: dict[str, torch.Tensor] | None = None,
     zero_point_search: bool = False,
     lut_grids: dict[str, str] | None = None,
+    float_scales: bool = False,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place.
 
@@ -137,7 +146,8 @@ def sequential_refine(
     (:mod:`.weight_rounding`); ``rounding_targets``, when given, receives the float values GPTQ rounded.
     ``lut_grids`` maps lookup-table inputs to the node whose quantizer completes their table (the table,
     or the per-channel shift that reads it); each gets a threshold grid (:mod:`.lut_grid`) once that
-    quantizer is chosen, and until then the table reads it exactly."""
+    quantizer is chosen, and until then the table reads it exactly. ``float_scales`` searches float
+    scales around the power-of-two candidates (the qparams start as float min-max scales)."""
     x = torch.cat(calib)[:max_images]
     walker = _Walker(qgraph, x)
     graph = qgraph.graph
@@ -154,7 +164,7 @@ def sequential_refine(
             ins = walker.inputs_of(node)
             wq = qgraph.weight.get(node.name)
             if wq is not None and (search_weights or bias_correction):
-                wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights, two_term_weights)
+                wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights, two_term_weights, float_scales)
                 qgraph.weight[node.name] = wq
                 changed_w += n_changed
                 x_float = walker.ref[node.inputs[0]] if input_compensation else None
@@ -176,7 +186,7 @@ def sequential_refine(
             walker.q[node.name] = raw
             continue
         if qp is not None and qp.kind == "uniform" and search_acts:
-            best, move = _choose_act(walker, node.name, raw, qp, zero_point_search)
+            best, move = _choose_act(walker, node.name, raw, qp, zero_point_search, float_scales)
             changed_a += int(not torch.equal(best.scale, qp.scale))
             changed_zp += int(move != 0)
             qgraph.act[node.name] = qp = best
@@ -208,21 +218,24 @@ def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams, raw_need
     return graph_ops.run_op(node, [value])
 
 
-def _weight_candidates(wq: QParams, two_term: bool) -> list[torch.Tensor]:
+def _weight_candidates(wq: QParams, two_term: bool, float_scales: bool = False) -> list[torch.Tensor]:
     if two_term:  # a finer multiplicative grid, each point rounded to 2^a ± 2^b
         return [two_term_round(wq.scale.double() * 2.0 ** (d / 4)) for d in TWO_TERM_DELTAS]
     k0 = _exponent(wq)
-    return [torch.exp2((k0 + d).double()).float() for d in WEIGHT_DELTAS]
+    cands = [exp2_int(k0 + d).float() for d in WEIGHT_DELTAS]
+    if float_scales:
+        cands += [wq.scale * 2.0 ** (j / 8) for j in FLOAT_WEIGHT_STEPS]
+    return cands
 
 
 def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QParams, search: bool,
-                   two_term: bool = False):
+                   two_term: bool = False, float_scales: bool = False):
     if not search:
         return wq, 0
     axis = _channel_axis(node)
     ref = walker.ref[node.name]
     best_err, best_scale = None, wq.scale.clone()
-    for scale in _weight_candidates(wq, two_term):  # includes the naive choice
+    for scale in _weight_candidates(wq, two_term, float_scales):  # includes the naive choice
         cand = with_scale(wq, scale)
         err = _per_channel_sq_err(walker.run_with_weight(node, ins, cand), ref, axis)
         if best_err is None:
@@ -235,18 +248,31 @@ def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QPa
 
 
 def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams,
-                zero_point_search: bool = False) -> tuple[QParams, int]:
+                zero_point_search: bool = False, float_scales: bool = False) -> tuple[QParams, int]:
     """The exponent (for per-channel PTF scales: all channels' exponents together) with the least consumer
-    error, and how many codes its zero point was lowered below the min-max one (0 without ``zero_point_search``)."""
-    lo = -float(qp.zero_point) * float(qp.scale.max())  # a shared zero point belongs to the widest channel
+    error, and how many codes its zero point was lowered below the min-max one (0 without ``zero_point_search``).
+    With ``float_scales`` the best power-of-two scale is then refined by the factors 2^(j/4), and the float
+    min-max scale ``qp`` itself is a candidate too."""
+    lo = torch.tensor(-float(qp.zero_point) * float(qp.scale.max()))  # a shared zero point: the widest channel's
+    start = with_scale(qp, pot_scale(qp.scale, "round").float().reshape(qp.scale.shape), lo=lo) if float_scales else qp
     best, best_err, best_move = qp, None, 0
-    for d in ACT_DELTAS:
-        base = with_scale(qp, qp.scale * 2.0**d, lo=torch.tensor(lo))
+
+    def consider(scale: torch.Tensor) -> None:
+        nonlocal best, best_err, best_move
+        base = with_scale(qp, scale, lo=lo)
         for move in zero_point_moves(base) if zero_point_search else [0]:
             cand = dataclasses.replace(base, zero_point=base.zero_point - move)
             err = walker.consumer_error(name, cand.fake(raw))
             if best_err is None or err < best_err:
                 best, best_err, best_move = cand, err, move
+
+    for d in ACT_DELTAS:
+        consider(start.scale * 2.0**d)
+    if float_scales:
+        pot_best = best.scale
+        for j in FLOAT_ACT_STEPS:
+            consider(pot_best * 2.0 ** (j / 4))
+        consider(qp.scale)
     return best, best_move
 
 
