@@ -26,7 +26,7 @@ def toy_calib() -> list[torch.Tensor]:
 
 
 TOY_CONFIGS = {
-    "minmax-pot": QuantConfig(scales="pot"),
+    "minmax-pot": QuantConfig(method="minmax", scales="pot"),
     "hfq-w6a6": QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6),
     "hfq-two-term": QuantConfig(method="hfq", scales="pot", wbits=4, abits=6, shift_terms=2),
 }
@@ -71,7 +71,7 @@ def test_every_node_matches_the_trace(toy_calib, tmp_path):
 
 @pytest.fixture(scope="module")
 def mvit_qgraph(mvit_graph, calib_images):
-    return quantize_graph(mvit_graph, QuantConfig(scales="pot"), calib_images)
+    return quantize_graph(mvit_graph, QuantConfig(method="minmax", scales="pot"), calib_images)
 
 
 def test_reader_reproduces_mobilevit(mvit_qgraph, calib_images, tmp_path):
@@ -146,7 +146,7 @@ def test_program_records_are_the_executors_constants(toy_calib):
 
 
 def test_float_multipliers_cannot_be_exported(toy_calib, tmp_path):
-    qg = quantize_graph(make_toy_graph(), QuantConfig(scales="float"), toy_calib)
+    qg = quantize_graph(make_toy_graph(), QuantConfig(method="minmax", scales="float"), toy_calib)
     with pytest.raises(HybridQuantError, match="not a power of two"):
         export_npz(qg, tmp_path / "f.npz")
     with pytest.raises(HybridQuantError, match="not a power of two"):
@@ -161,7 +161,7 @@ def test_program_of_a_float_multiplier_model_is_refused(toy_calib):
     gen = torch.Generator().manual_seed(0)
     graph = Graph([Node("input", "input", []), _conv("conv", "input", 3, 4, 3, gen), Node("output", "output", ["conv"])],
                   meta={"input_size": [3, 6, 6]})
-    qg = quantize_graph(graph, QuantConfig(scales="float"), toy_calib)
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="float"), toy_calib)
     im = IntegerModel(qg, allow_float_multipliers=True)
     with pytest.raises(HybridQuantError, match="float requantization multipliers"):
         im.program()

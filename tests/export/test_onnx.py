@@ -34,9 +34,9 @@ from tests.conftest import ARCH, CLASSES, QIMG, pretrained_cfg  # noqa: E402
 from tests.methods.conftest import _conv, make_toy_graph  # noqa: E402
 
 CONFIGS = {
-    "W8A8-pot": QuantConfig(scales="pot"),
-    "W8A8-float": QuantConfig(),
-    "W6A6-pot": QuantConfig(scales="pot", wbits=6, abits=6),  # every activation but the input needs the Clip
+    "W8A8-pot": QuantConfig(method="minmax", scales="pot"),
+    "W8A8-float": QuantConfig(method="minmax"),
+    "W6A6-pot": QuantConfig(method="minmax", scales="pot", wbits=6, abits=6),  # every activation but the input needs the Clip
 }
 META = {"name": ARCH, "source": "test", "num_classes": len(CLASSES), "class_names": list(CLASSES),
         "data_cfg": {**pretrained_cfg(QIMG), "crop_mode": "center"}}
@@ -62,6 +62,15 @@ def _half_even_fake_quantize(x, scale, zero_point, qmin, qmax, axis=None):
     """The simulation's fake quantizer with QuantizeLinear's rounding (half to even)."""
     s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
     return torch.clamp(torch.round(x / s), qmin - z, qmax - z) * s
+
+
+def _half_even_per_channel(x, scale, zero_point, qmin, qmax, axis=None):
+    """The simulation's fake quantizer, with QuantizeLinear's half-to-even rounding for per-channel scales."""
+    from hybridquant.primitives import fake_quantize
+
+    if torch.as_tensor(scale).dim() > 0:
+        return _half_even_fake_quantize(x, scale, zero_point, qmin, qmax, axis)
+    return fake_quantize(x, scale, zero_point, qmin, qmax, axis)
 
 
 def _sim_as_onnx(qg, x, monkeypatch) -> torch.Tensor:
@@ -100,36 +109,39 @@ def test_onnxruntime_follows_the_simulation(exported, images):
     want = qg.run(images)
     diff = (got - want).abs() / _output_lsb(qg)
     agree = float((got.argmax(1) == want.argmax(1)).float().mean())
-    # Why a tolerance: with power-of-two scales the simulation's softmax and LayerNorm run integer kernels
-    # where ONNX runs float ones, and with float scales float32 evaluation order (and x·(1/s) for x/s)
+    # Not exact, by design: with power-of-two scales the simulation's softmax and LayerNorm run integer
+    # kernels where ONNX runs float ones (each within one code of the float result, see
+    # tests/integer/test_executor.py), and with float scales float32 evaluation order (and x·(1/s) for x/s)
     # decides values next to a rounding boundary. Each such difference is one code of one activation, and
-    # this random-weight network carries it through ~40 quantized layers. The bounds are those measured
-    # before the half-up rounding chain (mean 0.6-4.2, max 8-16 output LSBs on logits spanning 50-200 LSBs),
-    # with about 2x room; the exact check is the next tests.
-    assert float(diff.mean()) <= 8.0, (name, float(diff.mean()))
-    assert float(diff.max()) <= 32.0, (name, float(diff.max()))
-    assert agree >= 0.9, (name, agree)
+    # this random-weight network carries it through ~40 quantized layers. Measured: mean 0.05-0.91, max
+    # 3-11 output LSBs on logits spanning 45-200 LSBs, top-1 always the same; bounds with about 2x room.
+    # The exact checks (float softmax / LayerNorm on both sides) are the next tests.
+    assert float(diff.mean()) <= 2.0, (name, float(diff.mean()))
+    assert float(diff.max()) <= 24.0, (name, float(diff.max()))
+    assert agree >= 0.97, (name, agree)
 
 
 @pytest.mark.parametrize("name", ["W8A8-pot", "W6A6-pot"])
 def test_onnx_is_the_simulation_up_to_float_softmax_and_layernorm(name, mvit_graph, calib_images, images,
                                                                  monkeypatch):
-    """With the simulation's softmax / LayerNorm switched to float (ONNX's ops) the logits are identical:
-    every other part of the QDQ graph, rounding included, is the simulation's.
+    """With the simulation's softmax / LayerNorm switched to float (ONNX's ops) the logits are identical,
+    bit for bit: every other part of the QDQ graph, rounding included, is the simulation's.
 
-    With power-of-two scales conv / linear / matmul / add are exact in float32 on both sides; only the
-    float softmax / LayerNorm could differ in the last ulp (then flip one code), which the 95 % allows.
+    With power-of-two scales conv / linear / matmul / add are exact in float32 on both sides. Float
+    softmax / LayerNorm are the one place the two runtimes could part (an ulp next to a rounding boundary
+    flips a code); torch 2.14 and onnxruntime agree on every value here (measured: all 32 x 3 logits equal,
+    on an AVX-512 CPU), and a platform where they do not is a real difference from the simulation.
     """
     qg = quantize_graph(mvit_graph, CONFIGS[name], calib_images)
     got = _session(build_onnx(qg, META)).run(None, {"input": images.numpy()})[0]
     want = _sim_as_onnx(qg, images, monkeypatch).numpy()
-    assert np.array_equal(got.argmax(1), want.argmax(1))
-    assert float((got == want).mean()) >= 0.95, float((got == want).mean())
+    assert got.shape == want.shape == (len(images), len(CLASSES))
+    assert np.array_equal(got, want), (float((got == want).mean()), float(np.abs(got - want).max() / _output_lsb(qg)))
 
 
 def test_threshold_grids_export_exactly(mvit_graph, calib_images, images, monkeypatch, tmp_path):
-    """hfq's threshold grids on the SiLU inputs become comparisons and a gather: the same logits as the
-    simulation (float softmax / LayerNorm on both sides), as in the test above."""
+    """hfq's threshold grids on the SiLU inputs become comparisons and a gather: exactly the simulation's
+    logits (float softmax / LayerNorm on both sides), as in the test above."""
     cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
     qg = quantize_graph(mvit_graph, cfg, calib_images)
     grids = sum(qp.kind == "threshold" for qp in qg.act.values())
@@ -138,8 +150,7 @@ def test_threshold_grids_export_exactly(mvit_graph, calib_images, images, monkey
     assert summary["threshold_grids"] == grids
     got = _session(tmp_path / "hfq.onnx").run(None, {"input": images.numpy()})[0]
     want = _sim_as_onnx(qg, images, monkeypatch).numpy()
-    assert np.array_equal(got.argmax(1), want.argmax(1))
-    assert float((got == want).mean()) >= 0.95, float((got == want).mean())
+    assert np.array_equal(got, want), (float((got == want).mean()), float(np.abs(got - want).max() / _output_lsb(qg)))
 
 
 def test_half_up_rounding_chain_is_what_makes_it_exact(mvit_graph, calib_images, images, monkeypatch):
@@ -154,7 +165,7 @@ def test_half_up_rounding_chain_is_what_makes_it_exact(mvit_graph, calib_images,
         m.setattr("hybridquant.qparams.fake_quantize", _half_even_fake_quantize)
         half_even = _sim_as_onnx(qg, images, monkeypatch).numpy()
     half_up = _sim_as_onnx(qg, images, monkeypatch).numpy()
-    assert float((got == half_up).mean()) > float((got == half_even).mean())
+    assert np.array_equal(got, half_up) and not np.array_equal(got, half_even)
 
 
 # --- (b), (c) structure ------------------------------------------------------------------
@@ -283,7 +294,7 @@ def _per_channel(qg, name: str, bits: int, axis: int) -> None:
 def test_every_op(monkeypatch):
     """Each op's ONNX form computes the simulation's op (power-of-two scales: exact float32 sums; float scales
     put this graph's scale_channels output on near-ties that float evaluation order decides)."""
-    qg = quantize_graph(make_all_ops_graph(), QuantConfig(scales="pot"), _toy_calib())
+    qg = quantize_graph(make_all_ops_graph(), QuantConfig(method="minmax", scales="pot"), _toy_calib())
     assert "half" not in qg.act and "shift" in qg.act  # the scale_channels node reads the raw product
     model = build_onnx(qg, None)
     ops = {n.op_type for n in model.graph.node}
@@ -293,15 +304,20 @@ def test_every_op(monkeypatch):
     x = _toy_images()
     got = _session(model).run(None, {"input": x.numpy()})[0]
     want = _sim_as_onnx(qg, x, monkeypatch).numpy()
-    # float group norm / gelu / LayerNorm may differ in the last ulp between torch and onnxruntime
-    assert np.abs(got - want).max() <= 2 * _output_lsb(qg)
-    assert float((got == want).mean()) >= 0.95
+    # exact, as above: float group norm / gelu / LayerNorm / softmax could part only by an ulp next to a
+    # rounding boundary, and torch and onnxruntime agree on every value here (measured)
+    assert np.array_equal(got, want), (float((got == want).mean()), float(np.abs(got - want).max() / _output_lsb(qg)))
 
 
 def test_per_channel_and_16_bit_activations(monkeypatch):
     """Per-channel quantizers (axis attribute), narrow ranges in int8 (Clip) and int16 (Clip through int32),
-    a float bias (its input is per channel), 16-bit weights (int16 initializers)."""
-    qg = quantize_graph(make_all_ops_graph(), QuantConfig(scales="pot"), _toy_calib())
+    a float bias (its input is per channel), 16-bit weights (int16 initializers).
+
+    Per-channel activation quantizers get no half-up Floor chain (the exporter adds it to per-tensor ones
+    only), so QuantizeLinear rounds their ties to even: the logits are exactly those of the simulation with
+    that rounding on the per-channel quantizers, and differ from the plain simulation (round half up) by
+    that alone (measured: 2 of 96 logits, by up to 2 output LSBs)."""
+    qg = quantize_graph(make_all_ops_graph(), QuantConfig(method="minmax", scales="pot"), _toy_calib())
     _per_channel(qg, "c1", 8, axis=1)
     _per_channel(qg, "fc", 16, axis=-1)
     _per_channel(qg, "silu", 8, axis=-1)
@@ -314,9 +330,13 @@ def test_per_channel_and_16_bit_activations(monkeypatch):
     x = _toy_images()
     got = _session(model).run(None, {"input": x.numpy()})[0]
     want = _sim_as_onnx(qg, x, monkeypatch).numpy()
-    assert np.abs(got - want).max() <= 2 * _output_lsb(qg) and float((got == want).mean()) >= 0.95
+    assert np.abs(got - want).max() <= 2 * _output_lsb(qg)
+    with monkeypatch.context() as m:
+        m.setattr("hybridquant.qparams.fake_quantize", _half_even_per_channel)
+        want_half_even = _sim_as_onnx(qg, x, monkeypatch).numpy()
+    assert np.array_equal(got, want_half_even), float((got == want_half_even).mean())
 
-    qg16 = quantize_graph(make_toy_graph(), QuantConfig(scales="pot", wbits=16, abits=16), _toy_calib())
+    qg16 = quantize_graph(make_toy_graph(), QuantConfig(method="minmax", scales="pot", wbits=16, abits=16), _toy_calib())
     model = build_onnx(qg16, None)
     by_name = {t.name: t for t in model.graph.initializer}
     assert by_name["stem.conv.weight_quantized"].data_type == TensorProto.INT16
@@ -340,7 +360,7 @@ def test_log2_softmax_is_refused(tmp_path):
 
 
 def test_missing_onnx_package(tmp_path, monkeypatch, capsys):
-    qg = quantize_graph(make_toy_graph(), QuantConfig(), _toy_calib())
+    qg = quantize_graph(make_toy_graph(), QuantConfig(method="minmax"), _toy_calib())
     path = tmp_path / "model.hq"
     qmodel.save(path, qg, {"name": "toy", "num_classes": 3, "data_cfg": {"input_size": [3, 6, 6]}})
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
@@ -363,6 +383,7 @@ def cli_files(mvit_graph, calib_images, tmp_path_factory):
 
 def test_cli_export_and_eval(cli_files, data_dir, tmp_path, capsys):
     hq, onnx_path = cli_files / "model.hq", tmp_path / "deploy" / "m.onnx"
+    onnx_path.parent.mkdir()  # --out's folder must exist
     code, out, err = _run(capsys, "export", "--qmodel", str(hq), "--format", "onnx", "--out", str(onnx_path))
     assert code == 0, err
     summary = json.loads(out)

@@ -14,7 +14,7 @@ from hybridquant.quantize import quantize_graph
 
 @pytest.fixture(scope="module")
 def w8a8(mvit_graph, calib_images):
-    return quantize_graph(mvit_graph, QuantConfig(), calib_images)
+    return quantize_graph(mvit_graph, QuantConfig(method="minmax"), calib_images)
 
 
 def test_no_mac_is_missed(mvit_graph, w8a8):
@@ -37,7 +37,7 @@ def test_every_mac_input_is_on_an_integer_grid(w8a8, calib_images):
 
 
 def test_sixteen_bits_is_nearly_float(mvit_graph, calib_images):
-    cfg = QuantConfig(wbits=16, abits=16, input_bits=16)
+    cfg = QuantConfig(method="minmax", wbits=16, abits=16, input_bits=16)
     q16 = quantize_graph(mvit_graph, cfg, calib_images)
     x = calib_images[:4]
     assert sqnr_db(mvit_graph(x), q16(x)) > 50
@@ -46,31 +46,31 @@ def test_sixteen_bits_is_nearly_float(mvit_graph, calib_images):
 def test_more_bits_less_error(mvit_graph, calib_images):
     x = calib_images[:4]
     ref = mvit_graph(x)
-    errs = [sqnr_db(ref, quantize_graph(mvit_graph, QuantConfig(wbits=b, abits=b), calib_images)(x)) for b in (4, 6, 8)]
+    errs = [sqnr_db(ref, quantize_graph(mvit_graph, QuantConfig(method="minmax", wbits=b, abits=b), calib_images)(x)) for b in (4, 6, 8)]
     assert errs[0] < errs[1] < errs[2]
 
 
 def test_pot_scales_are_powers_of_two(mvit_graph, calib_images):
-    q = quantize_graph(mvit_graph, QuantConfig(scales="pot"), calib_images)
+    q = quantize_graph(mvit_graph, QuantConfig(method="minmax", scales="pot"), calib_images)
     assert all(qp.is_pot for qp in q.act.values())
     assert all(qp.is_pot for qp in q.weight.values())
 
 
 def test_first_last_8bit(mvit_graph, calib_images):
-    q = quantize_graph(mvit_graph, QuantConfig(wbits=4, abits=4, first_last_8bit=True), calib_images)
+    q = quantize_graph(mvit_graph, QuantConfig(method="minmax", wbits=4, abits=4, first_last_8bit=True), calib_images)
     assert q.weight["stem.conv"].bits == 8 and q.weight["head.fc"].bits == 8
     assert q.weight["stages.1.0.conv1_1x1.conv"].bits == 4
     assert q.act["input"].bits == 8
 
 
 def test_float_ops_are_left_in_float(mvit_graph, calib_images):
-    cfg = QuantConfig(float_ops=("*.softmax",))
+    cfg = QuantConfig(method="minmax", float_ops=("*.softmax",))
     q = quantize_graph(mvit_graph, cfg, calib_images)
     softmax = [n.name for n in mvit_graph.by_op("softmax")]
     assert sorted(q.float_nodes) == sorted(softmax)
     assert not set(softmax) & set(q.act)
     with pytest.raises(HybridQuantError, match="matches no node"):
-        quantize_graph(mvit_graph, QuantConfig(float_ops=("nope*",)), calib_images)
+        quantize_graph(mvit_graph, QuantConfig(method="minmax", float_ops=("nope*",)), calib_images)
 
 
 def test_quantization_is_deterministic(mvit_graph, calib_images):
@@ -94,7 +94,7 @@ def test_mobilevitv2_linear_attention_is_quantized(calib_images):
     from tests.conftest import QIMG, make_bn_model
 
     graph = capture(make_bn_model("mobilevitv2_050"), (3, QIMG, QIMG))
-    q = quantize_graph(graph, QuantConfig(), calib_images)
+    q = quantize_graph(graph, QuantConfig(method="minmax"), calib_images)
     assert set(q.act) == {n.name for n in graph if n.op in VALUE_OPS}
     assert {n.name for n in graph.by_op("sum")} <= set(q.act)
     x = calib_images[:4]

@@ -9,7 +9,7 @@ from hybridquant.config import QuantConfig
 from hybridquant.graph.ir import Node
 from hybridquant.methods.fqvit import FQViT, channel_axis, log2_softmax_qparams, ptf_qparams
 from hybridquant.observers import quant_mse
-from hybridquant.primitives import is_power_of_two
+from hybridquant.primitives import is_power_of_two, sqnr_db
 from hybridquant.qparams import range_to_qparams, restrict_pot
 from hybridquant.quantize import quantize_graph
 
@@ -103,17 +103,26 @@ def test_transform_finds_every_layernorm_input(toy_graph, toy_calib):
 
 @pytest.mark.parametrize("scales", ["float", "pot"])
 def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
+    """The quantized model is FQ-ViT's: log2 softmax, and on both LayerNorm inputs a PTF quantizer whose
+    channels really use different factors 2^c and whose quantization error on those tensors is well under
+    the per-tensor min-max quantizer's (measured 0.53-0.57x at W8A8)."""
     q = quantize_graph(toy_graph, QuantConfig(method="fq-vit", scales=scales), toy_calib)
+    minmax = quantize_graph(toy_graph, QuantConfig(method="minmax", scales=scales), toy_calib)
     assert q.act["tok.softmax"].kind == "log2"
+    values = q.graph.run(torch.cat(toy_calib), keep=True)
     for name, axis in (("blk.add", 1), ("tok.add", -1)):
         qp = q.act[name]
         assert qp.axis == axis and qp.scale.numel() == 8 and qp.zero_point.dim() == 0
         ratio = qp.scale / qp.scale.min()
-        assert set(ratio.tolist()) <= {1.0, 2.0, 4.0, 8.0}
+        assert set(ratio.tolist()) <= {1.0, 2.0, 4.0, 8.0} and len(set(ratio.tolist())) > 1, name
+        assert float(quant_mse(values[name], qp)) < 0.75 * float(quant_mse(values[name], minmax.act[name])), name
     if scales == "pot":
         assert all(qp.is_pot for qp in q.act.values() if qp.kind == "uniform")
-    out = q.run(torch.cat(toy_calib))
-    assert torch.isfinite(out).all()
+
+
+#: output SQNR (dB) of the quantized tiny mobilevit against its float model on ``calib_images``
+#: (measured 25.6 float, 13.3 pot)
+MVIT_SQNR_FLOOR = {"float": 21.0, "pot": 10.0}
 
 
 @pytest.mark.parametrize("scales", ["float", "pot"])
@@ -123,6 +132,8 @@ def test_end_to_end_on_mobilevit(mvit_graph, calib_images, scales):
     producers = {mvit_graph.producer(ln.inputs[0]).name for ln in lns}
     assert set(q.info["transform"]["ptf_tensors"]) == producers
     assert all(q.act[p].scale.dim() == 1 for p in producers)
+    assert sum(len(set(q.act[p].scale.tolist())) > 1 for p in producers) >= len(producers) // 2  # factors used
     assert all(q.act[n.name].kind == "log2" for n in mvit_graph.by_op("softmax"))
-    out = q.run(calib_images[:4])
-    assert out.shape == (4, 3) and torch.isfinite(out).all()
+    out = q.run(calib_images)
+    assert out.shape == (len(calib_images), 3)
+    assert sqnr_db(mvit_graph.run(calib_images), out) > MVIT_SQNR_FLOOR[scales]

@@ -37,9 +37,12 @@ def test_float_output_unchanged_weights_changed_spread_shrinks(toy_calib):
 
 def test_pot_alphas_are_powers_of_two(toy_calib):
     graph = make_toy_graph()
-    outlier_scaling(graph, toy_calib, QuantConfig(method="hfq", scales="pot"))
-    for node in graph.by_op("scale_channels"):
+    info = outlier_scaling(graph, toy_calib, QuantConfig(method="hfq", scales="pot"))
+    nodes = graph.by_op("scale_channels")
+    assert len(nodes) == sum(r["how"] == "explicit" for r in info["layers"]) >= 1  # not vacuous
+    for node in nodes:
         assert all(is_power_of_two(1.0 / v) for v in node.params["inv_alpha"].tolist())
+        assert bool((node.params["inv_alpha"] != 1).any())
 
 
 def test_candidates_include_threshold_and_smooth_families():
