@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -37,7 +38,7 @@ def test_formatters():
     assert fmt_db(23.456) == "23.5" and fmt_db(None) == "—"
     assert fmt_bytes(1_601_234) == "1.60 MB" and fmt_bytes(540_321) == "540.3 kB" and fmt_bytes(912) == "912 B"
     assert fmt_int(1_601_234) == "1,601,234"
-    assert fmt_scale(0.015625) == "2^-6" and fmt_scale(0.1) == "0.1"
+    assert fmt_scale(0.015625) == "2^-6" and fmt_scale(0.1) == "0.1" and fmt_scale([0.015625, 0.0625]) == "2^-6..2^-4"
 
 
 def _prepared(graph, calib: torch.Tensor) -> Prepared:
@@ -136,6 +137,8 @@ def test_report_md_is_human(toy_run):
     assert "| 85.13 % | 84.93 % | 0.20 pp | 98.0 % |" in md
     assert "298 s" in md and "1.60 MB" in md and "1,601,234" in md and "-0.10 pp to 0.50 pp" in md
     assert "nan" not in md.lower() and "298.07" not in md and "0.2000" not in md and "0.9800" not in md
+    body = md.split("## Environment")[0]  # versions and dates aside, no figure with four or more decimals
+    assert not re.search(r"\d\.\d{4}", body), re.findall(r"\S*\d\.\d{4}\S*", body)
     assert "| — [1] |" in md and "[1] exact on these images" in md
     for row in rows[2:]:
         assert f"| {row['name']} |" in md

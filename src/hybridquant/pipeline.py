@@ -121,7 +121,8 @@ def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float],
         value, note = _sqnr_cell(sqnr.get(node.name), refined.get(node.name), a["kind"])
         row: dict[str, Any] = {
             "name": node.name, "op": node.op, "block": node.block, "act_bits": a["bits"],
-            "act_scale": a.get("scale", f"{a.get('scale_min', 0):.3g}..{a.get('scale_max', 0):.3g}"),
+            # per tensor: the scale; per channel: [smallest, largest]
+            "act_scale": a["scale"] if "scale" in a else [a.get("scale_min", 0.0), a.get("scale_max", 0.0)],
             "act_zero_point": a.get("zero_point", 0), "act_kind": a["kind"],
             "sqnr_db": value,
         }

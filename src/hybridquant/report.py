@@ -100,7 +100,10 @@ def fmt_fraction(v: float | None) -> str:
 
 
 def fmt_scale(v: Any) -> str:
-    """A quantization scale: ``2^-6`` for a power of two, else three significant digits (ranges as given)."""
+    """A quantization scale: ``2^-6`` for a power of two, else three significant digits; a per-channel
+    ``[min, max]`` as ``2^-6..2^-4``."""
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"{fmt_scale(v[0])}..{fmt_scale(v[1])}"
     if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
         m, e = math.frexp(v)
         return f"2^{e - 1}" if m == 0.5 else f"{v:.3g}"

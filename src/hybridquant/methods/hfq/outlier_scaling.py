@@ -6,9 +6,10 @@ chosen by the quantized output error of that layer,
 
     E(α) = ‖ layer(Q_a(X/α), Q_w(W·α)) − layer(X, W) ‖²,
 
-with power-of-two quantizers Q_a, Q_w whatever the model's scales: a float-scale
-model then starts from the same transformed graph as the power-of-two one, which
-its scale search can fall back to (:mod:`hybridquant.methods.hfq`).
+with power-of-two quantizers Q_a, Q_w whatever the model's scales (:func:`layer_error`
+itself follows ``config.scales``): a float-scale model then starts from the same
+transformed graph as the power-of-two one, which its scale search can fall back to
+(:mod:`hybridquant.methods.hfq`).
 
 over two candidate families: *clip-to-threshold* (α_j = the smallest power of
 two bringing channel j's max under τ, for τ = max/2^t) and *SmoothQuant-like*
@@ -53,9 +54,11 @@ def _pot(x: torch.Tensor) -> torch.Tensor:
     return pot_scale(x, "round").to(x.dtype)
 
 
-def _quant_act(x: torch.Tensor, bits: int, symmetry: str) -> torch.Tensor:
+def _quant_act(x: torch.Tensor, bits: int, pot: bool, symmetry: str) -> torch.Tensor:
     lo, hi = float(x.min()), float(x.max())
     qp = range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, choose_mode(lo, hi, symmetry))
+    if not pot:
+        return qp.fake(x)
     # the best of a few power-of-two exponents by tensor MSE, as the engine's search would do
     base = restrict_pot(qp, "round", lo=torch.tensor(lo))
     best, best_err = None, float("inf")
@@ -71,8 +74,10 @@ def _quant_act(x: torch.Tensor, bits: int, symmetry: str) -> torch.Tensor:
     return best
 
 
-def _quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    qp = restrict_pot(weight_qparams(w, bits), "round")
+def _quant_weight(w: torch.Tensor, bits: int, pot: bool) -> torch.Tensor:
+    qp = weight_qparams(w, bits)
+    if pot:
+        qp = restrict_pot(qp, "round")
     return qp.fake(w.flatten(1)).reshape(w.shape)
 
 
@@ -98,12 +103,12 @@ def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantC
                 norm: torch.Tensor | None = None) -> float:
     """Output error of ``node`` with input scaling ``alpha`` (bias excluded: it cancels), relative to
     ``norm`` (default ``‖ref‖²``)."""
-    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.act_symmetry)
+    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.pot, config.act_symmetry)
     w = node.params["weight"]
     factor = alpha
     if is_depthwise(node) and w.shape[0] != alpha.numel():
         factor = alpha.repeat_interleave(w.shape[0] // alpha.numel())
-    wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits)
+    wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits, config.pot)
     out = layer_output(node, xq, wq)
     return float((out - ref).pow(2).sum() / (ref.pow(2).sum() if norm is None else norm).clamp_min(1e-30))
 
@@ -175,6 +180,7 @@ ALPHA_SEARCH_IMAGES = 128
 def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig,
                     max_images: int = ALPHA_SEARCH_IMAGES) -> dict[str, Any]:
     """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``."""
+    config = config.replace(scales="pot")  # α is chosen under power-of-two quantizers for float scales too
     x = torch.cat(calib)[:max_images]
     values = graph.run(x, keep=True)
     layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).op != "input"]
