@@ -686,6 +686,47 @@ def limits_reading(results: Path, *labels: str) -> str:
     return " ".join(out) + "\n"
 
 
+def scale_table(results: Path) -> str:
+    """What ``hybridquant quantize`` (hfq W8A8, power-of-two scales) costs at 256×256 against the calibration
+    images, per model, and eval throughput with 1 and 2 processes (``benchmarks/scale.py``'s ``scale.json``)."""
+    path = results / "scale.json"
+    if not path.exists():
+        return _not_measured("`python benchmarks/scale.py`")
+    s = json.loads(path.read_text())
+    cells = s["cells"]
+    lines = ["| model | calibration images | whole run s | wall s | peak RSS MB | spilled MB |", "|---" * 6 + "|"]
+    for r in cells:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['calib']} | failed | {r['wall_seconds']:.0f} | – | – |")
+        else:
+            lines.append(f"| {r['model']} | {r['calib']} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['workspace']['spilled_mb']:.0f} |")
+    lines += ["", "| model | wall s per calibration image (fit) | intercept s | peak RSS 256 / 64 images | "
+                  "wall 256 / 64 images | 512 images projected s | eval images/s, 1 process | 2 processes | "
+                  "2 / 1 |", "|---" * 9 + "|"]
+    for model, m in s["models"].items():
+        fit, rate = m.get("fit"), m["eval_images_per_s"]
+        cols = [f"{fit['seconds_per_image']:.2f}" if fit else "–", f"{fit['intercept_s']:.0f}" if fit else "–",
+                f"{m['rss_ratio']:.2f}" if "rss_ratio" in m else "–",
+                f"{m['time_ratio']:.2f}" if "time_ratio" in m else "–",
+                f"{m['projected_s']:.0f}" if "projected_s" in m else "–",
+                *(f"{rate[p]:.1f}" if p in rate else "–" for p in ("1", "2")),
+                f"{m['eval_speedup']:.2f}" if "eval_speedup" in m else "–"]
+        lines.append(f"| {model} | " + " | ".join(cols) + " |")
+    first = (cells or s["eval"])[0]
+    setup = f"{first['img_size']}×{first['img_size']}"
+    if cells:
+        setup += f", {first['limit']} eval images, batch {first['batch_size']}, OMP_NUM_THREADS={first['threads']}"
+        if first["reconstruction_iters"] is not None:
+            setup += f", `--reconstruction-iters {first['reconstruction_iters']}`"
+    return "\n".join(lines) + (
+        f"\n\n{s['note']} `hybridquant quantize` with its defaults at {setup}; whole run = `report.json`'s "
+        "`seconds`, wall = measured outside the process; the fit is least squares of wall time against the "
+        "calibration images; projected = the fit where that cell is missing; eval in one process with all "
+        "threads and under `torchrun --nproc_per_node 2` with the threads split. Environment: "
+        f"{_env_line([first])}.\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registry of generated blocks
 
@@ -719,6 +760,7 @@ block("cpu-noise", 1)(cpu_noise)
 block("ablation-reading", 1)(ablation_reading)
 block("analysis", 0)(analysis_outliers)
 block("limits-reading", -1)(limits_reading)
+block("scale", 0)(scale_table)
 
 
 def render(results: Path, name: str) -> str:

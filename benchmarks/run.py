@@ -136,20 +136,23 @@ def cells(suite: str) -> list[tuple[str, Any]]:
 
 KEYS = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp",
         "fp32_only_correct", "quant_only_correct", "agreement_fp32", "param_increase_pct", "all_scales_pot",
-        "eval_images", "calib_images", "quantize_seconds", "seconds")
+        "eval_images", "calib_images", "quantize_seconds", "seconds", "peak_rss_mb", "phases")
 
 
 PEER_KEYS = ("tool", "version", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "agreement_fp32",
              "quantize_seconds", "eval_images", "calib_images", "config", "error")
 
 
-def run_peer_cell(prep: Prepared, cid: str, spec: tuple[str, int, int, bool], batch_size: int) -> dict[str, Any]:
-    """One peers cell: the tool's own quantized model, evaluated on the prepared eval images."""
+def run_peer_cell(prep: Prepared, cid: str, spec: tuple[str, int, int, bool], batch_size: int,
+                  eval_data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """One peers cell: the tool's own quantized model, evaluated on the prepared eval images ``eval_data``
+    (``prep.eval_tensors()``: the tools take tensors, so this suite holds the eval split in memory)."""
     tool, wbits, abits, pot = spec
+    images, labels = eval_data
     fp32 = fp32_result(prep, batch_size, progress=False)
-    result = _peers().TOOLS[tool](prep.loaded.model, prep.calib, prep.eval_images, prep.eval_labels,
+    result = _peers().TOOLS[tool](prep.loaded.model, prep.calib, images, labels,
                                   wbits, abits, pot, fp32_predictions=fp32.predictions)
-    result.update({"fp32_top1": fp32.top1, "eval_images": int(prep.eval_images.shape[0]),
+    result.update({"fp32_top1": fp32.top1, "eval_images": int(images.shape[0]),
                    "calib_images": int(prep.calib.shape[0])})
     quant = result["quant_top1"]
     result["drop_pp"] = round(100.0 * (fp32.top1 - quant), 4) if quant is not None else None
@@ -229,16 +232,18 @@ def main(argv: list[str] | None = None) -> int:
             if not args.only or any(s in cid for s in args.only.split(","))]
     torch.manual_seed(args.seed)
     data = DataSpec(args.data, DataOverrides(), args.limit, args.calib, args.batch_size, args.workers, args.seed)
-    prep = None
+    prep = peer_eval = None
     for cid, cfg in tqdm(todo, desc=f"{args.suite}", file=sys.stdout):
         path = cell_dir / f"{cid}.json"
         if path.exists() and not args.force:
             continue
         if prep is None:
             prep = prepare(args.model, args.checkpoint, False, data, progress=False)
+            if args.suite == "peers":  # the tools take tensors: read the eval split once for every cell
+                peer_eval = prep.eval_tensors(args.batch_size)
         t = time.perf_counter()
         if args.suite == "peers":
-            row = run_peer_cell(prep, cid, cfg, args.batch_size)
+            row = run_peer_cell(prep, cid, cfg, args.batch_size, peer_eval)
             row["wall_seconds"] = round(time.perf_counter() - t, 2)
             write_json(path, row)
             tqdm.write(f"{cid}: " + (f"top1 {100 * row['quant_top1']:.2f} (agreement {row['agreement_fp32']:.4f}, "

@@ -41,7 +41,19 @@ def test_quantize_writes_report_and_model_that_reloads_exactly(tmp_path, capsys,
     assert json.loads(out)["drop_ci95_pp"] == [lo, hi]
     layer = report["layers"][1]
     assert {"name", "op", "act_bits", "sqnr_db"} <= set(layer)
-    assert (out_dir / "report.md").read_text().startswith("# hybridquant")
+    # per-phase time and peak memory (issue 23), the older time keys derived from them
+    from hybridquant.report import PIPELINE_PHASES
+
+    assert list(report["phases"])[:3] == ["load", "capture", "eval fp32"]
+    assert set(PIPELINE_PHASES) <= set(report["phases"])
+    assert all(fig["peak_rss_mb"] > 0 for fig in report["phases"].values())
+    assert report["peak_rss_mb"] > 0 and json.loads(out)["peak_rss_mb"] == report["peak_rss_mb"]
+    assert report["quantize_seconds"] == report["phases"]["quantize"]["seconds"]
+    assert report["seconds_breakdown"]["eval_fp32"] == report["phases"]["eval fp32"]["seconds"]
+    assert report["workspace"]["budget_mb"] > 0
+    assert not (out_dir / ".spill").exists()
+    md = (out_dir / "report.md").read_text()
+    assert md.startswith("# hybridquant") and "## Time and memory" in md and "| eval quantized |" in md
 
     code, out, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--data", str(data_dir),
                           "--workers", "0", "--batch-size", "5")
@@ -73,7 +85,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, base_args, extra, messa
     out_dir = tmp_path / "q"
     code, out, err = _run(capsys, "quantize", *base_args, "--calib", "4", *extra, "--out-dir", str(out_dir))
     assert code == 2
-    assert message in err and len(err.strip().splitlines()) == 1
+    # one line; a progress bar before it (loading the calibration images) is erased in place with "\r"
+    assert message in err and len(err.strip().split("\n")) == 1
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
@@ -190,3 +203,59 @@ def test_help_states_the_defaults(capsys):
     assert "default: pot for hfq, float for the other methods" in text
     assert "default: objective for hfq, round for the other methods" in text
     assert "weight bits: 2-8 or 16 (default 8)" in text
+
+
+# --- issue 23: --memory-budget ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, size", [("6G", 6 * 2**30), ("512M", 512 * 2**20), ("2.5GB", int(2.5 * 2**30)),
+                                        ("1.5GiB", int(1.5 * 2**30)), ("64k", 65536), ("1000000", 1_000_000),
+                                        ("4096B", 4096), (" 2 g ", 2 * 2**30), (".5M", 2**19)])
+def test_memory_budget_sizes(text, size):
+    from hybridquant.cli import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "0M", "-1G", "abc", "6X", "1e9", "G", "", "0.1", "nan", "inf", "1.2.3G"])
+def test_bad_memory_budget_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, base_args, text):
+    import hybridquant.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("work started"))
+    out_dir = tmp_path / "q"
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", *base_args, f"--memory-budget={text}", "--out-dir", str(out_dir)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--memory-budget" in err and "expected a positive size" in err
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("flag, budget", [([], None), (["--memory-budget", "512M"], 512 * 2**20)])
+def test_memory_budget_reaches_quantize_graph_and_the_spill_folder_goes(tmp_path, capsys, monkeypatch, base_args,
+                                                                        flag, budget):
+    """The budget becomes the run's Workspace (default: the machine's); its spill folder, under --out-dir, is
+    removed at the end, also when the run fails."""
+    import hybridquant.pipeline as pipeline
+    from hybridquant.errors import HybridQuantError
+    from hybridquant.store import default_budget
+
+    seen = []
+
+    def quantize_graph(graph, config, calib, progress=False, workspace=None):
+        seen.append(workspace.budget)
+        (workspace.spill_dir() / "chunk.bin").write_bytes(b"spilled")
+        assert (tmp_path / "q" / ".spill").is_dir()
+        raise HybridQuantError("stopped after spilling")
+
+    monkeypatch.setattr(pipeline, "quantize_graph", quantize_graph)
+    code, _, err = _run(capsys, "quantize", *base_args, "--calib", "4", *flag, "--out-dir", str(tmp_path / "q"))
+    assert code == 2 and "stopped after spilling" in err
+    assert seen == [budget if budget is not None else default_budget()]
+    assert not (tmp_path / "q" / ".spill").exists()
+
+
+def test_memory_budget_is_not_part_of_the_config():
+    from hybridquant.cli import _quant_config, build_parser
+
+    argv = ["quantize", "--model", "m", "--data", "d", "--out-dir", "o"]
+    parser = build_parser()
+    assert _quant_config(parser.parse_args([*argv, "--memory-budget", "1G"])) == _quant_config(parser.parse_args(argv))

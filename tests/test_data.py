@@ -145,6 +145,36 @@ def test_check_class_names(data_dir):
         check_class_names(ds, None, 10)
 
 
+#: wnid folders and their indices in timm's ImageNet-1k class list (tench, Chihuahua, toilet tissue)
+WNIDS = {"n01440764": 0, "n02085620": 151, "n15075141": 999}
+
+
+def test_imagenet_wnid_folders_get_the_imagenet_indices(tmp_path):
+    write_images(tmp_path / "d" / "val", {wnid: 2 for wnid in WNIDS}, seed=0)
+    ds = image_folder(tmp_path / "d", "eval", eval_transform(data_config(pretrained_cfg())))
+    assert sorted(set(ds.targets)) == [0, 1, 2]  # ImageFolder numbers the folders it finds
+    check_class_names(ds, None, 1000)
+    assert ds.class_to_idx == WNIDS
+    expected = sorted(WNIDS.values())
+    assert sorted(set(ds.targets)) == expected and [t for _, t in ds.samples] == ds.targets
+    assert sorted(y for _, y in ds) == [i for i in expected for _ in range(2)]  # what a loader yields
+    check_class_names(ds, None, 1000)  # checking again keeps the labels
+    assert ds.class_to_idx == WNIDS and sorted(set(ds.targets)) == expected
+
+
+def test_wnid_folders_outside_imagenet(tmp_path):
+    write_images(tmp_path / "d" / "val", {"n01440764": 1, "n00000001": 1}, seed=0)
+    ds = image_folder(tmp_path / "d", "eval")
+    with pytest.raises(HybridQuantError, match=r"class folders \['n00000001'\] of .* are not imagenet-1k wnids"):
+        check_class_names(ds, None, 1000)
+    # a head that is not an ImageNet classifier keeps ImageFolder's labels
+    check_class_names(ds, None, 2)
+    assert ds.targets == [0, 1]
+    # as does a model that names its classes
+    with pytest.raises(HybridQuantError, match="do not match"):
+        check_class_names(ds, ["n01440764", "n00000001"], 2)
+
+
 # --------------------------------------------------------------------------- subsets
 
 

@@ -1,4 +1,6 @@
-"""The paired interval of an accuracy drop (:func:`hybridquant.evaluate.paired_drop`)."""
+"""Evaluation in one process (:func:`evaluate`, :func:`evaluate_sharded`) and the paired interval of an
+accuracy drop (:func:`hybridquant.evaluate.paired_drop`). ``tests/test_distributed.py`` runs the sharded
+evaluation under torchrun."""
 
 from __future__ import annotations
 
@@ -9,7 +11,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridquant.evaluate import paired_drop
+from hybridquant.data import make_loader
+from hybridquant.evaluate import evaluate, evaluate_sharded, paired_drop
+
+
+def _tied_model(x: torch.Tensor) -> torch.Tensor:
+    """Logits on a coarse grid, so that ties are common, as with a quantized model."""
+    return (x.flatten(1)[:, :7] * 2).round()
+
+
+def test_sharded_evaluation_in_one_process_is_evaluate():
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(23, 3, 4, 4, generator=gen), torch.randint(0, 7, (23,), generator=gen)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    ref = evaluate(_tied_model, make_loader(dataset, 4, 0), progress=False)
+    got = evaluate_sharded(_tied_model, dataset, 5, 0, progress=False)
+    assert (got.top1, got.top5, got.images) == (ref.top1, ref.top5, 23)
+    assert torch.equal(got.predictions, ref.predictions)
+    assert 0 < ref.top1 < ref.top5 < 1
+    assert got.summary(predictions=True)["predictions"] == ref.predictions.tolist()
+    assert "predictions" not in got.summary()
 
 
 def _masks(ref: list[bool], quant: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:

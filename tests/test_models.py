@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from hybridquant import models
 from hybridquant.errors import HybridQuantError
 from hybridquant.models import list_bundled, load_model, read_checkpoint
-from tests.conftest import ARCH, CLASSES, IMG, MEAN, STD, make_state_dict, pretrained_cfg
+from tests.conftest import ARCH, CLASSES, IMG, MEAN, STD, TEST_COUNTS, make_state_dict, pretrained_cfg
+from tests.test_cli import assert_user_error, eval_args, run
 
 
 def logits(loaded, seed: int = 0) -> torch.Tensor:
@@ -140,6 +145,8 @@ def test_bundled_models(monkeypatch, tmp_path, state_dict):
     assert loaded.class_names == CLASSES and loaded.data_cfg["input_size"] == (3, IMG, IMG)
     with pytest.raises(HybridQuantError, match="bundled model; do not pass --checkpoint"):
         load_model(f"{ARCH}.toy", checkpoint=bundled / f"{ARCH}.toy.pt")
+    with pytest.raises(HybridQuantError, match="bundled model; do not pass --weights"):
+        load_model(f"{ARCH}.toy", pretrained=bundled / f"{ARCH}.toy.pt")
 
 
 def test_bundled_checkpoint_without_model_key_uses_the_name(monkeypatch, tmp_path, state_dict):
@@ -156,3 +163,96 @@ def test_shipped_bundled_models_load():
         loaded = load_model(name)
         assert loaded.class_names and len(loaded.class_names) == loaded.num_classes
         assert {"input_size", "mean", "std"} <= loaded.data_cfg.keys()
+
+
+# --------------------------------------------------------------------------- hub weights from a local file
+
+HUB_CLASSES = 10  # neither timm's default head (1000) nor the test data's (3): the file must set it
+
+
+def write_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Save ``state_dict`` as the hub stores it: safetensors for ``*.safetensors``, else torch.save."""
+    if path.suffix == ".safetensors":
+        pytest.importorskip("safetensors.torch").save_file(state_dict, str(path))
+    else:
+        torch.save(state_dict, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub_state_dict() -> dict[str, torch.Tensor]:
+    return make_state_dict(num_classes=HUB_CLASSES, seed=1)
+
+
+def assert_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor], skip: str = "") -> None:
+    state = model.state_dict()
+    checked = [k for k in expected if not (skip and k.startswith(skip))]
+    assert checked and all(torch.equal(state[k], expected[k]) for k in checked)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_weights_file_loads_like_hub_weights(tmp_path, hub_offline, hub_state_dict, filename):
+    path = write_weights(tmp_path / filename, hub_state_dict)
+    loaded = load_model(ARCH, pretrained=path)
+    assert loaded.source == f"weights-file:{path}" and loaded.num_classes == HUB_CLASSES
+    assert loaded.model.pretrained_cfg["file"] == str(path)  # timm's own pretrained loading read it
+    assert loaded.model.state_dict().keys() == hub_state_dict.keys()
+    assert_weights(loaded.model, hub_state_dict)
+    assert loaded.data_cfg["input_size"] == (3, 256, 256)  # the preprocessing of timm's pretrained_cfg
+    # the same model without the file is randomly initialised: the equality above is the file's doing
+    torch.manual_seed(0)
+    random_init = load_model(ARCH, num_classes=HUB_CLASSES).model.state_dict()
+    assert not torch.equal(random_init["head.fc.weight"], hub_state_dict["head.fc.weight"])
+    assert not torch.equal(random_init["stem.conv.weight"], hub_state_dict["stem.conv.weight"])
+
+
+def test_weights_file_with_a_tag_and_another_head(tmp_path, hub_offline, hub_state_dict):
+    path = write_weights(tmp_path / "pytorch_model.bin", hub_state_dict)
+    assert load_model(f"{ARCH}.cvnets_in1k", pretrained=path).num_classes == HUB_CLASSES
+    # asking for another head: timm keeps the backbone and initialises the classifier, as with hub weights
+    loaded = load_model(ARCH, pretrained=path, num_classes=len(CLASSES))
+    assert loaded.num_classes == len(CLASSES)
+    assert_weights(loaded.model, hub_state_dict, skip="head.fc.")
+
+
+def test_weights_file_errors(tmp_path, hub_state_dict, ckpt_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(HybridQuantError, match=f"^weights file not found: {missing}$"):
+        load_model(ARCH, pretrained=missing)
+    with pytest.raises(HybridQuantError, match="is a directory, not a file"):
+        load_model(ARCH, pretrained=tmp_path)
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(HybridQuantError) as info:
+        load_model(ARCH, pretrained=garbage)
+    assert str(info.value) == f"cannot read weights file {garbage}: not a valid or complete safetensors file"
+    blob = tmp_path / "blob"  # the hub cache's name for a file: the suffix that tells the format is gone
+    shutil.copy(write_weights(tmp_path / "good.safetensors", hub_state_dict), blob)
+    with pytest.raises(HybridQuantError, match=r"must be named \*\.safetensors"):
+        load_model(ARCH, pretrained=blob)
+    broken = dict(hub_state_dict)
+    broken.pop("stem.conv.weight")
+    with pytest.raises(HybridQuantError, match=f"weights file .* does not fit model '{ARCH}': Missing key"):
+        load_model(ARCH, pretrained=write_weights(tmp_path / "broken.bin", broken))
+    with pytest.raises(HybridQuantError, match="pass either --checkpoint or --weights, not both"):
+        load_model(ARCH, ckpt_path, pretrained=blob)
+
+
+def test_cli_eval_with_weights_file(capsys, tmp_path, data_dir, hub_offline, state_dict):
+    path = write_weights(tmp_path / "pytorch_model.bin", state_dict)  # the data's 3 classes
+    rc, out, err = run(capsys, *eval_args(data_dir, None, "--weights", str(path), "--img-size", "32"))
+    assert rc == 0, err  # --weights alone: it implies --pretrained
+    result = json.loads(out)
+    assert result["source"] == f"weights-file:{path}" and result["images"] == sum(TEST_COUNTS.values())
+
+
+def test_cli_weights_errors(capsys, tmp_path, data_dir, ckpt_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    missing = tmp_path / "model.safetensors"
+    rc, _, err = run(capsys, *eval_args(data_dir, None, "--weights", str(missing), "--out", str(out_dir / "r.json")))
+    assert_user_error(rc, err, f"weights file not found: {missing}", out_dir)
+    rc, _, err = run(capsys, *eval_args(data_dir, ckpt_path, "--weights", str(ckpt_path)))
+    assert_user_error(rc, err, "pass either --checkpoint or --weights, not both")
+    rc, _, err = run(capsys, *eval_args(data_dir, None, "--weights", ""))  # an unset variable: no random weights
+    assert_user_error(rc, err, "weights file . is a directory, not a file")

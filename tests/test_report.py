@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from hybridquant.config import QuantConfig
-from hybridquant.evaluate import evaluate
 from hybridquant.pipeline import Prepared, run_config
 from hybridquant.primitives import sqnr_db
 from hybridquant.quantize import layer_sqnr
@@ -41,16 +41,27 @@ def test_formatters():
     assert fmt_scale(0.015625) == "2^-6" and fmt_scale(0.1) == "0.1" and fmt_scale([0.015625, 0.0625]) == "2^-6..2^-4"
 
 
+class _FloatModel(torch.nn.Module):
+    """The toy graph as the float model :func:`fp32_result` evaluates."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+
 def _prepared(graph, calib: torch.Tensor) -> Prepared:
     """A Prepared around the toy graph: no checkpoint, data or timm model needed."""
     gen = torch.Generator().manual_seed(11)
     images = torch.rand(24, 3, 6, 6, generator=gen) * 2 - 1
     labels = graph(images).argmax(1)  # FP32 right on every image
     labels[:3] = (labels[:3] + 1) % 3
-    loaded = SimpleNamespace(name="toy", source="tests", num_classes=3, class_names=["a", "b", "c"])
-    prep = Prepared(loaded, {"input_size": [3, 6, 6]}, graph, calib, images, labels, None, {"load": 0.0, "capture": 0.0})
-    prep.fp32 = evaluate(graph, list(zip(images.split(8), labels.split(8), strict=True)), progress=False)
-    return prep
+    loaded = SimpleNamespace(name="toy", source="tests", num_classes=3, class_names=["a", "b", "c"],
+                             model=_FloatModel(graph))
+    return Prepared(loaded, {"input_size": [3, 6, 6]}, graph, calib, TensorDataset(images, labels), labels,
+                    phases={"load": {"seconds": 0.0, "peak_rss_mb": 1.0, "depth": 0}, "capture": {"seconds": 0.0, "peak_rss_mb": 1.0, "depth": 0}})
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +157,38 @@ def test_report_md_is_human(toy_run):
             assert f"| {row['sqnr_db']:.1f} |" in md or f"| {row['sqnr_db']:.1f} [" in md
     assert "## Deployed size" in md and "lookup tables" in md
     assert "transformed" in md and "LayerNorm rows" in md
+
+
+def test_report_json_has_phases_and_peak_memory(toy_run):
+    from hybridquant.report import PIPELINE_PHASES
+
+    _, report, _ = toy_run
+    phases = report["phases"]
+    assert list(phases)[:3] == ["load", "capture", "eval fp32"]  # the shared ones first
+    assert set(PIPELINE_PHASES) <= set(phases)
+    for name, fig in phases.items():
+        assert set(fig) == {"seconds", "peak_rss_mb", "depth"} and fig["seconds"] >= 0 and fig["peak_rss_mb"] > 0, name
+        assert fig["depth"] == (name not in PIPELINE_PHASES) or name in ("outlier scaling", "exponent search",
+                                                                            "reconstruction", "ptf samples"), name
+    assert report["peak_rss_mb"] >= max(fig["peak_rss_mb"] for fig in phases.values()) > 0
+    # the older keys, derived from the phases
+    assert report["quantize_seconds"] == phases["quantize"]["seconds"]
+    assert report["seconds_breakdown"] == {"load": 0.0, "capture": 0.0, "eval_fp32": phases["eval fp32"]["seconds"],
+                                           "quantize": phases["quantize"]["seconds"],
+                                           "eval_quant": phases["eval quantized"]["seconds"]}
+    assert report["seconds"] >= phases["quantize"]["seconds"] + phases["eval quantized"]["seconds"]
+
+
+def test_report_md_has_the_phase_table(toy_run):
+    _, report, _ = toy_run
+    report = {**report, "phases": {**report["phases"], "exponent search": {"seconds": 61.2, "peak_rss_mb": 2345.6}},
+              "peak_rss_mb": 3456.7, "workspace": {"budget_mb": 512.0, "peak_resident_mb": 300.2, "spilled_mb": 0.0}}
+    md = quantize_report_md(report)
+    table = md.split("## Time and memory")[1].split("## Layers")[0]
+    assert "| phase | time | peak RSS |" in table
+    for name in report["phases"]:
+        assert f" {name} |" in table, name
+    assert "| &nbsp;&nbsp;↳ exponent search | 61 s | 2,346 MB |" in table  # ran inside quantization
+    assert "| **whole run** |" in table and "3,457 MB |" in table
+    assert "300 MB of a 512 MB budget" in table
+    assert not re.search(r"\d\.\d{4}", table)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,23 @@ def _floats3(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three numbers, got '{text}'") from exc
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``6G``, ``512M``, ``2.5GB``, ``1.5GiB`` or ``1000000`` (bytes): K, M, G and T
+    are powers of 1024, with or without ``B`` / ``iB``, in any case. An argparse type: a bad or non-positive
+    size is an argument error."""
+    m = _SIZE.fullmatch(text)
+    # exact arithmetic: no float rounding of a byte count, no overflow on absurd ones
+    size = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]) if m else 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 6G, 512M, 2.5GB or a number of bytes, "
+                                         f"got '{text}'")
+    return size
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -49,7 +68,11 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, help="timm name (mobilevit_xxs) or bundled model (mobilevit_xxs.cifar10)")
     g.add_argument("--checkpoint", default=None, help="torch.save file: a state_dict or a dict with 'state_dict'")
-    g.add_argument("--pretrained", action="store_true", help="load timm hub weights (needs a network)")
+    g.add_argument("--pretrained", action="store_true", help="load timm hub weights (needs a network; see --weights)")
+    # a Path, never a false value: an empty --weights "$UNSET" fails as a folder instead of meaning random weights
+    g.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                   help="the timm hub weights from a local file (the model page's model.safetensors or "
+                        "pytorch_model.bin), for machines without a network; implies --pretrained")
 
 
 def _add_data(p: argparse.ArgumentParser, limit: bool = True) -> None:
@@ -157,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run an integer program from 'export --format npz' with the numpy reference reader "
                         "(slow: use --limit); its preprocessing comes from the file")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--predictions", action="store_true",
+                   help="also report each eval image's top-1 class id, in the eval split's order (not with --integer)")
 
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate; writes report.json, report.md, model.hq")
     _add_model(p)
     _add_data(p)
     _add_common(p)
     _add_quant(p)
+    p.add_argument("--memory-budget", type=parse_size, default=None,
+                   help="memory for calibration values, e.g. 6G or 512M; beyond it they spill to <out-dir>/.spill "
+                        "(removed at the end): slower, same result (default: sized to this machine's memory)")
     p.add_argument("--out-dir", required=True, help="folder for report.json, report.md and model.hq")
 
     p = sub.add_parser("analyze", help="per-layer / per-channel activation outlier analysis with plots")
@@ -280,64 +308,78 @@ def _print_result(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
 
-def _eval_loader(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int):
-    """The eval split, preprocessed for the model and checked against its classes."""
-    from .data import (
-        balanced_subset,
-        check_class_names,
-        data_config,
-        eval_transform,
-        image_folder,
-        make_loader,
-    )
+def _eval_dataset(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int):
+    """The eval split (its --limit subset), preprocessed for the model and checked against its classes."""
+    from .data import balanced_subset, check_class_names, data_config, eval_transform, image_folder
 
     cfg = data_config(data_cfg, _overrides(args))
     dataset = image_folder(args.data, "eval", eval_transform(cfg))
     check_class_names(dataset, class_names, num_classes)
-    return make_loader(balanced_subset(dataset, args.limit), args.batch_size, args.workers)
+    return balanced_subset(dataset, args.limit)
 
 
-def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+def _eval_loader(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int):
+    """A DataLoader over :func:`_eval_dataset`."""
+    from .data import make_loader
+
+    return make_loader(_eval_dataset(args, data_cfg, class_names, num_classes), args.batch_size, args.workers)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Evaluate one model. Under ``torchrun --nproc_per_node N`` the --model and --qmodel simulation
+    evaluations are split over the N ranks (:func:`hybridquant.evaluate.evaluate_sharded`); rank 0 alone
+    prints the result and writes --out, the other ranks return None."""
     from ._io import write_json
-    from .evaluate import evaluate
+    from .distributed import is_main, launched_world_size, process_group
+    from .evaluate import evaluate_sharded
 
-    if args.program:
-        out = _eval_program(args)
-    elif args.onnx:
-        out = _eval_onnx(args)
-    elif args.qmodel:
-        out = _eval_qmodel(args)
-    elif not args.model:
-        raise HybridQuantError("eval needs --model, --qmodel or --onnx")
-    else:
-        from .models import load_model
+    if launched_world_size() > 1 and (args.program or args.onnx or args.integer):
+        raise HybridQuantError("under torchrun eval splits --model and --qmodel only; "
+                               "run --program, --onnx and --integer in one process")
+    if args.predictions and args.integer:
+        raise HybridQuantError("--predictions is not available with --integer")
+    device = "cpu" if args.qmodel else _device(args)  # a --qmodel's simulation runs on the CPU
+    with process_group(device):
+        if args.program:
+            out = _eval_program(args)
+        elif args.onnx:
+            out = _eval_onnx(args)
+        elif args.qmodel:
+            out = _eval_qmodel(args)
+        elif not args.model:
+            raise HybridQuantError("eval needs --model, --qmodel or --onnx")
+        else:
+            from .models import load_model
 
-        loaded = load_model(args.model, args.checkpoint, args.pretrained)
-        loader = _eval_loader(args, loaded.data_cfg, loaded.class_names, loaded.num_classes)
-        device = _device(args)
-        result = evaluate(loaded.model.to(device), loader, device)
-        out = {"model": args.model, "source": loaded.source, **result.summary()}
-    if args.out:
-        write_json(args.out, out)
+            loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained)
+            dataset = _eval_dataset(args, loaded.data_cfg, loaded.class_names, loaded.num_classes)
+            result = evaluate_sharded(loaded.model.to(device), dataset, args.batch_size, args.workers, device)
+            out = {"model": args.model, "source": loaded.source, **result.summary(args.predictions)}
+        if not is_main():
+            return None  # every rank holds the same result; rank 0 reports it
+        if args.out:
+            write_json(args.out, out)
     return out
 
 
 def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
     from . import qmodel
-    from .evaluate import evaluate
+    from .data import make_loader
+    from .evaluate import evaluate_sharded
 
     if args.model or args.checkpoint:
         raise HybridQuantError("--qmodel carries its own model; do not pass --model or --checkpoint")
     qgraph, meta = qmodel.load(args.qmodel)
-    loader = _eval_loader(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
+    dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
     c = qgraph.config
     head = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits, "scales": c.scales}
     if args.integer:
         from .integer.evaluate import evaluate_integer
 
+        loader = make_loader(dataset, args.batch_size, args.workers)
         return {**head, **evaluate_integer(qgraph, loader, args.allow_float_multipliers)}
-    result = evaluate(qgraph.run, loader, "cpu")
-    return {**head, **result.summary()}
+    result = evaluate_sharded(qgraph.run, dataset, args.batch_size, args.workers, "cpu")
+    return {**head, **result.summary(args.predictions)}
 
 
 def _eval_program(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,7 +407,7 @@ def _eval_program(args: argparse.Namespace) -> dict[str, Any]:
 
     c = manifest.get("config") or {}
     head = {"program": str(args.program), "method": c.get("method"), "wbits": c.get("wbits"), "abits": c.get("abits")}
-    return {**head, **evaluate(run, loader, "cpu", desc="eval program").summary()}
+    return {**head, **evaluate(run, loader, "cpu", desc="eval program").summary(args.predictions)}
 
 
 def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:
@@ -399,7 +441,7 @@ def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:
     head = {"onnx": str(args.onnx), "method": c.get("method"), "wbits": c.get("wbits"), "abits": c.get("abits"),
             "scales": c.get("scales")}
     result = evaluate(runner, loader, "cpu", desc="eval onnx")
-    out = {**head, **result.summary()}
+    out = {**head, **result.summary(args.predictions)}
     if qgraph is not None:
         sim = evaluate(qgraph.run, loader, "cpu", desc="eval simulation")
         n = max(result.images, 1)
@@ -416,13 +458,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _quant_config(args)
     data = DataSpec(args.data, _overrides(args), args.limit, args.calib, args.batch_size, args.workers, args.seed)
-    report, qgraph, meta = quantize_job(args.model, args.checkpoint, args.pretrained, data, config, _device(args))
     out_dir = Path(args.out_dir)
+    report, qgraph, meta = quantize_job(args.model, args.checkpoint, args.weights or args.pretrained, data, config, _device(args),
+                                        memory_budget=args.memory_budget, spill_dir=out_dir / ".spill")
     qmodel.save(out_dir / "model.hq", qgraph, meta)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", quantize_report_md(report))
     keys = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp",
-            "agreement_fp32", "eval_images", "param_increase_pct", "seconds")
+            "agreement_fp32", "eval_images", "param_increase_pct", "seconds", "peak_rss_mb")
     return {**{k: report[k] for k in keys}, "out_dir": str(out_dir)}
 
 
@@ -435,7 +478,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import DataSpec, load_calibration
     from .plots import analysis_plots
 
-    loaded = load_model(args.model, args.checkpoint, args.pretrained)
+    loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained)
     cfg = data_config(loaded.data_cfg, _overrides(args))
     data = DataSpec(args.data, _overrides(args), None, args.calib, args.batch_size, args.workers, args.seed)
     images = load_calibration(data, cfg)

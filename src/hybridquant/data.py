@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -59,8 +60,49 @@ def image_folder(root: str | Path, split: str, transform=None) -> ImageFolder:
         raise HybridQuantError(f"no images in {folder}: {str(exc).splitlines()[0]}") from exc
 
 
+#: an ImageNet class folder is named by its WordNet id
+_WNID = re.compile(r"n\d{8}")
+
+
+def _imagenet_labels(dataset: ImageFolder, num_classes: int) -> dict[str, int] | None:
+    """Each class folder's index in the ImageNet class list of a ``num_classes``-way head.
+
+    None unless every folder is a wnid and ``num_classes`` is the size of one of
+    timm's ImageNet class lists (1000 for ImageNet-1k).
+    """
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    if subset is None or not all(_WNID.fullmatch(c) for c in dataset.classes):
+        return None
+    index = {wnid: i for i, wnid in enumerate(ImageNetInfo(subset).label_names())}
+    unknown = [c for c in dataset.classes if c not in index]
+    if unknown:
+        raise HybridQuantError(
+            f"class folders {unknown[:3]} of {dataset.root} are not {subset} wnids "
+            f"({len(unknown)} of {len(dataset.classes)} unknown), the classes of the model's {num_classes} outputs"
+        )
+    return {c: index[c] for c in dataset.classes}
+
+
 def check_class_names(dataset: ImageFolder, class_names: Sequence[str] | None, num_classes: int) -> None:
-    """Fail when the model's classes cannot be the dataset's classes."""
+    """Fail when the model's classes cannot be the dataset's classes.
+
+    A model without class names whose head is an ImageNet classifier (1000
+    outputs for ImageNet-1k) and a dataset whose class folders are ImageNet
+    wnids (``n01440764``, ...) are matched by wnid: each image is relabelled
+    with its class's index in timm's ImageNet class list, so a folder holding
+    only some of the classes is labelled right (ImageFolder numbers whatever
+    folders are present 0..k-1).
+    """
+    if class_names is None:
+        labels = _imagenet_labels(dataset, num_classes)
+        if labels is not None:
+            # map through class_to_idx (not the folder order) so a second check leaves the labels as they are
+            folder_of = {i: c for c, i in dataset.class_to_idx.items()}
+            dataset.class_to_idx = labels
+            dataset.samples = [(path, labels[folder_of[t]]) for path, t in dataset.samples]
+            dataset.imgs = dataset.samples
+            dataset.targets = [t for _, t in dataset.samples]
+            return
     if class_names is not None and list(class_names) != list(dataset.classes):
         raise HybridQuantError(
             f"the model's class names {list(class_names)[:4]}... do not match the "

@@ -1,4 +1,10 @@
-"""Top-1 / top-5 evaluation of a classifier over a DataLoader, and the paired interval of an accuracy drop."""
+"""Top-1 / top-5 evaluation of a classifier, and the paired interval of an accuracy drop.
+
+:func:`evaluate` runs a model over a DataLoader in this process. :func:`evaluate_sharded` runs it over a
+dataset and, under ``torchrun --nproc_per_node N``, splits the images over the N ranks (see
+:mod:`hybridquant.distributed`): the integer hit counts are summed and the per-image predictions gathered
+back into the dataset's order, so every rank returns the single-process result.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
+
+from .data import make_loader
+from .distributed import (
+    all_reduce_ints,
+    gather_shards,
+    is_distributed,
+    is_main,
+    rank,
+    shard_indices,
+    world_size,
+)
+
+#: a torch module, or any function from an image batch to a batch of logits
+Model = nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -28,47 +48,71 @@ class EvalResult:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("inf")
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON-ready fields (fractions in 0..1)."""
-        return {
+    def summary(self, predictions: bool = False) -> dict[str, Any]:
+        """The JSON-ready fields (fractions in 0..1); with ``predictions``, also the per-image top-1 ids."""
+        out = {
             "top1": self.top1,
             "top5": self.top5,
             "images": self.images,
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
         }
+        if predictions:
+            out["predictions"] = self.predictions.tolist()
+        return out
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    loader: DataLoader,
-    device: str = "cpu",
-    progress: bool = True,
-    desc: str = "eval",
-) -> EvalResult:
+def evaluate(model: Model, loader: DataLoader, device: str = "cpu", progress: bool = True,
+             desc: str = "eval") -> EvalResult:
     """Run ``model`` over ``loader`` and count top-1 / top-5 hits.
 
     Top-1 is ``argmax`` (the first of tied logits), the rule every evaluator in
     hybridquant uses — ties are common in quantized logits, and ``topk`` does
-    not promise an order among them."""
+    not promise an order among them. The progress bar shows on rank 0 only."""
+    start = time.perf_counter()
+    hit1, hit5, n, predictions = _count_hits(model, loader, device, progress, desc)
+    return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, time.perf_counter() - start, predictions)
+
+
+def evaluate_sharded(model: Model, dataset: Dataset, batch_size: int, workers: int, device: str = "cpu",
+                     progress: bool = True, desc: str = "eval") -> EvalResult:
+    """:func:`evaluate` over ``dataset``, split over the ranks when run in a process group.
+
+    In a single process this is ``evaluate`` over ``make_loader(dataset, batch_size, workers)``. In a
+    process group (``torchrun``, see :func:`hybridquant.distributed.process_group`) each rank evaluates
+    the images of its :func:`~hybridquant.distributed.shard_indices` shard — disjoint shards, no padding
+    duplicates —, the top-1 / top-5 hits and image counts are summed over the ranks as integers, and the
+    predictions are gathered into the dataset's order; every rank returns the same result, the one a
+    single process gets. ``seconds`` runs until the slowest rank has finished (the gather waits for it).
+    """
+    if not is_distributed():
+        return evaluate(model, make_loader(dataset, batch_size, workers), device, progress, desc)
+    start = time.perf_counter()
+    total = len(dataset)
+    shard = Subset(dataset, shard_indices(total, rank(), world_size()))
+    hit1, hit5, n, local = _count_hits(model, make_loader(shard, batch_size, workers), device, progress, desc)
+    hit1, hit5, n = all_reduce_ints([hit1, hit5, n])
+    predictions = gather_shards(local, total)
+    return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, time.perf_counter() - start, predictions)
+
+
+@torch.no_grad()
+def _count_hits(model: Model, loader, device: str, progress: bool, desc: str) -> tuple[int, int, int, torch.Tensor]:
+    """Top-1 hits, top-5 hits, images, and the per-image top-1 predictions of ``model`` over ``loader``."""
     if isinstance(model, nn.Module):
         model.eval()
     hit1 = hit5 = n = 0
     preds = []
-    start = time.perf_counter()
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=2):
+    for x, y in tqdm(loader, desc=desc, disable=not progress or not is_main(), leave=False, mininterval=2):
         logits = model(x.to(device)).float().cpu()
         k = min(5, logits.shape[1])
         pred = logits.argmax(1)
         top = logits.topk(k, dim=1).indices
-        hit1 += (pred == y).sum().item()
-        hit5 += ((top == y[:, None]).any(dim=1) | (pred == y)).sum().item()
+        hit1 += int((pred == y).sum())
+        hit5 += int(((top == y[:, None]).any(dim=1) | (pred == y)).sum())
         n += len(y)
         preds.append(pred)
-    seconds = time.perf_counter() - start
-    predictions = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    return EvalResult(hit1 / max(n, 1), hit5 / max(n, 1), n, seconds, predictions)
+    return hit1, hit5, n, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
 #: standard errors either side of the drop for its two-sided 95 % interval (normal approximation)

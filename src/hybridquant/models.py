@@ -1,9 +1,10 @@
 """Model loading: timm names, checkpoints, hub weights and bundled models.
 
-A model is always a timm architecture. Its weights come from one of three
+A model is always a timm architecture. Its weights come from one of four
 places: a ``torch.save`` checkpoint (``checkpoint=``), timm's hub
-(``pretrained=True``), or a checkpoint bundled inside this package, named
-``<timm name>.<dataset>`` (for example ``mobilevit_xxs.cifar10``).
+(``pretrained=True``), a local copy of the hub weights for machines without a
+network (``pretrained=<file>``), or a checkpoint bundled inside this package,
+named ``<timm name>.<dataset>`` (for example ``mobilevit_xxs.cifar10``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from ._io import read_torch_file
+from ._io import check_input_file, invalid_file, read_torch_file
 from .errors import HybridQuantError
 
 #: Keys of timm's pretrained_cfg that describe preprocessing.
@@ -109,6 +110,27 @@ def _merge_data_cfg(model: nn.Module, override: dict[str, Any] | None) -> dict[s
     return cfg
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a hub weights file, read as timm reads it; a one-line error when it cannot be."""
+    check_input_file(path, "weights file")
+    safetensors = path.name.endswith(".safetensors")  # timm picks the reader by this suffix
+    try:
+        return timm.models.load_state_dict(str(path))
+    except MemoryError:
+        raise
+    except Exception as exc:  # safetensors and torch raise many types for a damaged file
+        error = invalid_file("weights file", path, "safetensors" if safetensors else "torch.save")
+        # the hub cache keeps files under hash names: a renamed safetensors file reads as a broken torch file
+        hint = "" if safetensors else " (a safetensors file must be named *.safetensors)"
+        raise HybridQuantError(f"{error}{hint}") from exc
+
+
+def _load_error_detail(exc: Exception) -> str:
+    """The informative line of a failed ``load_state_dict`` (its first line only names the model class)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return lines[1] if len(lines) > 1 else lines[0]
+
+
 def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Checkpoints from DDP or torch.compile prefix every key.
     for prefix in ("module.", "_orig_mod."):
@@ -120,7 +142,7 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_model(
     name: str,
     checkpoint: str | Path | None = None,
-    pretrained: bool = False,
+    pretrained: bool | str | Path = False,
     num_classes: int | None = None,
 ) -> LoadedModel:
     """Build a timm model and load its weights.
@@ -129,12 +151,25 @@ def load_model(
     (``mobilevit_xxs.cifar10``). With neither ``checkpoint`` nor ``pretrained``
     and a plain timm name, the weights are randomly initialised (useful for
     tests and for training).
+
+    ``pretrained=True`` downloads timm's hub weights. A path instead names those
+    weights downloaded elsewhere (the hub's ``model.safetensors`` or
+    ``pytorch_model.bin``); timm loads them as it loads hub weights (the model's
+    filter function, classifier adaptation). The classifier gets the file's
+    number of classes unless ``num_classes`` asks for another head, which timm
+    then initialises randomly.
     """
+    weights = Path(pretrained) if isinstance(pretrained, (str, Path)) else None
+    if weights is not None and checkpoint is not None:
+        raise HybridQuantError("pass either --checkpoint or --weights, not both")
     if name in list_bundled():
-        if checkpoint is not None:
-            raise HybridQuantError(f"'{name}' is a bundled model; do not pass --checkpoint with it")
+        if checkpoint is not None or weights is not None:
+            option = "--checkpoint" if checkpoint is not None else "--weights"
+            raise HybridQuantError(f"'{name}' is a bundled model; do not pass {option} with it")
         checkpoint = bundled_dir() / f"{name}.pt"
         source = f"bundled:{name}"
+    elif weights is not None:
+        source = f"weights-file:{weights}"
     else:
         source = str(checkpoint) if checkpoint else ("timm-hub" if pretrained else "random-init")
 
@@ -154,9 +189,21 @@ def load_model(
         kwargs["num_classes"] = ckpt_classes
     elif num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if weights is not None:
+        # timm reads the file again below; reading it first refuses a damaged file with one line
+        # and tells the size of its classifier (a hub file fine-tuned to other classes keeps its head)
+        head = _read_weights(weights).get(_classifier_key(arch))
+        overlay: dict[str, Any] = {"file": str(weights)}
+        if head is not None:
+            overlay["num_classes"] = int(head.shape[0])
+        kwargs["pretrained_cfg_overlay"] = overlay
     try:
-        model = timm.create_model(arch, pretrained=pretrained and ckpt is None, **kwargs)
+        model = timm.create_model(arch, pretrained=bool(pretrained) and ckpt is None, **kwargs)
     except Exception as exc:
+        if weights is not None:
+            raise HybridQuantError(
+                f"weights file {weights} does not fit model '{arch}': {_load_error_detail(exc)}"
+            ) from exc
         if pretrained:
             raise HybridQuantError(
                 f"cannot fetch pretrained weights for '{arch}' from the timm hub "
@@ -169,10 +216,8 @@ def load_model(
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            detail = lines[1] if len(lines) > 1 else lines[0]
             raise HybridQuantError(
-                f"checkpoint {checkpoint} does not fit model '{arch}': {detail}"
+                f"checkpoint {checkpoint} does not fit model '{arch}': {_load_error_detail(exc)}"
             ) from exc
 
     model.eval()

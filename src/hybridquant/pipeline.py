@@ -3,17 +3,26 @@
 ``quantize_job`` loads a model and data, captures the graph, calibrates and
 quantizes it, evaluates FP32 and quantized top-1 on the eval split and
 returns the report, the quantized graph and the model metadata.
+
+The eval split is never held in memory: each evaluation streams it from a
+DataLoader, and only labels and top-1 predictions (one integer per image)
+are kept. Every phase's wall time and peak resident memory go into the
+report (:mod:`hybridquant.phases`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from .config import QuantConfig
 from .data import (
@@ -26,13 +35,15 @@ from .data import (
     make_loader,
     random_subset,
 )
-from .evaluate import evaluate, paired_drop
+from .evaluate import EvalResult, evaluate, paired_drop
 from .graph import capture
 from .graph.ir import MAC_OPS
 from .graph.quantized import QuantizedGraph
 from .models import LoadedModel, load_model
+from .phases import Phases, current, phase
 from .quantize import float_node_names, layer_sqnr, quantize_graph
 from .report import environment
+from .store import Workspace
 
 
 @dataclass
@@ -59,11 +70,23 @@ def model_meta(loaded: LoadedModel, cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_calibration(data: DataSpec, cfg: dict[str, Any]) -> torch.Tensor:
+def _stack_images(loader: DataLoader, count: int, desc: str, progress: bool = True) -> torch.Tensor:
+    """The ``count`` images of ``loader`` in one tensor, filled batch by batch (no second copy)."""
+    out: torch.Tensor | None = None
+    i = 0
+    for x, _ in tqdm(loader, total=len(loader), desc=desc, disable=not progress, leave=False, mininterval=2):
+        if out is None:
+            out = x.new_empty((count, *x.shape[1:]))
+        out[i:i + len(x)] = x
+        i += len(x)
+    return out if out is not None else torch.empty(0)
+
+
+def load_calibration(data: DataSpec, cfg: dict[str, Any], progress: bool = True) -> torch.Tensor:
     """``data.calib`` seeded training images, preprocessed like eval images."""
     train = image_folder(data.root, "train", eval_transform(cfg))
     subset = random_subset(train, data.calib, data.seed)
-    return torch.cat([x for x, _ in make_loader(subset, data.batch_size, data.workers)])
+    return _stack_images(make_loader(subset, data.batch_size, data.workers), len(subset), "load calibration", progress)
 
 
 def coverage(qgraph: QuantizedGraph) -> dict[str, int]:
@@ -211,73 +234,119 @@ def all_scales_pot(qgraph: QuantizedGraph) -> bool:
     return all(q.is_pot for q in qps)
 
 
+def _labels(dataset: Dataset) -> torch.Tensor:
+    """The class ids of an ImageFolder (or a Subset of one) in loader order, without reading an image."""
+    if isinstance(dataset, Subset):
+        return _labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    return torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
 @dataclass
 class Prepared:
-    """Everything a quantization run needs that does not depend on the config."""
+    """Everything a quantization run needs that does not depend on the config.
+
+    ``eval_set`` is the eval split (the class-balanced subset of ``--limit``): evaluations stream it
+    (:meth:`eval_loader`); only its ``eval_labels`` are in memory. ``phases`` / ``peak_rss_mb``: what
+    loading, capture and the FP32 evaluation took (``report.json``'s ``phases``).
+    """
 
     loaded: LoadedModel
     cfg: dict[str, Any]
     graph: Any
     calib: torch.Tensor
-    eval_images: torch.Tensor
+    eval_set: Dataset
     eval_labels: torch.Tensor
-    fp32: Any
-    times: dict[str, float]
+    workers: int = 0
     device: str = "cpu"
+    fp32: EvalResult | None = None
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+    def eval_loader(self, batch_size: int) -> DataLoader:
+        """The eval images in file order, ``batch_size`` at a time."""
+        return make_loader(self.eval_set, batch_size, self.workers)
+
+    def eval_tensors(self, batch_size: int = 128, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of the whole eval split in memory — only for the benchmark callers that hand
+        tensors to other tools (the peers suite); at 256×256, 10,000 images take ~7.9 GB."""
+        images = _stack_images(self.eval_loader(batch_size), len(self.eval_labels), "load eval images", progress)
+        return images, self.eval_labels
+
+
+@contextmanager
+def _recorder(progress: bool) -> Iterator[Phases]:
+    """The current run's recorder, or a new one for this work alone (one recorder at a time: each resets
+    the kernel's peak-memory mark)."""
+    rec = current()
+    if rec is not None:
+        yield rec
+        return
+    with Phases(progress=progress) as rec:
+        yield rec
 
 
 def prepare(model: str, checkpoint: str | None, pretrained: bool, data: DataSpec, device: str = "cpu",
             progress: bool = True) -> Prepared:
-    """Load the model and images, capture the graph and evaluate FP32 once."""
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    loaded = load_model(model, checkpoint, pretrained)
-    cfg = data_config(loaded.data_cfg, data.overrides)
-    eval_set = image_folder(data.root, "eval", eval_transform(cfg))
-    check_class_names(eval_set, loaded.class_names, loaded.num_classes)
-    calib = load_calibration(data, cfg)
-    batches = list(make_loader(balanced_subset(eval_set, data.limit), data.batch_size, data.workers))
-    images = torch.cat([x for x, _ in batches]) if batches else torch.empty(0, *cfg["input_size"])
-    labels = torch.cat([y for _, y in batches]) if batches else torch.empty(0, dtype=torch.long)
-    times["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    graph = capture(loaded.model, tuple(cfg["input_size"]))
-    times["capture"] = time.perf_counter() - t
-    return Prepared(loaded, cfg, graph, calib, images, labels, None, times, device)
+    """Load the model and the calibration images, capture the graph; the eval split stays on disk."""
+    with Phases(progress=progress) as rec:
+        with phase("load"):
+            loaded = load_model(model, checkpoint, pretrained)
+            cfg = data_config(loaded.data_cfg, data.overrides)
+            eval_set = image_folder(data.root, "eval", eval_transform(cfg))
+            check_class_names(eval_set, loaded.class_names, loaded.num_classes)
+            eval_set = balanced_subset(eval_set, data.limit)
+            calib = load_calibration(data, cfg, progress)
+        with phase("capture"):
+            graph = capture(loaded.model, tuple(cfg["input_size"]))
+    summary = rec.summary()
+    return Prepared(loaded, cfg, graph, calib, eval_set, _labels(eval_set), data.workers, device,
+                    phases=summary["phases"], peak_rss_mb=summary["peak_rss_mb"])
 
 
-def fp32_result(prep: Prepared, batch_size: int = 128, progress: bool = True):
+def fp32_result(prep: Prepared, batch_size: int = 128, progress: bool = True) -> EvalResult:
     """FP32 evaluation of the original model, computed once per :class:`Prepared`."""
     if prep.fp32 is None:
-        t = time.perf_counter()
-        prep.fp32 = evaluate(prep.loaded.model.to(prep.device), _tensor_loader(prep.eval_images, prep.eval_labels, batch_size),
-                             prep.device, progress=progress, desc="eval fp32")
-        prep.times["eval_fp32"] = time.perf_counter() - t
+        with _recorder(progress) as rec:
+            with phase("eval fp32"):
+                prep.fp32 = evaluate(prep.loaded.model.to(prep.device), prep.eval_loader(batch_size), prep.device,
+                                     progress=progress, desc="eval fp32")
+            prep.phases["eval fp32"] = dict(rec.records["eval fp32"])
+            prep.peak_rss_mb = max(prep.peak_rss_mb, rec.records["eval fp32"]["peak_rss_mb"])
     return prep.fp32
 
 
-def _tensor_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
+#: ``seconds_breakdown`` keys (report.json before per-phase figures) -> the phase they are
+_BREAKDOWN = {"load": "load", "capture": "capture", "eval_fp32": "eval fp32", "quantize": "quantize",
+              "eval_quant": "eval quantized"}
 
 
-def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
-               progress: bool = True) -> tuple[dict[str, Any], QuantizedGraph, dict[str, Any]]:
-    """Quantize the prepared graph with ``config`` and evaluate it; returns (report, qgraph, meta)."""
+def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128, progress: bool = True,
+               workspace: Workspace | None = None) -> tuple[dict[str, Any], QuantizedGraph, dict[str, Any]]:
+    """Quantize the prepared graph with ``config`` and evaluate it; returns (report, qgraph, meta).
+
+    ``workspace``: memory budget and spill folder of the calibration values (:func:`quantize_graph`'s).
+    The run records its phases with its own :class:`~hybridquant.phases.Phases` (call it outside any other
+    recorder: each resets the kernel's peak-memory mark); the report's ``phases`` add those of
+    :func:`prepare` and the FP32 evaluation, shared by every config on ``prep``.
+    """
     t0 = time.perf_counter()
     float_node_names(prep.graph, config.float_ops)  # fail on a bad pattern before any long work
-    fp32 = fp32_result(prep, batch_size, progress)
-    times = dict(prep.times)
-    t = time.perf_counter()
-    qgraph = quantize_graph(prep.graph, config, prep.calib, progress=progress)
-    times["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    quant = evaluate(qgraph.run, _tensor_loader(prep.eval_images, prep.eval_labels, batch_size), "cpu",
-                     progress=progress, desc="eval quantized")
-    times["eval_quant"] = time.perf_counter() - t
-    sqnr_images = prep.calib[: config.sqnr_images]
-    sqnr = layer_sqnr(qgraph, sqnr_images)  # against the transformed float graph (qgraph.reference)
-    refined = layer_sqnr(qgraph, sqnr_images, reference=qgraph.graph) if qgraph.reference is not None else None
-    integer, size = integer_summary(qgraph)
+    with Phases(progress=progress) as rec:
+        fp32 = fp32_result(prep, batch_size, progress)
+        with phase("quantize"):
+            qgraph = quantize_graph(prep.graph, config, prep.calib, progress=progress, workspace=workspace)
+        with phase("eval quantized"):
+            quant = evaluate(qgraph.run, prep.eval_loader(batch_size), "cpu", progress=progress,
+                             desc="eval quantized")
+        with phase("layer sqnr"):
+            sqnr_images = prep.calib[: config.sqnr_images]
+            sqnr = layer_sqnr(qgraph, sqnr_images)  # against the transformed float graph (qgraph.reference)
+            refined = layer_sqnr(qgraph, sqnr_images, reference=qgraph.graph) if qgraph.reference is not None \
+                else None
+        with phase("integer summary"):
+            integer, size = integer_summary(qgraph)
+    run = rec.summary()
+    phases = {**prep.phases, **run["phases"]}  # load, capture, FP32 eval (shared by every config) first
     meta = model_meta(prep.loaded, prep.cfg)
     report: dict[str, Any] = {
         "method": config.method, "wbits": config.wbits, "abits": config.abits, "scales": config.scales,
@@ -298,12 +367,18 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128,
         "model": meta, "config": config.to_dict(),
         "sqnr_images": int(sqnr_images.shape[0]),
         "layers": layer_rows(qgraph, sqnr, refined),
-        "seconds_breakdown": {k: round(v, 2) for k, v in times.items()},
+        "phases": phases,
+        # the run's peak: loading and capture (shared) or this config's work, whichever is higher
+        "peak_rss_mb": max(prep.peak_rss_mb, run["peak_rss_mb"]),
+        "seconds_breakdown": {key: phases[name]["seconds"] for key, name in _BREAKDOWN.items() if name in phases},
         "environment": environment(),
     }
-    # one run's wall time: loading, capture and FP32 eval (shared) plus this config's work
-    report["seconds"] = round(sum(v for k, v in prep.times.items() if k != "eval_fp32") + time.perf_counter() - t0, 2)
-    report["quantize_seconds"] = round(times["quantize"], 2)
+    if workspace is not None:
+        report["workspace"] = workspace.stats()
+    # one run's wall time: loading and capture (shared) plus this config's work (with the FP32 eval if it ran now)
+    shared = sum(prep.phases[name]["seconds"] for name in ("load", "capture") if name in prep.phases)
+    report["seconds"] = round(shared + time.perf_counter() - t0, 2)
+    report["quantize_seconds"] = phases["quantize"]["seconds"]
     return report, qgraph, meta
 
 
@@ -315,7 +390,21 @@ def quantize_job(
     config: QuantConfig,
     device: str = "cpu",
     progress: bool = True,
+    memory_budget: int | None = None,
+    spill_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], QuantizedGraph, dict[str, Any]]:
-    """Quantize ``model`` on ``data`` with ``config``; returns (report, qgraph, model_meta)."""
+    """Quantize ``model`` on ``data`` with ``config``; returns (report, qgraph, model_meta).
+
+    ``memory_budget``: bytes of calibration values kept in memory (default
+    :func:`~hybridquant.store.default_budget`); the rest spills to files under ``spill_dir`` (default: a
+    temporary folder), which is removed at the end, also on error. A runtime choice: it changes speed and
+    memory, never the result.
+    """
     prep = prepare(model, checkpoint, pretrained, data, device, progress)
-    return run_config(prep, config, data.batch_size, progress)
+    workspace = Workspace(memory_budget, spill_dir)
+    try:
+        return run_config(prep, config, data.batch_size, progress, workspace)
+    finally:
+        workspace.close()
+        if spill_dir is not None and Path(spill_dir).is_dir() and not any(Path(spill_dir).iterdir()):
+            Path(spill_dir).rmdir()  # made for this run; a folder holding anything else is left alone

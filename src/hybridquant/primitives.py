@@ -221,8 +221,12 @@ def saturate(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``approx`` against ``reference`` in dB."""
     ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum()
-    signal = ref.pow(2).sum()
+    return sqnr_from_sums(ref.pow(2).sum(), (ref - approx.double()).pow(2).sum())
+
+
+def sqnr_from_sums(signal: torch.Tensor, noise: torch.Tensor) -> float:
+    """SQNR in dB from the summed squares of the reference (``signal``) and of the error (``noise``), so it
+    can be accumulated batch by batch; ``inf`` without noise."""
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise.clamp_min(1e-300)))

@@ -18,10 +18,13 @@ from .config import QuantConfig
 from .errors import HybridQuantError
 from .graph.ir import VALUE_OPS, Graph, Node
 from .graph.quantized import QuantizedGraph
+from .graph.stream import image_bytes
 from .methods import METHODS
 from .observers import ActivationObserver
-from .primitives import sqnr_db
+from .phases import Phases, current, phase, progress_enabled
+from .primitives import sqnr_from_sums
 from .qparams import restrict_pot, restrict_two_term
+from .store import Workspace
 
 
 def float_node_names(graph: Graph, patterns: Iterable[str]) -> list[str]:
@@ -66,7 +69,7 @@ def _bits_for(node: Node, graph: Graph, config: QuantConfig, kind: str) -> int:
 
 @torch.no_grad()
 def observe(graph: Graph, calib: list[torch.Tensor], names: Iterable[str], config: QuantConfig,
-            progress: bool = False) -> dict[str, ActivationObserver]:
+            progress: bool | None = None) -> dict[str, ActivationObserver]:
     """Run the float graph over ``calib`` and collect statistics of the named outputs."""
     wanted = set(names)
     observers = {n: ActivationObserver(config.percentile, seed=i) for i, n in enumerate(sorted(wanted))}
@@ -76,12 +79,17 @@ def observe(graph: Graph, calib: list[torch.Tensor], names: Iterable[str], confi
             observers[node.name].update(out)
         return out
 
-    for x in tqdm(calib, desc="calibrate", disable=not progress, leave=False):
+    show = progress_enabled() if progress is None else progress
+    for x in tqdm(calib, desc="calibrate", disable=not show, leave=False):
         graph.run(x, hook=hook)
     return observers
 
 
-def calib_batches(calib: torch.Tensor | list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+#: calibration images per batch of the statistics pass (fewer when the workspace's chunk size asks for it)
+CALIB_BATCH = 64
+
+
+def calib_batches(calib: torch.Tensor | list[torch.Tensor], batch_size: int = CALIB_BATCH) -> list[torch.Tensor]:
     """Split a calibration tensor into batches (a list is returned as is)."""
     if isinstance(calib, list):
         return calib
@@ -89,19 +97,34 @@ def calib_batches(calib: torch.Tensor | list[torch.Tensor], batch_size: int = 64
 
 
 def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list[torch.Tensor],
-                   progress: bool = False) -> QuantizedGraph:
-    """Quantize ``graph`` (left unchanged) with ``config``, calibrating on ``calib`` images."""
-    batches = calib_batches(calib)
-    method = METHODS[config.method]()
+                   progress: bool | None = None, workspace: Workspace | None = None) -> QuantizedGraph:
+    """Quantize ``graph`` (left unchanged) with ``config``, calibrating on ``calib`` images.
+
+    ``workspace`` bounds the memory of the steps that keep values over the calibration images (a default
+    :class:`~hybridquant.store.Workspace` when None); ``progress`` draws progress bars (default: the current
+    :class:`~hybridquant.phases.Phases` run's choice, else none)."""
+    if progress is not None and current() is None:
+        with Phases(progress=progress):
+            return quantize_graph(graph, config, calib, None, workspace)
+    if workspace is None:
+        with Workspace() as ws:  # its spill files go when it closes
+            return quantize_graph(graph, config, calib, None, ws)
+    if isinstance(calib, torch.Tensor) and calib.shape[0]:
+        batches = calib_batches(calib, workspace.chunk_images(image_bytes(graph, calib), CALIB_BATCH))
+    else:
+        batches = calib_batches(calib)
+    method = METHODS[config.method](workspace)
     base_params = graph.num_params()
     graph = graph.clone()
     float_nodes = float_node_names(graph, config.float_ops)
-    info: dict[str, Any] = {"transform": method.transform(graph, batches, config)}
+    with phase("transform"):
+        info: dict[str, Any] = {"transform": method.transform(graph, batches, config)}
     # the float model the quantized one is built from: transformed, not yet refined (layer_sqnr's reference)
     reference = graph.clone()
 
     points = quant_points(graph, float_nodes)
-    observers = observe(graph, batches, [n.name for n in points], config, progress)
+    with phase("observe"):
+        observers = observe(graph, batches, [n.name for n in points], config)
     act = {}
     for node in points:
         qp = method.act_qparams(node, observers[node.name], _bits_for(node, graph, config, "act"), config)
@@ -120,7 +143,8 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
             qp = restrict_pot(qp, "round" if config.pot_rounding == "objective" else config.pot_rounding)
         weight[node.name] = qp
     qgraph = QuantizedGraph(graph, config, act, weight, float_nodes, info, reference=reference)
-    info["refine"] = method.refine(qgraph, batches, config)
+    with phase("refine"):
+        info["refine"] = method.refine(qgraph, batches, config)
     info["param_increase_pct"] = (100.0 * (graph.num_params() + qgraph.grid_constants() - base_params)
                                   / max(base_params, 1))
     return qgraph
@@ -152,6 +176,24 @@ def layer_sqnr(qgraph: QuantizedGraph, images: torch.Tensor, reference: Graph | 
     """
     ref_graph = reference if reference is not None else qgraph.reference if qgraph.reference is not None \
         else qgraph.graph
-    ref = ref_graph.run(images, keep=True)
-    sim = qgraph.run(images, keep=True)
-    return {name: sqnr_db(ref[name], sim[name]) for name in qgraph.act if name in ref and name in sim}
+    wanted = set(qgraph.act)
+    signal: dict[str, torch.Tensor] = {}
+    noise: dict[str, torch.Tensor] = {}
+    # a few images at a time: every value of both graphs is kept for one chunk only
+    step = Workspace().chunk_images(image_bytes(ref_graph, images) * LIVE_VALUES) if images.shape[0] else 1
+    for chunk in images.split(step):
+        ref = _kept(ref_graph, chunk, wanted)
+        sim = _kept(qgraph, chunk, wanted)
+        for name in ref.keys() & sim.keys():
+            r = ref[name].double()
+            signal[name] = signal.get(name, 0) + r.pow(2).sum()
+            noise[name] = noise.get(name, 0) + (r - sim[name].double()).pow(2).sum()
+    return {name: sqnr_from_sums(signal[name], noise[name]) for name in qgraph.act if name in signal}
+
+
+#: how many values of one image a layer-SQNR chunk may hold at once, in units of the largest one
+LIVE_VALUES = 64
+
+
+def _kept(model, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.run(x, keep=True).items() if k in wanted}

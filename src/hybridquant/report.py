@@ -94,6 +94,13 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def fmt_mb(v: float | None) -> str:
+    """Memory in MiB: ``1,234 MB`` (one decimal under 10 MB)."""
+    if v is None:
+        return DASH
+    return f"{v:,.0f} MB" if abs(v) >= 10 else f"{v:.1f} MB"
+
+
 def fmt_fraction(v: float | None) -> str:
     """A measured fraction as a percentage with one decimal: ``100.0 %``."""
     return DASH if v is None else f"{100 * v:.1f} %"
@@ -134,6 +141,39 @@ _STORAGE_LABELS = {
     "softmax_constants": "softmax constants (exp tables)", "layernorm_constants": "LayerNorm constants",
     "other": "other", "other_params_16bit": "other parameters (16 bits each)",
 }
+
+#: the phases a quantize run opens itself, in order (:mod:`hybridquant.pipeline`); any other phase in
+#: report.json ran inside ``quantize`` (the method's own: observe, exponent search, reconstruction, ...)
+PIPELINE_PHASES = ("load", "capture", "eval fp32", "quantize", "eval quantized", "layer sqnr", "integer summary")
+
+
+def _phases_section(report: dict[str, Any]) -> list[str]:
+    """Wall time and peak resident memory of each phase (indented: the phases inside quantization), followed by a
+    blank line; nothing for a report without phases."""
+    phases = report.get("phases")
+    if not phases:
+        return []
+    # ``depth``: how many phases enclose this one (older reports: inside quantize unless a pipeline phase)
+    rows = [{"phase": name if not (d := fig.get("depth", name not in PIPELINE_PHASES))
+             else f"{'&nbsp;&nbsp;' * d}↳ {name}", **fig} for name, fig in phases.items()]
+    rows.append({"phase": "**whole run**", "seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"]})
+    lines = [
+        "## Time and memory",
+        "",
+        "Wall time and peak resident memory (RSS) of each phase; an indented phase ran inside the one above it, "
+        "whose figures include it. Loading, capture and the FP32 evaluation are shared by every config run on the "
+        "same prepared model.",
+        "",
+        markdown_table(rows, ["phase", "seconds", "peak_rss_mb"], ["phase", "time", "peak RSS"],
+                       {"phase": str, "seconds": fmt_seconds, "peak_rss_mb": fmt_mb}),
+    ]
+    ws = report.get("workspace")
+    if ws:
+        lines += ["", f"Calibration values kept in memory: at most {fmt_mb(ws['peak_resident_mb'])} of a "
+                      f"{fmt_mb(ws['budget_mb'])} budget (`--memory-budget`); {fmt_mb(ws['spilled_mb'])} spilled "
+                      f"to disk."]
+    return [*lines, ""]
+
 
 def _sqnr_text(report: dict[str, Any]) -> str:
     """What the SQNR column measures, and why LayerNorm rows are (and used not to be) where they are."""
@@ -261,6 +301,7 @@ def quantize_report_md(report: dict[str, Any]) -> str:
         "",
         *_size_section(report),
         "",
+        *_phases_section(report),
         "## Layers",
         "",
         _sqnr_text(report),

@@ -17,6 +17,7 @@ from ..config import QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver, mse_qparams, weight_qparams
 from ..qparams import QParams, choose_mode, range_to_qparams
+from ..store import Workspace
 
 
 class Method:
@@ -27,6 +28,10 @@ class Method:
     act_range = "minmax"
     #: how weight ranges are chosen: minmax or mse
     weight_range = "minmax"
+
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        #: where steps that keep values over the calibration images keep them (bounded memory)
+        self.workspace = workspace if workspace is not None else Workspace()
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         """Edit ``graph`` in place before calibration; return facts for the report."""

@@ -31,6 +31,7 @@ from ..graph.ir import LAYOUT_OPS, Graph, Node
 from ..observers import ActivationObserver
 from ..primitives import exp2_int, fake_quantize
 from ..qparams import QParams, choose_mode, range_to_qparams
+from ..store import Workspace
 from .base import Method
 
 #: PTF factors are 2^c for c in 0..PTF_MAX_EXP
@@ -150,7 +151,8 @@ class FQViT(Method):
 
     name = "fq-vit"
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
         # producer name -> (axis of its output that is the LayerNorm channel, [rows, C] sample)
         self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
 

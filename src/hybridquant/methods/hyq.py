@@ -40,6 +40,7 @@ from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
 from ..primitives import pot_scale, qrange, round_half_up
 from ..qparams import QParams, choose_mode, range_to_qparams
+from ..store import Workspace
 from .base import Method
 from .scaling import apply_input_scaling
 
@@ -196,7 +197,8 @@ class HyQ(Method):
 
     name = "hyq"
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
         self.pinned: set[str] = set()
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:

@@ -99,6 +99,7 @@ from ..graph.quantized import QuantizedGraph
 from ..observers import ActivationObserver, quant_mse
 from ..primitives import pot_exponent, pot_scale, two_term_round
 from ..qparams import QParams, choose_mode, range_to_qparams, restrict_pot, with_scale
+from ..store import Workspace
 from .base import Method
 
 #: multiples of the min-max range / step tried by the search
@@ -312,7 +313,8 @@ class PTQ4ViT(Method):
 
     name = "ptq4vit"
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
         # quant point name -> (kind of range, lo, hi, mode, observed min) for candidate generation
         self.ranges: dict[str, tuple[str, float, float, str, float]] = {}
         # GELU/SiLU nodes whose every value consumer is a linear (set by transform)

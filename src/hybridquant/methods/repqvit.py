@@ -51,6 +51,7 @@ from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
 from ..primitives import pot_scale, qrange, round_half_up
 from ..qparams import QParams
+from ..store import Workspace
 from .base import Method
 from .scaling import apply_input_scaling
 
@@ -134,7 +135,8 @@ class RepQViT(Method):
 
     name = "repq-vit"
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
         self.reparam: dict[str, QParams] = {}  # LayerNorm name -> its per-tensor quantizer (s̃, z̃)
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:

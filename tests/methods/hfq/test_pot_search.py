@@ -40,14 +40,14 @@ def test_activation_search_picks_the_best_exponent_and_moves_some(toy_calib):
         qp = qg.act.get(node.name)
         if qp is None or qp.kind != "uniform" or qp.scale.dim() != 0:
             continue
-        raw = values[node.name]
+        raw = walker.split(values[node.name])
         best, move = _choose_act(walker, node.name, raw, qp)
         assert move == 0  # no zero-point candidates unless asked
         assert is_power_of_two(float(best.scale))
         lo = torch.tensor(-float(qp.zero_point) * float(qp.scale))
-        errs = {d: walker.consumer_error(node.name, with_scale(qp, qp.scale * 2.0**d, lo=lo).fake(raw))
-                for d in (-2, -1, 0, 1)}
-        got = walker.consumer_error(node.name, best.fake(raw))
+        errs = {d: walker.consumer_error(node.name, walker.split(with_scale(qp, qp.scale * 2.0**d, lo=lo).fake(
+                    raw.whole()))) for d in (-2, -1, 0, 1)}
+        got = walker.consumer_error(node.name, walker.split(best.fake(raw.whole())))
         assert got == min(errs.values()), (node.name, got, errs)
         if got < errs[0]:
             improved.append(node.name)
@@ -65,11 +65,11 @@ def test_weight_search_picks_the_best_exponent_per_channel(toy_calib):
     moved = 0
     for name in ("blk.conv1_1x1.conv", "tok.fc"):
         node = qg.graph[name]
-        ins = [walker.ref[i] for i in node.inputs]
+        ins = [walker.ref(i).whole() for i in node.inputs]
         naive = qg.weight[name]
-        best, n_moved = _choose_weight(walker, node, ins, naive, True)
+        best, n_moved = _choose_weight(walker, node, naive, True)
         axis = 1 if node.op == "conv2d" else -1
-        ref = walker.ref[name]
+        ref = walker.ref(name).whole()
 
         def err(qp: QParams, node=node, ins=ins, ref=ref, axis=axis) -> torch.Tensor:
             out = walker.run_with_weight(node, ins, qp)
@@ -134,12 +134,14 @@ def test_zero_point_search_gives_up_the_flat_side_of_a_silu(toy_calib):
     qg = quantize_graph(make_toy_graph(), QuantConfig(method="minmax", scales="pot", abits=6, wbits=6), toy_calib)
     walker = _Walker(qg, torch.cat(toy_calib))
     name = "blk.conv1_1x1.conv"
-    raw = walker.ref[name] + 4.0 * walker.ref[name].clamp(max=0)  # stretch the negative side 5x
+    ref = walker.ref(name).whole()
+    raw = ref + 4.0 * ref.clamp(max=0)  # stretch the negative side 5x
     qp = range_to_qparams(raw.min(), raw.max(), 6, "asymmetric")
     qp = restrict_pot(qp, "round", lo=raw.min())
-    plain, no_move = _choose_act(walker, name, raw, qp)
-    moved, move = _choose_act(walker, name, raw, qp, zero_point_search=True)
+    plain, no_move = _choose_act(walker, name, walker.split(raw), qp)
+    moved, move = _choose_act(walker, name, walker.split(raw), qp, zero_point_search=True)
     assert no_move == 0 and move > 0
     assert is_power_of_two(float(moved.scale))
-    assert walker.consumer_error(name, moved.fake(raw)) <= walker.consumer_error(name, plain.fake(raw))
+    assert (walker.consumer_error(name, walker.split(moved.fake(raw)))
+            <= walker.consumer_error(name, walker.split(plain.fake(raw))))
     assert int(moved.zero_point) < int(plain.zero_point)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridquant.config import QuantConfig
-from hybridquant.methods.hfq.reconstruction import _rows, block_key, blocks
+from hybridquant.methods.hfq.reconstruction import block_key, blocks
 from hybridquant.primitives import dequantize
 from hybridquant.quantize import quantize_graph
 from tests.methods.conftest import make_toy_graph
@@ -30,14 +30,6 @@ def test_blocks_cover_the_graph_in_order():
     flat = [n.name for seg in segs for n in seg]
     assert flat == [n.name for n in graph if n.op not in ("input", "output")]
     assert [block_key(seg[0].module) for seg in segs] == ["stem", "blk"]
-
-
-def test_rows_picks_every_row_of_an_image():
-    n, per = 4, 3
-    t = torch.arange(n * per).reshape(n * per, 1)  # image i owns rows i·per .. i·per + per − 1
-    picked = _rows(t, torch.tensor([2, 0]), n).flatten().tolist()
-    assert picked == [6, 7, 8, 0, 1, 2]
-    assert torch.equal(_rows(t[::per], torch.tensor([1]), n), t[per:per + 1])
 
 
 def _config(**changes) -> QuantConfig:

@@ -49,8 +49,11 @@ import torch
 
 from ...config import QuantConfig
 from ...graph.ir import ELEMENTWISE_OPS, Graph, Node
+from ...graph.stream import split_images
 from ...observers import ActivationObserver
+from ...phases import phase
 from ...qparams import QParams, choose_mode, range_to_qparams, restrict_pot, restrict_two_term
+from ...store import Workspace
 from ..base import Method
 from ..fqvit import ptf_qparams, ptf_samples
 from .lut_grid import MAX_BITS
@@ -62,16 +65,22 @@ from .reconstruction import RECONSTRUCTION_IMAGES, reconstruct
 class HFQ(Method):
     name = "hfq"
 
-    def __init__(self) -> None:
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
         # LayerNorm-input producer -> (channel axis, [rows, C] sample), for per-channel factors (``ptf``)
         self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
         # values read only by lookup-table non-linearities (``lut_zero_point``)
         self.lut_inputs: set[str] = set()
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
-        info = outlier_scaling(graph, calib, config) if config.outlier_scaling else {"outlier_scaling": "off"}
+        if config.outlier_scaling:
+            with phase("outlier scaling"):
+                info = outlier_scaling(graph, calib, config, workspace=self.workspace)
+        else:
+            info = {"outlier_scaling": "off"}
         if config.ptf:
-            found, _ = ptf_samples(graph, calib)
+            with phase("ptf samples"):
+                found, _ = ptf_samples(graph, calib)
             # the integer LayerNorm aligns channels along its normalised (last) dim only
             self.ptf = {name: v for name, v in found.items() if v[0] == -1}
             info["ptf_tensors"] = sorted(self.ptf)
@@ -124,20 +133,22 @@ class HFQ(Method):
                                  two_term_weights=config.pot and config.shift_terms == 2, rounding_targets=targets,
                                  zero_point_search=config.lut_zero_point,
                                  lut_grids=self.lut_grid_inputs(qgraph) if config.lut_thresholds else {},
-                                 float_scales=not config.pot)
+                                 float_scales=not config.pot, workspace=self.workspace)
         return info, targets
 
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         float_graph = qgraph.graph.clone() if config.reconstruction else None
-        if config.pot:
-            info, targets = self._search(qgraph, calib, config)
-        else:
-            info, targets = self._float_or_pot(qgraph, calib, config)
+        with phase("exponent search"):
+            if config.pot:
+                info, targets = self._search(qgraph, calib, config)
+            else:
+                info, targets = self._float_or_pot(qgraph, calib, config)
         if float_graph is not None:
             images = torch.cat(calib)[:RECONSTRUCTION_IMAGES]
-            info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,
-                                                 start=targets)
-            qgraph.rebuild()
+            with phase("reconstruction"):
+                info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,
+                                                     start=targets, workspace=self.workspace)
+                qgraph.rebuild()
         return info
 
     def _float_or_pot(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> tuple[dict[str, Any], dict]:
@@ -146,12 +157,17 @@ class HFQ(Method):
         of two, but a layer-by-layer greedy search over more candidates is not always better end to end;
         this way a float-scale model is never worse than the power-of-two one on the calibration data."""
         x = torch.cat(calib)[:SEARCH_IMAGES]
-        ref = qgraph.graph.run(x)
+        chunks = split_images(qgraph.graph, x, self.workspace)
+        refs = [qgraph.graph.run(c) for c in chunks]  # logits: small
         twin = pot_twin(qgraph, config.replace(scales="pot", pot_rounding="objective"))
         twin_info, twin_targets = self._search(twin, calib, twin.config)
         info, targets = self._search(qgraph, calib, config)
-        err_float = float((qgraph.run(x) - ref).pow(2).mean())
-        err_pot = float((twin.run(x) - ref).pow(2).mean())
+
+        def output_mse(model) -> float:
+            return float(sum(((model.run(c) - r).pow(2).sum() for c, r in zip(chunks, refs, strict=True)),
+                             torch.zeros(())) / sum(r.numel() for r in refs))
+
+        err_float, err_pot = output_mse(qgraph), output_mse(twin)
         if err_pot < err_float:
             qgraph.graph, qgraph.act, qgraph.weight = twin.graph, twin.act, twin.weight
             qgraph.rebuild()

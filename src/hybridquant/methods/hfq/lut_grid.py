@@ -23,7 +23,7 @@ tensor keeps ``b`` bits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,9 +41,10 @@ MAX_BITS = 6
 GRID_BITS = 16
 
 
-def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams, values: torch.Tensor, bits: int,
+def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams,
+                   values: torch.Tensor | Sequence[torch.Tensor], bits: int,
                    channel_factor: torch.Tensor | None = None, axis: int | None = None) -> QParams:
-    """A ``'threshold'`` quantizer for ``values`` (the input of ``fn``, whose output is quantized with
+    """A ``'threshold'`` quantizer for ``values`` (a tensor or its chunks; the input of ``fn``, whose output is quantized with
     ``out_qp``): at most ``2^bits`` intervals, each mapped by ``fn`` and the output grid to one output code.
 
     ``channel_factor`` (per channel along ``axis`` of ``values``): the table's output of channel ``c`` is
@@ -58,8 +59,9 @@ def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams, 
     weighs more per code). Each interval's representative value (its ``levels`` entry) is the middle grid
     point of the run of grid points whose output codes it keeps.
     """
-    values = values.detach().double()
-    lo, hi = float(values.min()), float(values.max())
+    chunks = [values] if isinstance(values, torch.Tensor) else list(values)
+    lo = min(float(c.min()) for c in chunks)
+    hi = max(float(c.max()) for c in chunks)
     span = max(hi - lo, 1e-6)
     f = int(pot_exponent(span / 2**GRID_BITS, "floor"))
     step = 2.0**f
@@ -67,12 +69,17 @@ def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams, 
     idx = torch.arange(i0, i1 + 1, dtype=torch.int64)
     # one output grid per distinct channel factor: group g has scale out_scale·factor_g
     if channel_factor is None:
-        factors, samples = [1.0], [values.flatten()]
+        factors = [1.0]
     else:
-        per_channel = values.movedim(axis, 0).flatten(1)
         channel_factor = channel_factor.double().flatten()
         factors = sorted(set(channel_factor.tolist()))
-        samples = [per_channel[channel_factor == g].flatten() for g in factors]
+
+    def samples(chunk: torch.Tensor) -> list[torch.Tensor]:
+        chunk = chunk.detach().double()
+        if channel_factor is None:
+            return [chunk.flatten()]
+        per_channel = chunk.movedim(axis, 0).flatten(1)
+        return [per_channel[channel_factor == g].flatten() for g in factors]
     scales = torch.tensor(factors, dtype=torch.float64) * float(out_qp.scale)
     codes = lut_codes(fn, (idx.double() * step).unsqueeze(0), scales.unsqueeze(1), int(out_qp.zero_point),
                       out_qp.qmin, out_qp.qmax)  # [G, grid points]
@@ -84,8 +91,8 @@ def lut_input_grid(fn: Callable[[torch.Tensor], torch.Tensor], out_qp: QParams, 
     run_codes = codes[:, starts].double()  # [G, K]
     rep = idx[(starts + ends - 1) // 2]
     bounds = thresholds.double() * step
-    count = torch.stack([torch.bincount(torch.searchsorted(bounds, v, right=True), minlength=starts.numel())
-                         for v in samples]).double()  # [G, K]
+    count = sum(torch.stack([torch.bincount(torch.searchsorted(bounds, v, right=True), minlength=starts.numel())
+                             for v in samples(c)]) for c in chunks).double()  # [G, K], summed over the chunks
     weight = (scales**2).unsqueeze(1)
     while run_codes.shape[1] > 1 << bits:
         d2 = (run_codes[:, 1:] - run_codes[:, :-1]).pow(2) * weight

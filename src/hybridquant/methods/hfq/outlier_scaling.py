@@ -26,16 +26,21 @@ error.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ...config import QuantConfig
 from ...graph.ir import Graph, Node
+from ...graph.stream import FloatStream, split_images
 from ...observers import weight_qparams
+from ...phases import progress_enabled
 from ...primitives import pot_scale
-from ...qparams import choose_mode, range_to_qparams, restrict_pot
+from ...qparams import QParams, choose_mode, range_to_qparams, restrict_pot
+from ...store import Held, Mapped, Stored, Workspace, as_chunks
 from ..scaling import (
     apply_input_scaling,
     apply_input_shift,
@@ -49,28 +54,39 @@ MIN_GAIN = 0.05  # apply only when the output error falls by at least 5 %
 THRESHOLD_STEPS = range(0, 7)
 SMOOTH_BETAS = (0.25, 0.5, 0.75)
 
+Chunks = Stored | Mapped | Held  # a value over the α-search images, chunk by chunk
+
 
 def _pot(x: torch.Tensor) -> torch.Tensor:
     return pot_scale(x, "round").to(x.dtype)
 
 
-def _quant_act(x: torch.Tensor, bits: int, pot: bool, symmetry: str) -> torch.Tensor:
-    lo, hi = float(x.min()), float(x.max())
+def _act_qparams(xs: Chunks, bits: int, pot: bool, symmetry: str) -> QParams:
+    """Min-max qparams of the value ``xs`` (all its chunks); with ``pot`` the best of a few power-of-two
+    exponents by tensor MSE over every chunk, as the engine's search would do."""
+    lo = min(float(c.min()) for c in xs)
+    hi = max(float(c.max()) for c in xs)
     qp = range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, choose_mode(lo, hi, symmetry))
     if not pot:
-        return qp.fake(x)
-    # the best of a few power-of-two exponents by tensor MSE, as the engine's search would do
+        return qp
     base = restrict_pot(qp, "round", lo=torch.tensor(lo))
-    best, best_err = None, float("inf")
+    cands = []
     for d in (-2, -1, 0, 1):
         cand = restrict_pot(qp, "round", lo=torch.tensor(lo))
         cand.scale = base.scale * 2.0**d
         if cand.qmin == 0 and int(cand.zero_point) != 0:
             cand.zero_point = torch.clamp(torch.floor(-torch.tensor(lo) / cand.scale + 0.5), cand.qmin, cand.qmax).to(torch.int32)
-        y = cand.fake(x)
-        err = float((y - x).pow(2).mean())
-        if err < best_err:
-            best, best_err = y, err
+        cands.append(cand)
+    errs = [torch.zeros(()) for _ in cands]
+    count = 0
+    for x in xs:
+        for i, cand in enumerate(cands):
+            errs[i] = errs[i] + (cand.fake(x) - x).pow(2).sum()
+        count += x.numel()
+    best, best_err = cands[0], float("inf")
+    for cand, err in zip(cands, errs, strict=True):
+        if float(err / count) < best_err:
+            best, best_err = cand, float(err / count)
     return best
 
 
@@ -99,18 +115,27 @@ def _broadcast(v: torch.Tensor, x: torch.Tensor, node: Node) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def layer_error(node: Node, x: torch.Tensor, alpha: torch.Tensor, config: QuantConfig, ref: torch.Tensor,
-                norm: torch.Tensor | None = None) -> float:
+def _sum_sq(xs: Chunks) -> torch.Tensor:
+    return sum((c.pow(2).sum() for c in xs), torch.zeros(()))
+
+
+def layer_error(node: Node, x: Chunks | torch.Tensor, alpha: torch.Tensor, config: QuantConfig,
+                ref: Chunks | torch.Tensor, norm: torch.Tensor | None = None) -> float:
     """Output error of ``node`` with input scaling ``alpha`` (bias excluded: it cancels), relative to
-    ``norm`` (default ``‖ref‖²``)."""
-    xq = _quant_act(x / _broadcast(alpha, x, node), config.abits, config.pot, config.act_symmetry)
+    ``norm`` (default ``‖ref‖²``); ``x`` and ``ref`` are the layer's input and float output (tensors, or
+    the same chunks of images)."""
+    x, ref = as_chunks(x), as_chunks(ref)
+    scaled = Mapped(x, lambda t: t / _broadcast(alpha, t, node))
+    aq = _act_qparams(scaled, config.abits, config.pot, config.act_symmetry)
     w = node.params["weight"]
     factor = alpha
     if is_depthwise(node) and w.shape[0] != alpha.numel():
         factor = alpha.repeat_interleave(w.shape[0] // alpha.numel())
     wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits, config.pot)
-    out = layer_output(node, xq, wq)
-    return float((out - ref).pow(2).sum() / (ref.pow(2).sum() if norm is None else norm).clamp_min(1e-30))
+    err = torch.zeros(())
+    for b in range(len(x)):
+        err = err + (layer_output(node, aq.fake(scaled.chunk(b)), wq) - ref.chunk(b)).pow(2).sum()
+    return float(err / (_sum_sq(ref) if norm is None else norm).clamp_min(1e-30))
 
 
 def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) -> list[torch.Tensor]:
@@ -131,12 +156,8 @@ def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) 
     return cands
 
 
-def _layer_input(values: dict[str, torch.Tensor], node: Node) -> torch.Tensor:
-    return values[node.inputs[0]]
-
-
-def channel_shift(graph: Graph, node: Node, xin: torch.Tensor, config: QuantConfig,
-                  probe: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+def channel_shift(graph: Graph, node: Node, xin: Chunks, config: QuantConfig,
+                  probe: torch.Tensor) -> tuple[Mapped, str] | None:
     """Centre ``node``'s input channels into the norm before it when that lowers the quantized output error.
 
     A norm's bias (β) puts a per-channel offset on the input that the weight multiplies into a large
@@ -148,15 +169,22 @@ def channel_shift(graph: Graph, node: Node, xin: torch.Tensor, config: QuantConf
     if source is None:
         return None
     w = node.params["weight"]
-    ref = layer_output(node, xin, w)
-    norm = ref.pow(2).sum()
-    ones = torch.ones(xin.shape[1 if node.op == "conv2d" else -1])
+    ref = Mapped(xin, lambda t: layer_output(node, t, w))
+    norm = _sum_sq(ref)
+    ones = torch.ones(xin.chunk(0).shape[1 if node.op == "conv2d" else -1])
     base = layer_error(node, xin, ones, config, ref)
-    per = _channel_view(xin, node)
+    total, count, hi, lo = None, 0, None, None
+    for c in xin:
+        per = _channel_view(c, node)
+        total = per.sum(1) if total is None else total + per.sum(1)
+        count += per.shape[1]
+        hi = per.max(1).values if hi is None else torch.maximum(hi, per.max(1).values)
+        lo = per.min(1).values if lo is None else torch.minimum(lo, per.min(1).values)
+    assert total is not None and hi is not None and lo is not None
     best = None
-    for how, z in (("mean", per.mean(1)), ("midpoint", (per.max(1).values + per.min(1).values) / 2)):
-        xs = xin - _broadcast(z, xin, node)
-        err = layer_error(node, xs, ones, config, layer_output(node, xs, w), norm)
+    for how, z in (("mean", total / count), ("midpoint", (hi + lo) / 2)):
+        xs = Mapped(xin, lambda t, z=z: t - _broadcast(z, t, node))
+        err = layer_error(node, xs, ones, config, Mapped(xs, lambda t: layer_output(node, t, w)), norm)
         if err < (1 - MIN_GAIN) * base and (best is None or err < best[0]):
             best = (err, how, z, xs)
     if best is None:
@@ -178,41 +206,60 @@ ALPHA_SEARCH_IMAGES = 128
 
 @torch.no_grad()
 def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig,
-                    max_images: int = ALPHA_SEARCH_IMAGES) -> dict[str, Any]:
-    """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``."""
+                    max_images: int = ALPHA_SEARCH_IMAGES, workspace: Workspace | None = None) -> dict[str, Any]:
+    """Scale the inputs of layers whose quantized output error α reduces; edits ``graph``.
+
+    The layers' inputs are the float model's before any change (a copy of the graph walked chunk by chunk,
+    kept in ``workspace``, a default one when None)."""
     config = config.replace(scales="pot")  # α is chosen under power-of-two quantizers for float scales too
     x = torch.cat(calib)[:max_images]
-    values = graph.run(x, keep=True)
+    ws = workspace if workspace is not None else Workspace()
     layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).op != "input"]
+    readers = Counter(n.inputs[0] for n in layers)
+    stream = FloatStream(graph.clone(), split_images(graph, x, ws), ws, hold=readers)
     applied: list[dict[str, Any]] = []
     shifted: list[dict[str, str]] = []
     explicit_params = 0
-    for node in layers:
-        xin = _layer_input(values, node)
-        if config.channel_shift and (res := channel_shift(graph, node, xin, config, x[:8])) is not None:
-            xin = res[0]
-            shifted.append({"layer": node.name, "block": node.block, "shift": res[1]})
-        ref = layer_output(node, xin, node.params["weight"])
-        x_absmax = _channel_view(xin, node).abs().max(1).values
-        w = node.params["weight"]
-        if is_depthwise(node):
-            w_absmax = w.abs().flatten(1).max(1).values.reshape(x_absmax.numel(), -1).max(1).values
-        else:
-            w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
-        base = layer_error(node, xin, torch.ones_like(x_absmax), config, ref)
-        best_err, best_alpha = base, None
-        for alpha in candidate_alphas(x_absmax, w_absmax, config.alpha_pot):
-            err = layer_error(node, xin, alpha, config, ref)
-            if err < best_err:
-                best_err, best_alpha = err, alpha
-        if best_alpha is None or best_err > (1 - MIN_GAIN) * base:
-            continue
-        how = apply_input_scaling(graph, node, best_alpha)
-        if how == "explicit":
-            explicit_params += best_alpha.numel()
-        applied.append({
-            "layer": node.name, "block": node.block, "how": how, "error_before": base, "error_after": best_err,
-            "channels_scaled": int((best_alpha != 1).sum()), "alpha_max": float(best_alpha.max()),
-        })
+    try:
+        for node in tqdm(layers, desc="outlier scaling", disable=not progress_enabled(), leave=False):
+            xin: Chunks = stream.value(node.inputs[0])
+            if config.channel_shift and (res := channel_shift(graph, node, xin, config, x[:8])) is not None:
+                xin = res[0]
+                shifted.append({"layer": node.name, "block": node.block, "shift": res[1]})
+            w = node.params["weight"]
+            ref = Stored(ws)
+            for b, c in enumerate(xin):
+                ref.append(layer_output(node, c, w), xin.images[b])
+            amax = None
+            for c in xin:
+                m = _channel_view(c, node).abs().max(1).values
+                amax = m if amax is None else torch.maximum(amax, m)
+            assert amax is not None
+            x_absmax = amax
+            if is_depthwise(node):
+                w_absmax = w.abs().flatten(1).max(1).values.reshape(x_absmax.numel(), -1).max(1).values
+            else:
+                w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
+            base = layer_error(node, xin, torch.ones_like(x_absmax), config, ref)
+            best_err, best_alpha = base, None
+            for alpha in candidate_alphas(x_absmax, w_absmax, config.alpha_pot):
+                err = layer_error(node, xin, alpha, config, ref)
+                if err < best_err:
+                    best_err, best_alpha = err, alpha
+            ref.free()
+            readers[node.inputs[0]] -= 1
+            if readers[node.inputs[0]] == 0:
+                stream.release(node.inputs[0])
+            if best_alpha is None or best_err > (1 - MIN_GAIN) * base:
+                continue
+            how = apply_input_scaling(graph, node, best_alpha)
+            if how == "explicit":
+                explicit_params += best_alpha.numel()
+            applied.append({
+                "layer": node.name, "block": node.block, "how": how, "error_before": base, "error_after": best_err,
+                "channels_scaled": int((best_alpha != 1).sum()), "alpha_max": float(best_alpha.max()),
+            })
+    finally:
+        stream.close()
     return {"layers_scaled": len(applied), "explicit_alpha_params": explicit_params, "layers": applied,
             "layers_shifted": len(shifted), "shifts": shifted}

@@ -30,15 +30,20 @@ model's values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ...graph import ops as graph_ops
 from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
+from ...graph.stream import FloatStream, split_images
+from ...phases import progress_enabled
 from ...primitives import exp2_int, pot_exponent, pot_scale, two_term_round
 from ...qparams import QParams, with_scale
+from ...store import Stored, Workspace
 from .lut_grid import lut_input_grid
 from .weight_rounding import gptq
 
@@ -71,20 +76,52 @@ def _exponent(qp: QParams) -> torch.Tensor:
 
 
 class _Walker:
-    """Runs the quantized graph node by node on a fixed batch, keeping values."""
+    """The quantized graph walked node by node on the search images, chunk by chunk.
 
-    def __init__(self, qgraph: QuantizedGraph, x: torch.Tensor):
+    ``q[name]``: the value as its readers see it (after its quantizer), ``raw[name]``: before it (kept for
+    ``raw_input`` readers); the float model's values (the targets) come from a :class:`FloatStream` over a
+    copy of the graph taken at the start, so the walk's edits (biases, GPTQ weights) never reach them.
+    A value is freed once its node and every reader of it are done (:meth:`done`): memory holds the values
+    that are live at one point of the graph, and the workspace spills those past its budget."""
+
+    def __init__(self, qgraph: QuantizedGraph, x: torch.Tensor, workspace: Workspace | None = None):
         self.qg = qgraph
         self.graph = qgraph.graph
-        self.ref = self.graph.run(x, keep=True)
+        self.ws = workspace if workspace is not None else Workspace()
         self.x = x
-        self.q: dict[str, torch.Tensor] = {}
-        self.raw: dict[str, torch.Tensor] = {}
+        self.chunks = split_images(self.graph, x, self.ws)
+        self.images = [c.shape[0] for c in self.chunks]
+        self.stream = FloatStream(self.graph.clone(), self.chunks, self.ws)
+        self.index = {n.name: i for i, n in enumerate(self.graph)}
+        self.q: dict[str, Stored] = {}
+        self.raw: dict[str, Stored] = {}
+        self._done: set[str] = set()
+        #: values kept until another node is walked (a lookup-table input until its table's grid is chosen)
+        self.hold_until: dict[str, str] = {}
 
-    def inputs_of(self, node: Node) -> list[torch.Tensor]:
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def ref(self, name: str) -> Stored:
+        """The float model's value of ``name`` on the search images."""
+        return self.stream.value(name)
+
+    def split(self, t: torch.Tensor) -> Stored:
+        """``t`` (a value over all search images) in the walker's chunks."""
+        return Stored.of(self.ws, list(t.split(self.images)) if self.images else [], self.images)
+
+    def compute(self, fn) -> Stored:
+        """``fn(b)`` for every chunk ``b``, stored."""
+        out = Stored(self.ws)
+        for b, n in enumerate(self.images):
+            out.append(fn(b), n)
+        return out
+
+    def inputs_of(self, node: Node, b: int) -> list[torch.Tensor]:
+        """``node``'s inputs on chunk ``b``, as it reads them in the quantized graph."""
         if node.attrs.get("raw_input"):
-            return [self.raw[node.inputs[0]]]
-        return [self.q[i] if i in self.q else self.ref[i] for i in node.inputs]
+            return [self.raw[node.inputs[0]].chunk(b)]
+        return [self.q[i].chunk(b) if i in self.q else self.ref(i).chunk(b) for i in node.inputs]
 
     def run_with_weight(self, node: Node, inputs: list[torch.Tensor], wq: QParams | None) -> torch.Tensor:
         if wq is None:
@@ -94,33 +131,73 @@ class _Walker:
         probe = Node(node.name, node.op, node.inputs, node.attrs, params)
         return graph_ops.run_op(probe, inputs)
 
-    def consumer_error(self, name: str, value: torch.Tensor) -> float:
+    def consumer_errors(self, name: str, raw: Stored, values: list[Callable[[torch.Tensor], torch.Tensor]]
+                        ) -> list[float]:
+        """For each candidate ``values[c]`` (a function of a chunk of ``raw``: the value ``name`` would
+        carry), the summed relative error of the consumers' outputs. Numerators and denominators are summed
+        over the chunks before dividing, so the result is the error over all search images."""
+        users = [(chain, user, idx) for chain, user, idx in self.graph.value_users(name)
+                 if not user.attrs.get("raw_input")]  # those read the value before this quantizer
+        targets = [name if user.op == "output" else user.name for _, user, _ in users] or [name]
+        num = [[torch.zeros(()) for _ in targets] for _ in values]
+        den = [torch.zeros(()) for _ in targets]
+        for b in range(len(self)):
+            raw_b = raw.chunk(b)
+            for u, target in enumerate(targets):
+                ref = self.ref(target).chunk(b)
+                den[u] = den[u] + ref.pow(2).sum()
+                if not users or users[u][1].op == "output":
+                    for c, fn in enumerate(values):
+                        num[c][u] = num[c][u] + (fn(raw_b) - ref).pow(2).sum()
+                    continue
+                chain, user, idx = users[u]
+                base = self.inputs_of(user, b)
+                for c, fn in enumerate(values):
+                    t = fn(raw_b)
+                    for layout in chain:
+                        t = graph_ops.run_op(layout, [t])
+                    ins = list(base)
+                    ins[idx] = t
+                    for j, inp in enumerate(user.inputs):  # both operands may come from `name` (x @ x)
+                        if j != idx and inp == user.inputs[idx]:
+                            ins[j] = t
+                    out = self.run_with_weight(user, ins, self.qg.weight.get(user.name))
+                    num[c][u] = num[c][u] + (out - ref).pow(2).sum()
+        return [sum(float(n / d.clamp_min(1e-30)) for n, d in zip(row, den, strict=True)) for row in num]
+
+    def consumer_error(self, name: str, value: Stored) -> float:
         """Summed relative error of the consumers' outputs when ``name`` carries ``value``."""
-        total, used = 0.0, 0
-        for chain, user, idx in self.graph.value_users(name):
-            if user.attrs.get("raw_input"):
-                continue  # reads the value before this quantizer
-            if user.op == "output":
-                ref = self.ref[name]
-                total += float((value - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-                used += 1
-                continue
-            t = value
-            for layout in chain:
-                t = graph_ops.run_op(layout, [t])
-            ins = self.inputs_of(user)
-            ins[idx] = t
-            for j, inp in enumerate(user.inputs):  # both operands may come from `name` (x @ x)
-                if j != idx and inp == user.inputs[idx]:
-                    ins[j] = t
-            out = self.run_with_weight(user, ins, self.qg.weight.get(user.name))
-            ref = self.ref[user.name]
-            total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-            used += 1
-        if used == 0:
-            ref = self.ref[name]
-            total = float((value - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-        return total
+        return self.consumer_errors(name, value, [lambda v: v])[0]
+
+    def replace(self, name: str, value: Stored) -> None:
+        """``name`` now carries ``value`` (before and after its quantizer: a lookup table's input moved onto
+        its grid); the old values are freed."""
+        self._free(name, release_ref=False)
+        self.q[name] = self.raw[name] = value
+
+    def done(self, node: Node) -> None:
+        """``node`` is walked: free the values no later node reads."""
+        self._done.add(node.name)
+        held = [src for src, until in self.hold_until.items() if until == node.name]
+        for name in [node.name, *node.inputs, *held]:
+            if name in self._done and self.hold_until.get(name, name) in self._done and all(
+                    u.name in self._done for u in self.graph.users(name) if u.op != "output"):
+                self._free(name)
+
+    def _free(self, name: str, release_ref: bool = True) -> None:
+        q, raw = self.q.pop(name, None), self.raw.pop(name, None)
+        if q is not None and q is not raw:
+            q.free()
+        if raw is not None:
+            raw.free()
+        if release_ref:
+            self.stream.release(name)
+
+    def close(self) -> None:
+        for name in list(self.q) + list(self.raw):
+            if name in self.q or name in self.raw:
+                self._free(name)
+        self.stream.close()
 
 
 @torch.no_grad()
@@ -138,6 +215,7 @@ def sequential_refine(
     zero_point_search: bool = False,
     lut_grids: dict[str, str] | None = None,
     float_scales: bool = False,
+    workspace: Workspace | None = None,
 ) -> dict[str, Any]:
     """Choose exponents (and correct biases) node by node; edits ``qgraph`` in place.
 
@@ -147,75 +225,98 @@ def sequential_refine(
     ``lut_grids`` maps lookup-table inputs to the node whose quantizer completes their table (the table,
     or the per-channel shift that reads it); each gets a threshold grid (:mod:`.lut_grid`) once that
     quantizer is chosen, and until then the table reads it exactly. ``float_scales`` searches float
-    scales around the power-of-two candidates (the qparams start as float min-max scales)."""
+    scales around the power-of-two candidates (the qparams start as float min-max scales). Values are
+    kept chunk by chunk in ``workspace`` (a default one when None)."""
     x = torch.cat(calib)[:max_images]
-    walker = _Walker(qgraph, x)
+    walker = _Walker(qgraph, x, workspace)
     graph = qgraph.graph
     raw_needed = {n.inputs[0] for n in graph if n.attrs.get("raw_input")}
     lut_grids = lut_grids or {}
     completes = {out: src for src, out in lut_grids.items()}  # read exactly until their table's grid is chosen
+    walker.hold_until.update(lut_grids)
     changed_w = changed_a = changed_zp = rounded_layers = 0
-    for node in graph:
-        if node.op == "output":
-            continue
-        if node.op == "input":
-            raw = x
-        else:
-            ins = walker.inputs_of(node)
-            wq = qgraph.weight.get(node.name)
-            if wq is not None and (search_weights or bias_correction):
-                wq, n_changed = _choose_weight(walker, node, ins, wq, search_weights, two_term_weights, float_scales)
-                qgraph.weight[node.name] = wq
-                changed_w += n_changed
-                x_float = walker.ref[node.inputs[0]] if input_compensation else None
-                if weight_rounding and (rounded := gptq(node, ins[0], wq, x_float)) is not None:
-                    node.params["weight"] = rounded.weight  # RTN of these values gives GPTQ's codes
-                    if rounding_targets is not None:
-                        rounding_targets[node.name] = rounded.target
-                    rounded_layers += 1
-                if bias_correction:
-                    out = walker.run_with_weight(node, ins, wq)
-                    axis = _channel_axis(node)
-                    err = (walker.ref[node.name] - out).transpose(0, axis).flatten(1).mean(1)
-                    node.params["bias"] = node.params.get("bias", torch.zeros_like(err)) + err
-            raw = walker.run_with_weight(node, ins, qgraph.weight.get(node.name))
-        if node.name in raw_needed:
+    nodes = [n for n in graph if n.op != "output"]
+    try:
+        for node in tqdm(nodes, desc="exponent search", disable=not progress_enabled(), leave=False):
+            if node.op == "input":
+                raw = walker.split(x)
+            else:
+                wq = qgraph.weight.get(node.name)
+                if wq is not None and (search_weights or bias_correction):
+                    wq, n_changed = _choose_weight(walker, node, wq, search_weights, two_term_weights, float_scales)
+                    qgraph.weight[node.name] = wq
+                    changed_w += n_changed
+                    if weight_rounding:
+                        xs = [walker.inputs_of(node, b)[0] for b in range(len(walker))]
+                        x_float = list(walker.ref(node.inputs[0])) if input_compensation else None
+                        if (rounded := gptq(node, xs, wq, x_float)) is not None:
+                            node.params["weight"] = rounded.weight  # RTN of these values gives GPTQ's codes
+                            if rounding_targets is not None:
+                                rounding_targets[node.name] = rounded.target
+                            rounded_layers += 1
+                        del xs, x_float
+                    if bias_correction:
+                        _correct_bias(walker, node, wq)
+                raw = walker.compute(lambda b, node=node: walker.run_with_weight(
+                    node, walker.inputs_of(node, b), qgraph.weight.get(node.name)))
             walker.raw[node.name] = raw
-        qp = qgraph.act.get(node.name)
-        if node.name in lut_grids:
-            walker.q[node.name] = raw
-            continue
-        if qp is not None and qp.kind == "uniform" and search_acts:
-            best, move = _choose_act(walker, node.name, raw, qp, zero_point_search, float_scales)
-            changed_a += int(not torch.equal(best.scale, qp.scale))
-            changed_zp += int(move != 0)
-            qgraph.act[node.name] = qp = best
-        if node.name in completes:
-            raw = _grid_lut_input(walker, completes[node.name], node, qp, raw_needed)
-        walker.q[node.name] = qp.fake(raw) if qp is not None else raw
+            qp = qgraph.act.get(node.name)
+            if node.name in lut_grids:
+                walker.q[node.name] = raw
+            else:
+                if qp is not None and qp.kind == "uniform" and search_acts:
+                    best, move = _choose_act(walker, node.name, raw, qp, zero_point_search, float_scales)
+                    changed_a += int(not torch.equal(best.scale, qp.scale))
+                    changed_zp += int(move != 0)
+                    qgraph.act[node.name] = qp = best
+                if node.name in completes:
+                    raw = _grid_lut_input(walker, completes[node.name], node, qp)
+                    walker.raw.pop(node.name).free()
+                    walker.raw[node.name] = raw
+                walker.q[node.name] = walker.compute(lambda b, qp=qp, raw=raw: qp.fake(raw.chunk(b))) \
+                    if qp is not None else raw
+            if node.name not in raw_needed and walker.raw[node.name] is not walker.q[node.name]:
+                walker.raw.pop(node.name).free()  # nobody reads it before its quantizer
+            walker.done(node)
+    finally:
+        walker.close()
     qgraph.rebuild()
     return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a, "act_zero_points_lowered": changed_zp,
             "lut_threshold_grids": len(lut_grids), "gptq_layers": rounded_layers, "images": int(x.shape[0])}
 
 
-def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams, raw_needed: set[str]) -> torch.Tensor:
+def _correct_bias(walker: _Walker, node: Node, wq: QParams) -> None:
+    """Add the mean output error per channel (float model minus quantized layer) to the bias."""
+    axis = _channel_axis(node)
+    total, count = None, 0
+    for b in range(len(walker)):
+        out = walker.run_with_weight(node, walker.inputs_of(node, b), wq)
+        diff = (walker.ref(node.name).chunk(b) - out).transpose(0, axis).flatten(1)
+        total = diff.sum(1) if total is None else total + diff.sum(1)
+        count += diff.shape[1]
+    assert total is not None
+    err = total / count
+    node.params["bias"] = node.params.get("bias", torch.zeros_like(err)) + err
+
+
+def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams) -> Stored:
     """Give the lookup-table input ``src`` its threshold grid for the output grid ``qp`` of ``node`` (the
     table, or the per-channel shift reading it); the walker's values move onto the grid. Returns ``node``'s
     new value before its quantizer."""
     graph = walker.graph
     table = graph.users(src)[0]
     factor = 1.0 / node.params["inv_alpha"] if node.op == "scale_channels" else None
-    grid = lut_input_grid(lambda t: graph_ops.run_op(table, [t]), qp, walker.q[src], walker.qg.act[src].bits,
+    exact = walker.q[src]
+    grid = lut_input_grid(lambda t: graph_ops.run_op(table, [t]), qp, list(exact), walker.qg.act[src].bits,
                           factor, node.attrs.get("dim"))
     walker.qg.act[src] = grid
-    walker.q[src] = grid.fake(walker.q[src])
-    value = graph_ops.run_op(table, [walker.q[src]])
-    if table.name in raw_needed:
-        walker.raw[table.name] = value
+    walker.replace(src, walker.compute(lambda b: grid.fake(exact.chunk(b))))
+    gridded = walker.q[src]
+    value = walker.compute(lambda b: graph_ops.run_op(table, [gridded.chunk(b)]))
     if table is node:
         return value
-    walker.q[table.name] = value  # a table without a quantizer of its own, read only by ``node``
-    return graph_ops.run_op(node, [value])
+    walker.replace(table.name, value)  # a table without a quantizer of its own, read only by ``node``
+    return walker.compute(lambda b: graph_ops.run_op(node, [value.chunk(b)]))
 
 
 def _weight_candidates(wq: QParams, two_term: bool, float_scales: bool = False) -> list[torch.Tensor]:
@@ -228,51 +329,53 @@ def _weight_candidates(wq: QParams, two_term: bool, float_scales: bool = False) 
     return cands
 
 
-def _choose_weight(walker: _Walker, node: Node, ins: list[torch.Tensor], wq: QParams, search: bool,
+def _choose_weight(walker: _Walker, node: Node, wq: QParams, search: bool,
                    two_term: bool = False, float_scales: bool = False):
     if not search:
         return wq, 0
     axis = _channel_axis(node)
-    ref = walker.ref[node.name]
-    best_err, best_scale = None, wq.scale.clone()
-    for scale in _weight_candidates(wq, two_term, float_scales):  # includes the naive choice
-        cand = with_scale(wq, scale)
-        err = _per_channel_sq_err(walker.run_with_weight(node, ins, cand), ref, axis)
-        if best_err is None:
-            best_err, best_scale = err, cand.scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, cand.scale, best_scale)
+    cands = [with_scale(wq, scale) for scale in _weight_candidates(wq, two_term, float_scales)]  # naive first
+    errs: list[torch.Tensor | None] = [None] * len(cands)
+    for b in range(len(walker)):
+        ins, ref = walker.inputs_of(node, b), walker.ref(node.name).chunk(b)
+        for c, cand in enumerate(cands):
+            e = _per_channel_sq_err(walker.run_with_weight(node, ins, cand), ref, axis)
+            errs[c] = e if errs[c] is None else errs[c] + e
+    best_err, best_scale = errs[0], cands[0].scale
+    for cand, err in zip(cands[1:], errs[1:], strict=True):
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, cand.scale, best_scale)
     return with_scale(wq, best_scale), int((best_scale != wq.scale).sum())
 
 
-def _choose_act(walker: _Walker, name: str, raw: torch.Tensor, qp: QParams,
+def _choose_act(walker: _Walker, name: str, raw: Stored, qp: QParams,
                 zero_point_search: bool = False, float_scales: bool = False) -> tuple[QParams, int]:
     """The exponent (for per-channel PTF scales: all channels' exponents together) with the least consumer
     error, and how many codes its zero point was lowered below the min-max one (0 without ``zero_point_search``).
     With ``float_scales`` the best power-of-two scale is then refined by the factors 2^(j/4), and the float
-    min-max scale ``qp`` itself is a candidate too."""
+    min-max scale ``qp`` itself is a candidate too. Candidates are compared in order, the first of equal
+    errors kept."""
     lo = torch.tensor(-float(qp.zero_point) * float(qp.scale.max()))  # a shared zero point: the widest channel's
     start = with_scale(qp, pot_scale(qp.scale, "round").float().reshape(qp.scale.shape), lo=lo) if float_scales else qp
     best, best_err, best_move = qp, None, 0
 
-    def consider(scale: torch.Tensor) -> None:
+    def consider(scales: list[torch.Tensor]) -> None:
         nonlocal best, best_err, best_move
-        base = with_scale(qp, scale, lo=lo)
-        for move in zero_point_moves(base) if zero_point_search else [0]:
-            cand = dataclasses.replace(base, zero_point=base.zero_point - move)
-            err = walker.consumer_error(name, cand.fake(raw))
+        cands = []
+        for scale in scales:
+            base = with_scale(qp, scale, lo=lo)
+            for move in zero_point_moves(base) if zero_point_search else [0]:
+                cands.append((dataclasses.replace(base, zero_point=base.zero_point - move), move))
+        errs = walker.consumer_errors(name, raw, [cand.fake for cand, _ in cands])
+        for (cand, move), err in zip(cands, errs, strict=True):
             if best_err is None or err < best_err:
                 best, best_err, best_move = cand, err, move
 
-    for d in ACT_DELTAS:
-        consider(start.scale * 2.0**d)
+    consider([start.scale * 2.0**d for d in ACT_DELTAS])
     if float_scales:
         pot_best = best.scale
-        for j in FLOAT_ACT_STEPS:
-            consider(pot_best * 2.0 ** (j / 4))
-        consider(qp.scale)
+        consider([pot_best * 2.0 ** (j / 4) for j in FLOAT_ACT_STEPS] + [qp.scale])
     return best, best_move
 
 

@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ...graph import ops as graph_ops
 from ...graph.ir import Graph, Node
 from ...graph.quantized import QuantizedGraph
+from ...graph.stream import split_images
+from ...phases import progress_enabled
 from ...qparams import QParams
+from ...store import Held, Stored, Workspace
 
 #: rectified sigmoid stretch of AdaRound: h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
@@ -46,6 +50,8 @@ BETA_START, BETA_END = 20.0, 2.0
 BATCH = 32
 RECONSTRUCTION_IMAGES = 512
 LR_ROUNDING, LR_BIAS = 1e-2, 1e-3
+
+Values = Stored | Held  # a value over the calibration images, chunk by chunk
 
 
 def block_key(module: str) -> str:
@@ -176,56 +182,58 @@ def _params(block: _Block, rounding, biases, hard: bool = False) -> dict[str, di
     return out
 
 
-def _rows(t: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows of ``t`` that belong to ``images`` (of ``n``): a token tensor may hold several rows per image,
-    image-major (MobileViT's unfolded patches: [B, C, H, W] -> [B·P, N, C])."""
-    per = t.shape[0] // n
-    if per == 1:
-        return t[images]
-    return t[(images[:, None] * per + torch.arange(per)).flatten()]
-
-
-def _batched(block: _Block, store_q, store_raw, fn, n: int, batch: int = 128) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, n, batch):
-        images = torch.arange(start, min(start + batch, n))
-        res = fn({k: _rows(store_q[k], images, n) for k in block.inputs},
-                 {k: _rows(store_raw[k], images, n) for k in block.raw_inputs})
+def _batched(block: _Block, store_q: dict[str, Values], store_raw: dict[str, Values], fn,
+             ws: Workspace) -> dict[str, Stored]:
+    """``fn(q_in, raw_in)`` on every chunk of images, its outputs stored chunk by chunk."""
+    out: dict[str, Stored] = {}
+    first = next(iter(store_q.values()))
+    for b, n in enumerate(first.images):
+        res = fn({k: store_q[k].chunk(b) for k in block.inputs}, {k: store_raw[k].chunk(b) for k in block.raw_inputs})
         for k, v in res.items():
-            parts.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in parts.items()}
+            out.setdefault(k, Stored(ws)).append(v.detach(), n)
+    return out
+
+
+#: images per chunk at most when a block's outputs are computed for every calibration image
+CHUNK_IMAGES = 128
 
 
 def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
-                start: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, Any]:
+                start: dict[str, torch.Tensor] | None = None, seed: int = 0,
+                workspace: Workspace | None = None) -> dict[str, Any]:
     """Learn the rounding and biases of every block of ``qgraph`` in place; ``float_graph`` is the float model
     (same node names) whose outputs are the targets. A weight's rounding starts from its float values, or
-    from ``start[name]`` (the values GPTQ rounded, so that learning starts next to GPTQ's codes).
-    Returns facts for the report."""
+    from ``start[name]`` (the values GPTQ rounded, so that learning starts next to GPTQ's codes). The values
+    at block boundaries (quantized, before quantizers, float targets) are kept chunk by chunk in
+    ``workspace`` (a default one when None). Returns facts for the report."""
     threads = torch.get_num_threads()
     # gradient sums over a batch round differently with each thread count, and the learned rounding follows
     # them: one thread gives the same model on every machine (the steps are small; little is lost)
     torch.set_num_threads(1)
+    ws = workspace if workspace is not None else Workspace()
     try:
-        return _reconstruct(qgraph, float_graph, calib, iters, start or {}, seed)
+        return _reconstruct(qgraph, float_graph, calib, iters, start or {}, seed, ws)
     finally:
         torch.set_num_threads(threads)
 
 
 def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
-                 start: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
+                 start: dict[str, torch.Tensor], seed: int, ws: Workspace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     plan = _plan(qgraph.graph)
     raw_needed = {n.inputs[0] for n in qgraph.graph if n.attrs.get("raw_input")}
     name_in = qgraph.graph.nodes[0].name
-    x_in, n = calib, calib.shape[0]
+    n = calib.shape[0]
+    chunks = split_images(float_graph, calib, ws, cap=CHUNK_IMAGES)
     qp_in = qgraph.act.get(name_in)
-    store_q = {name_in: qp_in.fake(x_in) if qp_in is not None else x_in}
-    store_raw = {name_in: x_in}
-    store_f = {name_in: x_in}
+    x_in = Held(chunks)
+    store_q: dict[str, Values] = {name_in: Held([qp_in.fake(c) for c in chunks]) if qp_in is not None else x_in}
+    store_raw: dict[str, Values] = {name_in: x_in}
+    store_f: dict[str, Values] = {name_in: x_in}
     no_act: dict[str, QParams] = {}
     float_params = {n.name: n.params for n in float_graph}
     rows = []
+    bar = tqdm(total=len(plan) * max(iters, 1), desc="reconstruction", disable=not progress_enabled(), leave=False)
     for block in plan:
         rounding, biases = _learnable(block, qgraph, float_graph, start)
 
@@ -233,41 +241,77 @@ def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor
             vals, _ = _forward(block, no_act, float_params, q_in, raw_in, quantize=False)
             return {k: vals[k] for k in block.outputs}
 
-        targets = _batched(block, store_f, store_f, float_run, n)
+        targets = _batched(block, store_f, store_f, float_run, ws)
         # the block's quantized outputs with its current weights: the error to beat, and what later blocks read
-        res = _quantized_outputs(block, qgraph.act, {}, store_q, store_raw, n, raw_needed)
+        res = _quantized_outputs(block, qgraph.act, {}, store_q, store_raw, raw_needed, ws)
         if rounding and iters > 0:
             err_before = _rel_error(res, targets)
-            _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n, iters, gen)
+            _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n, iters, gen, bar)
             hard = _params(block, rounding, biases, hard=True)
-            learned = _quantized_outputs(block, qgraph.act, hard, store_q, store_raw, n, raw_needed)
+            learned = _quantized_outputs(block, qgraph.act, hard, store_q, store_raw, raw_needed, ws)
             err_after = _rel_error(learned, targets)
             kept = err_after < err_before  # never worse than the rounding it started from
             if kept:
                 for name, p in hard.items():
                     qgraph.graph[name].params.update(p)
+                _free_all(res)
                 res = learned
+            else:
+                _free_all(learned)
             rows.append({"block": block_key(block.nodes[0].module), "layers": len(rounding),
                          "error_before": err_before, "error_after": err_after, "kept": kept})
+        else:
+            bar.update(max(iters, 1))
         for k in block.outputs:
-            store_q[k] = res[k]
-            store_f[k] = targets[k]
+            _replace(store_q, k, res.pop(k))
+            _replace(store_f, k, targets.pop(k))
             if k in raw_needed:
-                store_raw[k] = res[f"raw:{k}"]
+                _replace(store_raw, k, res.pop(f"raw:{k}"))
+        _free_all(res)
+        _free_all(targets)
         for store in (store_q, store_raw, store_f):
             for k in [k for k in store if k not in block.read_later]:
-                del store[k]
+                _drop(store, k, (store_q, store_raw, store_f))
+    bar.close()
+    for store in (store_q, store_raw, store_f):
+        for k in list(store):
+            _drop(store, k, (store_q, store_raw, store_f))
     return {"blocks": len(rows), "blocks_kept": sum(r["kept"] for r in rows), "iters": iters,
             "images": int(calib.shape[0]), "per_block": rows}
 
 
-def _rel_error(vals: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> float:
-    return float(sum((vals[k] - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30) for k, t in targets.items()))
+def _free_all(values: dict[str, Stored]) -> None:
+    for v in values.values():
+        v.free()
+    values.clear()
+
+
+def _replace(store: dict[str, Values], key: str, value: Values) -> None:
+    old = store.get(key)
+    if isinstance(old, Stored) and old is not value:
+        old.free()
+    store[key] = value
+
+
+def _drop(store: dict[str, Values], key: str, stores: tuple[dict[str, Values], ...]) -> None:
+    """Remove ``key`` from ``store``; its memory goes once no other store shares it."""
+    value = store.pop(key)
+    if isinstance(value, Stored) and not any(s.get(key) is value for s in stores):
+        value.free()
+
+
+def _rel_error(vals: dict[str, Stored], targets: dict[str, Stored]) -> float:
+    total = 0.0
+    for k, t in targets.items():
+        num = sum(((v - r).pow(2).sum() for v, r in zip(vals[k], t, strict=True)), torch.zeros(()))
+        den = sum((r.pow(2).sum() for r in t), torch.zeros(()))
+        total += float(num / den.clamp_min(1e-30))
+    return total
 
 
 @torch.no_grad()
 def _quantized_outputs(block: _Block, act: dict[str, QParams], params: dict[str, dict[str, torch.Tensor]],
-                       store_q, store_raw, n: int, raw_needed: set[str]) -> dict[str, torch.Tensor]:
+                       store_q, store_raw, raw_needed: set[str], ws: Workspace) -> dict[str, Stored]:
     """The block's outputs on every calibration image, as consumers see them (``raw:<name>``: before the
     quantizer, for the outputs that a later ``raw_input`` node reads)."""
     def run(q_in, raw_in):
@@ -276,23 +320,24 @@ def _quantized_outputs(block: _Block, act: dict[str, QParams], params: dict[str,
         out.update({f"raw:{k}": raws[k] for k in block.outputs if k in raw_needed})
         return out
 
-    return _batched(block, store_q, store_raw, run, n)
+    return _batched(block, store_q, store_raw, run, ws)
 
 
 def _optimise(block, qgraph, rounding, biases, store_q, store_raw, targets, n: int, iters: int,
-              gen: torch.Generator) -> None:
+              gen: torch.Generator, bar) -> None:
     opt = torch.optim.Adam([{"params": [r.v for r in rounding.values()], "lr": LR_ROUNDING},
                             {"params": list(biases.values()), "lr": LR_BIAS}])
     warm = int(WARMUP * iters)
     for it in range(iters):
         idx = torch.randint(0, n, (min(BATCH, n),), generator=gen)
-        q_in = {k: _rows(store_q[k], idx, n) for k in block.inputs}
-        raw_in = {k: _rows(store_raw[k], idx, n) for k in block.raw_inputs}
+        q_in = {k: store_q[k].rows(idx) for k in block.inputs}
+        raw_in = {k: store_raw[k].rows(idx) for k in block.raw_inputs}
         vals, _ = _forward(block, qgraph.act, _params(block, rounding, biases), q_in, raw_in, quantize=True)
-        loss = sum((vals[k] - _rows(t, idx, n)).pow(2).flatten(1).sum(1).mean() for k, t in targets.items())
+        loss = sum((vals[k] - t.rows(idx)).pow(2).flatten(1).sum(1).mean() for k, t in targets.items())
         if it >= warm:
             beta = BETA_END + (BETA_START - BETA_END) * (1 - (it - warm) / max(iters - warm, 1))
             loss = loss + ROUND_REG * sum(r.regulariser(beta) for r in rounding.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
+        bar.update(1)

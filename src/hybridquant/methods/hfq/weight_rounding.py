@@ -21,6 +21,7 @@ added to the integer program.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,35 +86,82 @@ class GPTQResult:
     target: torch.Tensor
 
 
-def gptq_weight(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor | None = None,
+#: unfolded patches of one step of the Hessian accumulation (float64): images are taken a few at a time so a
+#: 3×3 depthwise conv at 128×128 (nine columns per input value) never unfolds a whole chunk at once
+PATCH_BYTES = 128 * 2**20
+
+
+def _columns(node: Node, x: torch.Tensor) -> int:
+    """How many columns (samples) ``_patches`` gives for ``x``."""
+    if node.op == "linear":
+        return x.numel() // x.shape[-1]
+    return _patches(node, x[:1]).shape[-1] * x.shape[0]
+
+
+def _hessians(node: Node, xs: Sequence[torch.Tensor], xs_float: Sequence[torch.Tensor] | None,
+              max_samples: int) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+    """``(H, C, samples, columns)`` from the layer's quantized input ``xs`` (and float input ``xs_float``),
+    given chunk by chunk: H = E[x̃ x̃ᵀ], C = E[x x̃ᵀ] (None without ``xs_float``) over at most ``max_samples``
+    columns drawn at random (seeded) from all of them; ``columns``: how many there are in all. Sums run in
+    float64 a few images at a time, so memory does not grow with the images."""
+    counts = [_columns(node, x) for x in xs]
+    total = sum(counts)
+    k = _patches(node, xs[0][:1]).shape[-2]
+    if total < MIN_SAMPLES_PER_COLUMN * k:
+        xs_float = None  # too few samples to fit W' without over-fitting (decided before unfolding x_float)
+    chosen = None
+    if total > max_samples:
+        chosen = torch.sort(torch.randperm(total, generator=torch.Generator().manual_seed(0))[:max_samples]).values
+    h = c = None
+    offset = 0
+    for b, x in enumerate(xs):
+        per_image = counts[b] // max(x.shape[0], 1)
+        step = max(1, PATCH_BYTES // max(8 * k * per_image, 1))
+        for lo in range(0, x.shape[0], step):
+            cols = _patches(node, x[lo:lo + step]).double()
+            colsf = _patches(node, xs_float[b][lo:lo + step]).double() if xs_float is not None else None
+            n = cols.shape[-1]
+            if chosen is not None:
+                local = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
+                cols = cols[..., local]
+                colsf = colsf[..., local] if colsf is not None else None
+            offset += n
+            part = cols @ cols.transpose(-1, -2)
+            h = part if h is None else h + part
+            if colsf is not None:
+                part = colsf @ cols.transpose(-1, -2)
+                c = part if c is None else c + part
+    samples = min(total, max_samples)
+    assert h is not None
+    return h / samples, (c / samples if c is not None else None), samples, total
+
+
+def gptq_weight(node: Node, x: torch.Tensor | Sequence[torch.Tensor], qp: QParams,
+                x_float: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 max_samples: int = 65536) -> torch.Tensor | None:
     """Dequantized weight whose codes minimise ‖W x_float − Ŵ x‖ greedily (‖(W − Ŵ) x‖ without
-    ``x_float``); ``None`` when not applicable. ``x`` is the layer's quantized input."""
+    ``x_float``); ``None`` when not applicable. ``x`` is the layer's quantized input (a tensor, or its chunks
+    of images in order)."""
     res = gptq(node, x, qp, x_float, max_samples)
     return None if res is None else res.weight
 
 
 @torch.no_grad()
-def gptq(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor | None = None,
-         max_samples: int = 65536) -> GPTQResult | None:
+def gptq(node: Node, x: torch.Tensor | Sequence[torch.Tensor], qp: QParams,
+         x_float: torch.Tensor | Sequence[torch.Tensor] | None = None, max_samples: int = 65536) -> GPTQResult | None:
     """:func:`gptq_weight` with the values it rounded."""
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    xs_float = [x_float] if isinstance(x_float, torch.Tensor) else (list(x_float) if x_float is not None else None)
     w = node.params["weight"].double()
-    cols = _patches(node, x).double()
-    if cols.shape[-1] < MIN_SAMPLES_PER_COLUMN * cols.shape[-2]:
-        x_float = None  # too few samples to fit W' without over-fitting (checked before unfolding x_float)
-    colsf = _patches(node, x_float).double() if x_float is not None else None
-    if cols.shape[-1] > max_samples:
-        idx = torch.randperm(cols.shape[-1], generator=torch.Generator().manual_seed(0))[:max_samples]
-        cols = cols[..., idx]
-        colsf = colsf[..., idx] if colsf is not None else None
+    if is_depthwise(node) and w.shape[0] != xs[0].shape[1]:
+        return None  # channel multiplier > 1: keep round-to-nearest
+    if not is_depthwise(node) and w.flatten(1).shape[1] > MAX_COLUMNS:
+        return None
+    h, c, _, _ = _hessians(node, xs, xs_float, max_samples)
     scale = qp.scale.double()
     if is_depthwise(node):
-        if w.shape[0] != x.shape[1]:
-            return None  # channel multiplier > 1: keep round-to-nearest
         wm = w.flatten(1).clone()  # [C, k·k]
-        h = cols @ cols.transpose(-1, -2) / cols.shape[-1]  # [C, kk, kk]
-        if colsf is not None:
-            c = colsf @ cols.transpose(-1, -2) / cols.shape[-1]
+        if c is not None:
             wm = _compensated(wm.unsqueeze(1), h, c).squeeze(1)
         hinv = _inverse_cholesky(h)
         out, target = torch.empty_like(wm), torch.empty_like(wm)
@@ -125,12 +173,9 @@ def gptq(node: Node, x: torch.Tensor, qp: QParams, x_float: torch.Tensor | None 
             out[:, j] = q
         return GPTQResult(out.reshape(w.shape).float(), target.reshape(w.shape).float())
     wm = w.flatten(1).clone()  # [Cout, K]
-    if wm.shape[1] > MAX_COLUMNS:
-        return None
-    h = cols @ cols.t() / cols.shape[-1]
     dead = torch.diagonal(h) == 0
-    if colsf is not None and not dead.any():
-        wm = _compensated(wm, h, colsf @ cols.t() / cols.shape[-1])
+    if c is not None and not dead.any():
+        wm = _compensated(wm, h, c)
     h[dead, dead] = 1.0
     wm[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True)  # most active inputs first
