@@ -175,3 +175,37 @@ def test_predictions_are_refused_with_integer(capsys, tmp_path, odd_data):
     hq.write_bytes(b"")  # refused before it is read
     assert main(["eval", "--qmodel", str(hq), "--integer", "--predictions", *_common(odd_data)]) == 2
     assert "--predictions is not available with --integer" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def calib_data(tmp_path_factory) -> Path:
+    """The odd eval split and a small train split to calibrate on."""
+    root = tmp_path_factory.mktemp("odd_train") / "data"
+    write_images(root / "test", EVAL_COUNTS, seed=3)
+    write_images(root / "train", dict.fromkeys(EVAL_COUNTS, 2), seed=4)
+    return root
+
+
+def test_torchrun_quantize_writes_the_single_process_model(capsys, tmp_path, calib_data, spread_ckpt):
+    """Under torchrun the evaluations are split and calibration runs whole on each rank: the same model.hq
+    bytes, the same top-1 and agreement, and one set of outputs (rank 0's)."""
+    def argv(out: Path) -> list[str]:
+        return ["quantize", "--model", ARCH, "--checkpoint", str(spread_ckpt), "--method", "minmax",
+                "--scales", "float", "--calib", "8", *_common(calib_data), "--out-dir", str(out)]
+
+    assert main(argv(tmp_path / "single")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "hybridquant", *argv(tmp_path / "sharded")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((tmp_path / "single" / "report.json").read_text())
+    sharded = json.loads((tmp_path / "sharded" / "report.json").read_text())
+    assert sharded["eval_images"] == single["eval_images"] == EVAL_IMAGES
+    assert (single["eval_ranks"], sharded["eval_ranks"]) == (1, 2)
+    for key in ("fp32_top1", "quant_top1", "agreement_fp32", "drop_pp"):
+        assert sharded[key] == single[key], key
+    assert (tmp_path / "sharded" / "model.hq").read_bytes() == (tmp_path / "single" / "model.hq").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["model.hq", "report.json", "report.md"]
+    assert json.loads(proc.stdout)["quant_top1"] == single["quant_top1"]  # rank 0 alone printed

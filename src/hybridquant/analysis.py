@@ -12,14 +12,17 @@ and W6A6 — the damage the outliers do.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
 
 from .config import QuantConfig
 from .graph.ir import MAC_OPS, Graph
+from .graph.stream import FloatStream, split_images
 from .methods.hfq.outlier_scaling import layer_error, layer_output
 from .observers import channel_dim
+from .store import Workspace
 
 OUTLIER_FACTOR = 5.0
 SETTINGS = ((8, 8), (6, 6))
@@ -55,16 +58,26 @@ def tensor_stats(x: torch.Tensor, max_sample: int = 1 << 20) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def analyze_graph(graph: Graph, images: torch.Tensor) -> dict[str, Any]:
-    """Per-layer input statistics and per-tensor quantization damage, plus a per-block summary."""
-    values = graph.run(images, keep=True)
+def analyze_graph(graph: Graph, images: torch.Tensor, workspace: Workspace | None = None) -> dict[str, Any]:
+    """Per-layer input statistics and per-tensor quantization damage, plus a per-block summary.
+
+    The graph is walked value by value (:class:`~hybridquant.graph.stream.FloatStream`): one layer input
+    over all ``images`` is in memory at a time, besides the values the workspace keeps (a default one when
+    None)."""
+    ws = workspace if workspace is not None else Workspace()
+    macs = graph.by_op(*MAC_OPS)
+    readers = Counter(name for node in macs for name in node.inputs)
+    stream = FloatStream(graph, split_images(graph, images, ws), ws, hold=readers)
     layers = []
-    for node in graph.by_op(*MAC_OPS):
+    for node in macs:
         for idx, name in enumerate(node.inputs):
+            readers[name] -= 1
             src = graph.producer(name)
             if src.op == "input":
                 continue
-            x = values[name]
+            x = stream.value(name).whole()
+            if readers[name] == 0:
+                stream.release(name)
             row: dict[str, Any] = {
                 "layer": node.name, "op": node.op, "block": node.block, "input": idx,
                 "producer": src.name, "producer_op": src.op, **tensor_stats(x),
@@ -76,6 +89,7 @@ def analyze_graph(graph: Graph, images: torch.Tensor) -> dict[str, Any]:
                     err = layer_error(node, x, torch.ones(x.shape[1 if node.op == "conv2d" else -1]), cfg, out_ref)
                     row[f"sqnr_w{wb}a{ab}_db"] = round(_sqnr_from_rel(err), 2)
             layers.append(row)
+    stream.close()
     blocks: dict[str, dict[str, Any]] = {}
     for row in layers:
         b = blocks.setdefault(row["block"] or "other", {"layers": 0, "outlier_channels": 0, "max_channel_spread": 0.0,

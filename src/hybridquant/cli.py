@@ -450,20 +450,29 @@ def _eval_onnx(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Quantize, evaluate and write the model and its report. Under ``torchrun --nproc_per_node N`` the
+    evaluations are split over the N ranks and calibration runs whole on each (so every rank builds the
+    same model); rank 0 alone writes the outputs and prints the summary."""
     from . import qmodel
     from ._io import write_json, write_text
+    from .distributed import is_main, process_group
     from .pipeline import DataSpec, quantize_job
     from .report import quantize_report_md
 
     config = _quant_config(args)
     data = DataSpec(args.data, _overrides(args), args.limit, args.calib, args.batch_size, args.workers, args.seed)
     out_dir = Path(args.out_dir)
-    report, qgraph, meta = quantize_job(args.model, args.checkpoint, args.weights or args.pretrained, data, config, _device(args),
-                                        memory_budget=args.memory_budget, spill_dir=out_dir / ".spill")
-    qmodel.save(out_dir / "model.hq", qgraph, meta)
-    write_json(out_dir / "report.json", report)
-    write_text(out_dir / "report.md", quantize_report_md(report))
+    device = _device(args)
+    with process_group(device):
+        report, qgraph, meta = quantize_job(args.model, args.checkpoint, args.weights or args.pretrained, data,
+                                            config, device, memory_budget=args.memory_budget,
+                                            spill_dir=out_dir / ".spill")
+        if not is_main():
+            return None
+        qmodel.save(out_dir / "model.hq", qgraph, meta)
+        write_json(out_dir / "report.json", report)
+        write_text(out_dir / "report.md", quantize_report_md(report))
     keys = ("method", "wbits", "abits", "scales", "fp32_top1", "quant_top1", "drop_pp", "drop_ci95_pp",
             "agreement_fp32", "eval_images", "param_increase_pct", "seconds", "peak_rss_mb")
     return {**{k: report[k] for k in keys}, "out_dir": str(out_dir)}

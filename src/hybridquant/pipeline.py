@@ -8,10 +8,16 @@ The eval split is never held in memory: each evaluation streams it from a
 DataLoader, and only labels and top-1 predictions (one integer per image)
 are kept. Every phase's wall time and peak resident memory go into the
 report (:mod:`hybridquant.phases`).
+
+Under ``torchrun`` the evaluations are split over the ranks
+(:func:`~hybridquant.evaluate.evaluate_sharded`: every image counted once,
+the same predictions as one process); calibration runs whole on every rank,
+so every rank builds the same model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -35,7 +41,8 @@ from .data import (
     make_loader,
     random_subset,
 )
-from .evaluate import EvalResult, evaluate, paired_drop
+from .distributed import world_size
+from .evaluate import EvalResult, evaluate_sharded, paired_drop
 from .graph import capture
 from .graph.ir import MAC_OPS
 from .graph.quantized import QuantizedGraph
@@ -308,8 +315,8 @@ def fp32_result(prep: Prepared, batch_size: int = 128, progress: bool = True) ->
     if prep.fp32 is None:
         with _recorder(progress) as rec:
             with phase("eval fp32"):
-                prep.fp32 = evaluate(prep.loaded.model.to(prep.device), prep.eval_loader(batch_size), prep.device,
-                                     progress=progress, desc="eval fp32")
+                prep.fp32 = evaluate_sharded(prep.loaded.model.to(prep.device), prep.eval_set, batch_size,
+                                             prep.workers, prep.device, progress=progress, desc="eval fp32")
             prep.phases["eval fp32"] = dict(rec.records["eval fp32"])
             prep.peak_rss_mb = max(prep.peak_rss_mb, rec.records["eval fp32"]["peak_rss_mb"])
     return prep.fp32
@@ -336,8 +343,8 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128, progr
         with phase("quantize"):
             qgraph = quantize_graph(prep.graph, config, prep.calib, progress=progress, workspace=workspace)
         with phase("eval quantized"):
-            quant = evaluate(qgraph.run, prep.eval_loader(batch_size), "cpu", progress=progress,
-                             desc="eval quantized")
+            quant = evaluate_sharded(qgraph.run, prep.eval_set, batch_size, prep.workers, "cpu",
+                                     progress=progress, desc="eval quantized")
         with phase("layer sqnr"):
             sqnr_images = prep.calib[: config.sqnr_images]
             sqnr = layer_sqnr(qgraph, sqnr_images)  # against the transformed float graph (qgraph.reference)
@@ -357,6 +364,7 @@ def run_config(prep: Prepared, config: QuantConfig, batch_size: int = 128, progr
         **paired_drop(fp32.predictions == prep.eval_labels, quant.predictions == prep.eval_labels),
         "fp32_top5": fp32.top5, "quant_top5": quant.top5,
         "calib_images": int(prep.calib.shape[0]), "eval_images": quant.images,
+        "eval_ranks": world_size(),  # processes the evaluations were split over (torchrun)
         "param_increase_pct": qgraph.info.get("param_increase_pct", 0.0),
         "all_scales_pot": all_scales_pot(qgraph),
         "coverage": coverage(qgraph),
@@ -406,5 +414,6 @@ def quantize_job(
         return run_config(prep, config, data.batch_size, progress, workspace)
     finally:
         workspace.close()
-        if spill_dir is not None and Path(spill_dir).is_dir() and not any(Path(spill_dir).iterdir()):
-            Path(spill_dir).rmdir()  # made for this run; a folder holding anything else is left alone
+        if spill_dir is not None:
+            with contextlib.suppress(OSError):  # made for this run; a folder holding anything else is left alone
+                Path(spill_dir).rmdir()  # (under torchrun every rank tries: the last one removes it)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +228,22 @@ class Held(list):
 def as_chunks(x: torch.Tensor | Stored | Mapped | Held) -> Stored | Mapped | Held:
     """``x`` readable chunk by chunk (a tensor is one chunk)."""
     return Held([x]) if isinstance(x, torch.Tensor) else x
+
+
+class Lazy(Sequence):
+    """``n`` chunks computed (or read back) one at a time when indexed: a sequence of tensors that never
+    holds them all."""
+
+    def __init__(self, n: int, fn):
+        self.n, self.fn = n, fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.fn(i)
 
 
 class Mapped:

@@ -43,7 +43,7 @@ from ...graph.stream import FloatStream, split_images
 from ...phases import progress_enabled
 from ...primitives import exp2_int, pot_exponent, pot_scale, two_term_round
 from ...qparams import QParams, with_scale
-from ...store import Stored, Workspace
+from ...store import Lazy, Stored, Workspace
 from .lut_grid import lut_input_grid
 from .weight_rounding import gptq
 
@@ -247,8 +247,10 @@ def sequential_refine(
                     qgraph.weight[node.name] = wq
                     changed_w += n_changed
                     if weight_rounding:
-                        xs = [walker.inputs_of(node, b)[0] for b in range(len(walker))]
-                        x_float = list(walker.ref(node.inputs[0])) if input_compensation else None
+                        # chunk by chunk, never all at once: GPTQ sums its Hessian over the chunks
+                        xs = Lazy(len(walker), lambda b, node=node: walker.inputs_of(node, b)[0])
+                        x_float = Lazy(len(walker), walker.ref(node.inputs[0]).chunk) if input_compensation \
+                            else None
                         if (rounded := gptq(node, xs, wq, x_float)) is not None:
                             node.params["weight"] = rounded.weight  # RTN of these values gives GPTQ's codes
                             if rounding_targets is not None:

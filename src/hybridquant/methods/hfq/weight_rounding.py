@@ -150,8 +150,8 @@ def gptq_weight(node: Node, x: torch.Tensor | Sequence[torch.Tensor], qp: QParam
 def gptq(node: Node, x: torch.Tensor | Sequence[torch.Tensor], qp: QParams,
          x_float: torch.Tensor | Sequence[torch.Tensor] | None = None, max_samples: int = 65536) -> GPTQResult | None:
     """:func:`gptq_weight` with the values it rounded."""
-    xs = [x] if isinstance(x, torch.Tensor) else list(x)
-    xs_float = [x_float] if isinstance(x_float, torch.Tensor) else (list(x_float) if x_float is not None else None)
+    xs = [x] if isinstance(x, torch.Tensor) else x
+    xs_float = [x_float] if isinstance(x_float, torch.Tensor) else x_float
     w = node.params["weight"].double()
     if is_depthwise(node) and w.shape[0] != xs[0].shape[1]:
         return None  # channel multiplier > 1: keep round-to-nearest
