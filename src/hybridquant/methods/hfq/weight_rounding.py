@@ -106,7 +106,9 @@ def _hessians(node: Node, xs: Sequence[torch.Tensor], xs_float: Sequence[torch.T
     float64 a few images at a time, so memory does not grow with the images."""
     counts = [_columns(node, x) for x in xs]
     total = sum(counts)
-    k = _patches(node, xs[0][:1]).shape[-2]
+    one = _patches(node, xs[0][:1])
+    k = one.shape[-2]
+    rows = one.shape[:-1].numel()  # values per column: k, or C·k·k for a depthwise conv
     if total < MIN_SAMPLES_PER_COLUMN * k:
         xs_float = None  # too few samples to fit W' without over-fitting (decided before unfolding x_float)
     chosen = None
@@ -116,10 +118,11 @@ def _hessians(node: Node, xs: Sequence[torch.Tensor], xs_float: Sequence[torch.T
     offset = 0
     for b, x in enumerate(xs):
         per_image = counts[b] // max(x.shape[0], 1)
-        step = max(1, PATCH_BYTES // max(8 * k * per_image, 1))
+        step = max(1, PATCH_BYTES // max(8 * rows * per_image, 1))  # float64 patches of `step` images
+        xf = xs_float[b] if xs_float is not None else None
         for lo in range(0, x.shape[0], step):
             cols = _patches(node, x[lo:lo + step]).double()
-            colsf = _patches(node, xs_float[b][lo:lo + step]).double() if xs_float is not None else None
+            colsf = _patches(node, xf[lo:lo + step]).double() if xf is not None else None
             n = cols.shape[-1]
             if chosen is not None:
                 local = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
