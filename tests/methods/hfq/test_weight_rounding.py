@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hybridquant.graph.ir import Node
@@ -85,3 +86,23 @@ def test_input_compensation_skips_layers_with_too_few_samples():
     node = Node("fc", "linear", ["x"], {}, {"weight": w})
     qp = restrict_pot(weight_qparams(w, 4))
     assert torch.equal(gptq_weight(node, x, qp, x_float=2 * x), gptq_weight(node, x, qp))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_hessians_over_chunks_and_steps_equal_one_pass(monkeypatch, groups):
+    """GPTQ's statistics summed chunk by chunk, one image per step, over the same random subset of columns
+    as one pass over everything: equal up to float64 summation order (a wrong column offset would pick
+    other columns and fail)."""
+    from hybridquant.methods.hfq import weight_rounding as wr
+
+    g = torch.Generator().manual_seed(2)
+    attrs = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": groups}
+    node = Node("c", "conv2d", ["x"], attrs, {"weight": torch.randn(4, 4 // groups, 3, 3, generator=g)})
+    x = torch.randn(20, 4, 6, 6, generator=g)
+    xf = x + 0.1 * torch.randn(20, 4, 6, 6, generator=g)
+    h1, c1, s1, t1 = wr._hessians(node, [x], [xf], max_samples=600)
+    monkeypatch.setattr(wr, "PATCH_BYTES", 1)
+    h2, c2, s2, t2 = wr._hessians(node, list(x.split(3)), list(xf.split(3)), max_samples=600)
+    assert (s1, t1) == (s2, t2) == (600, 720)
+    assert torch.allclose(h1, h2, rtol=1e-12, atol=1e-12) and torch.allclose(c1, c2, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(h1, wr._hessians(node, [x], None, max_samples=720)[0], rtol=1e-3)  # a subset
