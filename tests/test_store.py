@@ -71,3 +71,13 @@ def test_chunk_images_follow_the_largest_value():
     assert ws.chunk_images(100) == 10
     assert ws.chunk_images(100, cap=4) == 4
     assert ws.chunk_images(10**6) == 1
+
+
+def test_a_view_is_stored_as_its_own_copy():
+    """A slice of a bigger tensor (q out of qkv) would keep the whole base alive while counting only itself."""
+    base = torch.randn(4, 30)
+    with Workspace(10**9) as ws:
+        s = Stored.of(ws, [base[:, :10]], [4])
+        kept = s.chunks[0]
+        assert torch.equal(kept, base[:, :10])
+        assert kept.untyped_storage().nbytes() == 4 * 10 * 4 == ws.resident

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 #: the largest activation of one chunk (of every image in it) the walkers aim for: a chunk's working set
-#: is a few such tensors
-CHUNK_BYTES = 256 * 2**20
+#: is up to ~8 such tensors (a consumer's inputs, target, candidate value, output, error), read back from
+#: disk once values spill; 64 MiB keeps that near 0.5 GiB (256 MiB: the exponent search of mobilevit_xxs at
+#: 256×256 peaked ~1.75 GB higher with 256 calibration images, mostly spilled, than with 64, mostly held)
+CHUNK_BYTES = 64 * 2**20
 MIN_BUDGET, MAX_BUDGET = 512 * 2**20, 16 * 2**30
 
 
@@ -125,6 +127,8 @@ class Stored:
         """Add the next chunk (``images`` images); kept in memory within the budget, else spilled."""
         t = t.detach()
         nbytes = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() > nbytes:
+            t = t.clone()  # a view (a slice of q/k/v, a split) would keep its whole base alive, uncounted
         if self.ws.resident + nbytes <= self.ws.budget:
             self.chunks.append(t)
             self.ws.resident += nbytes
@@ -140,7 +144,7 @@ class Stored:
             self._file = Path(path)
         arr = t.contiguous().cpu().numpy()
         with open(self._file, "ab") as f:
-            f.write(arr.tobytes())
+            arr.tofile(f)  # no bytes copy of the chunk
         chunk = _Spilled(t.dtype, t.shape, self._size)
         self._size += arr.nbytes
         self.ws.spilled_bytes += arr.nbytes
