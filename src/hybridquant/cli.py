@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from . import heap
 from .errors import HybridQuantError
 
 EXIT_USER_ERROR = 2
@@ -557,12 +558,14 @@ def _user_message(exc: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    heap.prepare_environment()  # this module imports no torch: the commands do, after this
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         _check_runtime(args)
         _check_paths(args)
         _seed(args.seed)
+        heap.configure()  # chunk-sized tensors get their own mappings: memory flat in calibration images
         result = COMMANDS[args.command](args)
     except Exception as exc:
         message = _user_message(exc)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import heap
+
 _CURRENT: contextvars.ContextVar[Phases | None] = contextvars.ContextVar("hybridquant_phases", default=None)
 
 
@@ -84,11 +86,13 @@ class Phases:
         _CURRENT.reset(self._token)
 
     def _fold(self) -> None:
-        """Fold the high-water mark since the last boundary into every open phase, and reset it."""
+        """Fold the high-water mark since the last boundary into every open phase, and reset it (after
+        handing freed heap back, so that the next phase's peak is not the last one's leftovers)."""
         hwm = peak_rss_bytes()
         self.peak = max(self.peak, hwm)
         for p in self._stack:
             p.peak = max(p.peak, hwm)
+        heap.release()
         if self._resets:
             self._resets = _reset_hwm()
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ... import heap
 from ...config import QuantConfig
 from ...graph.ir import Graph, Node
 from ...graph.stream import FloatStream, split_images
@@ -64,8 +65,10 @@ def _pot(x: torch.Tensor) -> torch.Tensor:
 def _act_qparams(xs: Chunks, bits: int, pot: bool, symmetry: str) -> QParams:
     """Min-max qparams of the value ``xs`` (all its chunks); with ``pot`` the best of a few power-of-two
     exponents by tensor MSE over every chunk, as the engine's search would do."""
-    lo = min(float(c.min()) for c in xs)
-    hi = max(float(c.max()) for c in xs)
+    lo, hi = float("inf"), float("-inf")
+    for c in xs:  # one pass: a Mapped value is computed again on every pass
+        c_lo, c_hi = torch.aminmax(c)
+        lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
     qp = range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, choose_mode(lo, hi, symmetry))
     if not pot:
         return qp
@@ -81,7 +84,7 @@ def _act_qparams(xs: Chunks, bits: int, pot: bool, symmetry: str) -> QParams:
     count = 0
     for x in xs:
         for i, cand in enumerate(cands):
-            errs[i] = errs[i] + (cand.fake(x) - x).pow(2).sum()
+            errs[i] = errs[i] + cand.fake(x).sub_(x).pow_(2).sum()  # in place on fake's fresh tensor
         count += x.numel()
     best, best_err = cands[0], float("inf")
     for cand, err in zip(cands, errs, strict=True):
@@ -134,7 +137,7 @@ def layer_error(node: Node, x: Chunks | torch.Tensor, alpha: torch.Tensor, confi
     wq = _quant_weight(w * factor.reshape(weight_scale_shape(node)), config.wbits, config.pot)
     err = torch.zeros(())
     for b in range(len(x)):
-        err = err + (layer_output(node, aq.fake(scaled.chunk(b)), wq) - ref.chunk(b)).pow(2).sum()
+        err = err + layer_output(node, aq.fake(scaled.chunk(b)), wq).sub_(ref.chunk(b)).pow_(2).sum()
     return float(err / (_sum_sq(ref) if norm is None else norm).clamp_min(1e-30))
 
 
@@ -250,6 +253,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
             readers[node.inputs[0]] -= 1
             if readers[node.inputs[0]] == 0:
                 stream.release(node.inputs[0])
+            heap.release()
             if best_alpha is None or best_err > (1 - MIN_GAIN) * base:
                 continue
             how = apply_input_scaling(graph, node, best_alpha)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ... import heap
 from ...graph import ops as graph_ops
 from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
@@ -183,6 +184,7 @@ class _Walker:
             if name in self._done and self.hold_until.get(name, name) in self._done and all(
                     u.name in self._done for u in self.graph.users(name) if u.op != "output"):
                 self._free(name)
+        heap.release()
 
     def _free(self, name: str, release_ref: bool = True) -> None:
         q, raw = self.q.pop(name, None), self.raw.pop(name, None)

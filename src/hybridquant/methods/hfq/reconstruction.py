@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ... import heap
 from ...graph import ops as graph_ops
 from ...graph.ir import Graph, Node
 from ...graph.quantized import QuantizedGraph
@@ -272,6 +273,7 @@ def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor
         for store in (store_q, store_raw, store_f):
             for k in [k for k in store if k not in block.read_later]:
                 _drop(store, k, (store_q, store_raw, store_f))
+        heap.release()
     bar.close()
     for store in (store_q, store_raw, store_f):
         for k in list(store):
