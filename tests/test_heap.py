@@ -1,5 +1,6 @@
 """The C heap set-up of :mod:`hybridquant.heap`: large tensors go back to the system when freed."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,8 @@ _PROBE = textwrap.dedent("""
 
 
 def _retained_mib(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE" and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -52,7 +54,7 @@ def test_command_line_module_imports_no_torch():
 def test_prepare_environment_keeps_a_users_choice(monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     heap.prepare_environment()
-    assert heap.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     heap.prepare_environment()
-    assert heap.os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"

@@ -58,7 +58,7 @@ def parse_size(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu); quantize runs only its FP32 evaluation there: calibration and the simulated model run on the CPU")
     g.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -179,11 +179,23 @@ class Stored:
 
     def rows(self, images: torch.Tensor) -> torch.Tensor:
         """The rows of the given images (global image indices), in that order."""
-        return gather_rows(self.images, [c.shape[0] for c in self.chunks], self._rows_of, images)
+        first = self.chunks[0]
+        return gather_rows(self.images, [c.shape[0] for c in self.chunks], first.shape[1:], first.dtype,
+                           self._rows_into, images)
 
-    def _rows_of(self, ci: int, lo: int, hi: int) -> torch.Tensor:
+    def _rows_into(self, ci: int, lo: int, hi: int, out: torch.Tensor) -> None:
         c = self.chunks[ci]
-        return c[lo:hi] if isinstance(c, torch.Tensor) else self._read(c, lo, hi)
+        if isinstance(c, torch.Tensor):
+            out.copy_(c[lo:hi])
+            return
+        assert self._file is not None
+        row_bytes = out[0].numel() * out.element_size()
+        view = memoryview(out.numpy()).cast("B")  # out is a contiguous slice of gather_rows' buffer
+        with open(self._file, "rb") as f:
+            f.seek(c.offset + lo * row_bytes)
+            got = f.readinto(view)
+        if got != (hi - lo) * row_bytes:
+            raise OSError(f"spill file {self._file} is shorter than its index")
 
     def whole(self) -> torch.Tensor:
         """Every chunk concatenated (for small values only)."""
@@ -201,17 +213,22 @@ class Stored:
             self._size = 0
 
 
-def gather_rows(images_per_chunk: list[int], rows_per_chunk: list[int], read, images: torch.Tensor) -> torch.Tensor:
+def gather_rows(images_per_chunk: list[int], rows_per_chunk: list[int], row_shape: Sequence[int],
+                dtype: torch.dtype, read_into, images: torch.Tensor) -> torch.Tensor:
     """Rows of the given global image indices (in that order) from chunks of consecutive images; each chunk
-    holds the same number of rows for each of its images, and ``read(chunk, lo, hi)`` returns rows ``lo:hi``."""
+    holds the same number of rows for each of its images, and ``read_into(chunk, lo, hi, out)`` writes rows
+    ``lo:hi`` into ``out``. One buffer is allocated for the result and filled in place (a batch gathered
+    image by image from spilled chunks would otherwise allocate once per image, and fragment the heap)."""
     starts = np.cumsum([0, *images_per_chunk])
     chunk_of = np.searchsorted(starts, images.numpy(), side="right") - 1
-    out = []
-    for img, ci in zip(images.tolist(), chunk_of.tolist(), strict=True):
-        per = rows_per_chunk[ci] // images_per_chunk[ci]
+    pers = [rows_per_chunk[ci] // images_per_chunk[ci] for ci in chunk_of.tolist()]
+    out = torch.empty(sum(pers), *row_shape, dtype=dtype)
+    at = 0
+    for img, ci, per in zip(images.tolist(), chunk_of.tolist(), pers, strict=True):
         local = img - int(starts[ci])
-        out.append(read(ci, local * per, (local + 1) * per))
-    return torch.cat(out)
+        read_into(ci, local * per, (local + 1) * per, out[at:at + per])
+        at += per
+    return out
 
 
 class Held(list):
@@ -226,7 +243,8 @@ class Held(list):
 
     def rows(self, images: torch.Tensor) -> torch.Tensor:
         """The rows of the given images (global indices: one row per image)."""
-        return gather_rows(self.images, self.images, lambda ci, lo, hi: self[ci][lo:hi], images)
+        return gather_rows(self.images, self.images, self[0].shape[1:], self[0].dtype,
+                           lambda ci, lo, hi, out: out.copy_(self[ci][lo:hi]), images)
 
 
 def as_chunks(x: torch.Tensor | Stored | Mapped | Held) -> Stored | Mapped | Held:

@@ -27,3 +27,18 @@ def test_stream_values_equal_a_whole_run_and_unheld_values_are_freed(tmp_path):
         assert "blk.add" not in stream.values
         stream.close()
         assert ws.resident == 0
+
+
+def test_split_images_of_batches_equals_the_split_of_their_concatenation():
+    graph = make_toy_graph()
+    x = torch.randn(23, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    ws = Workspace(chunk_bytes=image_bytes(graph, x) * 5)  # 5 images per chunk
+    batches = list(x.split(7))  # chunk boundaries fall inside and across batches
+    for limit in (None, 12, 100):
+        whole = split_images(graph, x[:limit], ws)
+        parts = split_images(graph, batches, ws, limit=limit)
+        assert [c.shape[0] for c in parts] == [c.shape[0] for c in whole]
+        assert all(torch.equal(a, b) for a, b in zip(parts, whole, strict=True))
+    chunks = split_images(graph, batches, ws)
+    # the first chunk lies inside the first batch: a view of it, not a copy
+    assert chunks[0].untyped_storage().data_ptr() == batches[0].untyped_storage().data_ptr()

@@ -33,11 +33,32 @@ def image_bytes(graph: Graph, x: torch.Tensor) -> int:
     return largest
 
 
-def split_images(graph: Graph, x: torch.Tensor, ws: Workspace, cap: int | None = None) -> list[torch.Tensor]:
-    """``x`` in chunks of as many images as the workspace's chunk size allows for this graph (at most ``cap``)."""
-    if x.shape[0] == 0:
+def split_images(graph: Graph, x: torch.Tensor | list[torch.Tensor], ws: Workspace, cap: int | None = None,
+                 limit: int | None = None) -> list[torch.Tensor]:
+    """The first ``limit`` images (all when None) of ``x`` — a tensor, or a list of batches taken as one — in
+    chunks of as many images as the workspace's chunk size allows for this graph (at most ``cap``).
+
+    A chunk inside one batch is a view of it; only a chunk that spans batches is copied, so the calibration
+    images are never copied whole (at 256×256, 256 images are 200 MB)."""
+    batches = [x] if isinstance(x, torch.Tensor) else [b for b in x if b.shape[0]]
+    total = sum(b.shape[0] for b in batches)
+    total = total if limit is None else min(total, limit)
+    if total == 0:
         return []
-    return list(x.split(ws.chunk_images(image_bytes(graph, x), cap)))
+    size = ws.chunk_images(image_bytes(graph, batches[0]), cap)
+    chunks: list[torch.Tensor] = []
+    pieces: list[torch.Tensor] = []
+    have = taken = 0
+    for b in batches:
+        start = 0
+        while start < b.shape[0] and taken < total:
+            n = min(size - have, b.shape[0] - start, total - taken)
+            pieces.append(b[start:start + n])
+            have, start, taken = have + n, start + n, taken + n
+            if have == size or taken == total:
+                chunks.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+                pieces, have = [], 0
+    return chunks
 
 
 class FloatStream:

@@ -31,8 +31,9 @@ def test_activation_search_picks_the_best_exponent_and_moves_some(toy_calib):
     this graph that is strictly better than naive rounding for several tensors: a search that returned the
     naive exponent unchanged would pass "never worse" but fails here."""
     qg = quantize_graph(make_toy_graph(), QuantConfig(method="minmax", scales="pot", abits=6, wbits=6), toy_calib)
-    walker = _Walker(qg, torch.cat(toy_calib))
-    values = qg.graph.run(walker.x, keep=True)
+    x = torch.cat(toy_calib)
+    walker = _Walker(qg, x)
+    values = qg.graph.run(x, keep=True)
     improved = []
     for node in qg.graph:
         if node.op == "output":

@@ -144,10 +144,10 @@ class HFQ(Method):
             else:
                 info, targets = self._float_or_pot(qgraph, calib, config)
         if float_graph is not None:
-            images = torch.cat(calib)[:RECONSTRUCTION_IMAGES]
             with phase("reconstruction"):
-                info["reconstruction"] = reconstruct(qgraph, float_graph, images, config.reconstruction_iters,
-                                                     start=targets, workspace=self.workspace)
+                info["reconstruction"] = reconstruct(qgraph, float_graph, calib, config.reconstruction_iters,
+                                                     start=targets, workspace=self.workspace,
+                                                     limit=RECONSTRUCTION_IMAGES)
                 qgraph.rebuild()
         return info
 
@@ -156,8 +156,7 @@ class HFQ(Method):
         gives the smaller network output error on the search images. Float scales are a superset of powers
         of two, but a layer-by-layer greedy search over more candidates is not always better end to end;
         this way a float-scale model is never worse than the power-of-two one on the calibration data."""
-        x = torch.cat(calib)[:SEARCH_IMAGES]
-        chunks = split_images(qgraph.graph, x, self.workspace)
+        chunks = split_images(qgraph.graph, calib, self.workspace, limit=SEARCH_IMAGES)
         refs = [qgraph.graph.run(c) for c in chunks]  # logits: small
         twin = pot_twin(qgraph, config.replace(scales="pot", pot_rounding="objective"))
         twin_info, twin_targets = self._search(twin, calib, twin.config)

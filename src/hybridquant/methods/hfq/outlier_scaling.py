@@ -215,18 +215,19 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
     The layers' inputs are the float model's before any change (a copy of the graph walked chunk by chunk,
     kept in ``workspace``, a default one when None)."""
     config = config.replace(scales="pot")  # α is chosen under power-of-two quantizers for float scales too
-    x = torch.cat(calib)[:max_images]
     ws = workspace if workspace is not None else Workspace()
     layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).op != "input"]
     readers = Counter(n.inputs[0] for n in layers)
-    stream = FloatStream(graph.clone(), split_images(graph, x, ws), ws, hold=readers)
+    chunks = split_images(graph, calib, ws, limit=max_images)
+    probe = chunks[0][:8]  # images to check a channel shift on
+    stream = FloatStream(graph.clone(), chunks, ws, hold=readers)
     applied: list[dict[str, Any]] = []
     shifted: list[dict[str, str]] = []
     explicit_params = 0
     try:
         for node in tqdm(layers, desc="outlier scaling", disable=not progress_enabled(), leave=False):
             xin: Chunks = stream.value(node.inputs[0])
-            if config.channel_shift and (res := channel_shift(graph, node, xin, config, x[:8])) is not None:
+            if config.channel_shift and (res := channel_shift(graph, node, xin, config, probe)) is not None:
                 xin = res[0]
                 shifted.append({"layer": node.name, "block": node.block, "shift": res[1]})
             w = node.params["weight"]

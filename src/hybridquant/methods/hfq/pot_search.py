@@ -85,12 +85,12 @@ class _Walker:
     A value is freed once its node and every reader of it are done (:meth:`done`): memory holds the values
     that are live at one point of the graph, and the workspace spills those past its budget."""
 
-    def __init__(self, qgraph: QuantizedGraph, x: torch.Tensor, workspace: Workspace | None = None):
+    def __init__(self, qgraph: QuantizedGraph, x: torch.Tensor | list[torch.Tensor],
+                 workspace: Workspace | None = None, limit: int | None = None):
         self.qg = qgraph
         self.graph = qgraph.graph
         self.ws = workspace if workspace is not None else Workspace()
-        self.x = x
-        self.chunks = split_images(self.graph, x, self.ws)
+        self.chunks = split_images(self.graph, x, self.ws, limit=limit)
         self.images = [c.shape[0] for c in self.chunks]
         self.stream = FloatStream(self.graph.clone(), self.chunks, self.ws)
         self.index = {n.name: i for i, n in enumerate(self.graph)}
@@ -229,8 +229,7 @@ def sequential_refine(
     quantizer is chosen, and until then the table reads it exactly. ``float_scales`` searches float
     scales around the power-of-two candidates (the qparams start as float min-max scales). Values are
     kept chunk by chunk in ``workspace`` (a default one when None)."""
-    x = torch.cat(calib)[:max_images]
-    walker = _Walker(qgraph, x, workspace)
+    walker = _Walker(qgraph, calib, workspace, limit=max_images)
     graph = qgraph.graph
     raw_needed = {n.inputs[0] for n in graph if n.attrs.get("raw_input")}
     lut_grids = lut_grids or {}
@@ -241,7 +240,7 @@ def sequential_refine(
     try:
         for node in tqdm(nodes, desc="exponent search", disable=not progress_enabled(), leave=False):
             if node.op == "input":
-                raw = walker.split(x)
+                raw = Stored.of(walker.ws, walker.chunks)
             else:
                 wq = qgraph.weight.get(node.name)
                 if wq is not None and (search_weights or bias_correction):
@@ -286,7 +285,7 @@ def sequential_refine(
         walker.close()
     qgraph.rebuild()
     return {"weight_channels_moved": changed_w, "act_exponents_moved": changed_a, "act_zero_points_lowered": changed_zp,
-            "lut_threshold_grids": len(lut_grids), "gptq_layers": rounded_layers, "images": int(x.shape[0])}
+            "lut_threshold_grids": len(lut_grids), "gptq_layers": rounded_layers, "images": sum(walker.images)}
 
 
 def _correct_bias(walker: _Walker, node: Node, wq: QParams) -> None:

@@ -199,10 +199,11 @@ def _batched(block: _Block, store_q: dict[str, Values], store_raw: dict[str, Val
 CHUNK_IMAGES = 128
 
 
-def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
+def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor | list[torch.Tensor], iters: int,
                 start: dict[str, torch.Tensor] | None = None, seed: int = 0,
-                workspace: Workspace | None = None) -> dict[str, Any]:
-    """Learn the rounding and biases of every block of ``qgraph`` in place; ``float_graph`` is the float model
+                workspace: Workspace | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Learn the rounding and biases of every block of ``qgraph`` in place, on the first ``limit`` images of
+    ``calib`` (a tensor or a list of batches; all when None); ``float_graph`` is the float model
     (same node names) whose outputs are the targets. A weight's rounding starts from its float values, or
     from ``start[name]`` (the values GPTQ rounded, so that learning starts next to GPTQ's codes). The values
     at block boundaries (quantized, before quantizers, float targets) are kept chunk by chunk in
@@ -213,22 +214,26 @@ def reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor,
     torch.set_num_threads(1)
     ws = workspace if workspace is not None else Workspace()
     try:
-        return _reconstruct(qgraph, float_graph, calib, iters, start or {}, seed, ws)
+        chunks = split_images(float_graph, calib, ws, cap=CHUNK_IMAGES, limit=limit)
+        return _reconstruct(qgraph, float_graph, chunks, iters, start or {}, seed, ws)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor, iters: int,
+def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, chunks: list[torch.Tensor], iters: int,
                  start: dict[str, torch.Tensor], seed: int, ws: Workspace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     plan = _plan(qgraph.graph)
     raw_needed = {n.inputs[0] for n in qgraph.graph if n.attrs.get("raw_input")}
     name_in = qgraph.graph.nodes[0].name
-    n = calib.shape[0]
-    chunks = split_images(float_graph, calib, ws, cap=CHUNK_IMAGES)
+    n = sum(c.shape[0] for c in chunks)
     qp_in = qgraph.act.get(name_in)
     x_in = Held(chunks)
-    store_q: dict[str, Values] = {name_in: Held([qp_in.fake(c) for c in chunks]) if qp_in is not None else x_in}
+    store_q: dict[str, Values] = {name_in: x_in}
+    if qp_in is not None:  # the quantized input is as large as the images: stored, so it counts in the budget
+        store_q[name_in] = Stored(ws)
+        for c in chunks:
+            store_q[name_in].append(qp_in.fake(c), c.shape[0])
     store_raw: dict[str, Values] = {name_in: x_in}
     store_f: dict[str, Values] = {name_in: x_in}
     no_act: dict[str, QParams] = {}
@@ -279,7 +284,7 @@ def _reconstruct(qgraph: QuantizedGraph, float_graph: Graph, calib: torch.Tensor
         for k in list(store):
             _drop(store, k, (store_q, store_raw, store_f))
     return {"blocks": len(rows), "blocks_kept": sum(r["kept"] for r in rows), "iters": iters,
-            "images": int(calib.shape[0]), "per_block": rows}
+            "images": n, "per_block": rows}
 
 
 def _free_all(values: dict[str, Stored]) -> None:
