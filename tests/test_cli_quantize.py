@@ -162,18 +162,44 @@ def test_hfq_switches_reach_the_config(flags, changes):
     (["--method", "ptq4vit", "--pot-rounding", "ceil"], {"method": "ptq4vit", "pot_rounding": "ceil"}),
     (["--wbits", "6", "--abits", "4", "--first-last-8bit", "--float-ops", "a*, b"],
      {"wbits": 6, "abits": 4, "first_last_8bit": True, "float_ops": ("a*", "b")}),
-    (["--method", "percentile", "--percentile", "99.9", "--shift-terms", "2", "--alpha", "float"],
-     {"method": "percentile", "percentile": 99.9, "shift_terms": 2, "alpha_pot": False}),
-    (["--no-ptf", "--reconstruction-iters", "5"], {"ptf": False, "reconstruction_iters": 5}),
+    (["--method", "percentile", "--percentile", "99.9", "--shift-terms", "2"],
+     {"method": "percentile", "percentile": 99.9, "shift_terms": 2}),
+    (["--no-ptf", "--reconstruction-iters", "5", "--alpha", "float"],
+     {"ptf": False, "reconstruction_iters": 5, "alpha_pot": False}),
+    (["--method", "smoothquant", "--smoothquant-alpha", "0.7"], {"method": "smoothquant", "alpha": 0.7}),
+    (["--method", "hyq", "--hyq-iters", "12"], {"method": "hyq", "iters": 12}),
 ], ids=["none", "minmax", "hfq-float", "pot-rounding-round", "minmax-pot", "ptq4vit-ceil", "bits", "percentile",
-        "switch"])
+        "switch", "smoothquant", "hyq"])
 def test_cli_config_equals_api_config(flags, kwargs):
     from hybridquant.cli import _quant_config, build_parser
     from hybridquant.config import QuantConfig
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--data", "d", "--out-dir", "o", *flags])
-    assert _quant_config(args) == QuantConfig(**kwargs)
-    assert _quant_config(args).to_dict() == QuantConfig(**kwargs).to_dict()
+    assert _quant_config(args) == QuantConfig.build(**kwargs)
+    assert _quant_config(args).to_dict() == QuantConfig.build(**kwargs).to_dict()
+
+
+@pytest.mark.parametrize("flags, owner", [(["--method", "minmax", "--no-reconstruction"], "hfq"),
+                                          (["--percentile", "99"], "percentile"),
+                                          (["--method", "hfq", "--hyq-iters", "3"], "hyq")])
+def test_an_option_of_another_method_is_a_one_line_error(tmp_path, capsys, flags, owner):
+    """An option the chosen method does not read would change nothing: refused, before any work."""
+    out_dir = tmp_path / "o"
+    code = main(["quantize", "--model", "m", "--data", str(tmp_path), "--out-dir", str(out_dir), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and f"of --method {owner}" in err and len(err.strip().split("\n")) == 1
+    assert not out_dir.exists()
+
+
+def test_every_method_option_has_one_flag_and_the_methods_match_their_configs():
+    from hybridquant.cli import _method_flags
+    from hybridquant.config import METHOD_CONFIGS
+    from hybridquant.methods import METHODS
+
+    flags = [flag for _, _, flag, _ in _method_flags()]
+    assert len(flags) == len(set(flags))
+    assert METHODS.keys() == METHOD_CONFIGS.keys()
+    assert all(METHODS[m].config_class is METHOD_CONFIGS[m] for m in METHODS)
 
 
 def test_no_flags_is_hfq_pot_objective():
@@ -185,12 +211,12 @@ def test_no_flags_is_hfq_pot_objective():
 
 
 def test_switches_turn_off_fields_that_default_to_on():
-    from hybridquant.cli import _SWITCHES
+    from hybridquant.cli import _method_flags
     from hybridquant.config import field_defaults
 
-    d = field_defaults()
-    assert all(d[name] is True for name, _ in _SWITCHES.values())
-    assert d["first_last_8bit"] is False  # --first-last-8bit can only switch it on
+    switches = [(f, flag) for _, f, flag, _ in _method_flags() if flag.startswith("--no-")]
+    assert len(switches) == 9 and all(f.default is True for f, _ in switches)  # hfq's ablations
+    assert field_defaults()["first_last_8bit"] is False  # --first-last-8bit can only switch it on
 
 
 def test_help_states_the_defaults(capsys):

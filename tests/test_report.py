@@ -69,7 +69,7 @@ def toy_run():
     gen = torch.Generator().manual_seed(3)
     calib = torch.rand(32, 3, 6, 6, generator=gen) * 2 - 1
     prep = _prepared(make_toy_graph(), calib)
-    cfg = QuantConfig(method="hfq", scales="pot", wbits=8, abits=8, reconstruction_iters=20)
+    cfg = QuantConfig.build(method="hfq", scales="pot", wbits=8, abits=8, reconstruction_iters=20)
     report, qgraph, _ = run_config(prep, cfg, batch_size=8, progress=False)
     return prep, report, qgraph
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridquant.store import Held, Mapped, Stored, Workspace, default_budget
+from hybridquant import store
+from hybridquant.store import MAX_BUDGET, MIN_BUDGET, Held, Mapped, Stored, Workspace, default_budget
 
 
 def _value(ws: Workspace, n: int = 7, per: int = 3, chunk: int = 3) -> tuple[Stored, torch.Tensor]:
@@ -60,8 +61,15 @@ def test_mapped_and_held_read_like_stored():
     assert torch.equal(h.rows(torch.tensor([2, 0])), torch.tensor([[0.0] * 3, [1.0] * 3]))
 
 
-def test_default_budget_is_bounded():
-    assert 512 * 2**20 <= default_budget() <= 16 * 2**30
+@pytest.mark.parametrize("phys, want", [(24 * 2**30, 24 * 2**30 // 48), (2**30, MIN_BUDGET),
+                                         (2**40, MAX_BUDGET)])
+def test_default_budget_is_a_share_of_the_machine_within_bounds(monkeypatch, phys, want):
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": phys // 4096}
+    monkeypatch.setattr(store.os, "sysconf", pages.__getitem__)
+    assert default_budget() == want
+
+
+def test_negative_budget_is_refused():
     with pytest.raises(ValueError):
         Workspace(-1)
 

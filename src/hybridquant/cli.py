@@ -9,6 +9,7 @@ written atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import re
@@ -88,33 +89,32 @@ def _add_data(p: argparse.ArgumentParser, limit: bool = True) -> None:
         g.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of N images")
 
 
-#: hfq ablation switches: flag -> the QuantConfig field it turns off (each of those defaults to on)
-_SWITCHES: dict[str, tuple[str, str]] = {
-    "--no-outlier-scaling": ("outlier_scaling", "hfq: skip outlier scaling (ablation)"),
-    "--no-weight-rounding": ("weight_rounding", "hfq: round weights to nearest (ablation)"),
-    "--no-input-compensation": ("input_compensation",
-                                "hfq: weight rounding ignores the error arriving at each layer's input (ablation)"),
-    "--no-bias-correction": ("bias_correction", "hfq: skip bias correction (ablation)"),
-    "--no-channel-shift": ("channel_shift",
-                           "hfq: do not centre the input channels of layers that read a norm (ablation)"),
-    "--no-ptf": ("ptf", "hfq: no per-channel power-of-two factors on LayerNorm inputs (ablation)"),
-    "--no-lut-thresholds": ("lut_thresholds",
-                            "hfq: uniform grids on lookup-table inputs instead of threshold grids (ablation)"),
-    "--no-lut-zero-point": ("lut_zero_point",
-                            "hfq: symmetric grids on lookup-table inputs, no zero-point search (ablation)"),
-    "--no-reconstruction": ("reconstruction",
-                            "hfq: skip block reconstruction, the learned rounding and biases per block (ablation; faster)"),
-}
+def _method_flags():
+    """``(method, field, flag, metadata)`` of every method option that has a command-line flag, from the
+    methods' config dataclasses: ``--name`` (or the field's own flag), ``--no-name`` for a switch that is on
+    by default."""
+    from .config import METHOD_CONFIGS
+
+    for method, options_class in METHOD_CONFIGS.items():
+        for f in dataclasses.fields(options_class):
+            meta = f.metadata
+            if not meta.get("cli", True):
+                continue
+            dashed = f.name.replace("_", "-")
+            flag = meta.get("flag") or (f"--no-{dashed}" if f.default is True and "choices" not in meta
+                                        else f"--{dashed}")
+            yield method, f, flag, meta
 
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
-    """The quantization options; every default is QuantConfig's (``config.field_defaults``)."""
-    from .config import POT_ROUNDING, describe_method_default, field_defaults
-    from .methods import METHODS
+    """The quantization options: QuantConfig's, then each method's, built from the config dataclasses (their
+    defaults are the only defaults)."""
+    from .config import METHOD_CONFIGS, POT_ROUNDING, describe_method_default, field_defaults
 
     d = field_defaults()
     g = p.add_argument_group("quantization")
-    g.add_argument("--method", default=d["method"], help=f"one of: {', '.join(sorted(METHODS))} (default %(default)s)")
+    g.add_argument("--method", default=d["method"],
+                   help=f"one of: {', '.join(sorted(METHOD_CONFIGS))} (default %(default)s)")
     g.add_argument("--wbits", type=int, default=d["wbits"], help="weight bits: 2-8 or 16 (default %(default)s)")
     g.add_argument("--abits", type=int, default=d["abits"], help="activation bits: 2-8 or 16 (default %(default)s)")
     g.add_argument("--scales", default=d["scales"],
@@ -128,33 +128,43 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     g.add_argument("--float-ops", default=",".join(d["float_ops"]),
                    help="comma-separated node names (globs) to leave in float (default: none)")
     g.add_argument("--calib", type=int, default=512, help="calibration images from train/ (default %(default)s)")
-    g.add_argument("--percentile", type=float, default=d["percentile"],
-                   help="percentile of the percentile method (default %(default)s)")
-    g.add_argument("--smoothquant-alpha", type=float, default=d["smoothquant_alpha"],
-                   help="migration strength of smoothquant (default %(default)s)")
-    g.add_argument("--hyq-iters", type=int, default=d["hyq_iters"], help="QADS iterations of hyq (default %(default)s)")
     g.add_argument("--shift-terms", type=int, default=d["shift_terms"],
                    help="requantization as a sum of 1 or 2 powers of two (default %(default)s)")
-    g.add_argument("--alpha", choices=["pot", "float"], default="pot" if d["alpha_pot"] else "float",
-                   help="hfq: outlier-scaling factors 2^k or float (default %(default)s)")
-    for flag, (_, text) in _SWITCHES.items():
-        g.add_argument(flag, action="store_true", help=text)
-    g.add_argument("--reconstruction-iters", type=int, default=d["reconstruction_iters"],
-                   help="hfq: optimisation steps per block (default %(default)s)")
+    m = p.add_argument_group("method options (each for its own --method)")
+    for method, f, flag, meta in _method_flags():
+        dest = f"opt_{method}_{f.name}"
+        if "choices" in meta:
+            word = next(k for k, v in meta["choices"].items() if v == f.default)
+            m.add_argument(flag, dest=dest, choices=list(meta["choices"]), default=None,
+                           help=f"{meta['help']} (default {word})")
+        elif isinstance(f.default, bool):
+            m.add_argument(flag, dest=dest, action="store_const", const=not f.default, default=None,
+                           help=meta["help"])
+        else:
+            m.add_argument(flag, dest=dest, type=type(f.default), default=None,
+                           help=f"{meta['help']} (default {f.default})")
 
 
 def _quant_config(args: argparse.Namespace):
-    """The QuantConfig of the parsed options: what ``QuantConfig(...)`` gives for the same values."""
-    from .config import QuantConfig
+    """The QuantConfig of the parsed options: what ``QuantConfig(...)`` gives for the same values. An option
+    of another method than ``--method`` is an error (it would change nothing)."""
+    from .config import METHOD_CONFIGS, QuantConfig
 
-    switched_off = {name: False for flag, (name, _) in _SWITCHES.items() if getattr(args, flag[2:].replace("-", "_"))}
+    if args.method not in METHOD_CONFIGS:  # QuantConfig's own message
+        QuantConfig(method=args.method)
+    options = {}
+    for method, f, flag, meta in _method_flags():
+        value = getattr(args, f"opt_{method}_{f.name}")
+        if value is None:
+            continue
+        if method != args.method:
+            raise HybridQuantError(f"{flag} is an option of --method {method}, not of {args.method}")
+        options[f.name] = meta["choices"][value] if "choices" in meta else value
     return QuantConfig(
         method=args.method, wbits=args.wbits, abits=args.abits, scales=args.scales, pot_rounding=args.pot_rounding,
         act_symmetry=args.act_symmetry, first_last_8bit=args.first_last_8bit,
-        float_ops=tuple(x.strip() for x in args.float_ops.split(",") if x.strip()),
-        percentile=args.percentile, smoothquant_alpha=args.smoothquant_alpha, hyq_iters=args.hyq_iters,
-        shift_terms=args.shift_terms, alpha_pot=args.alpha == "pot",
-        reconstruction_iters=args.reconstruction_iters, **switched_off,
+        float_ops=tuple(x.strip() for x in args.float_ops.split(",") if x.strip()), shift_terms=args.shift_terms,
+        options=METHOD_CONFIGS[args.method](**options),
     )
 
 
@@ -256,6 +266,8 @@ def _check_runtime(args: argparse.Namespace) -> None:
         raise HybridQuantError(f"--batch-size must be positive, got {args.batch_size}")
     if args.workers < 0:
         raise HybridQuantError(f"--workers must be >= 0, got {args.workers}")
+    if args.command == "quantize":
+        _quant_config(args)  # a bad option combination is reported before the paths are read
 
 
 #: input-file options -> what the file is, as the error messages name it

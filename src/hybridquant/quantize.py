@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import QuantConfig
+from .config import PercentileConfig, QuantConfig
 from .errors import HybridQuantError
 from .graph.ir import VALUE_OPS, Graph, Node
 from .graph.quantized import QuantizedGraph
@@ -72,7 +72,9 @@ def observe(graph: Graph, calib: list[torch.Tensor], names: Iterable[str], confi
             progress: bool | None = None) -> dict[str, ActivationObserver]:
     """Run the float graph over ``calib`` and collect statistics of the named outputs."""
     wanted = set(names)
-    observers = {n: ActivationObserver(config.percentile, seed=i) for i, n in enumerate(sorted(wanted))}
+    # the percentile matters only to the percentile method's ranges
+    pct = config.options.percentile if isinstance(config.options, PercentileConfig) else PercentileConfig().percentile
+    observers = {n: ActivationObserver(pct, seed=i) for i, n in enumerate(sorted(wanted))}
 
     def hook(node: Node, out: torch.Tensor) -> torch.Tensor:
         if node.name in observers:

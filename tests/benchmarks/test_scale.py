@@ -149,6 +149,6 @@ def test_one_real_cell(scale, tmp_path):
     row = json.loads((tmp_path / "scale" / "cells" / "mobilevit_xxs_c4.json").read_text())
     assert "error" not in row, row.get("error")
     assert {"observe", "exponent search", "reconstruction"} <= set(row["phases"])
-    assert row["calib_images"] == 4 and row["config"]["reconstruction_iters"] == 1
+    assert row["calib_images"] == 4 and row["config"]["options"]["reconstruction_iters"] == 1
     assert row["max_rss_mb"] > 100 and row["peak_rss_mb"] > 100 and row["wall_seconds"] >= row["seconds"]
     assert (tmp_path / "cache" / "mobilevit_xxs.pt").exists()

@@ -24,8 +24,8 @@ def toy_calib() -> list[torch.Tensor]:
 
 
 CONFIGS = {
-    "hfq-w8a8": QuantConfig(method="hfq", scales="pot", wbits=8, abits=8, reconstruction_iters=20),
-    "hfq-w4a8": QuantConfig(method="hfq", scales="pot", wbits=4, abits=8, reconstruction_iters=20),
+    "hfq-w8a8": QuantConfig.build(method="hfq", scales="pot", wbits=8, abits=8, reconstruction_iters=20),
+    "hfq-w4a8": QuantConfig.build(method="hfq", scales="pot", wbits=4, abits=8, reconstruction_iters=20),
     "minmax-w6a6": QuantConfig(method="minmax", scales="pot", wbits=6, abits=6),
 }
 

@@ -153,7 +153,7 @@ def test_onnx_is_the_simulation_up_to_float_softmax_and_layernorm(name, mvit_gra
 def test_threshold_grids_export_exactly(mvit_graph, calib_images, images, monkeypatch, tmp_path):
     """hfq's threshold grids on the SiLU inputs become comparisons and a gather: exactly the simulation's
     logits (float softmax / LayerNorm on both sides), as in the test above."""
-    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
+    cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
     qg = quantize_graph(mvit_graph, cfg, calib_images)
     grids = sum(qp.kind == "threshold" for qp in qg.act.values())
     assert grids > 0

@@ -78,7 +78,7 @@ def test_transform_keeps_float_output_and_changes_weights(toy_graph, toy_calib):
     x = torch.cat(toy_calib)
     ref = toy_graph.run(x)
     before = {n.name: n.params["weight"].clone() for n in qads_targets(toy_graph)}
-    info = HyQ().transform(toy_graph, toy_calib, QuantConfig(method="hyq", hyq_iters=60, hyq_lr=0.05))
+    info = HyQ().transform(toy_graph, toy_calib, QuantConfig.build(method="hyq", iters=60, lr=0.05))
     assert info["layers"] == 2
     assert rel_err(toy_graph.run(x), ref) <= 1e-5
     for name, w in before.items():
@@ -90,14 +90,14 @@ def test_transform_keeps_float_output_and_changes_weights(toy_graph, toy_calib):
 
 
 def test_pot_alpha_is_a_power_of_two(toy_graph, toy_calib):
-    HyQ().transform(toy_graph, toy_calib, QuantConfig(method="hyq", scales="pot", hyq_iters=60, hyq_lr=0.1))
+    HyQ().transform(toy_graph, toy_calib, QuantConfig.build(method="hyq", scales="pot", iters=60, lr=0.1))
     inv = torch.cat([n.params["inv_alpha"] for n in toy_graph.by_op("scale_channels")])
     assert all(is_power_of_two(v) for v in inv.tolist())
     assert (inv != 1).any()
 
 
 def test_depthwise_input_lower_bound_is_the_silu_minimum(toy_graph, toy_calib):
-    q = quantize_graph(toy_graph, QuantConfig(method="hyq", hyq_iters=5), toy_calib)
+    q = quantize_graph(toy_graph, QuantConfig.build(method="hyq", iters=5), toy_calib)
     qp = q.act["blk.conv1_1x1.silu"]
     assert qp.zero_point.dim() == 0 and qp.qmin == 0
     lowest = float((qp.qmin - qp.zero_point) * qp.scale)
@@ -119,8 +119,8 @@ def test_end_to_end(toy_graph, toy_calib, mvit_graph, calib_images, scales):
     (float scales; pot ones keep the observed minimum's zero point); and it
     runs end to end above an SQNR floor. (With pot scales 10 iterations leave every α at 1 after rounding,
     so these runs learn a little longer.)"""
-    config = QuantConfig(method="hyq", scales=scales, hyq_iters=10 if scales == "float" else 60,
-                         hyq_lr=None if scales == "float" else 0.1)
+    config = QuantConfig.build(method="hyq", scales=scales, iters=10 if scales == "float" else 60,
+                         lr=None if scales == "float" else 0.1)
     q = quantize_graph(toy_graph, config, toy_calib)
     x = torch.cat(toy_calib)
     assert rel_err(q.graph.run(x), toy_graph.run(x)) <= 1e-5

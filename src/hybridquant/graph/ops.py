@@ -40,6 +40,16 @@ _UNARY: dict[str, Callable] = {
     "hardswish": F.hardswish,
 }
 
+
+def unary_fn(node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float function of an elementwise node (its attributes applied): what its lookup tables tabulate,
+    so that a table and the simulation compute the same function."""
+    if node.op == "gelu":
+        approximate = node.attrs.get("approximate", "none")
+        return lambda x: F.gelu(x, approximate=approximate)
+    return _UNARY[node.op]
+
+
 _IMPL: dict[str, Callable] = {
     "conv2d": lambda n, i, p: _conv2d(n, i[0], p),
     "batch_norm": lambda n, i, p: _batch_norm(n, i[0], p),
@@ -49,7 +59,6 @@ _IMPL: dict[str, Callable] = {
     "mul": lambda n, i, p: i[0] * i[1],
     "mul_const": lambda n, i, p: i[0] * n.attrs["value"],
     "cat": lambda n, i, p: torch.cat(i, dim=n.attrs["dim"]),
-    "gelu": lambda n, i, p: F.gelu(i[0], approximate=n.attrs.get("approximate", "none")),
     "softmax": lambda n, i, p: torch.softmax(i[0], dim=n.attrs["dim"]),
     "layer_norm": lambda n, i, p: _layer_norm(n, i[0], p),
     "group_norm": lambda n, i, p: _group_norm(n, i[0], p),
@@ -64,8 +73,8 @@ _IMPL: dict[str, Callable] = {
     "expand": lambda n, i, p: i[0].expand(n.attrs["shape"]),
     "sum": lambda n, i, p: i[0].sum(dim=n.attrs["dims"], keepdim=n.attrs["keepdim"]),
 }
-for _name, _fn in _UNARY.items():
-    _IMPL[_name] = (lambda fn: lambda n, i, p: fn(i[0]))(_fn)
+for _name in (*_UNARY, "gelu"):
+    _IMPL[_name] = lambda n, i, p: unary_fn(n)(i[0])
 
 
 def run_op(node, inputs: list[torch.Tensor]) -> torch.Tensor:

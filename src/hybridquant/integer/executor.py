@@ -44,11 +44,6 @@ from ..primitives import pot_exponent, quantize
 from ..qparams import QParams
 from . import arith, nonlinear
 
-_FN = {
-    "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu, "hardswish": F.hardswish,
-    "gelu": F.gelu,
-}
-
 
 @dataclass
 class IntValue:
@@ -522,7 +517,7 @@ class IntegerModel:
         table = self._luts.get(node.name)
         in_qp = self.qg.act[self.graph.producer(node.inputs[0]).name]
         if table is None:
-            fn = _FN[node.op]
+            fn = graph_ops.unary_fn(node)
             if in_qp.kind == "threshold":  # one entry per interval, at its representative value
                 table = arith.lut_codes(fn, in_qp.levels.double(), float(qp.scale), int(qp.zero_point), qp.qmin,
                                         qp.qmax)
@@ -569,10 +564,10 @@ class IntegerModel:
             if table is None:
                 out_scale = qp.scale.double() / inv_alpha
                 if in_qp.kind == "threshold":  # one column per interval, at its representative value
-                    table = arith.lut_codes(_FN[prod.op], in_qp.levels.double().unsqueeze(0), out_scale.reshape(-1, 1),
+                    table = arith.lut_codes(graph_ops.unary_fn(prod), in_qp.levels.double().unsqueeze(0), out_scale.reshape(-1, 1),
                                             int(qp.zero_point), qp.qmin, qp.qmax)
                 else:
-                    table = arith.build_channel_lut(_FN[prod.op], float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax,
+                    table = arith.build_channel_lut(graph_ops.unary_fn(prod), float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax,
                                                     out_scale, int(qp.zero_point), qp.qmin, qp.qmax)
                 self._luts[node.name] = table
                 self.stats["luts"] += 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantConfig
+from ..config import MethodConfig, MinMaxConfig, QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver, mse_qparams, weight_qparams
 from ..qparams import QParams, choose_mode, range_to_qparams
@@ -24,6 +24,8 @@ class Method:
     """Classic per-tensor PTQ with min-max ranges; subclasses override the steps."""
 
     name = "minmax"
+    #: the method's options (``QuantConfig.options``): a frozen dataclass of the config layer
+    config_class: type[MethodConfig] = MinMaxConfig
     #: how activation ranges are chosen: minmax, percentile or mse
     act_range = "minmax"
     #: how weight ranges are chosen: minmax or mse

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantConfig
+from ..config import FQViTConfig, QuantConfig
 from ..graph import ops as F_ops
 from ..graph.ir import LAYOUT_OPS, Graph, Node
 from ..observers import ActivationObserver
@@ -150,6 +150,7 @@ class FQViT(Method):
     """PTF quantizers on LayerNorm inputs, log2 softmax outputs, min-max elsewhere."""
 
     name = "fq-vit"
+    config_class = FQViTConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)

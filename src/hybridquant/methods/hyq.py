@@ -16,8 +16,8 @@ per-input-channel ``α`` is learned so that the quantized layer
   ``wbits``-bit fake-quant of ``W·α``; rounding uses the straight-through
   estimator, so gradients reach α through the division, the product and
   both scales;
-* ``α = exp(θ)`` with θ initialised to 0, Adam for ``config.hyq_iters``
-  iterations with learning rate ``config.hyq_lr`` (0.01 when unset) and a
+* ``α = exp(θ)`` with θ initialised to 0, Adam for ``HyQConfig.iters``
+  iterations with learning rate ``HyQConfig.lr`` (0.01 when unset) and a
   cosine schedule, on random mini-batches of at most ``BATCH_PIXELS`` pixels.
 
 α is applied as an explicit per-channel layer (``X/α``, HyQ's parameter
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantConfig
+from ..config import HyQConfig, QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
 from ..primitives import pot_scale, qrange, round_half_up
@@ -196,6 +196,7 @@ class HyQ(Method):
     """QADS on MV2 1x1 convs, SiLU-pinned depthwise inputs, min-max elsewhere."""
 
     name = "hyq"
+    config_class = HyQConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)
@@ -204,16 +205,16 @@ class HyQ(Method):
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         self.pinned = depthwise_silu_inputs(graph)
         layers = qads_targets(graph)
-        info: dict[str, Any] = {"layers": len(layers), "iters": config.hyq_iters, "pinned_silu": len(self.pinned)}
-        if not layers or config.hyq_iters <= 0:
+        info: dict[str, Any] = {"layers": len(layers), "iters": config.options.iters, "pinned_silu": len(self.pinned)}
+        if not layers or config.options.iters <= 0:
             return info
-        lr = config.hyq_lr if config.hyq_lr is not None else DEFAULT_LR
+        lr = config.options.lr if config.options.lr is not None else DEFAULT_LR
         cache = cache_inputs(graph, layers, calib)
         losses = {}
         for i, node in enumerate(layers):
             x, lo, hi = cache[node.name]
             w = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
-            alpha = learn_alpha(x, w, lo, hi, config.abits, config.wbits, config.hyq_iters, lr, seed=i)
+            alpha = learn_alpha(x, w, lo, hi, config.abits, config.wbits, config.options.iters, lr, seed=i)
             if config.pot:
                 alpha = pot_scale(alpha, "round").float()
             before = qads_loss(x, w, torch.ones_like(alpha), lo, hi, config.abits, config.wbits)

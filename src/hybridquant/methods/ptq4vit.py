@@ -92,7 +92,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import QuantConfig
+from ..config import PTQ4ViTConfig, QuantConfig
 from ..graph import ops as graph_ops
 from ..graph.ir import MAC_OPS, Graph, Node
 from ..graph.quantized import QuantizedGraph
@@ -312,6 +312,7 @@ class PTQ4ViT(Method):
     """Twin uniform quantizers (softmax, MLP GELU/SiLU) and Hessian-guided scale search."""
 
     name = "ptq4vit"
+    config_class = PTQ4ViTConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantConfig
+from ..config import QuantConfig, RepQViTConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
 from ..primitives import pot_scale, qrange, round_half_up
@@ -134,6 +134,7 @@ class RepQViT(Method):
     """Reparameterised per-channel post-LayerNorm quantizers, log√2 softmax, min-max elsewhere."""
 
     name = "repq-vit"
+    config_class = RepQViTConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)

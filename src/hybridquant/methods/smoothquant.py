@@ -5,7 +5,7 @@ accepts, except the first conv, which reads the image) a per-input-channel
 factor ``s_j = max|X_j|^a / max|W_j|^(1-a)`` is computed from the float
 calibration activations ``X`` the layer reads and its weights ``W``
 (``max|W_j|`` over every weight that reads input channel j), with
-``a = config.smoothquant_alpha``; ``s`` is clamped to [1e-5, 1e5] and set to 1
+``a = SmoothQuantConfig.alpha``; ``s`` is clamped to [1e-5, 1e5] and set to 1
 on channels whose activation or weight is all zero. With ``scales='pot'``
 each ``s_j`` is rounded to ``2^round(log2 s_j)`` so dividing the activation
 stays a shift. ``X/s`` and ``W·s`` are applied by
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import QuantConfig
+from ..config import QuantConfig, SmoothQuantConfig
 from ..graph.ir import Graph, Node
 from ..primitives import pot_scale
 from .base import Method
@@ -75,16 +75,17 @@ class SmoothQuant(Method):
     """Per-input-channel smoothing of every dense conv / linear, then min-max ranges."""
 
     name = "smoothquant"
+    config_class = SmoothQuantConfig
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         consumers = smoothing_targets(graph)
         absmax = input_channel_absmax(graph, consumers, calib)
         kinds = {"folded": 0, "explicit": 0}
         for node in consumers:
-            s = smooth_factors(absmax[node.name], node.params["weight"], config.smoothquant_alpha, config.pot)
+            s = smooth_factors(absmax[node.name], node.params["weight"], config.options.alpha, config.pot)
             kinds[apply_input_scaling(graph, node, s)] += 1
         return {
-            "alpha": config.smoothquant_alpha,
+            "alpha": config.options.alpha,
             "pot_factors": config.pot,
             "scaled": len(consumers),
             "folded": kinds["folded"],

@@ -41,7 +41,7 @@ def test_channel_shift_centres_the_input_and_lowers_the_quantized_error(toy_cali
     graph = _offset_toy()
     before = graph.clone()
     x = torch.cat(toy_calib)
-    config = QuantConfig(method="hfq", wbits=6, abits=6, scales="pot", channel_shift=True)
+    config = QuantConfig.build(method="hfq", wbits=6, abits=6, scales="pot", channel_shift=True)
     info = outlier_scaling(graph, toy_calib, config)
     assert "tok.fc" in [s["layer"] for s in info["shifts"]]
     assert float((graph(x) - before(x)).norm() / before(x).norm()) <= 1e-5  # float output unchanged
@@ -64,7 +64,7 @@ def test_channel_shift_centres_the_input_and_lowers_the_quantized_error(toy_cali
 
 def test_channel_shift_can_be_switched_off(toy_calib):
     graph = _offset_toy()
-    info = outlier_scaling(graph, toy_calib, QuantConfig(method="hfq", scales="pot", channel_shift=False))
+    info = outlier_scaling(graph, toy_calib, QuantConfig.build(method="hfq", scales="pot", channel_shift=False))
     assert info["layers_shifted"] == 0
 
 

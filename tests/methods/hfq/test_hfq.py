@@ -36,7 +36,7 @@ def test_outlier_scaling_applies_its_factors_and_can_be_switched_off(toy_calib):
 
     graph = make_toy_graph()
     # no channel shift: centring tok.norm2 would give it a bias (parameters that are not factors)
-    cfg = QuantConfig(method="hfq", scales="pot", abits=6, reconstruction=False, channel_shift=False)
+    cfg = QuantConfig.build(method="hfq", scales="pot", abits=6, reconstruction=False, channel_shift=False)
     on = quantize_graph(graph, cfg, toy_calib)
     off = quantize_graph(graph, cfg.replace(outlier_scaling=False), toy_calib)
     base = graph.num_params()
@@ -79,8 +79,8 @@ def test_float_scales_hfq_searches_and_is_no_worse_than_pot(toy_calib):
     kept_float = 0
     for wb, ab in ((8, 8), (6, 6), (4, 8)):
         common = dict(method="hfq", wbits=wb, abits=ab, reconstruction=False)
-        floats = quantize_graph(graph, QuantConfig(scales="float", **common), toy_calib)
-        pots = quantize_graph(graph, QuantConfig(scales="pot", **common), toy_calib)
+        floats = quantize_graph(graph, QuantConfig.build(scales="float", **common), toy_calib)
+        pots = quantize_graph(graph, QuantConfig.build(scales="pot", **common), toy_calib)
         search = floats.info["refine"]["float_search"]
         assert _err(floats, graph, calib) <= _err(pots, graph, calib)  # by construction on the search images
         assert _err(floats, graph, x) <= 1.05 * _err(pots, graph, x)  # and about as good on held-out images
@@ -100,7 +100,7 @@ def test_ptf_gives_layernorm_inputs_per_channel_power_of_two_scales(toy_calib):
     qp = on.act["tok.add"]
     assert qp.scale.dim() == 1 and qp.axis == -1 and qp.is_pot and qp.zero_point.dim() == 0
     assert len(set(qp.scale.tolist())) > 1  # the channels really got different factors
-    off = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", abits=6, ptf=False), toy_calib)
+    off = quantize_graph(graph, QuantConfig.build(method="hfq", scales="pot", abits=6, ptf=False), toy_calib)
     assert off.act["tok.add"].scale.dim() == 0
     floats = quantize_graph(graph, QuantConfig(method="hfq", scales="float", abits=6), toy_calib)
     assert floats.info["transform"]["ptf_tensors"] == ["tok.add"] and floats.act["tok.add"].scale.dim() == 1
@@ -108,7 +108,7 @@ def test_ptf_gives_layernorm_inputs_per_channel_power_of_two_scales(toy_calib):
 
 def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
     graph = make_toy_graph()
-    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False,
+    cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False,
                       lut_thresholds=False)
     on = quantize_graph(graph, cfg, toy_calib)
     off = quantize_graph(graph, cfg.replace(lut_zero_point=False), toy_calib)
@@ -125,7 +125,7 @@ def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
 def test_lut_thresholds_give_silu_inputs_grids_that_lose_nothing_at_the_silu_output(toy_calib):
     graph = make_toy_graph()
     # without outlier scaling no SiLU is folded into a per-channel shift: each has its own output grid
-    cfg = QuantConfig(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False,
+    cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", abits=6, wbits=6, reconstruction=False,
                       outlier_scaling=False)
     on = quantize_graph(graph, cfg, toy_calib)
     off = quantize_graph(graph, cfg.replace(lut_thresholds=False), toy_calib)

@@ -18,7 +18,13 @@ from hybridquant.methods.hfq.pot_search import (
 from hybridquant.primitives import is_power_of_two, is_two_term, two_term_round
 from hybridquant.qparams import QParams, range_to_qparams, restrict_pot, with_scale
 from hybridquant.quantize import quantize_graph
+from hybridquant.store import Stored
 from tests.methods.conftest import make_toy_graph
+
+
+def _split(walker: _Walker, t: torch.Tensor) -> Stored:
+    """``t`` (a value over all search images) in the walker's chunks."""
+    return Stored.of(walker.ws, list(t.split(walker.images)), walker.images)
 
 
 def _pot_minmax(mvit_graph, calib, **kw):
@@ -41,14 +47,14 @@ def test_activation_search_picks_the_best_exponent_and_moves_some(toy_calib):
         qp = qg.act.get(node.name)
         if qp is None or qp.kind != "uniform" or qp.scale.dim() != 0:
             continue
-        raw = walker.split(values[node.name])
+        raw = _split(walker, values[node.name])
         best, move = _choose_act(walker, node.name, raw, qp)
         assert move == 0  # no zero-point candidates unless asked
         assert is_power_of_two(float(best.scale))
         lo = torch.tensor(-float(qp.zero_point) * float(qp.scale))
-        errs = {d: walker.consumer_error(node.name, walker.split(with_scale(qp, qp.scale * 2.0**d, lo=lo).fake(
+        errs = {d: walker.consumer_error(node.name, _split(walker, with_scale(qp, qp.scale * 2.0**d, lo=lo).fake(
                     raw.whole()))) for d in (-2, -1, 0, 1)}
-        got = walker.consumer_error(node.name, walker.split(best.fake(raw.whole())))
+        got = walker.consumer_error(node.name, _split(walker, best.fake(raw.whole())))
         assert got == min(errs.values()), (node.name, got, errs)
         if got < errs[0]:
             improved.append(node.name)
@@ -139,10 +145,10 @@ def test_zero_point_search_gives_up_the_flat_side_of_a_silu(toy_calib):
     raw = ref + 4.0 * ref.clamp(max=0)  # stretch the negative side 5x
     qp = range_to_qparams(raw.min(), raw.max(), 6, "asymmetric")
     qp = restrict_pot(qp, "round", lo=raw.min())
-    plain, no_move = _choose_act(walker, name, walker.split(raw), qp)
-    moved, move = _choose_act(walker, name, walker.split(raw), qp, zero_point_search=True)
+    plain, no_move = _choose_act(walker, name, _split(walker, raw), qp)
+    moved, move = _choose_act(walker, name, _split(walker, raw), qp, zero_point_search=True)
     assert no_move == 0 and move > 0
     assert is_power_of_two(float(moved.scale))
-    assert (walker.consumer_error(name, walker.split(moved.fake(raw)))
-            <= walker.consumer_error(name, walker.split(plain.fake(raw))))
+    assert (walker.consumer_error(name, _split(walker, moved.fake(raw)))
+            <= walker.consumer_error(name, _split(walker, plain.fake(raw))))
     assert int(moved.zero_point) < int(plain.zero_point)

@@ -36,7 +36,7 @@ def _config(**changes) -> QuantConfig:
     # uniform grids on the SiLU inputs: with threshold grids the toy graph's 4-bit blocks leave the learned
     # rounding nothing to gain (blk: relative error 0.163 before, 0.169 after; not kept), while the bundled
     # model keeps most blocks with them (the per-block rows of any hfq report)
-    return QuantConfig(method="hfq", scales="pot", pot_rounding="objective", wbits=4, abits=4,
+    return QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", wbits=4, abits=4,
                        reconstruction=True, reconstruction_iters=300, lut_thresholds=False).replace(**changes)
 
 

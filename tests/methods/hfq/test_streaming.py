@@ -15,7 +15,7 @@ from tests.methods.conftest import make_toy_graph
 def test_chunked_spilled_hfq_equals_the_in_memory_run(tmp_path, toy_calib):
     graph = make_toy_graph()
     calib = torch.cat(toy_calib)
-    config = QuantConfig(method="hfq", scales="pot", wbits=6, abits=6, reconstruction_iters=20)
+    config = QuantConfig.build(method="hfq", scales="pot", wbits=6, abits=6, reconstruction_iters=20)
     whole = quantize_graph(graph, config, calib)
     per_image = image_bytes(graph, calib)
     with Workspace(0, tmp_path, chunk_bytes=per_image * 5) as ws:  # 5 images per chunk, every value on disk

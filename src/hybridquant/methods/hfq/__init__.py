@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ...config import QuantConfig
+from ...config import HfqConfig, QuantConfig
 from ...graph.ir import ELEMENTWISE_OPS, Graph, Node
 from ...graph.stream import split_images
 from ...observers import ActivationObserver
@@ -64,6 +64,7 @@ from .reconstruction import RECONSTRUCTION_IMAGES, reconstruct
 
 class HFQ(Method):
     name = "hfq"
+    config_class = HfqConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)
@@ -73,18 +74,18 @@ class HFQ(Method):
         self.lut_inputs: set[str] = set()
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
-        if config.outlier_scaling:
+        if config.options.outlier_scaling:
             with phase("outlier scaling"):
                 info = outlier_scaling(graph, calib, config, workspace=self.workspace)
         else:
             info = {"outlier_scaling": "off"}
-        if config.ptf:
+        if config.options.ptf:
             with phase("ptf samples"):
                 found, _ = ptf_samples(graph, calib)
             # the integer LayerNorm aligns channels along its normalised (last) dim only
             self.ptf = {name: v for name, v in found.items() if v[0] == -1}
             info["ptf_tensors"] = sorted(self.ptf)
-        if config.lut_zero_point or config.lut_thresholds:
+        if config.options.lut_zero_point or config.options.lut_thresholds:
             self.lut_inputs = {n.name for n in graph if n.name not in self.ptf and (users := graph.users(n.name))
                                and all(u.op in ELEMENTWISE_OPS for u in users)}
         return info
@@ -94,7 +95,7 @@ class HFQ(Method):
             axis, sample = self.ptf[node.name]
             return ptf_qparams(sample, obs.min, obs.max, bits, choose_mode(obs.min, obs.max, config.act_symmetry),
                                axis)
-        if config.lut_zero_point and node.name in self.lut_inputs and obs.min < 0:
+        if config.options.lut_zero_point and node.name in self.lut_inputs and obs.min < 0:
             lo, hi = obs.range(self.act_range)
             return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, "asymmetric")
         return super().act_qparams(node, obs, bits, config)
@@ -127,17 +128,18 @@ class HFQ(Method):
         # float scales always search; power-of-two scales unless an ablation asks for naive rounding
         search = not config.pot or config.pot_rounding == "objective"
         targets: dict[str, torch.Tensor] = {}
+        opts: HfqConfig = config.options
         info = sequential_refine(qgraph, calib, search_weights=search, search_acts=search,
-                                 bias_correction=config.bias_correction, weight_rounding=config.weight_rounding,
-                                 input_compensation=config.input_compensation,
+                                 bias_correction=opts.bias_correction, weight_rounding=opts.weight_rounding,
+                                 input_compensation=opts.input_compensation,
                                  two_term_weights=config.pot and config.shift_terms == 2, rounding_targets=targets,
-                                 zero_point_search=config.lut_zero_point,
-                                 lut_grids=self.lut_grid_inputs(qgraph) if config.lut_thresholds else {},
+                                 zero_point_search=opts.lut_zero_point,
+                                 lut_grids=self.lut_grid_inputs(qgraph) if opts.lut_thresholds else {},
                                  float_scales=not config.pot, workspace=self.workspace)
         return info, targets
 
     def refine(self, qgraph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
-        float_graph = qgraph.graph.clone() if config.reconstruction else None
+        float_graph = qgraph.graph.clone() if config.options.reconstruction else None
         with phase("exponent search"):
             if config.pot:
                 info, targets = self._search(qgraph, calib, config)
@@ -145,7 +147,7 @@ class HFQ(Method):
                 info, targets = self._float_or_pot(qgraph, calib, config)
         if float_graph is not None:
             with phase("reconstruction"):
-                info["reconstruction"] = reconstruct(qgraph, float_graph, calib, config.reconstruction_iters,
+                info["reconstruction"] = reconstruct(qgraph, float_graph, calib, config.options.reconstruction_iters,
                                                      start=targets, workspace=self.workspace,
                                                      limit=RECONSTRUCTION_IMAGES)
                 qgraph.rebuild()

@@ -227,7 +227,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
     try:
         for node in tqdm(layers, desc="outlier scaling", disable=not progress_enabled(), leave=False):
             xin: Chunks = stream.value(node.inputs[0])
-            if config.channel_shift and (res := channel_shift(graph, node, xin, config, probe)) is not None:
+            if config.options.channel_shift and (res := channel_shift(graph, node, xin, config, probe)) is not None:
                 xin = res[0]
                 shifted.append({"layer": node.name, "block": node.block, "shift": res[1]})
             w = node.params["weight"]
@@ -246,7 +246,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
                 w_absmax = w.abs().transpose(0, 1).flatten(1).max(1).values
             base = layer_error(node, xin, torch.ones_like(x_absmax), config, ref)
             best_err, best_alpha = base, None
-            for alpha in candidate_alphas(x_absmax, w_absmax, config.alpha_pot):
+            for alpha in candidate_alphas(x_absmax, w_absmax, config.options.alpha_pot):
                 err = layer_error(node, xin, alpha, config, ref)
                 if err < best_err:
                     best_err, best_alpha = err, alpha

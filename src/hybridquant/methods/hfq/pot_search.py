@@ -107,10 +107,6 @@ class _Walker:
         """The float model's value of ``name`` on the search images."""
         return self.stream.value(name)
 
-    def split(self, t: torch.Tensor) -> Stored:
-        """``t`` (a value over all search images) in the walker's chunks."""
-        return Stored.of(self.ws, list(t.split(self.images)) if self.images else [], self.images)
-
     def compute(self, fn) -> Stored:
         """``fn(b)`` for every chunk ``b``, stored."""
         out = Stored(self.ws)
@@ -180,11 +176,13 @@ class _Walker:
         """``node`` is walked: free the values no later node reads."""
         self._done.add(node.name)
         held = [src for src, until in self.hold_until.items() if until == node.name]
-        for name in [node.name, *node.inputs, *held]:
-            if name in self._done and self.hold_until.get(name, name) in self._done and all(
-                    u.name in self._done for u in self.graph.users(name) if u.op != "output"):
-                self._free(name)
-        heap.release()
+        freed = [name for name in [node.name, *node.inputs, *held]
+                 if name in self._done and self.hold_until.get(name, name) in self._done
+                 and all(u.name in self._done for u in self.graph.users(name) if u.op != "output")]
+        for name in freed:
+            self._free(name)
+        if freed:
+            heap.release()
 
     def _free(self, name: str, release_ref: bool = True) -> None:
         q, raw = self.q.pop(name, None), self.raw.pop(name, None)
