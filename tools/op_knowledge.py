@@ -1,0 +1,97 @@
+"""Which modules of ``src/hybridquant`` know op kinds: the count the op table (issue 24) is to bring down.
+
+A module knows op kinds when its code holds any of:
+
+* a string literal that is an op kind (``"conv2d"``, ``"softmax"``, ...: ``graph.ir.OPS``), wherever it
+  stands — a comparison, a dict key, a tuple of kinds;
+* a reference to an op-kind set of ``graph.ir`` (``MAC_OPS``, ``LAYOUT_OPS``, ...) other than its definition.
+
+Docstrings and comments do not count; replacing strings by constants does not lower the count. The count
+is conservative: an op kind that is also a plain word (``"input"``, ``"output"``, ``"sum"``) counts wherever
+it stands as a literal. Prints one
+line per module (its count of each kind of reference) and the number of modules; ``--json`` writes the same
+as JSON.
+
+Usage::
+
+    python tools/op_knowledge.py [--exclude PATTERN ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "hybridquant"
+
+
+def _vocabulary() -> tuple[frozenset[str], frozenset[str]]:
+    """(op kinds, names of ``graph.ir``'s op-kind sets), read from ``graph/ir.py`` without importing it."""
+    tree = ast.parse((SRC / "graph" / "ir.py").read_text())
+    sets: dict[str, set[str]] = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id.isupper() and target.id.endswith("OPS"):
+            sets[target.id] = {c.value for c in ast.walk(node.value)
+                               if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    kinds = frozenset().union(*sets.values())
+    return kinds, frozenset(sets)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants (not code)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def count(exclude: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """``{module path: {"literals": n, "sets": n}}`` of every module that knows op kinds."""
+    kinds, set_names = _vocabulary()
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC.parent))
+        if any(fnmatch.fnmatch(rel, pat) for pat in exclude or []):
+            continue
+        tree = ast.parse(path.read_text())
+        docs = _docstrings(tree)
+        literals = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                       and n.value in kinds and id(n) not in docs)
+        defined = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+                   if isinstance(t, ast.Name)}
+        refs = sum(1 for n in ast.walk(tree)
+                   if (isinstance(n, ast.Name) and n.id in set_names and n.id not in defined)
+                   or (isinstance(n, ast.Attribute) and n.attr in set_names)
+                   or (isinstance(n, ast.alias) and n.name in set_names))
+        if literals or refs:
+            out[rel] = {"literals": literals, "sets": refs}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--exclude", nargs="*", default=[], help="glob patterns of module paths to leave out "
+                                                            "(e.g. the op table: 'hybridquant/ops/*')")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    found = count(args.exclude)
+    if args.json:
+        json.dump({"modules": len(found), "per_module": found}, sys.stdout, indent=2)
+        print()
+    else:
+        for rel, c in found.items():
+            print(f"{rel}: {c['literals']} op-kind literals, {c['sets']} op-set references")
+        print(f"{len(found)} modules know op kinds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
