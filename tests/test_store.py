@@ -61,7 +61,7 @@ def test_mapped_and_held_read_like_stored():
     assert torch.equal(h.rows(torch.tensor([2, 0])), torch.tensor([[0.0] * 3, [1.0] * 3]))
 
 
-@pytest.mark.parametrize("phys, want", [(24 * 2**30, 24 * 2**30 // 48), (2**30, MIN_BUDGET),
+@pytest.mark.parametrize("phys, want", [(24 * 2**30, 24 * 2**30 // 96), (2**30, MIN_BUDGET),
                                          (2**40, MAX_BUDGET)])
 def test_default_budget_is_a_share_of_the_machine_within_bounds(monkeypatch, phys, want):
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": phys // 4096}

@@ -141,7 +141,7 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
             m.add_argument(flag, dest=dest, action="store_const", const=not f.default, default=None,
                            help=meta["help"])
         else:
-            m.add_argument(flag, dest=dest, type=type(f.default), default=None,
+            m.add_argument(flag, dest=dest, type=type(f.default), default=None, metavar=f.name.upper(),
                            help=f"{meta['help']} (default {f.default})")
 
 

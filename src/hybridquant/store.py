@@ -28,21 +28,25 @@ import torch
 #: disk once values spill; 64 MiB keeps that near 0.5 GiB (256 MiB: the exponent search of mobilevit_xxs at
 #: 256×256 peaked ~1.75 GB higher with 256 calibration images, mostly spilled, than with 64, mostly held)
 CHUNK_BYTES = 64 * 2**20
-MIN_BUDGET, MAX_BUDGET = 256 * 2**20, 4 * 2**30
+MIN_BUDGET, MAX_BUDGET = 128 * 2**20, 4 * 2**30
+#: the share of physical memory the default budget takes
+BUDGET_SHARE = 96
 
 
 def default_budget() -> int:
-    """Bytes of calibration values kept in memory by default: 1/48 of the machine's physical memory (~0.5 GB
-    of 24 GB), within [256 MiB, 4 GiB]. Small on purpose: a spilled chunk is written to a file that the
-    kernel keeps in its page cache while memory is free, so spilling costs copies, not disk reads, and the
-    page cache is given back under memory pressure where the process's own memory is not. With a tenth of
-    the memory (2.4 GB here) the peak RSS of mobilevit_xxs at 256×256 rose 1.33× from 64 to 256
-    calibration images, as the stored values filled the budget (``benchmarks/scale.py``)."""
+    """Bytes of calibration values kept in memory by default: 1/:data:`BUDGET_SHARE` of the machine's
+    physical memory (~250 MB of 24 GB), within [:data:`MIN_BUDGET`, :data:`MAX_BUDGET`]. Small on purpose:
+    a spilled chunk is written to a file that the kernel keeps in its page cache while memory is free, so
+    spilling costs copies, not disk reads, and the page cache is given back under memory pressure where the
+    process's own memory is not. Measured with ``benchmarks/scale.py`` (mobilevit_xxs, 256×256): the larger
+    the budget, the more the peak RSS rose from 64 to 256 calibration images, as the stored values filled
+    it (a tenth of the memory: 1.33×, 1/48: 1.23×), and the time did not fall (903 → 824 s at 256 images
+    from the tenth to 1/48)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 8 * 2**30
-    return int(min(max(total // 48, MIN_BUDGET), MAX_BUDGET))
+    return int(min(max(total // BUDGET_SHARE, MIN_BUDGET), MAX_BUDGET))
 
 
 class Workspace:

@@ -237,3 +237,31 @@ def test_load_npz_refuses_other_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(HybridQuantError, match="cannot read integer program"):
         load_npz(tmp_path / "junk.npz")
+
+
+def test_reader_runs_slice_and_expand(tmp_path):
+    """Every layout op the executor writes into a program, ``slice`` and ``expand`` included, runs in the
+    reader: a channel slice, and a pooled value expanded back over the positions."""
+    from hybridquant.graph.ir import Graph, Node
+
+    gen = torch.Generator().manual_seed(0)
+    conv = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+    graph = Graph([
+        Node("input", "input", []),
+        Node("c1", "conv2d", ["input"], conv, {"weight": torch.randn(6, 3, 1, 1, generator=gen),
+                                               "bias": torch.zeros(6)}),
+        Node("part", "slice", ["c1"], {"dim": 1, "start": 1, "end": 5}),
+        Node("pool", "global_avg_pool", ["part"]),
+        Node("wide", "expand", ["pool"], {"shape": [-1, -1, 4, 4]}),  # 16 positions: a power-of-two mean
+        Node("sum", "add", ["wide", "part"]),
+        Node("c2", "conv2d", ["sum"], conv, {"weight": torch.randn(2, 4, 1, 1, generator=gen),
+                                             "bias": torch.zeros(2)}),
+        Node("output", "output", ["c2"]),
+    ], meta={"input_size": [3, 4, 4]})
+    x = _toy_images(8)[..., :4, :4]
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    path = tmp_path / "layout.npz"
+    export_npz(qg, path)
+    kinds = {op["op"] for op in load_npz(path)[0]["ops"]}
+    assert {"slice", "expand"} <= kinds
+    _assert_reader_matches(path, qg, x)

@@ -233,6 +233,14 @@ def layout(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
     if kind == "select":
         dim = a["dim"] % x.ndim
         return x[(slice(None),) * dim + (a["index"],)]
+    if kind == "slice":  # torch.narrow(dim, start, end - start)
+        dim = a["dim"] % x.ndim
+        return x[(slice(None),) * dim + (slice(a["start"], a["end"]),)]
+    if kind == "expand":  # torch.expand: -1 keeps a size, new dims lead
+        shape = list(a["shape"])
+        lead = len(shape) - x.ndim
+        shape = [x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape)]
+        return np.broadcast_to(x, shape)
     raise ValueError(f"unknown layout op {kind}")
 
 

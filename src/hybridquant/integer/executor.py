@@ -120,7 +120,8 @@ def _exact_int(x: torch.Tensor) -> torch.Tensor:
 #: how each kind of :class:`ProgramOp` runs (the contract of the export formats)
 PROGRAM_KINDS = {
     "quantize": "codes = clamp(floor(x / scale + 1/2) + zero_point, qmin, qmax), in float32 on the host",
-    "layout": "reshape / transpose / permute / flatten / select of the codes (torch semantics, batch dim included)",
+    "layout": "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch semantics, "
+              "batch dim included)",
     "conv2d": "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
     "linear": "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
     "matmul": "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
