@@ -694,13 +694,15 @@ def scale_table(results: Path) -> str:
         return _not_measured("`python benchmarks/scale.py`")
     s = json.loads(path.read_text())
     cells = s["cells"]
-    lines = ["| model | calibration images | whole run s | wall s | peak RSS MB | spilled MB |", "|---" * 6 + "|"]
+    lines = ["| model | calibration images | whole run s | wall s | peak RSS MB | memory budget MB | spilled MB |",
+             "|---" * 7 + "|"]
     for r in cells:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['calib']} | failed | {r['wall_seconds']:.0f} | – | – |")
+            lines.append(f"| {r['model']} | {r['calib']} | failed | {r['wall_seconds']:.0f} | – | – | – |")
         else:
             lines.append(f"| {r['model']} | {r['calib']} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
-                         f"{r['peak_rss_mb']:.0f} | {r['workspace']['spilled_mb']:.0f} |")
+                         f"{r['peak_rss_mb']:.0f} | {r['workspace']['budget_mb']:.0f} | "
+                         f"{r['workspace']['spilled_mb']:.0f} |")
     lines += ["", "| model | wall s per calibration image (fit) | intercept s | peak RSS 256 / 64 images | "
                   "wall 256 / 64 images | 512 images projected s | eval images/s, 1 process | 2 processes | "
                   "2 / 1 |", "|---" * 9 + "|"]
@@ -722,7 +724,8 @@ def scale_table(results: Path) -> str:
     return "\n".join(lines) + (
         f"\n\n{s['note']} `hybridquant quantize` with its defaults at {setup}; whole run = `report.json`'s "
         "`seconds`, wall = measured outside the process; the fit is least squares of wall time against the "
-        "calibration images; projected = the fit where that cell is missing; eval in one process with all "
+        "calibration images; the memory budget is the default of the commit that ran the cell (ratios compare "
+        "cells of one budget only); projected = the fit where that cell is missing; eval in one process with all "
         "threads and under `torchrun --nproc_per_node 2` with the threads split. Environment: "
         f"{_env_line([first])}.\n")
 

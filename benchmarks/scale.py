@@ -203,7 +203,7 @@ def model_summary(rows: list[dict[str, Any]], evals: list[dict[str, Any]]) -> di
     line = fit([(c, r["wall_seconds"]) for c, r in sorted(ok.items())])
     lo, hi = (ok.get(n) for n in RATIO)
     out: dict[str, Any] = {"fit": line}
-    if lo and hi:
+    if lo and hi and lo.get("workspace", {}).get("budget_mb") == hi.get("workspace", {}).get("budget_mb"):
         out["rss_ratio"] = round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3)
         out["time_ratio"] = round(hi["wall_seconds"] / lo["wall_seconds"], 3)
     if line and PROJECT not in ok:
@@ -254,13 +254,15 @@ def markdown(summary: dict[str, Any]) -> str:
                f"{first['batch_size']}, OMP_NUM_THREADS={first['threads']}, reconstruction iterations {iters}.", ""]
         table = [{"calib": r["calib"], **{p: _phase(r, p) for p in PHASES}, "seconds": r.get("seconds"),
                   "wall": r["wall_seconds"], "rss": r.get("peak_rss_mb"), "max_rss": r["max_rss_mb"],
+                  "budget": r.get("workspace", {}).get("budget_mb"),
                   "spilled": r.get("workspace", {}).get("spilled_mb")} for r in rows if "error" not in r]
-        cols = ["calib", *PHASES, "seconds", "wall", "rss", "max_rss", "spilled"]
+        cols = ["calib", *PHASES, "seconds", "wall", "rss", "max_rss", "budget", "spilled"]
         formats = {**{c: fmt_seconds for c in (*PHASES, "seconds", "wall")},
-                   **{c: fmt_mb for c in ("rss", "max_rss", "spilled")}}
+                   **{c: fmt_mb for c in ("rss", "max_rss", "budget", "spilled")}}
         if table:
             md += [markdown_table(table, cols, ["calibration images", *PHASES, "whole run", "wall (outside)",
-                                                "peak RSS (report)", "max RSS (wait4)", "spilled"], formats), ""]
+                                                "peak RSS (report)", "max RSS (wait4)", "memory budget",
+                                                "spilled"], formats), ""]
         md += [f"- {r['calib']} calibration images failed: {_last_line(r['error'])}"
                for r in rows if "error" in r]
         md += [f"- {line}" for line in figures(summary["models"][model])] + [""]

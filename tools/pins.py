@@ -12,9 +12,9 @@ test split (the first 100 images of each class, file order), the SHA-256 of:
   JSON form is not behaviour).
 
 Float kernels sum in another order on other CPUs, and the search picks from quantized errors, so the pins
-are per CPU kernel set: ``torch.backends.cpu.get_cpu_capability()`` and the CPU model. Record a machine's
-with ``python tools/pins.py --write`` (``ATEN_CPU_CAPABILITY=avx2`` records the AVX2 kernels on an AVX-512
-machine); ``tests/test_pins.py`` compares against them, on the machines they were recorded for.
+are per machine kind (:func:`machine`: torch's CPU capability, the CPU model and its AVX-512 extensions).
+Record a machine's with ``python tools/pins.py --write``; ``tests/test_pins.py`` compares against them on
+the machine kinds they were recorded for.
 """
 
 from __future__ import annotations
@@ -39,16 +39,18 @@ SUBSET, CALIB, ITERS, SEED, THREADS, BATCH = 1000, 64, 30, 0, 2, 200
 
 
 def machine() -> str:
-    """The key of this machine's float kernels: torch's CPU capability and the CPU model."""
-    model = "unknown CPU"
+    """The key of this machine's float kernels: torch's CPU capability, the CPU model and its AVX-512
+    extensions (oneDNN picks its convolution kernels from the CPU flags, whatever torch's capability)."""
+    model, flags = "unknown CPU", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model == "unknown CPU":
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith("avx512"))
     except OSError:
         pass
-    return f"{torch.backends.cpu.get_cpu_capability()} / {model}"
+    return f"{torch.backends.cpu.get_cpu_capability()} / {model} / {' '.join(flags) or 'no avx512'}"
 
 
 def _sha(*arrays: Any) -> str:
@@ -67,8 +69,8 @@ def _model_hash(qgraph) -> str:
     for kind, table in (("act", qgraph.act), ("weight", qgraph.weight)):
         for name in sorted(table):
             qp = table[name]
-            parts += [np.frombuffer(f"{kind}:{name}:{qp.kind}:{qp.bits}:{qp.qmin}:{qp.qmax}".encode(), np.uint8),
-                      qp.scale, qp.zero_point]
+            head = f"{kind}:{name}:{qp.kind}:{qp.bits}:{qp.qmin}:{qp.qmax}:{qp.axis}:{qp.twin_shift}"
+            parts += [np.frombuffer(head.encode(), np.uint8), qp.scale, qp.zero_point]
             if qp.kind == "threshold":
                 parts += [qp.thresholds, qp.levels]
     for table in (qgraph.weight_int, qgraph.bias_int):

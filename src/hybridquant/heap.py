@@ -3,12 +3,10 @@
 The walkers allocate and free chunk-sized tensors (tens of MiB, of many sizes) thousands of times. glibc
 serves those from its heap once its dynamic mmap threshold has risen to their size, and keeps what they
 leave as free blocks: the resident memory then grows with the number of chunks, that is with the
-calibration images, however small the workspace keeps its stored values. Measured on ``mobilevit_xxs`` at
-128×128 with a 100 MiB workspace (16 → 64 calibration images, whole hfq W8A8 with 30 reconstruction steps):
-peak RSS 1,412 → 1,991 MB as glibc leaves it, 1,236 → 1,620 MB with :func:`release` at phase and node
-boundaries, 1,220 → 1,358 MB with :func:`configure` as well — large tensors mapped and unmapped on their
-own, in transparent huge pages so that mapping them costs few page faults (without huge pages the same run
-took 60 % longer; with them, within 8 %).
+calibration images, however small the workspace keeps its stored values. :func:`release` at phase and node
+boundaries hands freed heap back; :func:`configure` gives large tensors mappings of their own, in transparent
+huge pages so that mapping them costs few page faults. ``benchmarks/heap.py`` measures each set-up's peak
+RSS at two calibration sizes and its time (``benchmarks/results/heap.md``).
 
 :func:`prepare_environment` must run before ``torch`` is imported (torch reads ``THP_MEM_ALLOC_ENABLE`` once);
 the command line does both, first thing (its module imports no torch). Everything here is a no-op where glibc is not the C library.

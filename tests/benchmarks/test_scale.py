@@ -152,3 +152,10 @@ def test_one_real_cell(scale, tmp_path):
     assert row["calib_images"] == 4 and row["config"]["options"]["reconstruction_iters"] == 1
     assert row["max_rss_mb"] > 100 and row["peak_rss_mb"] > 100 and row["wall_seconds"] >= row["seconds"]
     assert (tmp_path / "cache" / "mobilevit_xxs.pt").exists()
+
+
+def test_ratios_compare_cells_of_one_memory_budget_only(scale):
+    lo, hi = _cell("mobilevit_xxs", 64, 42, 1064), _cell("mobilevit_xxs", 256, 138, 1256)
+    assert scale.model_summary([lo, hi], [])["rss_ratio"] == round(1256 / 1064, 3)
+    hi["workspace"] = {**hi["workspace"], "budget_mb": 251.0}
+    assert "rss_ratio" not in scale.model_summary([lo, hi], []) and "time_ratio" not in scale.model_summary([lo, hi], [])
