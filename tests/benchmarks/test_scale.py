@@ -72,8 +72,8 @@ def test_summary_fits_time_and_reports_ratios(scale, tmp_path):
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     block = load_script("readme_tables").render(tmp_path, "scale")
-    assert "| mobilevit_xxs | 256 | 133 | 138 | 1256 | 0 |" in block
-    assert "| mobilevit_s | 128 | failed | 3 | – | – |" in block
+    assert "| mobilevit_xxs | 256 | 133 | 138 | 1256 | 4000 | 0 |" in block
+    assert "| mobilevit_s | 128 | failed | 3 | – | – | – |" in block
     assert "| mobilevit_xxs | 0.50 | 10 | 1.18 | 3.29 | 266 | 40.0 | 60.0 | 1.50 |" in block
     assert "random weights" in block
 
