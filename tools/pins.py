@@ -108,7 +108,7 @@ def compute(progress: bool = False) -> dict[str, dict[str, str]]:
             out[label] = {
                 "model": _model_hash(qgraph),
                 "simulated": _sha(*[qgraph.run(x) for x in images]),
-                "integer": _sha(*[integer.run(x)[1].q for x in images]),
+                "integer": _sha(*[integer.run(x)[1] for x in images]),
                 "npz": _sha(np.frombuffer(json.dumps(manifest, sort_keys=True, default=str).encode(), np.uint8),
                             *[arrays[k] for k in sorted(arrays)]),
             }

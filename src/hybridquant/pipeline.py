@@ -173,7 +173,7 @@ def estimated_size(qgraph: QuantizedGraph) -> dict[str, int]:
     affines, outlier-scaling vectors) at 16 bits; requantization constants and lookup tables are not
     counted (they depend on a lowering the model does not have)."""
     from .graph.quantized import accumulator_bits
-    from .integer.executor import packed_nbytes
+    from .integer.program import packed_nbytes
 
     weights = sum(packed_nbytes(q.numel(), qgraph.weight[n].bits) for n, q in qgraph.weight_int.items())
     biases = 0
@@ -199,8 +199,8 @@ def integer_summary(qgraph: QuantizedGraph) -> tuple[dict[str, Any], dict[str, A
     ``integer``: whether the model lowers to an integer-only, shift-requantized program; its requantizations
     (real ones as shifts apart from identity ones, multiplier exactly 1), lookup tables, and the fraction of
     its ops (and of its MACs) on integer kernels, measured on the lowered program
-    (:meth:`~hybridquant.integer.executor.IntegerModel.op_counts`). ``size``: ``deployed_bytes``, its
-    ``deployed_bytes_breakdown`` and ``host_bytes`` (:meth:`~hybridquant.integer.executor.IntegerModel.storage`:
+    (:meth:`~hybridquant.integer.program.Program.op_counts`). ``size``: ``deployed_bytes``, its
+    ``deployed_bytes_breakdown`` and ``host_bytes`` (:meth:`~hybridquant.integer.program.Program.storage`:
     the constants of the lowered program, sub-8-bit weights packed, exactly what the exports store), or
     for a model without an integer program an estimate (:func:`estimated_size`); ``deployed_bytes_basis``
     says which.

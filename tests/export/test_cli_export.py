@@ -53,7 +53,7 @@ def test_export_npz_reproduces_the_loaded_model(pot_model, tmp_path, capsys):
     x = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
     logits, want = IntegerModel(qg).run(x)
     got_logits, got = rr.run(program, x.numpy())
-    assert np.array_equal(got, want.q.numpy()) and np.array_equal(got_logits, logits.numpy())
+    assert np.array_equal(got, want.numpy()) and np.array_equal(got_logits, logits.numpy())
     assert [p.name for p in out.parent.iterdir()] == ["toy.npz"]  # no temporary files left
 
 

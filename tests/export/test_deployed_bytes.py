@@ -11,7 +11,8 @@ from hybridquant.export import export_c, export_npz, load_npz
 from hybridquant.export import reader as rr
 from hybridquant.export.program import pack_bits
 from hybridquant.graph.ir import Graph, Node
-from hybridquant.integer.executor import HOST_KINDS, STORAGE_CATEGORIES, IntegerModel
+from hybridquant.integer.executor import IntegerModel
+from hybridquant.integer.program import HOST_KINDS, STORAGE_CATEGORIES
 from hybridquant.pipeline import integer_summary
 from hybridquant.quantize import quantize_graph
 from tests.methods.conftest import _conv, make_toy_graph
@@ -86,7 +87,7 @@ def test_reader_unpacks_to_identical_logits(name, qgraphs, tmp_path):
     x = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 3 - 1.5
     want_logits, want = IntegerModel(qg).run(x)
     logits, codes = rr.run(program, x.numpy())
-    assert np.array_equal(codes, want.q.numpy()) and np.array_equal(logits, want_logits.numpy())
+    assert np.array_equal(codes, want.numpy()) and np.array_equal(logits, want_logits.numpy())
     for op in program.ops:
         if "weight" in op["arrays"]:
             assert np.array_equal(program.get(op, "weight"), qg.weight_int[op["name"]].numpy())
@@ -130,7 +131,7 @@ def test_c_header_stores_the_packed_bytes(qgraphs, tmp_path):
 def test_identity_requantizations_are_counted_apart(qgraphs):
     im = IntegerModel(qgraphs["minmax-w6a6"])
     identity = real = 0
-    for op in im.program():
+    for op in im.program.ops:
         if op.attrs.get("requant", {}).get("mode") == "shift":
             if np.all(op.arrays["requant.shift"] == 0):
                 identity += 1

@@ -38,10 +38,10 @@ def _node_diffs(qg, im, x):
     out, _ = im.run(x, trace=trace)
     sim = qg.run(x, keep=True)
     diffs = {}
-    for name, v in trace.items():
+    for name, codes in trace.items():
         qp = qg.act.get(name)
         if qp is not None:  # codes of a threshold grid stand for its levels
-            deq = qp.levels.double()[v.q] if qp.kind == "threshold" else (v.q - v.zp).double() * v.scale.double()
+            deq = qp.levels.double()[codes] if qp.kind == "threshold" else _dequantized(qg, name, codes)
             diffs[name] = float(((deq - sim[name].double()).abs() / qp.scale.double()).max())
     return out, sim, diffs
 
@@ -62,7 +62,7 @@ def test_mobilevit_is_bit_exact(mvit_graph, calib_images):
     x = calib_images[:4]
     out, codes = im.run(x)
     assert torch.equal(out, qg(x))
-    assert codes.q.dtype == torch.int64
+    assert codes.dtype == torch.int64
     assert im.stats["luts"] >= 30 and im.stats["requant_shifts"] + im.stats["requant_identity"] >= 150
 
 
@@ -117,14 +117,10 @@ def test_threshold_grids_read_through_per_channel_tables_are_bit_exact(toy_calib
 MAX_OFF_FRACTION = {"softmax": 0.01, "layer_norm": 0.02}
 
 
-def _dequantized(v) -> torch.Tensor:
-    scale, zp = v.scale.double(), v.zp.to(torch.int64)
-    if scale.dim() and v.axis is not None and v.axis % v.q.dim() != v.q.dim() - 1:
-        shape = [1] * v.q.dim()
-        shape[v.axis] = -1
-        scale = scale.reshape(shape)
-        zp = zp.reshape(shape) if zp.dim() else zp
-    return (v.q - zp).double() * scale  # a per-channel scale without axis is along the last dim
+def _dequantized(qg, name: str, codes: torch.Tensor) -> torch.Tensor:
+    qp = qg.act[qg.graph.producer(name).name]
+    # a per-channel (PTF) scale of codes lies along the last dim
+    return (codes - qp.zero_point.to(torch.int64)).double() * qp.scale.double()
 
 
 def _float_reference_errors(qg, x) -> dict[str, tuple[str, int, float, bool]]:
@@ -133,7 +129,7 @@ def _float_reference_errors(qg, x) -> dict[str, tuple[str, int, float, bool]]:
     IntegerModel(qg).run(x, trace=trace)
     out = {}
     for node in qg.graph.by_op("softmax", "layer_norm"):
-        xin = _dequantized(trace[node.inputs[0]])
+        xin = _dequantized(qg, node.inputs[0], trace[node.inputs[0]])
         qp = qg.act[node.name]
         if node.op == "softmax":
             y = torch.softmax(xin, dim=node.attrs["dim"])
@@ -143,11 +139,11 @@ def _float_reference_errors(qg, x) -> dict[str, tuple[str, int, float, bool]]:
             beta = node.params.get("bias", torch.zeros(c)).double()
             y = F.layer_norm(xin, (c,), gamma, beta, node.attrs["eps"])
         want = quantize(y, qp.scale.double(), qp.zero_point, qp.qmin, qp.qmax, qp.axis).to(torch.int64)
-        got = trace[node.name].q + qp.zero_point.to(torch.int64)  # the executor keeps codes - zero point
+        got = trace[node.name]
         assert got.shape == want.shape
         diff = (got - want).abs()
         out[node.name] = (node.op, int(diff.max()), float((diff > 0).double().mean()),
-                          trace[node.inputs[0]].scale.numel() > 1)
+                          qg.act[qg.graph.producer(node.inputs[0]).name].scale.numel() > 1)
     return out
 
 

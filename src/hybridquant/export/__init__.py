@@ -2,8 +2,8 @@
 
 A quantized model whose requantization multipliers are all powers of two (or
 2^a ± 2^b with two shift terms) is lowered by
-:class:`~hybridquant.integer.executor.IntegerModel`; its explicit program
-(:meth:`~hybridquant.integer.executor.IntegerModel.program`) holds, per op in
+:func:`~hybridquant.integer.lower.lower` to a
+:class:`~hybridquant.integer.program.Program`, which holds, per op in
 execution order, every integer constant: int8/int16 weights, int32/int64
 biases, requantization shifts (or two-term ``a``/``b``/``sign``/``n``), zero
 points and code ranges, lookup tables (per-channel ones too), softmax
@@ -12,7 +12,8 @@ of adds and concats, layout attributes, the input quantizer and the output
 dequantization.
 
 * :func:`export_npz`: one ``.npz`` with the arrays and a JSON manifest inside
-  (key ``__manifest__``); :func:`load_npz` reads it back.
+  (key ``__manifest__``); :func:`load_npz` reads it back, :func:`load_program` as a Program that
+  :class:`~hybridquant.integer.executor.IntegerModel` runs.
 * :func:`export_c`: a C99 header with the same content.
 * :func:`export_onnx` (:mod:`.onnx`): the fake-quantized simulation as a QDQ
   ONNX model (any uniform scales, not only powers of two), with the
@@ -24,9 +25,9 @@ CLI: ``hybridquant export --qmodel model.hq --format {npz,c,onnx} --out PATH``.
 """
 
 from .c import export_c, header_text
-from .npz import export_npz, load_npz
+from .npz import export_npz, load_npz, load_program
 from .onnx import export_onnx
 from .program import FORMAT, MANIFEST_KEY, VERSION, program_tables
 
 __all__ = ["FORMAT", "MANIFEST_KEY", "VERSION", "export_c", "export_npz", "export_onnx", "header_text", "load_npz",
-           "program_tables"]
+           "load_program", "program_tables"]

@@ -21,7 +21,7 @@ Layout of the file (``numpy.load`` reads it, ``allow_pickle`` not needed):
 
 The arrays' ``nbytes`` add up to the report's ``deployed_bytes`` (every op but
 the host's input quantizer and output dequantization) plus ``host_bytes``
-(those two); :meth:`~hybridquant.integer.executor.IntegerModel.storage`
+(those two); :meth:`~hybridquant.integer.program.Program.storage`
 counts them from the lowered program without writing a file.
 """
 
@@ -37,11 +37,13 @@ import numpy as np
 from .._io import atomic_path
 from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
-from .program import FORMAT, MANIFEST_KEY, program_tables
+from ..integer.program import Program
+from .program import FORMAT, MANIFEST_KEY, program_from_tables, program_tables
 
 
-def export_npz(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the integer program of ``qgraph`` to ``path`` (atomically); returns the manifest.
+def export_npz(qgraph: QuantizedGraph | Program, path: str | Path, model_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the integer program of ``qgraph`` (or the lowered program itself) to ``path`` (atomically);
+    returns the manifest.
 
     Raises HybridQuantError when the model cannot be lowered (e.g. float
     requantization multipliers).
@@ -69,3 +71,8 @@ def load_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HybridQuantError(f"{path} is not a {FORMAT} file")
     return manifest, arrays
+
+
+def load_program(path: str | Path) -> Program:
+    """An exported ``.npz`` as the :class:`~hybridquant.integer.program.Program` it was written from."""
+    return program_from_tables(*load_npz(path))

@@ -1,9 +1,9 @@
 """The integer program as plain data: a JSON manifest plus named integer arrays.
 
 Both export formats (:mod:`.npz`, :mod:`.c`) write what :func:`program_tables`
-returns. The program is the one :class:`~hybridquant.integer.executor.IntegerModel`
-runs (its :meth:`~hybridquant.integer.executor.IntegerModel.program`), so a
-reader that follows the manifest reproduces its output codes bit for bit.
+returns. The program is :func:`~hybridquant.integer.lower.lower`'s, the one
+:class:`~hybridquant.integer.executor.IntegerModel` interprets, so a reader
+that follows the manifest reproduces its output codes bit for bit.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import numpy as np
 
 from .._io import plain
 from ..graph.quantized import QuantizedGraph
-from ..integer.executor import (
+from ..integer.lower import lower
+from ..integer.program import (
     PROGRAM_KINDS,
     REQUANT_DOC,
-    IntegerModel,
+    Program,
     ProgramOp,
     packed_nbytes,
     packed_weight_bits,
 )
+from .reader import unpack_bits
 
 FORMAT = "hybridquant-integer-program"
 VERSION = 1
@@ -67,18 +69,12 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return out.view(np.int8)
 
 
-def lower(qgraph: QuantizedGraph) -> list[ProgramOp]:
-    """The lowered program of ``qgraph``; raises HybridQuantError where it cannot be lowered
-    (float multipliers, float nodes, quantizers without an integer kernel)."""
-    return IntegerModel(qgraph).program()
-
-
 def array_key(index: int, key: str) -> str:
     """The flat name of op ``index``'s array ``key`` (``op0003.requant.shift``)."""
     return f"op{index:04d}.{key}"
 
 
-def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None
+def program_tables(source: QuantizedGraph | Program, model_meta: dict[str, Any] | None = None
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(manifest, arrays)``: the JSON-able manifest and every integer array under its flat key.
 
@@ -90,10 +86,11 @@ def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = N
     ``attrs``, ``out_shape`` and ``arrays`` (array name -> ``{"key",
     "dtype", "shape"}``, plus ``"packed"`` for a packed weight: see
     :data:`PACKING`). The arrays' sizes add up to
-    :meth:`~hybridquant.integer.executor.IntegerModel.storage`'s
+    :meth:`~hybridquant.integer.program.Program.storage`'s
     ``deployed_bytes + host_bytes``.
     """
-    ops = lower(qgraph)
+    program = (source if isinstance(source, Program) else lower(source)).require_integer()
+    ops = program.ops
     arrays: dict[str, np.ndarray] = {}
     entries = []
     for op in ops:
@@ -111,15 +108,30 @@ def program_tables(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = N
                                        "dtype": arr.dtype.name, "shape": list(arr.shape)}}
         entries.append({"index": op.index, "name": op.name, "op": op.op, "kind": op.kind, "inputs": op.inputs,
                         "attrs": op.attrs, "out_shape": op.out_shape, "arrays": listed})
-    graph = qgraph.graph
     manifest = {
         "format": FORMAT, "version": VERSION,
         "model": plain(model_meta or {}),
-        "config": plain(qgraph.config.to_dict()),
-        "input": {"name": graph.nodes[0].name, "shape": list(graph.meta.get("input_size", []))},
-        "output": {"name": graph.output.inputs[0], "op": len(ops) - 1},
+        "config": plain(program.config),
+        "input": {"name": ops[0].name, "shape": list(program.input_size)},
+        "output": {"name": ops[-1].inputs[0], "op": len(ops) - 1},
         "conventions": CONVENTIONS,
         "kinds": PROGRAM_KINDS,
         "ops": entries,
     }
     return manifest, arrays
+
+
+def program_from_tables(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Program:
+    """The :class:`~hybridquant.integer.program.Program` that :func:`program_tables` wrote (packed weights
+    unpacked to their codes' type), so an exported file runs on :class:`~hybridquant.integer.executor.IntegerModel`."""
+    ops = []
+    for entry in manifest["ops"]:
+        consts = {}
+        for name, meta in entry["arrays"].items():
+            arr = arrays[meta["key"]]
+            packed = meta.get("packed")
+            consts[name] = (unpack_bits(arr, packed).astype(packed["dtype"]) if packed is not None
+                            else np.array(arr, copy=True))
+        ops.append(ProgramOp(entry["index"], entry["name"], entry["op"], entry["kind"], list(entry["inputs"]),
+                             dict(entry["attrs"]), consts, entry["out_shape"]))
+    return Program(ops, list(manifest["input"]["shape"]), dict(manifest.get("config", {})))

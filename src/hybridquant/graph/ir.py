@@ -206,6 +206,23 @@ class Graph:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
+    def shapes(self, batch: int = 1) -> dict[str, list[int]]:
+        """Every node's output shape for ``batch`` images, from the float ops run on meta tensors
+        (shapes only: no data flows, parameters are replaced by meta tensors of their shape)."""
+        c, h, w = self.meta["input_size"]
+        values: dict[str, torch.Tensor] = {}
+        for node in self.nodes:
+            if node.op == "input":
+                out = torch.empty(batch, c, h, w, device="meta")
+            elif node.op == "output":
+                out = values[node.inputs[0]]
+            else:
+                meta = Node(node.name, node.op, node.inputs, node.attrs,
+                            {k: torch.empty_like(p, device="meta") for k, p in node.params.items()})
+                out = F_ops.run_op(meta, [values[i] for i in node.inputs])
+            values[node.name] = out
+        return {name: list(v.shape) for name, v in values.items()}
+
     def num_params(self) -> int:
         """Number of parameter elements (weights, biases, norm affines, scale vectors)."""
         return sum(t.numel() for n in self.nodes for k, t in n.params.items() if not k.startswith("running_"))

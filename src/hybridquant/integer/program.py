@@ -1,0 +1,275 @@
+"""The integer program as data: ops in execution order with every integer constant they use.
+
+:func:`hybridquant.integer.lower.lower` builds a :class:`Program` from a
+quantized graph without running an image; the integer executor
+(:class:`~hybridquant.integer.executor.IntegerModel`) interprets it, the
+exports (:mod:`hybridquant.export`) write it, and the numpy reader runs what
+they wrote. :data:`PROGRAM_KINDS` and :data:`REQUANT_DOC` are the contract
+all of them follow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import HybridQuantError
+
+#: how each kind of :class:`ProgramOp` runs (the contract of the export formats)
+PROGRAM_KINDS = {
+    "quantize": "codes = clamp(floor(x / scale + 1/2) + zero_point, qmin, qmax), in float32 on the host",
+    "layout": "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch semantics, "
+              "batch dim included)",
+    "conv2d": "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
+    "linear": "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
+    "matmul": "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
+    "add": "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); then requant",
+    "cat": "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
+    "mul": "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant",
+    "mul_const": "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
+    "global_avg_pool": "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); then requant",
+    "lut": "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
+    "deferred": "no codes: a non-linearity read only through a consumer's per-channel table (channel_lut)",
+    "channel_lut": "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity requant",
+    "channel_shift": "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
+                     "then a per-channel requant along attrs.axis",
+    "softmax": "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
+               "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; then the identity requant",
+    "layer_norm": "over the last dim (C channels): x_j = (x_j - in_zero_point) << channel_shift_j; S1 = sum x; "
+                  "S2 = sum x^2; y_j = C x_j - S1; V = C S2 - S1^2 + eps_q; "
+                  "r = max(1, isqrt(V << 2 sqrt_frac_bits)) (floor square root); "
+                  "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half up); "
+                  "codes = clamp(srr(n_j gamma_q_j + beta_q_j, out_shift) + out_zero_point, out_qmin, out_qmax); "
+                  "then the identity requant (arith.int_layernorm)",
+    "output": "logits = (codes - zero_point) * scale in float64, then float32 (host side)",
+}
+#: the requantization stage, recorded on every op that has ``requant.*`` arrays
+REQUANT_DOC = (
+    "mode 'shift': codes = clamp(srr(acc, requant.shift) + requant.zero_point, requant.qmin, requant.qmax); "
+    "mode 'two_term': codes = clamp(srr((acc << a) + sign * (acc << b), n) + zero_point, qmin, qmax); "
+    "srr(v, k) = (v + (1 << (k - 1))) >> k for k > 0 (round half up, arithmetic shift), v << -k for k <= 0; "
+    "mode 'threshold' (a lookup table's input on a threshold grid): v = ((acc << a) + sign * (acc << b)) >> n "
+    "(floor: no rounding bias; a left shift for n <= 0), codes = the number of requant.thresholds <= v; "
+    "per-channel parameters lie along attrs.requant.axis"
+)
+
+
+@dataclass
+class ProgramOp:
+    """One op of the lowered integer program: what it reads and every integer constant it uses.
+
+    ``kind`` says how it runs (:data:`PROGRAM_KINDS`), ``inputs`` names the
+    values it reads (a node's codes, or for ``reads == 'accumulator'`` its
+    wide accumulator), ``attrs`` holds structural attributes (JSON-able) and
+    ``arrays`` the integer constants (0-d arrays for scalars). A per-channel
+    (1-d) ``in_zero_point.k`` / ``align_shift.k`` lies along the last dim.
+    ``out_shape`` is the shape of the op's codes for a batch of one (None
+    when it produces none). ``attrs['requant']`` (``mode``, ``axis``) comes
+    with the ``requant.*`` arrays; ``attrs['keep_accumulator']`` marks an op
+    whose accumulator a later ``channel_shift`` reads.
+    """
+
+    index: int
+    name: str
+    op: str
+    kind: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    out_shape: list[int] | None = None
+
+
+_INT_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64)
+
+
+def code_dtype(qmin: int, qmax: int) -> np.dtype:
+    """The smallest integer type holding codes in ``[qmin, qmax]``."""
+    for t in _INT_TYPES:
+        info = np.iinfo(t)
+        if info.min <= qmin and qmax <= info.max:
+            return np.dtype(t)
+    raise ValueError(f"codes [{qmin}, {qmax}] do not fit int64")
+
+
+# --- what the hardware stores ------------------------------------------------------
+#: op kinds that run on the host (float32 input quantizer, float output dequantization): not deployed
+HOST_KINDS = frozenset({"quantize", "output"})
+#: op kinds that compute nothing (data movement, or a non-linearity fused into a per-channel table)
+NO_COMPUTE_KINDS = frozenset({"layout", "deferred"})
+#: the categories of :func:`storage_breakdown`, in report order
+STORAGE_CATEGORIES = ("weights", "biases", "requant_shifts", "thresholds", "zero_points_and_ranges",
+                      "align_shifts", "lookup_tables", "softmax_constants", "layernorm_constants", "other")
+
+
+def packed_weight_bits(op: ProgramOp | dict[str, Any], name: str) -> int | None:
+    """The bit width a weight array is packed at in the exports, or None when it is stored as is.
+
+    Weights of a bit width that is not a multiple of 8 (e.g. 4 or 6 bits) are packed into a bit stream
+    (:func:`packed_nbytes` bytes; layout in ``hybridquant.export.program.PACKING``)."""
+    attrs = op.attrs if isinstance(op, ProgramOp) else op["attrs"]
+    bits = attrs.get("weight_bits")
+    if name != "weight" or bits is None or int(bits) % 8 == 0:
+        return None
+    return int(bits)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` values of ``bits`` bits each, packed back to back (the last byte zero-padded)."""
+    return (count * bits + 7) // 8
+
+
+def array_category(kind: str, name: str) -> str:
+    """Which :data:`STORAGE_CATEGORIES` entry the array ``name`` of an op of ``kind`` belongs to."""
+    if name == "requant.thresholds":
+        return "thresholds"
+    if name in ("requant.shift", "requant.a", "requant.b", "requant.sign", "requant.n", "requant.multiplier"):
+        return "requant_shifts"
+    if name.startswith("requant."):
+        return "zero_points_and_ranges"
+    if kind == "softmax":
+        return "softmax_constants"
+    if kind == "layer_norm":
+        return "layernorm_constants"
+    if name == "weight":
+        return "weights"
+    if name == "bias":
+        return "biases"
+    if name == "table":
+        return "lookup_tables"
+    if name.startswith("align_shift"):
+        return "align_shifts"
+    if name.startswith("in_zero_point") or name == "in_qmin":
+        return "zero_points_and_ranges"
+    return "other"
+
+
+def storage_breakdown(ops: list[ProgramOp]) -> dict[str, Any]:
+    """Bytes of every constant of a lowered program, as the exports store them.
+
+    ``deployed_bytes``: everything the integer hardware must hold (weights at their bit width, packed when
+    below 8 bits; biases; requantization shifts; threshold grids; lookup tables; softmax and LayerNorm
+    constants; zero points, code ranges and alignment shifts), with ``breakdown`` by
+    :data:`STORAGE_CATEGORIES`; ``host_bytes``: the host's input quantizer and output dequantization
+    (float32 scales and their integer companions), kept apart. Their sum is the size of the exported
+    arrays (the npz's ``nbytes`` without its manifest).
+    """
+    breakdown = dict.fromkeys(STORAGE_CATEGORIES, 0)
+    host = 0
+    for op in ops:
+        for name, arr in op.arrays.items():
+            bits = packed_weight_bits(op, name)
+            nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+            if op.kind in HOST_KINDS:
+                host += nbytes
+            else:
+                breakdown[array_category(op.kind, name)] += nbytes
+    return {"deployed_bytes": sum(breakdown.values()), "breakdown": breakdown, "host_bytes": host}
+
+
+def requant_kind(op: ProgramOp) -> str | None:
+    """The requantization of ``op``: ``identity`` (shift 0 in every channel: only a saturation remains),
+    ``shift`` (2^-k), ``two_term``, ``threshold`` (onto a threshold grid), ``float`` (an allowed float
+    multiplier), or None when the op has none."""
+    rq = op.attrs.get("requant")
+    if rq is None:
+        return None
+    if rq["mode"] == "shift":
+        return "identity" if not op.arrays["requant.shift"].any() else "shift"
+    return rq["mode"]
+
+
+@dataclass
+class Program:
+    """The lowered integer program of a quantized graph (see the module docstring).
+
+    ``ops`` in execution order (the first quantizes the input, the last dequantizes the output),
+    ``input_size`` the ``[C, H, W]`` of one image and ``config`` the quantization config it came from
+    (JSON form).
+    """
+
+    ops: list[ProgramOp]
+    input_size: list[int]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_name = {op.name: op for op in self.ops}
+
+    def __getitem__(self, name: str) -> ProgramOp:
+        return self._by_name[name]
+
+    @property
+    def has_float_requants(self) -> bool:
+        return any(requant_kind(op) == "float" for op in self.ops)
+
+    def require_integer(self) -> Program:
+        """``self``, or HybridQuantError when a requantization uses a float multiplier."""
+        if self.has_float_requants:
+            raise HybridQuantError("the model uses float requantization multipliers: it has no integer program")
+        return self
+
+    def stats(self) -> dict[str, int]:
+        """Requantization stages by kind and lookup tables: ``requant_shifts`` counts the real ones done by
+        shifts (a multiplier 2^-k with k != 0 in some channel, two terms, or a threshold grid; of which
+        ``requant_two_term`` and ``requant_threshold``), ``requant_identity`` those with multiplier exactly 1
+        (after a lookup table, softmax or LayerNorm, which already emit codes on the output grid, or an add of
+        operands already on it), ``requant_float`` the allowed float multipliers; ``luts`` the lookup tables
+        (per-channel ones included)."""
+        st = dict.fromkeys(("requant_shifts", "requant_identity", "requant_two_term", "requant_threshold",
+                            "requant_float", "luts"), 0)
+        for op in self.ops:
+            kind = requant_kind(op)
+            if kind in ("identity", "float"):
+                st[f"requant_{kind}"] += 1
+            elif kind is not None:
+                st["requant_shifts"] += 1
+                if kind in ("two_term", "threshold"):
+                    st[f"requant_{kind}"] += 1
+            st["luts"] += op.kind in ("lut", "channel_lut")
+        return st
+
+    def macs(self, op: ProgramOp) -> int:
+        """Multiply-accumulates per image of ``op`` (conv / linear / matmul; 0 for any other)."""
+        if op.kind in ("conv2d", "linear"):
+            return math.prod(op.out_shape) * math.prod(op.arrays["weight"].shape[1:])
+        if op.kind == "matmul":
+            return math.prod(op.out_shape) * self[op.inputs[0]].out_shape[-1]
+        return 0
+
+    def op_counts(self) -> dict[str, Any]:
+        """How much of the program runs on integer kernels, measured on its ops.
+
+        Counted: every op that computes (the input quantizer and output dequantization on the host, layout
+        ops and deferred non-linearities excluded). An op is integer when its requantization, if any, is
+        multiplier-free (shifts, two terms or a threshold grid); ``integer_mac_fraction`` weighs each op by
+        its multiply-accumulates per image.
+        """
+        ops = integer = macs = integer_macs = 0
+        for op in self.ops:
+            if op.kind in HOST_KINDS | NO_COMPUTE_KINDS:
+                continue
+            is_int = requant_kind(op) != "float"
+            n_macs = self.macs(op)
+            ops += 1
+            integer += int(is_int)
+            macs += n_macs
+            integer_macs += n_macs if is_int else 0
+        return {"ops": ops, "integer_ops": integer, "integer_op_fraction": integer / ops if ops else 1.0,
+                "macs": macs, "integer_macs": integer_macs,
+                "integer_mac_fraction": integer_macs / macs if macs else 1.0}
+
+    def storage(self) -> dict[str, Any]:
+        """:func:`storage_breakdown` of the program; HybridQuantError for float multipliers."""
+        return storage_breakdown(self.require_integer().ops)
+
+    def describe(self) -> str:
+        """One line per op: index, kind, name, inputs, output shape, constant bytes and requantization."""
+        lines = []
+        for op in self.ops:
+            nbytes = sum(int(a.nbytes) for a in op.arrays.values())
+            shape = "x".join(map(str, op.out_shape)) if op.out_shape else "-"
+            lines.append(f"{op.index:4d} {op.kind:15s} {op.name:40s} <- {', '.join(op.inputs) or '-':40s} "
+                         f"{shape:14s} {nbytes:9d} B  {requant_kind(op) or ''}")
+        return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""``lower()`` builds the integer program from the quantized graph alone: no image flows through the model,
+and the executor that interprets the program reproduces the simulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridquant.config import QuantConfig
+from hybridquant.graph import ops as graph_ops
+from hybridquant.graph.ir import Graph
+from hybridquant.graph.quantized import QuantizedGraph
+from hybridquant.integer.executor import IntegerModel
+from hybridquant.integer.lower import lower
+from hybridquant.quantize import quantize_graph
+from tests.methods.conftest import make_toy_graph
+
+
+@pytest.fixture(scope="module")
+def toy_qgraph() -> QuantizedGraph:
+    calib = list((torch.rand(32, 3, 6, 6, generator=torch.Generator().manual_seed(3)) * 2 - 1).split(8))
+    cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, channel_shift=True,
+                            ptf=True, reconstruction=False)
+    return quantize_graph(make_toy_graph(), cfg, calib)
+
+
+def test_lowering_runs_no_data_through_the_model(toy_qgraph, monkeypatch):
+    """Shapes come from meta tensors; a real tensor reaching an op or a convolution fails the test (the
+    executor's former dry run on a zero image did exactly that)."""
+    run_op, conv2d = graph_ops.run_op, F.conv2d
+
+    def meta_run_op(node, inputs):
+        assert all(t.is_meta for t in inputs), f"data flowed through {node.name} while lowering"
+        return run_op(node, inputs)
+
+    def meta_conv2d(x, *args, **kw):
+        assert x.is_meta, "a convolution ran on data while lowering"
+        return conv2d(x, *args, **kw)
+
+    def refuse(*args, **kw):
+        raise AssertionError("the graph ran while lowering")
+
+    monkeypatch.setattr(graph_ops, "run_op", meta_run_op)
+    monkeypatch.setattr(F, "conv2d", meta_conv2d)
+    monkeypatch.setattr(Graph, "run", refuse)
+    monkeypatch.setattr(QuantizedGraph, "run", refuse)
+    program = lower(toy_qgraph)
+    assert [op.name for op in program.ops] == [n.name for n in toy_qgraph.graph]
+    assert {"conv2d", "channel_shift", "layer_norm", "softmax", "lut"} <= {op.kind for op in program.ops}
+    monkeypatch.undo()
+    x = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    logits, _ = IntegerModel(program).run(x)
+    assert torch.equal(logits, toy_qgraph.run(x))
+
+
+def test_shapes_are_the_float_runs(toy_qgraph):
+    graph = toy_qgraph.graph
+    want = {name: list(v.shape) for name, v in graph.run(torch.zeros(3, 3, 6, 6), keep=True).items()}
+    assert graph.shapes(batch=3) == want
+    ops, one = lower(toy_qgraph).ops, graph.shapes()
+    assert all(op.out_shape == one[op.name] for op in ops if op.kind not in ("output", "deferred"))
+    assert all(op.out_shape is None for op in ops if op.kind == "deferred")
+
+
+def test_macs_are_per_image_with_patches_folded_into_the_batch(mvit_graph, calib_images):
+    """MobileViT folds its patches into the batch dim of token ops: their MACs count every patch."""
+    program = lower(quantize_graph(mvit_graph, QuantConfig(method="minmax", scales="pot"), calib_images[:4]))
+    qkv = next(op for op in program.ops if op.kind == "linear" and op.out_shape[0] > 1)
+    assert program.macs(qkv) == qkv.out_shape[0] * qkv.out_shape[1] * qkv.out_shape[2] * qkv.arrays["weight"].shape[1]
+    convs = sum(program.macs(op) for op in program.ops if op.kind == "conv2d")
+    assert program.op_counts()["macs"] > convs
