@@ -26,8 +26,8 @@ def test_an_upward_import_breaks_the_contract(tmp_path, monkeypatch, capsys):
     """A copy of the package where the lowest layer imports the command line fails the same contracts."""
     pkg = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "hybridquant", pkg / "hybridquant")
-    prim = pkg / "hybridquant" / "primitives.py"
-    prim.write_text(prim.read_text() + "\nfrom . import cli  # noqa\n")
+    prim = pkg / "hybridquant" / "primitives" / "__init__.py"
+    prim.write_text(prim.read_text() + "\nimport hybridquant.cli  # noqa\n")
     monkeypatch.syspath_prepend(str(pkg))
     for name in [m for m in sys.modules if m == "hybridquant" or m.startswith("hybridquant.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -45,5 +45,5 @@ def test_op_knowledge_counts_literals_and_set_references():
     assert found["hybridquant/graph/capture.py"]["literals"] > 10  # capture maps torch calls to op kinds
     assert found["hybridquant/pipeline.py"] == {"literals": 0, "sets": found["hybridquant/pipeline.py"]["sets"]}
     assert found["hybridquant/pipeline.py"]["sets"] > 0  # names MAC_OPS, no literal
-    assert "hybridquant/config.py" not in found and "hybridquant/primitives.py" not in found
+    assert "hybridquant/config.py" not in found and "hybridquant/primitives/__init__.py" not in found
     assert "hybridquant/graph/capture.py" not in op_knowledge.count(exclude=["hybridquant/graph/*"])

@@ -225,7 +225,7 @@ def test_mobilevit_c_header_compiles(mvit_qgraph, tmp_path):
 
 def test_softmax_exp_table_is_the_tail_of_the_exported_table(toy_calib):
     """The kernel builds its table for the actual spread of the codes; the export stores the full one."""
-    from hybridquant.integer.arith import softmax_exp_table
+    from hybridquant.primitives.arith import softmax_exp_table
 
     qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["minmax-pot"], toy_calib)
     op = next(op for op in lower(qg).ops if op.kind == "softmax")

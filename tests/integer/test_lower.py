@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridquant.config import QuantConfig
-from hybridquant.graph import ops as graph_ops
+from hybridquant.graph import ir
 from hybridquant.graph.ir import Graph
 from hybridquant.graph.quantized import QuantizedGraph
 from hybridquant.integer.executor import IntegerModel
@@ -28,7 +28,7 @@ def toy_qgraph() -> QuantizedGraph:
 def test_lowering_runs_no_data_through_the_model(toy_qgraph, monkeypatch):
     """Shapes come from meta tensors; a real tensor reaching an op or a convolution fails the test (the
     executor's former dry run on a zero image did exactly that)."""
-    run_op, conv2d = graph_ops.run_op, F.conv2d
+    run_op, conv2d = ir.run_float, F.conv2d
 
     def meta_run_op(node, inputs):
         assert all(t.is_meta for t in inputs), f"data flowed through {node.name} while lowering"
@@ -41,7 +41,7 @@ def test_lowering_runs_no_data_through_the_model(toy_qgraph, monkeypatch):
     def refuse(*args, **kw):
         raise AssertionError("the graph ran while lowering")
 
-    monkeypatch.setattr(graph_ops, "run_op", meta_run_op)
+    monkeypatch.setattr(ir, "run_float", meta_run_op)
     monkeypatch.setattr(F, "conv2d", meta_conv2d)
     monkeypatch.setattr(Graph, "run", refuse)
     monkeypatch.setattr(QuantizedGraph, "run", refuse)

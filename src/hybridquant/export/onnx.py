@@ -15,7 +15,7 @@ ONNX runtimes understand (opset :data:`OPSET`):
   for 16) read through ``DequantizeLinear`` with their per-output-channel
   scales; biases are int32 initializers at scale ``s_in·s_w`` (a float
   initializer where the integer bias does not fit int32 or there is none);
-* every op is the float op of :mod:`hybridquant.graph.ops` on the
+* every op is the float op of :mod:`hybridquant.ops` on the
   dequantized tensors; nodes that read a value before its quantizer
   (``raw_input``) read the float tensor. Layout ops use constant shapes: the
   batch dim is dynamic (``N``), every other size fixed, so there are no

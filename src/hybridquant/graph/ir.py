@@ -16,23 +16,20 @@ from typing import Any
 
 import torch
 
-from . import ops as F_ops
+from .. import ops as op_table
+from ..ops import run_float
 
-#: ops that change values and so get an output quantizer in a quantized graph
-VALUE_OPS = frozenset(
-    {
-        "input", "conv2d", "linear", "matmul", "add", "mul", "mul_const", "cat",
-        "silu", "gelu", "sigmoid", "relu", "hardswish", "softmax", "layer_norm",
-        "group_norm", "global_avg_pool", "scale_channels", "sum",
-    }
-)
+# The vocabulary comes from the op table (:mod:`hybridquant.ops`): each op's module declares its role.
+#: ops that change values and so get an output quantizer (the graph's input included)
+VALUE_OPS = op_table.ops_where(role="value") | op_table.ops_where(role="source")
 #: ops that only move values around (a quantized input stays on its grid)
-LAYOUT_OPS = frozenset({"reshape", "transpose", "permute", "flatten", "select", "slice", "expand"})
+LAYOUT_OPS = op_table.ops_where(role="data_movement")
 #: multiply-accumulate ops: every input must be an integer tensor
-MAC_OPS = frozenset({"conv2d", "linear", "matmul"})
+MAC_OPS = op_table.ops_where(mac=True)
 #: elementwise non-linearities, run as lookup tables in integer arithmetic
-ELEMENTWISE_OPS = frozenset({"silu", "gelu", "sigmoid", "relu", "hardswish"})
-OPS = VALUE_OPS | LAYOUT_OPS | {"batch_norm", "output"}
+ELEMENTWISE_OPS = op_table.ops_where(elementwise=True)
+#: every op
+OPS = frozenset(op_table.OP_DEFS)
 
 
 @dataclass
@@ -181,16 +178,17 @@ class Graph:
             for i in n.inputs:
                 remaining[i] += 1
         for node in self.nodes:
-            if node.op == "input":
+            role = op_table.op_def(node.op).role
+            if role == "source":
                 out = x
-            elif node.op == "output":
+            elif role == "sink":
                 out = values[node.inputs[0]]
             elif override is not None and node.name in override:
                 out = override[node.name]([values[i] for i in node.inputs])
             elif node.attrs.get("raw_input"):
-                out = F_ops.run_op(node, [raw[node.inputs[0]]])
+                out = run_float(node, [raw[node.inputs[0]]])
             else:
-                out = F_ops.run_op(node, [values[i] for i in node.inputs])
+                out = run_float(node, [values[i] for i in node.inputs])
             if node.name in raw_wanted:
                 raw[node.name] = out
             if hook is not None:
@@ -212,14 +210,15 @@ class Graph:
         c, h, w = self.meta["input_size"]
         values: dict[str, torch.Tensor] = {}
         for node in self.nodes:
-            if node.op == "input":
+            role = op_table.op_def(node.op).role
+            if role == "source":
                 out = torch.empty(batch, c, h, w, device="meta")
-            elif node.op == "output":
+            elif role == "sink":
                 out = values[node.inputs[0]]
             else:
                 meta = Node(node.name, node.op, node.inputs, node.attrs,
                             {k: torch.empty_like(p, device="meta") for k, p in node.params.items()})
-                out = F_ops.run_op(meta, [values[i] for i in node.inputs])
+                out = run_float(meta, [values[i] for i in node.inputs])
             values[node.name] = out
         return {name: list(v.shape) for name, v in values.items()}
 

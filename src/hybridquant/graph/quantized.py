@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import QuantConfig
+from ..ops import op_def
 from ..primitives import dequantize, quantize
 from ..qparams import QParams
 from .ir import MAC_OPS, Graph, Node
@@ -66,7 +67,7 @@ class QuantizedGraph:
         """Recompute integer weights/biases and the simulation graph from ``act``/``weight``."""
         self.weight_int, self.bias_int = {}, {}
         sim = self.graph.clone()
-        for node in sim.by_op("conv2d", "linear"):
+        for node in sim:  # the weighted layers
             wq = self.weight.get(node.name)
             if wq is None:
                 continue
@@ -86,25 +87,13 @@ class QuantizedGraph:
         self.override = self._integer_kernels() if self.config.pot else {}
 
     def _integer_kernels(self) -> dict[str, Any]:
-        """Softmax and LayerNorm on the integer kernels the integer program uses."""
-        from ..integer.nonlinear import LayerNormKernel, softmax_codes, supported
-
+        """The integer kernels the integer program uses where the op table has one (softmax, LayerNorm)."""
         out: dict[str, Any] = {}
-        for node in self.graph.by_op("softmax", "layer_norm"):
-            in_qp, out_qp = self.input_qparams(node), self.act.get(node.name)
-            if not supported(node, in_qp, out_qp):
-                continue
-            if node.op == "softmax":
-                def run(inputs, node=node, i=in_qp, o=out_qp):
-                    q = quantize(inputs[0], i.scale, i.zero_point, i.qmin, i.qmax).to(torch.int64)
-                    return dequantize(softmax_codes(q, node, i, o), o.scale, o.zero_point)
-            else:
-                kernel = LayerNormKernel(node, in_qp, out_qp)
-
-                def run(inputs, k=kernel, i=in_qp, o=out_qp):
-                    q = quantize(inputs[0], i.scale, i.zero_point, i.qmin, i.qmax, i.axis).to(torch.int64)
-                    return dequantize(k(q), o.scale, o.zero_point)
-            out[node.name] = run
+        for node in self.graph:
+            simulate = op_def(node.op).simulate
+            run = simulate(node, self.input_qparams(node), self.act.get(node.name)) if simulate else None
+            if run is not None:
+                out[node.name] = run
         return out
 
     def _hook(self, node: Node, out: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..ops import run_float
 from ..store import Stored, Workspace
-from . import ops as graph_ops
 from .ir import Graph, Node
 
 
@@ -98,7 +98,7 @@ class FloatStream:
             else:
                 out = Stored(self.ws)
                 for b, n in enumerate(self.images):
-                    out.append(graph_ops.run_op(node, [self.values[i].chunk(b) for i in node.inputs]), n)
+                    out.append(run_float(node, [self.values[i].chunk(b) for i in node.inputs]), n)
             self.values[node.name] = out
             if self.hold_all and node.name not in self.released:
                 self.held.add(node.name)

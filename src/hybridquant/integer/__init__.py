@@ -1,8 +1,6 @@
-"""Integer-only arithmetic: the kernels (:mod:`.arith`), the softmax / LayerNorm wrappers shared
-with the simulation (:mod:`.nonlinear`), the lowering of a quantized graph to a program
-(:mod:`.lower` -> :class:`.program.Program`), its interpreter (:mod:`.executor`) and its evaluation.
+"""The integer program: the lowering of a quantized graph (:mod:`.lower` -> :class:`.program.Program`), its
+interpreter (:mod:`.executor`) and its evaluation against labels and the simulation (:mod:`.evaluate`).
 
-:mod:`.arith` holds the kernels (requantization by shifts, alignment, lookup
-tables, integer softmax / log2 softmax, integer LayerNorm) and the setup
-functions that turn float parameters into their integer tables and constants.
+The integer kernels are in :mod:`hybridquant.primitives.arith`; what each op computes is declared in the op
+table, :mod:`hybridquant.ops`.
 """

@@ -10,42 +10,16 @@ all of them follow.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import HybridQuantError
+from ..ops import PROGRAM_KIND_DEFS, program_kind
 
-#: how each kind of :class:`ProgramOp` runs (the contract of the export formats)
-PROGRAM_KINDS = {
-    "quantize": "codes = clamp(floor(x / scale + 1/2) + zero_point, qmin, qmax), in float32 on the host",
-    "layout": "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch semantics, "
-              "batch dim included)",
-    "conv2d": "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-    "linear": "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-    "matmul": "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
-    "add": "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); then requant",
-    "cat": "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
-    "mul": "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant",
-    "mul_const": "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
-    "global_avg_pool": "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); then requant",
-    "lut": "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
-    "deferred": "no codes: a non-linearity read only through a consumer's per-channel table (channel_lut)",
-    "channel_lut": "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity requant",
-    "channel_shift": "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
-                     "then a per-channel requant along attrs.axis",
-    "softmax": "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
-               "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; then the identity requant",
-    "layer_norm": "over the last dim (C channels): x_j = (x_j - in_zero_point) << channel_shift_j; S1 = sum x; "
-                  "S2 = sum x^2; y_j = C x_j - S1; V = C S2 - S1^2 + eps_q; "
-                  "r = max(1, isqrt(V << 2 sqrt_frac_bits)) (floor square root); "
-                  "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half up); "
-                  "codes = clamp(srr(n_j gamma_q_j + beta_q_j, out_shift) + out_zero_point, out_qmin, out_qmax); "
-                  "then the identity requant (arith.int_layernorm)",
-    "output": "logits = (codes - zero_point) * scale in float64, then float32 (host side)",
-}
+#: how each kind of :class:`ProgramOp` runs (the contract of the export formats), from the op table
+PROGRAM_KINDS = {name: kind.doc for name, kind in PROGRAM_KIND_DEFS.items()}
 #: the requantization stage, recorded on every op that has ``requant.*`` arrays
 REQUANT_DOC = (
     "mode 'shift': codes = clamp(srr(acc, requant.shift) + requant.zero_point, requant.qmin, requant.qmax); "
@@ -82,23 +56,11 @@ class ProgramOp:
     out_shape: list[int] | None = None
 
 
-_INT_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64)
-
-
-def code_dtype(qmin: int, qmax: int) -> np.dtype:
-    """The smallest integer type holding codes in ``[qmin, qmax]``."""
-    for t in _INT_TYPES:
-        info = np.iinfo(t)
-        if info.min <= qmin and qmax <= info.max:
-            return np.dtype(t)
-    raise ValueError(f"codes [{qmin}, {qmax}] do not fit int64")
-
-
 # --- what the hardware stores ------------------------------------------------------
 #: op kinds that run on the host (float32 input quantizer, float output dequantization): not deployed
-HOST_KINDS = frozenset({"quantize", "output"})
+HOST_KINDS = frozenset(name for name, kind in PROGRAM_KIND_DEFS.items() if kind.host)
 #: op kinds that compute nothing (data movement, or a non-linearity fused into a per-channel table)
-NO_COMPUTE_KINDS = frozenset({"layout", "deferred"})
+NO_COMPUTE_KINDS = frozenset(name for name, kind in PROGRAM_KIND_DEFS.items() if not kind.computes)
 #: the categories of :func:`storage_breakdown`, in report order
 STORAGE_CATEGORIES = ("weights", "biases", "requant_shifts", "thresholds", "zero_points_and_ranges",
                       "align_shifts", "lookup_tables", "softmax_constants", "layernorm_constants", "other")
@@ -129,10 +91,9 @@ def array_category(kind: str, name: str) -> str:
         return "requant_shifts"
     if name.startswith("requant."):
         return "zero_points_and_ranges"
-    if kind == "softmax":
-        return "softmax_constants"
-    if kind == "layer_norm":
-        return "layernorm_constants"
+    own = program_kind(kind).category
+    if own is not None:
+        return own
     if name == "weight":
         return "weights"
     if name == "bias":
@@ -227,16 +188,13 @@ class Program:
                 st["requant_shifts"] += 1
                 if kind in ("two_term", "threshold"):
                     st[f"requant_{kind}"] += 1
-            st["luts"] += op.kind in ("lut", "channel_lut")
+            st["luts"] += program_kind(op.kind).table
         return st
 
     def macs(self, op: ProgramOp) -> int:
         """Multiply-accumulates per image of ``op`` (conv / linear / matmul; 0 for any other)."""
-        if op.kind in ("conv2d", "linear"):
-            return math.prod(op.out_shape) * math.prod(op.arrays["weight"].shape[1:])
-        if op.kind == "matmul":
-            return math.prod(op.out_shape) * self[op.inputs[0]].out_shape[-1]
-        return 0
+        count = program_kind(op.kind).macs
+        return count(op, self) if count is not None else 0
 
     def op_counts(self) -> dict[str, Any]:
         """How much of the program runs on integer kernels, measured on its ops.

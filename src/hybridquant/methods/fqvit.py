@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from ..config import FQViTConfig, QuantConfig
-from ..graph import ops as F_ops
 from ..graph.ir import LAYOUT_OPS, Graph, Node
 from ..observers import ActivationObserver
+from ..ops import run_float
 from ..primitives import exp2_int, fake_quantize
 from ..qparams import QParams, choose_mode, range_to_qparams
 from ..store import Workspace
@@ -99,7 +99,7 @@ def channel_axis(chain: list[Node], shape: list[int], channels: int) -> int | No
         probe = target.reshape(view).expand(shape).contiguous()
         try:
             for node in chain:
-                probe = F_ops.run_op(node, [probe])
+                probe = run_float(node, [probe])
         except RuntimeError:
             continue
         if probe.shape[-1] == channels and bool((probe == target).all()):

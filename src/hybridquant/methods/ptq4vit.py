@@ -93,10 +93,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PTQ4ViTConfig, QuantConfig
-from ..graph import ops as graph_ops
 from ..graph.ir import MAC_OPS, Graph, Node
 from ..graph.quantized import QuantizedGraph
 from ..observers import ActivationObserver, quant_mse
+from ..ops import run_float
 from ..primitives import pot_exponent, pot_scale, two_term_round
 from ..qparams import QParams, choose_mode, range_to_qparams, restrict_pot, with_scale
 from ..store import Workspace
@@ -191,7 +191,7 @@ class LayerData:
         if wq is not None:
             params["weight"] = wq.fake(self.node.params["weight"])
         probe = Node(self.node.name, self.node.op, self.node.inputs, self.node.attrs, params)
-        return graph_ops.run_op(probe, ins)
+        return run_float(probe, ins)
 
     def objective(self, out: torch.Tensor) -> float:
         """PTQ4ViT's Hessian-guided distance ``Σ (dL/dO)² (Ô − O)²``."""

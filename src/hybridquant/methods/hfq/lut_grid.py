@@ -15,7 +15,7 @@ data puts the fewest values.
 
 In the integer program the requantization of the accumulator becomes a
 shift and a comparison with at most ``2^b − 1`` integer thresholds
-(:func:`~hybridquant.integer.arith.requantize_thresholds`); the table is
+(:func:`~hybridquant.primitives.arith.requantize_thresholds`); the table is
 indexed by the interval's code as before. Multiplier-free, and the stored
 tensor keeps ``b`` bits.
 """
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...integer.arith import lut_codes
 from ...primitives import pot_exponent
+from ...primitives.arith import lut_codes
 from ...qparams import QParams
 
 #: widest lookup-table input given a threshold grid: a b-bit grid stores up to 2^b − 1 thresholds, and at 8 bits

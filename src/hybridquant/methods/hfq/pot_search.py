@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 from ... import heap
-from ...graph import ops as graph_ops
 from ...graph.ir import Node
 from ...graph.quantized import QuantizedGraph
 from ...graph.stream import FloatStream, split_images
+from ...ops import run_float
 from ...phases import progress_enabled
 from ...primitives import exp2_int, pot_exponent, pot_scale, two_term_round
 from ...qparams import QParams, with_scale
@@ -122,11 +122,11 @@ class _Walker:
 
     def run_with_weight(self, node: Node, inputs: list[torch.Tensor], wq: QParams | None) -> torch.Tensor:
         if wq is None:
-            return graph_ops.run_op(node, inputs)
+            return run_float(node, inputs)
         params = dict(node.params)
         params["weight"] = wq.fake(node.params["weight"].flatten(1)).reshape(node.params["weight"].shape)
         probe = Node(node.name, node.op, node.inputs, node.attrs, params)
-        return graph_ops.run_op(probe, inputs)
+        return run_float(probe, inputs)
 
     def consumer_errors(self, name: str, raw: Stored, values: list[Callable[[torch.Tensor], torch.Tensor]]
                         ) -> list[float]:
@@ -152,7 +152,7 @@ class _Walker:
                 for c, fn in enumerate(values):
                     t = fn(raw_b)
                     for layout in chain:
-                        t = graph_ops.run_op(layout, [t])
+                        t = run_float(layout, [t])
                     ins = list(base)
                     ins[idx] = t
                     for j, inp in enumerate(user.inputs):  # both operands may come from `name` (x @ x)
@@ -308,16 +308,16 @@ def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams) -> Store
     table = graph.users(src)[0]
     factor = 1.0 / node.params["inv_alpha"] if node.op == "scale_channels" else None
     exact = walker.q[src]
-    grid = lut_input_grid(lambda t: graph_ops.run_op(table, [t]), qp, list(exact), walker.qg.act[src].bits,
+    grid = lut_input_grid(lambda t: run_float(table, [t]), qp, list(exact), walker.qg.act[src].bits,
                           factor, node.attrs.get("dim"))
     walker.qg.act[src] = grid
     walker.replace(src, walker.compute(lambda b: grid.fake(exact.chunk(b))))
     gridded = walker.q[src]
-    value = walker.compute(lambda b: graph_ops.run_op(table, [gridded.chunk(b)]))
+    value = walker.compute(lambda b: run_float(table, [gridded.chunk(b)]))
     if table is node:
         return value
     walker.replace(table.name, value)  # a table without a quantizer of its own, read only by ``node``
-    return walker.compute(lambda b: graph_ops.run_op(node, [value.chunk(b)]))
+    return walker.compute(lambda b: run_float(node, [value.chunk(b)]))
 
 
 def _weight_candidates(wq: QParams, two_term: bool, float_scales: bool = False) -> list[torch.Tensor]:

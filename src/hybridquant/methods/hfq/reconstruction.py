@@ -35,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from ... import heap
-from ...graph import ops as graph_ops
 from ...graph.ir import Graph, Node
 from ...graph.quantized import QuantizedGraph
 from ...graph.stream import split_images
+from ...ops import run_float
 from ...phases import progress_enabled
 from ...qparams import QParams
 from ...store import Held, Stored, Workspace
@@ -147,7 +147,7 @@ def _forward(block: _Block, act: dict[str, QParams], params: dict[str, dict[str,
     for node in block.nodes:
         src = raws if node.attrs.get("raw_input") else vals
         probe = Node(node.name, node.op, node.inputs, node.attrs, params.get(node.name, node.params))
-        out = graph_ops.run_op(probe, [src[i] for i in node.inputs])
+        out = run_float(probe, [src[i] for i in node.inputs])
         raws[node.name] = out
         qp = act.get(node.name) if quantize else None
         if qp is not None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..primitives import _bcast, is_power_of_two, is_two_term, pot_exponent, round_half_up, shift_right_round
+from . import _bcast, is_power_of_two, is_two_term, pot_exponent, round_half_up, shift_right_round
 
 __all__ = [
     "align",

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from hybridquant.integer.arith import (
+from hybridquant.primitives import (
+    is_two_term,
+    log2_fake_quantize,
+    qrange,
+    quantize,
+    round_half_up,
+    two_term_round,
+)
+from hybridquant.primitives.arith import (
     align,
     apply_channel_lut,
     apply_lut,
@@ -29,14 +37,6 @@ from hybridquant.integer.arith import (
     requantize_thresholds,
     requantize_two_term,
     softmax_exp_table,
-)
-from hybridquant.primitives import (
-    is_two_term,
-    log2_fake_quantize,
-    qrange,
-    quantize,
-    round_half_up,
-    two_term_round,
 )
 
 INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 1]))

@@ -1,0 +1,40 @@
+"""The op table: one module per op kind, each declaring in one place its float semantics, its role in
+quantization, its integer lowering, how the integer program runs it and its constants.
+
+Modules: :mod:`.io` (input quantizer, output dequantization), :mod:`.conv` (conv2d, linear),
+:mod:`.matmul`, :mod:`.add_concat`, :mod:`.mul`, :mod:`.unary` (lookup tables), :mod:`.softmax`,
+:mod:`.layer_norm`, :mod:`.norms` (BatchNorm, GroupNorm), :mod:`.pooling`, :mod:`.layout`,
+:mod:`.scale_channels` (outlier scaling). Walkers look ops up with :func:`op_def` and
+:func:`program_kind` (:mod:`.registry`).
+"""
+
+from . import (
+    add_concat,
+    conv,
+    io,
+    layer_norm,
+    layout,
+    matmul,
+    mul,
+    norms,
+    pooling,
+    scale_channels,
+    softmax,
+    unary,
+)
+from .registry import (
+    OP_DEFS,
+    PROGRAM_KIND_DEFS,
+    OpDef,
+    ProgramKind,
+    op_def,
+    ops_where,
+    program_kind,
+    register,
+    run_float,
+)
+from .unary import unary_fn
+
+__all__ = ["OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
+           "matmul", "mul", "norms", "op_def", "ops_where", "pooling", "program_kind", "register", "run_float",
+           "scale_channels", "softmax", "unary", "unary_fn"]

@@ -1,0 +1,70 @@
+"""Convolution and linear layers: integer weights, int32 bias, exact accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives import _bcast
+from .registry import OpDef, ProgramKind, register
+from .values import Value, centred_inputs, code_dtype, np_int, zero, zp_arrays
+
+
+def _conv2d(node, inputs):
+    a, p = node.attrs, node.params
+    return F.conv2d(inputs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+def _linear(node, inputs):
+    return F.linear(inputs[0], node.params["weight"], node.params.get("bias"))
+
+
+def _lower(ctx, node, op):
+    x, kind = ctx.vals[node.inputs[0]], node.op
+    wq = ctx.qg.weight[node.name]
+    arrays = {"weight": np_int(ctx.qg.weight_int[node.name], code_dtype(wq.qmin, wq.qmax)), **zp_arrays([x])}
+    if node.name in ctx.qg.bias_int:
+        arrays["bias"] = np_int(ctx.qg.bias_int[node.name])
+    attrs = {k: node.attrs[k] for k in ("stride", "padding", "dilation", "groups")} if kind == "conv2d" else {}
+    # the exports pack weights whose width is not a multiple of 8
+    ctx.fill(op, kind, node.inputs[:1], {**attrs, "weight_bits": int(wq.bits)}, arrays)
+    channel_axis = 1 if kind == "conv2d" else len(ctx.shapes[node.name]) - 1
+    return Value(x.scale.double() * wq.scale.double(), zero(), channel_axis)
+
+
+def exact_dtype(terms: int, a_bound: int, b_bound: int) -> torch.dtype:
+    """float32 when every partial sum of ``terms`` products is an exact float32 integer, else float64
+    (exact below 2^53)."""
+    return torch.float32 if terms * a_bound * b_bound < (1 << 24) else torch.float64
+
+
+def _prepare(op, c, bounds, program):
+    w = c["weight"]
+    dtype = exact_dtype(math.prod(w.shape[1:]), bounds[op.inputs[0]], int(w.abs().max()) if w.numel() else 0)
+    c["weight"] = w.to(dtype)
+    return dtype
+
+
+def _run(op, c, dtype, vals, accs):
+    xc, a = centred_inputs(op, c, vals)[0].to(dtype), op.attrs
+    out = (F.conv2d(xc, c["weight"], None, a["stride"], a["padding"], a["dilation"], a["groups"])
+           if op.kind == "conv2d" else F.linear(xc, c["weight"])).double()
+    if "bias" in c:
+        out = out + _bcast(c["bias"].double(), out, 1 if op.kind == "conv2d" else out.dim() - 1)
+    return torch.round(out).to(torch.int64)
+
+
+def _macs(op, program):
+    return math.prod(op.out_shape) * math.prod(op.arrays["weight"].shape[1:])
+
+
+register(
+    OpDef("conv2d", _conv2d, mac=True, lower=_lower),
+    OpDef("linear", _linear, mac=True, lower=_lower),
+    ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
+                run=_run, prepare=_prepare, macs=_macs),
+    ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
+                run=_run, prepare=_prepare, macs=_macs),
+)

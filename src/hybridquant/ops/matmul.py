@@ -1,0 +1,37 @@
+"""Matrix products of two activations (attention): both operands integer codes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .conv import exact_dtype
+from .registry import OpDef, ProgramKind, register
+from .values import Value, centred_inputs, zero, zp_arrays
+
+
+def _lower(ctx, node, op):
+    lhs, rhs = (ctx.vals[i] for i in node.inputs)
+    ctx.fill(op, "matmul", node.inputs, {}, zp_arrays([lhs, rhs]))
+    return Value(lhs.scale.double() * rhs.scale.double(), zero())
+
+
+def _prepare(op, c, bounds, program):
+    return exact_dtype(program[op.inputs[0]].out_shape[-1], bounds[op.inputs[0]], bounds[op.inputs[1]])
+
+
+def _run(op, c, dtype, vals, accs):
+    lhs, rhs = centred_inputs(op, c, vals)
+    return torch.round(torch.matmul(lhs.to(dtype), rhs.to(dtype)).double()).to(torch.int64)
+
+
+def _macs(op, program):
+    return math.prod(op.out_shape) * program[op.inputs[0]].out_shape[-1]
+
+
+register(
+    OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower),
+    ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
+                run=_run, prepare=_prepare, macs=_macs),
+)

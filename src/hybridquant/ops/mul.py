@@ -1,0 +1,32 @@
+"""Elementwise products: of two activations, or of one with a constant folded into its requantization."""
+
+from __future__ import annotations
+
+from .registry import OpDef, ProgramKind, register
+from .values import Value, centred_inputs, zero, zp_arrays
+
+
+def _lower_mul(ctx, node, op):
+    lhs, rhs = (ctx.vals[i] for i in node.inputs)
+    ctx.fill(op, "mul", node.inputs, {}, zp_arrays([lhs, rhs]))
+    return Value(lhs.scale.double() * rhs.scale.double(), zero())
+
+
+def _lower_mul_const(ctx, node, op):
+    x = ctx.vals[node.inputs[0]]
+    ctx.fill(op, "mul_const", node.inputs, {}, zp_arrays([x]))
+    return Value(x.scale.double() * node.attrs["value"], zero())
+
+
+def _mul(op, c, state, vals, accs):
+    a, b = centred_inputs(op, c, vals)
+    return a * b
+
+
+register(
+    OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul),
+    OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const),
+    ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul),
+    ProgramKind("mul_const", "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
+                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0]),
+)

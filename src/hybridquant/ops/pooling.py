@@ -1,0 +1,23 @@
+"""Reductions over positions: global average pooling (integer sum, 1/HW in the requantization) and sum."""
+
+from __future__ import annotations
+
+from .registry import OpDef, ProgramKind, register
+from .values import Value, centred_inputs, zero, zp_arrays
+
+
+def _lower_gap(ctx, node, op):
+    x = ctx.vals[node.inputs[0]]
+    ctx.fill(op, "global_avg_pool", node.inputs, {}, zp_arrays([x]))
+    _, _, h, w = ctx.shapes[node.inputs[0]]
+    return Value(x.scale.double() / (h * w), zero())
+
+
+register(
+    OpDef("global_avg_pool", lambda node, i: i[0].mean(dim=(2, 3), keepdim=True), lower=_lower_gap),
+    # no integer lowering yet
+    OpDef("sum", lambda node, i: i[0].sum(dim=node.attrs["dims"], keepdim=node.attrs["keepdim"])),
+    ProgramKind("global_avg_pool", "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); "
+                                   "then requant",
+                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True)),
+)

@@ -1,0 +1,114 @@
+"""The op table's registry: each graph op kind and each integer-program kind is declared once.
+
+An :class:`OpDef` (graph op) gives its float semantics (shapes follow from
+them on meta tensors), its role in quantization and its integer lowering; a
+:class:`ProgramKind` (what an op of the lowered program computes) gives its
+contract for the exports (``doc``), how the interpreter runs it and what its
+constants are. The walkers (graph execution, lowering, the interpreter,
+program accounting) look ops up here and know no op by name; adding an op kind
+means adding one module that registers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: roles of a graph op: ``value`` ops change values (an output quantizer each); ``data_movement`` ops move codes;
+#: ``source``/``sink`` are the graph's input and output; ``folded`` ops exist only before quantization
+ROLES = ("value", "data_movement", "source", "sink", "folded")
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """A graph op kind.
+
+    ``float(node, inputs)`` is the reference semantics on float tensors (``node.attrs``/``node.params``);
+    ``mac`` marks multiply-accumulate ops (every input integer), ``elementwise`` the non-linearities run
+    as lookup tables; ``lower(ctx, node, op)`` records the op's integer form into the program op ``op``
+    and returns its accumulator's :class:`~hybridquant.ops.values.Value` (None when the op leaves no
+    accumulator to requantize), or is None where the op has no integer lowering;
+    ``simulate(node, in_qp, out_qp)``, when given, returns the integer kernel the simulation runs for the
+    node instead of its float op (None where the node's quantizers do not allow it).
+    """
+
+    name: str
+    float: Callable[[Any, list[torch.Tensor]], torch.Tensor] | None
+    role: str = "value"
+    mac: bool = False
+    elementwise: bool = False
+    lower: Callable[..., Any] | None = None
+    simulate: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role} of op {self.name}")
+
+
+@dataclass(frozen=True)
+class ProgramKind:
+    """An op kind of the lowered integer program.
+
+    ``doc``: what it computes (the exports' contract). ``result``: ``codes`` (its output is codes as is),
+    ``accumulator`` (an exact integer result, then the op's requantization), ``logits`` (the host's output
+    dequantization) or ``none``. ``run(op, consts, state, vals, accs)`` computes that result from the
+    values so far (``vals``: codes by op name, the input op's entry holding the float images; ``accs``:
+    accumulators kept for a later read); ``prepare(op, consts, bounds, program)``, when given, runs once
+    before (``bounds``: the largest ``|code − zero point|`` of every value) and returns the ``state``.
+    ``host``: runs on the host, not deployed; ``computes``: does arithmetic (not data movement);
+    ``table``: holds a lookup table; ``category``: storage category of its own constants;
+    ``macs(op, program)``: multiply-accumulates per image.
+    """
+
+    name: str
+    doc: str
+    run: Callable[..., Any] | None = None
+    result: str = "accumulator"
+    prepare: Callable[..., Any] | None = None
+    host: bool = False
+    computes: bool = True
+    table: bool = False
+    category: str | None = None
+    macs: Callable[..., int] | None = None
+
+
+OP_DEFS: dict[str, OpDef] = {}
+PROGRAM_KIND_DEFS: dict[str, ProgramKind] = {}
+
+
+def register(*defs: OpDef | ProgramKind) -> None:
+    """Add op kinds and program kinds to the table (each name once)."""
+    for d in defs:
+        table: dict[str, Any] = OP_DEFS if isinstance(d, OpDef) else PROGRAM_KIND_DEFS
+        if d.name in table:
+            raise ValueError(f"{type(d).__name__} {d.name} is registered twice")
+        table[d.name] = d
+
+
+def op_def(name: str) -> OpDef:
+    """The :class:`OpDef` of graph op ``name``; ValueError for an unknown op."""
+    try:
+        return OP_DEFS[name]
+    except KeyError:
+        raise ValueError(f"unknown op '{name}'") from None
+
+
+def program_kind(name: str) -> ProgramKind:
+    """The :class:`ProgramKind` ``name``; ValueError for an unknown kind."""
+    try:
+        return PROGRAM_KIND_DEFS[name]
+    except KeyError:
+        raise ValueError(f"unknown program op kind '{name}'") from None
+
+
+def run_float(node: Any, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Apply ``node``'s op to ``inputs`` in float."""
+    return OP_DEFS[node.op].float(node, inputs)
+
+
+def ops_where(**flags: Any) -> frozenset[str]:
+    """Names of the graph ops whose :class:`OpDef` fields equal ``flags`` (``role="value"``, ``mac=True``)."""
+    return frozenset(n for n, d in OP_DEFS.items() if all(getattr(d, k) == v for k, v in flags.items()))

@@ -1,0 +1,59 @@
+"""Softmax: an integer kernel (exp table, one sum, a rounded division) in the program and the simulation."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import HybridQuantError
+from ..primitives import arith, dequantize, pot_exponent, quantize
+from .registry import OpDef, ProgramKind, register
+from .values import FRAC_BITS, Value, np_int, np_small, pot_uniform, zero
+
+
+def supported(node, in_qp, out_qp) -> bool:
+    """Whether ``node`` can run on the integer kernel: power-of-two scales, unsigned output from 0."""
+    return (pot_uniform(in_qp, out_qp) and in_qp.scale.dim() == 0 and int(out_qp.zero_point) == 0
+            and out_qp.qmin == 0)
+
+
+def out_exp(out_qp) -> int:
+    """``m`` with the softmax output scale ``2^-m``."""
+    return -int(pot_exponent(out_qp.scale, "exact"))
+
+
+def _simulate(node, in_qp, out_qp):
+    if not supported(node, in_qp, out_qp):
+        return None
+
+    def run(inputs):
+        q = quantize(inputs[0], in_qp.scale, in_qp.zero_point, in_qp.qmin, in_qp.qmax).to(torch.int64)
+        codes = arith.int_softmax(q, int(in_qp.zero_point), float(in_qp.scale), out_exp(out_qp), out_qp.qmax,
+                                  dim=node.attrs["dim"], frac_bits=FRAC_BITS)
+        return dequantize(codes, out_qp.scale, out_qp.zero_point)
+    return run
+
+
+def _lower(ctx, node, op):
+    qp, in_qp = ctx.qg.act[node.name], ctx.qg.input_qparams(node)
+    if not supported(node, in_qp, qp):
+        raise HybridQuantError(f"cannot lower {node.name}: {node.op} needs power-of-two input and output scales")
+    # the full table (every possible spread of the input codes)
+    table = arith.softmax_exp_table(float(in_qp.scale), in_qp.qmax - in_qp.qmin + 1, FRAC_BITS)
+    ctx.fill(op, "softmax", node.inputs[:1], {"dim": int(node.attrs["dim"])}, {
+        "exp_table": np_int(table), "frac_bits": np_small(FRAC_BITS), "out_exp": np_small(out_exp(qp)),
+        "out_qmax": np_small(qp.qmax)})
+    return Value(qp.scale.double(), zero())
+
+
+def _run(op, c, state, vals, accs):
+    codes = arith.int_softmax(vals[op.inputs[0]], 0, 0.0, int(c["out_exp"]), int(c["out_qmax"]), dim=op.attrs["dim"],
+                              frac_bits=int(c["frac_bits"]), table=c["exp_table"])
+    return codes - c["requant.zero_point"]
+
+
+register(
+    OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate),
+    ProgramKind("softmax", "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
+                           "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; "
+                           "then the identity requant", run=_run, category="softmax_constants"),
+)

@@ -1,0 +1,68 @@
+"""Elementwise non-linearities: lookup tables indexed by the input code.
+
+A non-linearity read only through outlier scaling's per-channel shift has no
+quantizer of its own: it is ``deferred``, and the shift's per-channel table
+(:mod:`.scale_channels`) computes ``f(x) / alpha_j`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..primitives import arith
+from .registry import OpDef, ProgramKind, register
+from .values import Value, code_dtype, np_int, np_small, zero
+
+_UNARY: dict[str, Callable] = {
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "relu": F.relu,
+    "hardswish": F.hardswish,
+}
+
+
+def unary_fn(node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float function of an elementwise node (its attributes applied): what its lookup tables tabulate,
+    so that a table and the simulation compute the same function."""
+    if node.op == "gelu":
+        approximate = node.attrs.get("approximate", "none")
+        return lambda x: F.gelu(x, approximate=approximate)
+    return _UNARY[node.op]
+
+
+def _lower(ctx, node, op):
+    qp = ctx.qg.act.get(node.name)
+    if node.name in ctx.raw_readers:  # per-channel shifts read f(x) itself: per-channel tables
+        ctx.deferred[node.name] = node
+    if qp is None:
+        ctx.fill(op, "deferred", node.inputs[:1], {}, {})
+        return None
+    x = ctx.vals[node.inputs[0]]
+    in_qp = ctx.qg.act[ctx.graph.producer(node.inputs[0]).name]
+    fn = unary_fn(node)
+    if in_qp.kind == "threshold":  # one entry per interval, at its representative value
+        table = arith.lut_codes(fn, in_qp.levels.double(), float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
+    else:
+        table = arith.build_lut(fn, float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax, float(qp.scale),
+                                int(qp.zero_point), qp.qmin, qp.qmax)
+    ctx.fill(op, "lut", node.inputs[:1], {}, {"table": np_int(table, code_dtype(qp.qmin, qp.qmax)),
+                                               "in_qmin": np_small(in_qp.qmin)})
+    # already at the output grid: an identity requantization (multiplier 1)
+    return Value(qp.scale.double(), zero())
+
+
+def _lut(op, c, state, vals, accs):
+    return arith.apply_lut(vals[op.inputs[0]], c["table"], int(c["in_qmin"])) - c["requant.zero_point"]
+
+
+register(
+    *(OpDef(name, lambda node, i: unary_fn(node)(i[0]), elementwise=True, lower=_lower)
+      for name in (*_UNARY, "gelu")),
+    ProgramKind("lut", "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
+                run=_lut, table=True),
+    ProgramKind("deferred", "no codes: a non-linearity read only through a consumer's per-channel table "
+                            "(channel_lut)", result="none", computes=False),
+)
