@@ -47,7 +47,7 @@ def test_lowering_runs_no_data_through_the_model(toy_qgraph, monkeypatch):
     monkeypatch.setattr(QuantizedGraph, "run", refuse)
     program = lower(toy_qgraph)
     assert [op.name for op in program.ops] == [n.name for n in toy_qgraph.graph]
-    assert {"conv2d", "channel_shift", "layer_norm", "softmax", "lut"} <= {op.kind for op in program.ops}
+    assert {"conv2d", "channel_requant", "layer_norm", "softmax", "lut"} <= {op.kind for op in program.ops}
     monkeypatch.undo()
     x = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 2 - 1
     logits, _ = IntegerModel(program).run(x)

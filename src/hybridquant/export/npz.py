@@ -38,7 +38,7 @@ from .._io import atomic_path
 from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
 from ..integer.program import Program
-from .program import FORMAT, MANIFEST_KEY, program_from_tables, program_tables
+from .program import FORMAT, MANIFEST_KEY, VERSION, program_from_tables, program_tables
 
 
 def export_npz(qgraph: QuantizedGraph | Program, path: str | Path, model_meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -70,6 +70,9 @@ def load_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise HybridQuantError(f"{path}: its manifest is not JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HybridQuantError(f"{path} is not a {FORMAT} file")
+    if manifest.get("version") != VERSION:
+        raise HybridQuantError(f"{path} is a {FORMAT} v{manifest.get('version')} file; this hybridquant reads "
+                               f"v{VERSION}: export it again from its model.hq")
     return manifest, arrays
 
 

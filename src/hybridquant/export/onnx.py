@@ -70,6 +70,7 @@ from .._io import atomic_path, plain
 from ..errors import HybridQuantError
 from ..graph.ir import LAYOUT_OPS, Node, unique_name
 from ..graph.quantized import QuantizedGraph
+from ..ops import op_def
 from ..qparams import QParams
 
 #: ONNX opset of the exported models (QuantizeLinear-21 has int16 codes; GroupNormalization-21
@@ -295,128 +296,38 @@ class _Exporter:
             return self.b.dq_const(f"{node.name}.bias", _np(b, np.int32), scale, np.zeros(scale.shape, np.int32), 0)
         return self.b.const(f"{node.name}.bias", _np(sim.params["bias"]))
 
-    # -- ops -----------------------------------------------------------------------------
+    # -- what the op table's emitters use ----------------------------------------------
     def rank(self, name: str) -> int:
         return len(self.shapes[name])
 
-    def target_shape(self, node: Node) -> np.ndarray:
-        """The constant Reshape target of ``node``'s output: -1 on the batch dim."""
-        shape = list(self.shapes[node.name])
-        if node.op == "reshape":
-            shape = [int(v) for v in node.attrs["shape"]]
-        elif self.batch_dim[node.name] is not None:
-            shape[self.batch_dim[node.name]] = -1
-        if shape.count(-1) > 1 or 0 in shape:
-            raise HybridQuantError(f"node {node.name}: cannot write reshape target {shape}")
-        return np.array(shape, np.int64)
+    def params(self, node: Node) -> dict[str, torch.Tensor]:
+        """The simulation's parameters of ``node`` (dequantized integer weights and biases)."""
+        return self.qg.sim[node.name].params
 
-    def emit(self, node: Node, xs: list[str]) -> str:  # noqa: C901 - one branch per op
-        b, a, name, p = self.b, node.attrs, node.name, self.qg.sim[node.name].params
-        op = node.op
-        if op == "conv2d":
-            inputs = [xs[0], self.weight(node)]
-            bias = self.bias(node)
-            if bias is not None:
-                inputs.append(bias)
-            ph, pw = (int(v) for v in a["padding"])
-            kernel = [int(v) for v in self.qg.sim[name].params["weight"].shape[2:]]
-            return b.add("Conv", inputs, name, strides=[int(v) for v in a["stride"]], pads=[ph, pw, ph, pw],
-                         dilations=[int(v) for v in a["dilation"]], group=int(a["groups"]), kernel_shape=kernel)
-        if op == "linear":
-            src = self.qg.graph[name].inputs[0]
-            bias = self.bias(node)
-            if self.rank(src) == 2:
-                inputs = [xs[0], self.weight(node)] + ([bias] if bias is not None else [])
-                return b.add("Gemm", inputs, name, transB=1)
-            y = b.add("MatMul", [xs[0], self.weight(node, transpose=True)], name if bias is None else f"{name}.matmul")
-            return y if bias is None else b.add("Add", [y, bias], name)
-        if op == "matmul":
-            return b.add("MatMul", xs, name)
-        if op == "add":
-            return b.add("Add", xs, name)
-        if op == "mul":
-            return b.add("Mul", xs, name)
-        if op == "mul_const":
-            return b.add("Mul", [xs[0], b.const(f"{name}.value", np.array(a["value"], np.float32))], name)
-        if op == "cat":
-            return b.add("Concat", xs, name, axis=int(a["dim"]))
-        if op == "silu":
-            return b.add("Mul", [xs[0], b.add("Sigmoid", xs, f"{name}.sigmoid")], name)
-        if op == "gelu":
-            return b.add("Gelu", xs, name, approximate=str(a.get("approximate", "none")))
-        if op in ("sigmoid", "relu"):
-            return b.add(op.capitalize(), xs, name)
-        if op == "hardswish":
-            return b.add("HardSwish", xs, name)
-        if op == "softmax":
-            return b.add("Softmax", xs, name, axis=int(a["dim"]))
-        if op in ("layer_norm", "group_norm", "batch_norm"):
-            return self.norm(node, xs[0], p)
-        if op == "global_avg_pool":
-            return b.add("GlobalAveragePool", xs, name)
-        if op == "scale_channels":
-            shape = [1] * self.rank(name)
-            shape[int(a["dim"])] = -1
-            return b.add("Mul", [xs[0], b.const(f"{name}.inv_alpha", _np(p["inv_alpha"]).reshape(shape))], name)
-        if op in ("reshape", "flatten"):
-            return b.add("Reshape", [xs[0], b.const(f"{name}.shape", self.target_shape(node))], name)
-        if op in ("transpose", "permute"):
-            r = self.rank(name)
-            if op == "transpose":
-                perm = list(range(r))
-                i, j = int(a["dim0"]) % r, int(a["dim1"]) % r
-                perm[i], perm[j] = perm[j], perm[i]
-            else:
-                perm = [int(d) % r for d in a["dims"]]
-            return b.add("Transpose", xs, name, perm=perm)
-        if op == "select":
-            return b.add("Gather", [xs[0], b.const(f"{name}.index", np.array(int(a["index"]), np.int64))], name,
-                         axis=int(a["dim"]))
-        if op == "slice":
-            ints = [np.array([int(a[k])], np.int64) for k in ("start", "end", "dim")]
-            return b.add("Slice", [xs[0]] + [b.const(f"{name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints, strict=True)],
-                         name)
-        if op == "expand":
-            # Expand broadcasts: a 1 on the batch dim keeps the input's batch size
-            shape = np.array([1 if int(d) == -1 else int(d) for d in a["shape"]], np.int64)
-            return b.add("Expand", [xs[0], b.const(f"{name}.shape", shape)], name)
-        if op == "sum":
-            axes = np.array([int(d) for d in a["dims"]], np.int64)
-            return b.add("ReduceSum", [xs[0], b.const(f"{name}.axes", axes)], name, keepdims=int(a["keepdim"]))
-        raise HybridQuantError(f"node {name}: op '{op}' has no ONNX form")
+    @staticmethod
+    def array(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
+        return _np(t, dtype)
 
-    def norm(self, node: Node, x: str, p: dict[str, torch.Tensor]) -> str:
-        b, a, name = self.b, node.attrs, node.name
-        if node.op == "layer_norm":
-            shape = [int(v) for v in a["shape"]]
-            w = _np(p["weight"]) if "weight" in p else np.ones(shape, np.float32)
-            inputs = [x, b.const(f"{name}.weight", w)]
-            if "bias" in p:
-                inputs.append(b.const(f"{name}.bias", _np(p["bias"])))
-            return b.add("LayerNormalization", inputs, name, axis=-len(shape), epsilon=float(a["eps"]))
-        channels = self.shapes[name][1]
-        w = _np(p["weight"]) if "weight" in p else np.ones(channels, np.float32)
-        bias = _np(p["bias"]) if "bias" in p else np.zeros(channels, np.float32)
-        inputs = [x, b.const(f"{name}.weight", w), b.const(f"{name}.bias", bias)]
-        if node.op == "group_norm":
-            return b.add("GroupNormalization", inputs, name, num_groups=int(a["groups"]), epsilon=float(a["eps"]))
-        inputs += [b.const(f"{name}.running_mean", _np(p["running_mean"])),
-                   b.const(f"{name}.running_var", _np(p["running_var"]))]
-        return b.add("BatchNormalization", inputs, name, epsilon=float(a["eps"]))
+    def emit(self, node: Node, xs: list[str]) -> str:
+        emitter = op_def(node.op).onnx
+        if emitter is None:
+            raise HybridQuantError(f"node {node.name}: op '{node.op}' has no ONNX form")
+        return emitter(self, node, xs)
 
     # -- the graph -----------------------------------------------------------------------
     def build(self, model_meta: dict[str, Any] | None):
         onnx, helper = self.b.onnx, self.b.helper
         graph = self.qg.graph
         first = graph.nodes[0]
-        if first.op != "input":
+        if op_def(first.op).role != "source":
             raise HybridQuantError("the quantized graph does not start with its input")
         c, h, w = (int(v) for v in graph.meta["input_size"])
         out_node = graph.output.inputs[0]
         for node in graph:
-            if node.op == "output":
+            role = op_def(node.op).role
+            if role == "sink":
                 continue
-            if node.op == "input":
+            if role == "source":
                 out = self.b.unique(node.name)
             else:
                 xs = [self.raw[i] if node.attrs.get("raw_input") else self.value[i] for i in node.inputs]

@@ -26,7 +26,7 @@ from ..integer.program import (
 from .reader import unpack_bits
 
 FORMAT = "hybridquant-integer-program"
-VERSION = 1
+VERSION = 2  # 2: program kind channel_shift is channel_requant, LayerNorm's channel_shift array ptf_shift
 #: how sub-8-bit (any width not a multiple of 8) weights are stored
 PACKING = (
     "a weight whose op has attrs.weight_bits = b with b % 8 != 0 is stored packed: its arrays entry has "

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 MANIFEST_KEY = "__manifest__"
+VERSION = 2  # the manifest version this reader follows
 SAFE = 1 << 62  # every intermediate stays below this (one bit under int64)
 
 
@@ -63,7 +64,10 @@ def load(path) -> Program:
 
 
 def checked(p: Program) -> Program:
-    """``p`` when the manifest lists exactly the stored arrays; ValueError naming the first mismatch."""
+    """``p`` when it is a program of :data:`VERSION` whose manifest lists exactly the stored arrays;
+    ValueError naming the first mismatch."""
+    if p.manifest.get("version") != VERSION:
+        raise ValueError(f"manifest version {p.manifest.get('version')}: this reader follows version {VERSION}")
     for op in p.manifest["ops"]:
         for name, meta in op["arrays"].items():
             arr = p.arrays.get(meta["key"])
@@ -192,7 +196,7 @@ def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     g = p.get
     channels = q.shape[-1]
     frac, pbits, out_shift = int(g(op, "frac_bits")), int(g(op, "sqrt_frac_bits")), int(g(op, "out_shift"))
-    x = (q - g(op, "in_zero_point")) << along(g(op, "channel_shift"), q.ndim, -1)
+    x = (q - g(op, "in_zero_point")) << along(g(op, "ptf_shift"), q.ndim, -1)
     _check(x, "layer_norm", (channels.bit_length() + frac + pbits + 2))
     if (_absmax(x) * channels) ** 2 << (2 * pbits) >= SAFE:
         raise OverflowError("layer_norm variance")
@@ -317,7 +321,7 @@ def run_codes(p: Program, q_in: np.ndarray, trace: dict[str, np.ndarray] | None 
                 raise ValueError(f"{name}: codes outside the table")
             rows = along(np.arange(table.shape[0]), x.ndim, axis)
             acc = table[rows, idx] - p.get(op, "requant.zero_point")
-        elif kind == "channel_shift":
+        elif kind == "channel_requant":
             src = op["inputs"][0]
             v = accs[src] if op["attrs"]["reads"] == "accumulator" else vals[src]
             acc = zp(0, v)

@@ -21,7 +21,7 @@ from ..ops import run_float
 
 # The vocabulary comes from the op table (:mod:`hybridquant.ops`): each op's module declares its role.
 #: ops that change values and so get an output quantizer (the graph's input included)
-VALUE_OPS = op_table.ops_where(role="value") | op_table.ops_where(role="source")
+VALUE_OPS = op_table.OpSet(lambda d: d.role in ("value", "source"))
 #: ops that only move values around (a quantized input stays on its grid)
 LAYOUT_OPS = op_table.ops_where(role="data_movement")
 #: multiply-accumulate ops: every input must be an integer tensor
@@ -29,7 +29,7 @@ MAC_OPS = op_table.ops_where(mac=True)
 #: elementwise non-linearities, run as lookup tables in integer arithmetic
 ELEMENTWISE_OPS = op_table.ops_where(elementwise=True)
 #: every op
-OPS = frozenset(op_table.OP_DEFS)
+OPS = op_table.OpSet(lambda d: True)
 
 
 @dataclass

@@ -118,7 +118,7 @@ class QuantizedGraph:
         out = []
         for node in self.graph.by_op(*MAC_OPS):
             inputs_ok = all(self.input_qparams(node, i) is not None for i in range(len(node.inputs)))
-            weight_ok = node.op == "matmul" or node.name in self.weight
+            weight_ok = "weight" not in node.params or node.name in self.weight  # a matmul has no weight
             if inputs_ok and weight_ok:
                 out.append(node)
         return out

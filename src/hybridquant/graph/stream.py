@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..ops import run_float
+from ..ops import op_def, run_float
 from ..store import Stored, Workspace
 from .ir import Graph, Node
 
@@ -90,10 +90,11 @@ class FloatStream:
         while self.pos <= min(upto, len(self.nodes) - 1):
             node = self.nodes[self.pos]
             self.pos += 1
-            if node.op == "output":
+            role = op_def(node.op).role
+            if role == "sink":
                 self._consumed(node)
                 continue
-            if node.op == "input":
+            if role == "source":
                 out = Stored.of(self.ws, self.chunks)
             else:
                 out = Stored(self.ws)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import HybridQuantError
-from ..graph.ir import ELEMENTWISE_OPS, Node
+from ..graph.ir import Node
 from ..graph.quantized import QuantizedGraph
 from ..ops import op_def
 from ..ops.values import Value, json_attr, np_int, np_small
@@ -78,7 +78,7 @@ class _Lowering:
             if op_def(node.op).lower is None:
                 raise HybridQuantError(f"cannot lower {node.name}: integer {node.op} is not implemented")
             if qp is not None and qp.kind == "threshold":
-                if not all(u.op in ELEMENTWISE_OPS for u in self.graph.users(node.name)):
+                if not all(op_def(u.op).elementwise for u in self.graph.users(node.name)):
                     raise HybridQuantError(f"cannot lower {node.name}: a threshold grid may feed lookup tables only")
             elif qp is not None and qp.kind != "uniform":
                 raise HybridQuantError(f"cannot lower {node.name}: {qp.kind} quantizers have no integer kernel yet")

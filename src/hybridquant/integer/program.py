@@ -43,7 +43,7 @@ class ProgramOp:
     ``out_shape`` is the shape of the op's codes for a batch of one (None
     when it produces none). ``attrs['requant']`` (``mode``, ``axis``) comes
     with the ``requant.*`` arrays; ``attrs['keep_accumulator']`` marks an op
-    whose accumulator a later ``channel_shift`` reads.
+    whose accumulator a later ``channel_requant`` reads.
     """
 
     index: int

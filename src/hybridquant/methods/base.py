@@ -16,6 +16,7 @@ import torch
 from ..config import MethodConfig, MinMaxConfig, QuantConfig
 from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver, mse_qparams, weight_qparams
+from ..ops import op_def
 from ..qparams import QParams, choose_mode, range_to_qparams
 from ..store import Workspace
 
@@ -41,11 +42,12 @@ class Method:
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
         """Float qparams of ``node``'s output from its calibration statistics."""
-        mode = "unsigned" if node.op == "softmax" else choose_mode(obs.min, obs.max, config.act_symmetry)
+        unit = op_def(node.op).unit_interval  # e.g. softmax: [0, 1]
+        mode = "unsigned" if unit else choose_mode(obs.min, obs.max, config.act_symmetry)
         if self.act_range == "mse":
             return mse_qparams(obs.sample, obs.min, obs.max, bits, mode)
         lo, hi = obs.range(self.act_range)
-        if node.op == "softmax":
+        if unit:
             lo, hi = 0.0, max(hi, 1e-3)
         return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, mode)
 

@@ -26,6 +26,7 @@ from .registry import (
     OP_DEFS,
     PROGRAM_KIND_DEFS,
     OpDef,
+    OpSet,
     ProgramKind,
     op_def,
     ops_where,
@@ -35,6 +36,6 @@ from .registry import (
 )
 from .unary import unary_fn
 
-__all__ = ["OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
+__all__ = ["OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
            "matmul", "mul", "norms", "op_def", "ops_where", "pooling", "program_kind", "register", "run_float",
            "scale_channels", "softmax", "unary", "unary_fn"]

@@ -32,8 +32,9 @@ def _cat(op, c, state, vals, accs):
 
 
 register(
-    OpDef("add", lambda node, i: i[0] + i[1], lower=_lower),
-    OpDef("cat", lambda node, i: torch.cat(i, dim=node.attrs["dim"]), lower=_lower),
+    OpDef("add", lambda node, i: i[0] + i[1], lower=_lower, onnx=lambda ex, node, xs: ex.b.add("Add", xs, node.name)),
+    OpDef("cat", lambda node, i: torch.cat(i, dim=node.attrs["dim"]), lower=_lower,
+          onnx=lambda ex, node, xs: ex.b.add("Concat", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("add", "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); "
                        "then requant",
                 run=_add),

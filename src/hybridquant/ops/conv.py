@@ -60,9 +60,29 @@ def _macs(op, program):
     return math.prod(op.out_shape) * math.prod(op.arrays["weight"].shape[1:])
 
 
+def _onnx_conv2d(ex, node, xs):
+    a = node.attrs
+    inputs = [xs[0], ex.weight(node)]
+    bias = ex.bias(node)
+    if bias is not None:
+        inputs.append(bias)
+    ph, pw = (int(v) for v in a["padding"])
+    kernel = [int(v) for v in ex.params(node)["weight"].shape[2:]]
+    return ex.b.add("Conv", inputs, node.name, strides=[int(v) for v in a["stride"]], pads=[ph, pw, ph, pw],
+                    dilations=[int(v) for v in a["dilation"]], group=int(a["groups"]), kernel_shape=kernel)
+
+
+def _onnx_linear(ex, node, xs):
+    b, name, bias = ex.b, node.name, ex.bias(node)
+    if ex.rank(node.inputs[0]) == 2:
+        return b.add("Gemm", [xs[0], ex.weight(node)] + ([bias] if bias is not None else []), name, transB=1)
+    y = b.add("MatMul", [xs[0], ex.weight(node, transpose=True)], name if bias is None else f"{name}.matmul")
+    return y if bias is None else b.add("Add", [y, bias], name)
+
+
 register(
-    OpDef("conv2d", _conv2d, mac=True, lower=_lower),
-    OpDef("linear", _linear, mac=True, lower=_lower),
+    OpDef("conv2d", _conv2d, mac=True, lower=_lower, onnx=_onnx_conv2d),
+    OpDef("linear", _linear, mac=True, lower=_lower, onnx=_onnx_linear),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
                 run=_run, prepare=_prepare, macs=_macs),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",

@@ -3,6 +3,7 @@ program and the simulation; PTF's per-channel input scales enter as left shifts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +61,7 @@ def _lower(ctx, node, op):
         raise HybridQuantError(f"cannot lower {node.name}: {node.op} needs power-of-two input and output scales")
     k = LayerNormKernel(node, in_qp, qp)
     ctx.fill(op, "layer_norm", node.inputs[:1], {"dim": -1}, {
-        "in_zero_point": np_small(k.in_zp), "channel_shift": np_small(k.shift), "gamma_q": np_int(k.gamma_q),
+        "in_zero_point": np_small(k.in_zp), "ptf_shift": np_small(k.shift), "gamma_q": np_int(k.gamma_q),
         "beta_q": np_int(k.beta_q), "eps_q": np_int(k.eps_q), "frac_bits": np_small(FRAC_BITS),
         "sqrt_frac_bits": np_small(k.sqrt_frac_bits), "out_shift": np_small(k.out_shift),
         "out_zero_point": np_small(qp.zero_point), "out_qmin": np_small(qp.qmin), "out_qmax": np_small(qp.qmax)})
@@ -69,7 +70,7 @@ def _lower(ctx, node, op):
 
 def _run(op, c, state, vals, accs):
     codes = arith.int_layernorm(
-        vals[op.inputs[0]], int(c["in_zero_point"]), c["channel_shift"], c["gamma_q"], c["beta_q"], int(c["eps_q"]),
+        vals[op.inputs[0]], int(c["in_zero_point"]), c["ptf_shift"], c["gamma_q"], c["beta_q"], int(c["eps_q"]),
         int(c["frac_bits"]), int(c["out_shift"]), int(c["out_zero_point"]), int(c["out_qmin"]), int(c["out_qmax"]),
         sqrt_frac_bits=int(c["sqrt_frac_bits"]))
     return codes - c["requant.zero_point"]
@@ -80,9 +81,18 @@ def _float(node, inputs):
                         node.attrs["eps"])
 
 
+def _onnx(ex, node, xs):
+    p, name, shape = ex.params(node), node.name, [int(v) for v in node.attrs["shape"]]
+    w = ex.array(p["weight"]) if "weight" in p else np.ones(shape, np.float32)
+    inputs = [xs[0], ex.b.const(f"{name}.weight", w)]
+    if "bias" in p:
+        inputs.append(ex.b.const(f"{name}.bias", ex.array(p["bias"])))
+    return ex.b.add("LayerNormalization", inputs, name, axis=-len(shape), epsilon=float(node.attrs["eps"]))
+
+
 register(
-    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate),
-    ProgramKind("layer_norm", "over the last dim (C channels): x_j = (x_j - in_zero_point) << channel_shift_j; "
+    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx),
+    ProgramKind("layer_norm", "over the last dim (C channels): x_j = (x_j - in_zero_point) << ptf_shift_j; "
                               "S1 = sum x; S2 = sum x^2; y_j = C x_j - S1; V = C S2 - S1^2 + eps_q; "
                               "r = max(1, isqrt(V << 2 sqrt_frac_bits)) (floor square root); "
                               "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..errors import HybridQuantError
 from .registry import OpDef, ProgramKind, register, run_float
 
 _LAYOUT = {
@@ -13,6 +16,54 @@ _LAYOUT = {
     "slice": lambda n, i: i[0].narrow(n.attrs["dim"], n.attrs["start"], n.attrs["end"] - n.attrs["start"]),
     "expand": lambda n, i: i[0].expand(n.attrs["shape"]),
 }
+
+
+def _reshape_target(ex, node) -> np.ndarray:
+    """The constant Reshape target of ``node``'s output: -1 on the batch dim."""
+    shape = list(ex.shapes[node.name])
+    if node.op == "reshape":
+        shape = [int(v) for v in node.attrs["shape"]]
+    elif ex.batch_dim[node.name] is not None:
+        shape[ex.batch_dim[node.name]] = -1
+    if shape.count(-1) > 1 or 0 in shape:
+        raise HybridQuantError(f"node {node.name}: cannot write reshape target {shape}")
+    return np.array(shape, np.int64)
+
+
+def _onnx_reshape(ex, node, xs):
+    return ex.b.add("Reshape", [xs[0], ex.b.const(f"{node.name}.shape", _reshape_target(ex, node))], node.name)
+
+
+def _onnx_transpose(ex, node, xs):
+    r, a = ex.rank(node.name), node.attrs
+    if node.op == "transpose":
+        perm = list(range(r))
+        i, j = int(a["dim0"]) % r, int(a["dim1"]) % r
+        perm[i], perm[j] = perm[j], perm[i]
+    else:
+        perm = [int(d) % r for d in a["dims"]]
+    return ex.b.add("Transpose", xs, node.name, perm=perm)
+
+
+def _onnx_select(ex, node, xs):
+    index = ex.b.const(f"{node.name}.index", np.array(int(node.attrs["index"]), np.int64))
+    return ex.b.add("Gather", [xs[0], index], node.name, axis=int(node.attrs["dim"]))
+
+
+def _onnx_slice(ex, node, xs):
+    ints = [np.array([int(node.attrs[k])], np.int64) for k in ("start", "end", "dim")]
+    consts = [ex.b.const(f"{node.name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints, strict=True)]
+    return ex.b.add("Slice", [xs[0], *consts], node.name)
+
+
+def _onnx_expand(ex, node, xs):
+    # Expand broadcasts: a 1 on the batch dim keeps the input's batch size
+    shape = np.array([1 if int(d) == -1 else int(d) for d in node.attrs["shape"]], np.int64)
+    return ex.b.add("Expand", [xs[0], ex.b.const(f"{node.name}.shape", shape)], node.name)
+
+
+_ONNX = {"reshape": _onnx_reshape, "flatten": _onnx_reshape, "transpose": _onnx_transpose,
+         "permute": _onnx_transpose, "select": _onnx_select, "slice": _onnx_slice, "expand": _onnx_expand}
 
 
 def _lower(ctx, node, op):
@@ -27,7 +78,7 @@ def _run(op, c, state, vals, accs):
 
 
 register(
-    *(OpDef(name, fn, role="data_movement", lower=_lower) for name, fn in _LAYOUT.items()),
+    *(OpDef(name, fn, role="data_movement", lower=_lower, onnx=_ONNX[name]) for name, fn in _LAYOUT.items()),
     ProgramKind("layout", "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch "
                           "semantics, batch dim included)", run=_run, result="codes", computes=False),
 )

@@ -31,7 +31,8 @@ def _macs(op, program):
 
 
 register(
-    OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower),
+    OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower,
+          onnx=lambda ex, node, xs: ex.b.add("MatMul", xs, node.name)),
     ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
                 run=_run, prepare=_prepare, macs=_macs),
 )

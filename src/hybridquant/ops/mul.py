@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .registry import OpDef, ProgramKind, register
 from .values import Value, centred_inputs, zero, zp_arrays
 
@@ -23,9 +25,15 @@ def _mul(op, c, state, vals, accs):
     return a * b
 
 
+def _onnx_mul_const(ex, node, xs):
+    value = ex.b.const(f"{node.name}.value", np.array(node.attrs["value"], np.float32))
+    return ex.b.add("Mul", [xs[0], value], node.name)
+
+
 register(
-    OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul),
-    OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const),
+    OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul, onnx=lambda ex, node, xs: ex.b.add("Mul", xs, node.name)),
+    OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const, onnx=_onnx_mul_const,
+          is_identity=lambda node: node.attrs["value"] == 1.0),
     ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul),
     ProgramKind("mul_const", "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
                 run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0]),

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .registry import OpDef, ProgramKind, register
 from .values import Value, centred_inputs, zero, zp_arrays
+
+
+def _onnx_sum(ex, node, xs):
+    axes = ex.b.const(f"{node.name}.axes", np.array([int(d) for d in node.attrs["dims"]], np.int64))
+    return ex.b.add("ReduceSum", [xs[0], axes], node.name, keepdims=int(node.attrs["keepdim"]))
 
 
 def _lower_gap(ctx, node, op):
@@ -14,9 +21,10 @@ def _lower_gap(ctx, node, op):
 
 
 register(
-    OpDef("global_avg_pool", lambda node, i: i[0].mean(dim=(2, 3), keepdim=True), lower=_lower_gap),
+    OpDef("global_avg_pool", lambda node, i: i[0].mean(dim=(2, 3), keepdim=True), lower=_lower_gap,
+          onnx=lambda ex, node, xs: ex.b.add("GlobalAveragePool", xs, node.name)),
     # no integer lowering yet
-    OpDef("sum", lambda node, i: i[0].sum(dim=node.attrs["dims"], keepdim=node.attrs["keepdim"])),
+    OpDef("sum", lambda node, i: i[0].sum(dim=node.attrs["dims"], keepdim=node.attrs["keepdim"]), onnx=_onnx_sum),
     ProgramKind("global_avg_pool", "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); "
                                    "then requant",
                 run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True)),

@@ -11,7 +11,8 @@ means adding one module that registers it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,11 @@ class OpDef:
     and returns its accumulator's :class:`~hybridquant.ops.values.Value` (None when the op leaves no
     accumulator to requantize), or is None where the op has no integer lowering;
     ``simulate(node, in_qp, out_qp)``, when given, returns the integer kernel the simulation runs for the
-    node instead of its float op (None where the node's quantizers do not allow it).
+    node instead of its float op (None where the node's quantizers do not allow it); ``onnx(ex, node, xs)``
+    emits the float op into an ONNX graph (``ex``: :mod:`hybridquant.export.onnx`'s exporter, ``xs`` the
+    input tensors' names) and returns its output's name. ``unit_interval``: the op's outputs lie in
+    [0, 1] (an unsigned quantizer from 0). ``fold(graph, node)``: folds a ``folded`` op into its producer
+    (the float function unchanged); ``is_identity(node)``: whether this node computes its input unchanged.
     """
 
     name: str
@@ -42,6 +47,10 @@ class OpDef:
     elementwise: bool = False
     lower: Callable[..., Any] | None = None
     simulate: Callable[..., Any] | None = None
+    onnx: Callable[..., str] | None = None
+    unit_interval: bool = False
+    fold: Callable[..., None] | None = None
+    is_identity: Callable[..., bool] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -109,6 +118,28 @@ def run_float(node: Any, inputs: list[torch.Tensor]) -> torch.Tensor:
     return OP_DEFS[node.op].float(node, inputs)
 
 
-def ops_where(**flags: Any) -> frozenset[str]:
-    """Names of the graph ops whose :class:`OpDef` fields equal ``flags`` (``role="value"``, ``mac=True``)."""
-    return frozenset(n for n, d in OP_DEFS.items() if all(getattr(d, k) == v for k, v in flags.items()))
+class OpSet(AbstractSet[str]):
+    """The names of the graph ops whose :class:`OpDef` satisfies ``test``, read from the table at each use (an
+    op registered later belongs to it too)."""
+
+    def __init__(self, test: Callable[[OpDef], bool]):
+        self._test = test
+
+    def __contains__(self, name: object) -> bool:
+        d = OP_DEFS.get(name) if isinstance(name, str) else None
+        return d is not None and self._test(d)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, d in OP_DEFS.items() if self._test(d)])
+
+    def __len__(self) -> int:
+        return sum(1 for d in OP_DEFS.values() if self._test(d))
+
+    @classmethod
+    def _from_iterable(cls, it):  # set algebra (|, &, -) gives a plain snapshot
+        return frozenset(it)
+
+
+def ops_where(**flags: Any) -> OpSet:
+    """The graph ops whose :class:`OpDef` fields equal ``flags`` (``role="value"``, ``mac=True``)."""
+    return OpSet(lambda d: all(getattr(d, k) == v for k, v in flags.items()))

@@ -39,7 +39,7 @@ def _lower(ctx, node, op):
     v = ctx.wide.get(src) or ctx.vals[src]
     if v.axis is not None and v.axis != axis:
         raise HybridQuantError(f"cannot lower {node.name}: channel axes disagree")
-    ctx.fill(op, "channel_shift", [src], {"axis": axis, "reads": "accumulator" if src in ctx.wide else "codes"},
+    ctx.fill(op, "channel_requant", [src], {"axis": axis, "reads": "accumulator" if src in ctx.wide else "codes"},
              zp_arrays([v]))
     per_channel = v.scale.double().flatten() if v.scale.dim() else v.scale.double().expand(inv_alpha.numel())
     return Value(per_channel * inv_alpha, zero(), axis)
@@ -50,15 +50,22 @@ def _channel_lut(op, c, state, vals, accs):
             - c["requant.zero_point"])
 
 
-def _channel_shift(op, c, state, vals, accs):
+def _channel_requant(op, c, state, vals, accs):
     src = op.inputs[0]
     return (accs[src] if op.attrs["reads"] == "accumulator" else vals[src]) - c["in_zero_point.0"]
 
 
+def _onnx(ex, node, xs):
+    shape = [1] * ex.rank(node.name)
+    shape[int(node.attrs["dim"])] = -1
+    inv_alpha = ex.b.const(f"{node.name}.inv_alpha", ex.array(ex.params(node)["inv_alpha"]).reshape(shape))
+    return ex.b.add("Mul", [xs[0], inv_alpha], node.name)
+
+
 register(
-    OpDef("scale_channels", _float, lower=_lower),
+    OpDef("scale_channels", _float, lower=_lower, onnx=_onnx),
     ProgramKind("channel_lut", "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity "
                                "requant", run=_channel_lut, table=True),
-    ProgramKind("channel_shift", "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
-                                 "then a per-channel requant along attrs.axis", run=_channel_shift),
+    ProgramKind("channel_requant", "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
+                                 "then a per-channel requant along attrs.axis", run=_channel_requant),
 )

@@ -52,7 +52,8 @@ def _run(op, c, state, vals, accs):
 
 
 register(
-    OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate),
+    OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True,
+          onnx=lambda ex, node, xs: ex.b.add("Softmax", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("softmax", "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
                            "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; "
                            "then the identity requant", run=_run, category="softmax_constants"),

@@ -58,8 +58,16 @@ def _lut(op, c, state, vals, accs):
     return arith.apply_lut(vals[op.inputs[0]], c["table"], int(c["in_qmin"])) - c["requant.zero_point"]
 
 
+_ONNX = {
+    "silu": lambda ex, node, xs: ex.b.add("Mul", [xs[0], ex.b.add("Sigmoid", xs, f"{node.name}.sigmoid")], node.name),
+    "gelu": lambda ex, node, xs: ex.b.add("Gelu", xs, node.name, approximate=str(node.attrs.get("approximate", "none"))),
+    "sigmoid": lambda ex, node, xs: ex.b.add("Sigmoid", xs, node.name),
+    "relu": lambda ex, node, xs: ex.b.add("Relu", xs, node.name),
+    "hardswish": lambda ex, node, xs: ex.b.add("HardSwish", xs, node.name),
+}
+
 register(
-    *(OpDef(name, lambda node, i: unary_fn(node)(i[0]), elementwise=True, lower=_lower)
+    *(OpDef(name, lambda node, i: unary_fn(node)(i[0]), elementwise=True, lower=_lower, onnx=_ONNX[name])
       for name in (*_UNARY, "gelu")),
     ProgramKind("lut", "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
                 run=_lut, table=True),

@@ -433,14 +433,14 @@ def int_log2_softmax(q: torch.Tensor, zero_point: int, in_scale: float, bits: in
 
 
 # --- 5. layer norm ---------------------------------------------------------------
-def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, channel_shift: torch.Tensor | int,
+def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: torch.Tensor | int,
                   gamma_q: torch.Tensor, beta_q: torch.Tensor, eps_q: int, frac_bits: int, out_shift: int,
                   out_zp: torch.Tensor | int, out_qmin: int, out_qmax: int,
                   sqrt_frac_bits: int = 0) -> torch.Tensor:
     """Integer LayerNorm over the last dim (``C`` channels) with PTF channel shifts.
 
     Steps (all int64): ``x_j = (q_j − zp) << c_j`` (:func:`align`; ``c_j =
-    channel_shift[j]`` ≥ 0, all 0 without PTF), ``S1 = Σx``, ``S2 = Σx²``,
+    ptf_shift[j]`` ≥ 0, all 0 without PTF), ``S1 = Σx``, ``S2 = Σx²``,
     ``y_j = C·x_j − S1``, ``V = C·S2 − S1² + eps_q`` (``= C²·(var + eps)/s²``),
     ``r = isqrt(V·4^p)`` (floor, exact; ``p = sqrt_frac_bits``, 0 by default;
     ``r`` is taken as 1 when ``V = 0``, where all ``y_j = 0``),
@@ -459,7 +459,7 @@ def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, channel_shift
     """
     q = _i64(q)
     channels = q.shape[-1]
-    x = align(q, zero_point, channel_shift, 0, axis=-1)
+    x = align(q, zero_point, ptf_shift, 0, axis=-1)
     big = _absmax(x) * channels
     _guard(((big * big) << (2 * sqrt_frac_bits)) + (_absmax(eps_q) << (2 * sqrt_frac_bits)), "int_layernorm variance")
     _guard(big << (frac_bits + sqrt_frac_bits + 2), "int_layernorm centred numerator")
@@ -484,7 +484,7 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
 
     The kernel then approximates ``layer_norm(x)·gamma + beta`` for input
     ``x = (q − zp)·2^c_j·in_scale`` (``in_scale`` the base scale; the PTF
-    factors ``2^c_j`` go in ``channel_shift``) and output codes at
+    factors ``2^c_j`` go in ``ptf_shift``) and output codes at
     ``out_scale`` (a float, or per-channel ``[C]`` to fold a following
     per-channel division). With ``g_j = gamma_j / out_scale_j`` the shift is
     the largest ``out_shift`` (≤ 40) for which ``gamma_q_j =

@@ -1,0 +1,80 @@
+"""The op table: every op kind is declared once, and the walkers know ops only through it — an op added by
+registering one definition runs in float, is quantized, lowers to the integer program and runs there bit for
+bit with the simulation, with no walker changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridquant.config import QuantConfig
+from hybridquant.graph.ir import LAYOUT_OPS, MAC_OPS, VALUE_OPS, Graph, Node
+from hybridquant.integer.executor import IntegerModel
+from hybridquant.integer.lower import lower
+from hybridquant.integer.program import PROGRAM_KINDS
+from hybridquant.ops import OP_DEFS, PROGRAM_KIND_DEFS, OpDef, ProgramKind, op_def, register
+from hybridquant.ops.values import Value, centred_inputs, zero, zp_arrays
+from hybridquant.quantize import quantize_graph
+
+
+def test_every_op_has_its_parts():
+    for name, d in OP_DEFS.items():
+        assert d.name == name
+        assert (d.float is None) == (d.role in ("source", "sink")), name  # the graph's ends have no float op
+        assert d.onnx is not None or d.role in ("source", "sink"), name
+        if d.role == "folded":
+            assert d.fold is not None and d.lower is None, name
+    assert {n for n, d in OP_DEFS.items() if d.lower is None} == {"batch_norm", "group_norm", "sum"}
+    assert set(PROGRAM_KINDS) == set(PROGRAM_KIND_DEFS)
+    for name, k in PROGRAM_KIND_DEFS.items():
+        assert (k.run is None) == (k.result == "none"), name
+
+
+def test_register_refuses_a_second_definition():
+    with pytest.raises(ValueError, match="registered twice"):
+        register(OpDef("conv2d", lambda node, i: i[0]))
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        op_def("no_such_op")
+
+
+def _lower_double(ctx, node, op):
+    x = ctx.vals[node.inputs[0]]
+    ctx.fill(op, "double", node.inputs, {}, zp_arrays([x]))
+    return Value(x.scale.double() * 2, zero())
+
+
+@pytest.fixture
+def double_op():
+    """``double``: y = 2x, declared in one place the way an op module does it; removed afterwards."""
+    register(OpDef("double", lambda node, i: 2 * i[0], lower=_lower_double,
+                   onnx=lambda ex, node, xs: ex.b.add("Add", [xs[0], xs[0]], node.name)),
+             ProgramKind("double", "acc = x - in_zero_point.0 (the factor 2 is in the requant); then requant",
+                         run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0]))
+    yield
+    del OP_DEFS["double"], PROGRAM_KIND_DEFS["double"]
+
+
+def test_a_registered_op_runs_everywhere_without_walker_changes(double_op):
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    gen = torch.Generator().manual_seed(0)
+
+    def params():
+        return {"weight": torch.randn(4, 4, 3, 3, generator=gen) * 0.2, "bias": torch.randn(4, generator=gen) * 0.1}
+
+    graph = Graph([Node("input", "input", []),
+                   Node("pre", "conv2d", ["input"], conv, {"weight": torch.randn(4, 3, 3, 3, generator=gen) * 0.3,
+                                                          "bias": torch.zeros(4)}),
+                   Node("twice", "double", ["pre"]),
+                   Node("post", "conv2d", ["twice"], conv, params()),
+                   Node("output", "output", ["post"])], meta={"input_size": [3, 8, 8]})
+    assert "double" in VALUE_OPS and "double" not in LAYOUT_OPS | MAC_OPS
+    x = torch.rand(6, 3, 8, 8, generator=gen) * 2 - 1
+    values = graph.run(x, keep=True)
+    assert torch.equal(values["twice"], 2 * values["pre"])
+    assert graph.shapes()["twice"] == [1, 4, 8, 8]
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    assert "twice" in qg.act  # quantized like any value op
+    program = lower(qg)
+    assert program["twice"].kind == "double" and program["twice"].attrs["requant"]["mode"] == "shift"
+    logits, _ = IntegerModel(program).run(x)
+    assert torch.equal(logits, qg.run(x))
