@@ -6,6 +6,7 @@ A module knows op kinds when its code holds any of:
   :mod:`hybridquant.ops` registers it), wherever it stands — a comparison, a dict key, a tuple of kinds;
 * a reference to an op-kind set of ``graph.ir`` (``MAC_OPS``, ``LAYOUT_OPS``, ...) other than its definition.
 
+The vocabulary is read from the op table, so the tool imports ``hybridquant.ops`` (and torch) from ``src/``.
 Docstrings and comments do not count; replacing strings by constants does not lower the count. The count
 is conservative: an op kind that is also a plain word (``"input"``, ``"output"``, ``"sum"``) counts wherever
 it stands as a literal. Prints one

@@ -12,7 +12,8 @@ from hybridquant.export import reader as rr
 from hybridquant.export.program import pack_bits
 from hybridquant.graph.ir import Graph, Node
 from hybridquant.integer.executor import IntegerModel
-from hybridquant.integer.program import HOST_KINDS, STORAGE_CATEGORIES
+from hybridquant.integer.program import STORAGE_CATEGORIES
+from hybridquant.ops import program_kind
 from hybridquant.pipeline import integer_summary
 from hybridquant.quantize import quantize_graph
 from tests.methods.conftest import _conv, make_toy_graph
@@ -39,7 +40,7 @@ def qgraphs(toy_calib):
 def _npz_bytes(path) -> tuple[int, int]:
     """(bytes of the device arrays, bytes of the host ops' arrays) of an exported npz, from the file alone."""
     manifest, arrays = load_npz(path)
-    host_keys = {m["key"] for op in manifest["ops"] if op["kind"] in HOST_KINDS for m in op["arrays"].values()}
+    host_keys = {m["key"] for op in manifest["ops"] if program_kind(op["kind"]).host for m in op["arrays"].values()}
     device = sum(a.nbytes for k, a in arrays.items() if k not in host_keys)
     host = sum(a.nbytes for k, a in arrays.items() if k in host_keys)
     return device, host

@@ -17,7 +17,9 @@ from hybridquant.export import reader as rr
 from hybridquant.export.program import program_tables
 from hybridquant.integer.executor import IntegerModel
 from hybridquant.integer.lower import lower
-from hybridquant.integer.program import PROGRAM_KINDS
+from hybridquant.integer.program import kind_docs
+from hybridquant.ops import unary_fn
+from hybridquant.primitives.arith import build_lut
 from hybridquant.quantize import quantize_graph
 from tests.methods.conftest import make_toy_graph
 
@@ -97,7 +99,7 @@ def test_manifest_layout(toy_calib, tmp_path):
     assert stored["format"] == "hybridquant-integer-program" and stored["version"] == 2
     assert stored["model"]["name"] == "toy" and stored["config"]["shift_terms"] == 2
     assert [op["name"] for op in stored["ops"]] == [n.name for n in qg.graph]
-    assert {op["kind"] for op in stored["ops"]} <= set(PROGRAM_KINDS)
+    assert {op["kind"] for op in stored["ops"]} <= set(kind_docs())
     listed = {m["key"] for op in stored["ops"] for m in op["arrays"].values()}
     assert listed | {MANIFEST_KEY} == files
     by_name = {op["name"]: op for op in stored["ops"]}
@@ -144,7 +146,10 @@ def test_program_records_the_quantized_graphs_constants(toy_calib):
                         qg.act["stem.conv"].scale.double())
     assert torch.equal(2.0 ** -torch.from_numpy(conv.arrays["requant.shift"].astype(np.float64)), s_in * s_w / s_out)
     lut = next(op for op in ops if op.name == "stem.silu")
-    assert lut.arrays["table"].shape == (qg.act["stem.conv"].qmax - qg.act["stem.conv"].qmin + 1,)
+    i, o = qg.act["stem.conv"], qg.act["stem.silu"]
+    want = build_lut(unary_fn(qg.graph["stem.silu"]), float(i.scale), int(i.zero_point), i.qmin, i.qmax,
+                     float(o.scale), int(o.zero_point), o.qmin, o.qmax)
+    assert np.array_equal(lut.arrays["table"].astype(np.int64), want.numpy())
 
 
 def test_float_multipliers_cannot_be_exported(toy_calib, tmp_path):
@@ -224,7 +229,8 @@ def test_mobilevit_c_header_compiles(mvit_qgraph, tmp_path):
 
 
 def test_softmax_exp_table_is_the_tail_of_the_exported_table(toy_calib):
-    """The kernel builds its table for the actual spread of the codes; the export stores the full one."""
+    """The simulation and the program share the full table; a table built for a smaller spread (what the kernel
+    builds when given none) is its tail."""
     from hybridquant.primitives.arith import softmax_exp_table
 
     qg = quantize_graph(make_toy_graph(), TOY_CONFIGS["minmax-pot"], toy_calib)

@@ -70,3 +70,29 @@ def test_macs_are_per_image_with_patches_folded_into_the_batch(mvit_graph, calib
     assert program.macs(qkv) == qkv.out_shape[0] * qkv.out_shape[1] * qkv.out_shape[2] * qkv.arrays["weight"].shape[1]
     convs = sum(program.macs(op) for op in program.ops if op.kind == "conv2d")
     assert program.op_counts()["macs"] > convs
+
+
+def test_an_accumulator_without_a_quantizer_has_a_shape_and_its_macs():
+    """A conv read only by an outlier-scaling shift (``raw_input``) gets no quantizer: its accumulator is
+    requantized by the shift. Its shape and multiply-accumulates are still in the program."""
+    from hybridquant.graph.ir import Node
+
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    gen = torch.Generator().manual_seed(0)
+    graph = Graph([Node("input", "input", []),
+                   Node("pre", "conv2d", ["input"], conv, {"weight": torch.randn(4, 3, 3, 3, generator=gen) * 0.3,
+                                                          "bias": torch.zeros(4)}),
+                   Node("shift", "scale_channels", ["pre"], {"dim": 1, "raw_input": True},
+                        {"inv_alpha": torch.tensor([1.0, 0.5, 2.0, 0.25])}),
+                   Node("post", "conv2d", ["shift"], conv, {"weight": torch.randn(4, 4, 3, 3, generator=gen) * 0.2}),
+                   Node("output", "output", ["post"])], meta={"input_size": [3, 8, 8]})
+    x = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    assert "pre" not in qg.act
+    program = lower(qg)
+    pre = program["pre"]
+    assert "requant" not in pre.attrs and pre.attrs["keep_accumulator"] and pre.out_shape == [1, 4, 8, 8]
+    assert program.macs(pre) == 4 * 8 * 8 * 3 * 3 * 3
+    assert program.op_counts()["macs"] == program.macs(pre) + program.macs(program["post"])
+    logits, _ = IntegerModel(program).run(x)
+    assert torch.equal(logits, qg.run(x))

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from hybridquant.config import QuantConfig
+from hybridquant.export.program import program_tables
 from hybridquant.graph.ir import LAYOUT_OPS, MAC_OPS, VALUE_OPS, Graph, Node
 from hybridquant.integer.executor import IntegerModel
 from hybridquant.integer.lower import lower
-from hybridquant.integer.program import PROGRAM_KINDS
+from hybridquant.integer.program import kind_docs
 from hybridquant.ops import OP_DEFS, PROGRAM_KIND_DEFS, OpDef, ProgramKind, op_def, register
 from hybridquant.ops.values import Value, centred_inputs, zero, zp_arrays
 from hybridquant.quantize import quantize_graph
@@ -25,7 +26,7 @@ def test_every_op_has_its_parts():
         if d.role == "folded":
             assert d.fold is not None and d.lower is None, name
     assert {n for n, d in OP_DEFS.items() if d.lower is None} == {"batch_norm", "group_norm", "sum"}
-    assert set(PROGRAM_KINDS) == set(PROGRAM_KIND_DEFS)
+    assert set(kind_docs()) == set(PROGRAM_KIND_DEFS)
     for name, k in PROGRAM_KIND_DEFS.items():
         assert (k.run is None) == (k.result == "none"), name
 
@@ -78,3 +79,9 @@ def test_a_registered_op_runs_everywhere_without_walker_changes(double_op):
     assert program["twice"].kind == "double" and program["twice"].attrs["requant"]["mode"] == "shift"
     logits, _ = IntegerModel(program).run(x)
     assert torch.equal(logits, qg.run(x))
+    manifest, _ = program_tables(program)  # the exports' contract names the new kind
+    assert manifest["kinds"]["double"] == PROGRAM_KIND_DEFS["double"].doc
+    pytest.importorskip("onnx")
+    from hybridquant.export.onnx import build_onnx
+
+    assert [n.op_type for n in build_onnx(qg).graph.node if n.name == "twice"] == ["Add"]

@@ -16,10 +16,10 @@ from .._io import plain
 from ..graph.quantized import QuantizedGraph
 from ..integer.lower import lower
 from ..integer.program import (
-    PROGRAM_KINDS,
     REQUANT_DOC,
     Program,
     ProgramOp,
+    kind_docs,
     packed_nbytes,
     packed_weight_bits,
 )
@@ -49,7 +49,7 @@ CONVENTIONS = {
                  "in_zero_point.k and align_shift.k, when 1-d, along the last dim",
     "arithmetic": "int64 accumulators; conv/linear/matmul products are exact",
     "layout": "arrays are row-major (C order); weights conv [Cout, Cin/groups, kh, kw], linear [out, in]",
-    "batch": "out_shape is for a batch of one; layout attrs use torch semantics with -1 for the batch-dependent dim",
+    "batch": "out_shape (of the op's codes, or of its accumulator when it is not requantized) is for a batch of one; layout attrs use torch semantics with -1 for the batch-dependent dim",
     "requant": REQUANT_DOC,
     "packing": PACKING,
 }
@@ -115,7 +115,7 @@ def program_tables(source: QuantizedGraph | Program, model_meta: dict[str, Any] 
         "input": {"name": ops[0].name, "shape": list(program.input_size)},
         "output": {"name": ops[-1].inputs[0], "op": len(ops) - 1},
         "conventions": CONVENTIONS,
-        "kinds": PROGRAM_KINDS,
+        "kinds": kind_docs(),
         "ops": entries,
     }
     return manifest, arrays

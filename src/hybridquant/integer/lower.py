@@ -93,6 +93,8 @@ class _Lowering:
         for index, node in enumerate(self.graph):
             op = ProgramOp(index, node.name, node.op, node.op, [], out_shape=None)
             acc = op_def(node.op).lower(self, node, op)
+            if acc is not None:  # the accumulator has the node's shape, requantized or not
+                op.out_shape = self.shapes[node.name]
             if acc is not None and node.name in self.raw_readers:
                 self.wide[node.name] = acc
             qp = self.qg.act.get(node.name)
@@ -125,5 +127,4 @@ class _Lowering:
         # a per-channel parameter without an axis broadcasts along the last dim (as torch does)
         axis = ((acc.axis if acc.axis is not None else ndim - 1) % ndim) if per_channel else None
         self.fill(op, op.kind, op.inputs, {"requant": {"mode": mode, "axis": axis}}, arrays)
-        op.out_shape = self.shapes[node.name]
         self.vals[node.name] = self.value(qp)

@@ -4,7 +4,7 @@
 quantized graph without running an image; the integer executor
 (:class:`~hybridquant.integer.executor.IntegerModel`) interprets it, the
 exports (:mod:`hybridquant.export`) write it, and the numpy reader runs what
-they wrote. :data:`PROGRAM_KINDS` and :data:`REQUANT_DOC` are the contract
+they wrote. :func:`kind_docs` and :data:`REQUANT_DOC` are the contract
 all of them follow.
 """
 
@@ -18,8 +18,12 @@ import numpy as np
 from ..errors import HybridQuantError
 from ..ops import PROGRAM_KIND_DEFS, program_kind
 
-#: how each kind of :class:`ProgramOp` runs (the contract of the export formats), from the op table
-PROGRAM_KINDS = {name: kind.doc for name, kind in PROGRAM_KIND_DEFS.items()}
+
+def kind_docs() -> dict[str, str]:
+    """How each kind of :class:`ProgramOp` runs (the contract of the export formats), read from the op table
+    (a kind registered later included)."""
+    return {name: kind.doc for name, kind in PROGRAM_KIND_DEFS.items()}
+
 #: the requantization stage, recorded on every op that has ``requant.*`` arrays
 REQUANT_DOC = (
     "mode 'shift': codes = clamp(srr(acc, requant.shift) + requant.zero_point, requant.qmin, requant.qmax); "
@@ -35,12 +39,12 @@ REQUANT_DOC = (
 class ProgramOp:
     """One op of the lowered integer program: what it reads and every integer constant it uses.
 
-    ``kind`` says how it runs (:data:`PROGRAM_KINDS`), ``inputs`` names the
+    ``kind`` says how it runs (:func:`kind_docs`), ``inputs`` names the
     values it reads (a node's codes, or for ``reads == 'accumulator'`` its
     wide accumulator), ``attrs`` holds structural attributes (JSON-able) and
     ``arrays`` the integer constants (0-d arrays for scalars). A per-channel
     (1-d) ``in_zero_point.k`` / ``align_shift.k`` lies along the last dim.
-    ``out_shape`` is the shape of the op's codes for a batch of one (None
+    ``out_shape`` is the shape of the op's codes (or accumulator) for a batch of one (None
     when it produces none). ``attrs['requant']`` (``mode``, ``axis``) comes
     with the ``requant.*`` arrays; ``attrs['keep_accumulator']`` marks an op
     whose accumulator a later ``channel_requant`` reads.
@@ -57,10 +61,6 @@ class ProgramOp:
 
 
 # --- what the hardware stores ------------------------------------------------------
-#: op kinds that run on the host (float32 input quantizer, float output dequantization): not deployed
-HOST_KINDS = frozenset(name for name, kind in PROGRAM_KIND_DEFS.items() if kind.host)
-#: op kinds that compute nothing (data movement, or a non-linearity fused into a per-channel table)
-NO_COMPUTE_KINDS = frozenset(name for name, kind in PROGRAM_KIND_DEFS.items() if not kind.computes)
 #: the categories of :func:`storage_breakdown`, in report order
 STORAGE_CATEGORIES = ("weights", "biases", "requant_shifts", "thresholds", "zero_points_and_ranges",
                       "align_shifts", "lookup_tables", "softmax_constants", "layernorm_constants", "other")
@@ -123,7 +123,7 @@ def storage_breakdown(ops: list[ProgramOp]) -> dict[str, Any]:
         for name, arr in op.arrays.items():
             bits = packed_weight_bits(op, name)
             nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
-            if op.kind in HOST_KINDS:
+            if program_kind(op.kind).host:
                 host += nbytes
             else:
                 breakdown[array_category(op.kind, name)] += nbytes
@@ -206,7 +206,7 @@ class Program:
         """
         ops = integer = macs = integer_macs = 0
         for op in self.ops:
-            if op.kind in HOST_KINDS | NO_COMPUTE_KINDS:
+            if program_kind(op.kind).host or not program_kind(op.kind).computes:
                 continue
             is_int = requant_kind(op) != "float"
             n_macs = self.macs(op)

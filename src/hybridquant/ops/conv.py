@@ -41,6 +41,7 @@ def exact_dtype(terms: int, a_bound: int, b_bound: int) -> torch.dtype:
 
 
 def _prepare(op, c, bounds, program):
+    # the weights' actual max |w| bounds the products (a code range's qmax would miss |qmin| = qmax + 1)
     w = c["weight"]
     dtype = exact_dtype(math.prod(w.shape[1:]), bounds[op.inputs[0]], int(w.abs().max()) if w.numel() else 0)
     c["weight"] = w.to(dtype)

@@ -21,14 +21,20 @@ def out_exp(out_qp) -> int:
     return -int(pot_exponent(out_qp.scale, "exact"))
 
 
+def exp_table(in_qp) -> torch.Tensor:
+    """The exp table of every possible spread of the input codes: the one the simulation and the program use."""
+    return arith.softmax_exp_table(float(in_qp.scale), in_qp.qmax - in_qp.qmin + 1, FRAC_BITS)
+
+
 def _simulate(node, in_qp, out_qp):
     if not supported(node, in_qp, out_qp):
         return None
+    table = exp_table(in_qp)
 
     def run(inputs):
         q = quantize(inputs[0], in_qp.scale, in_qp.zero_point, in_qp.qmin, in_qp.qmax).to(torch.int64)
         codes = arith.int_softmax(q, int(in_qp.zero_point), float(in_qp.scale), out_exp(out_qp), out_qp.qmax,
-                                  dim=node.attrs["dim"], frac_bits=FRAC_BITS)
+                                  dim=node.attrs["dim"], frac_bits=FRAC_BITS, table=table)
         return dequantize(codes, out_qp.scale, out_qp.zero_point)
     return run
 
@@ -37,10 +43,8 @@ def _lower(ctx, node, op):
     qp, in_qp = ctx.qg.act[node.name], ctx.qg.input_qparams(node)
     if not supported(node, in_qp, qp):
         raise HybridQuantError(f"cannot lower {node.name}: {node.op} needs power-of-two input and output scales")
-    # the full table (every possible spread of the input codes)
-    table = arith.softmax_exp_table(float(in_qp.scale), in_qp.qmax - in_qp.qmin + 1, FRAC_BITS)
     ctx.fill(op, "softmax", node.inputs[:1], {"dim": int(node.attrs["dim"])}, {
-        "exp_table": np_int(table), "frac_bits": np_small(FRAC_BITS), "out_exp": np_small(out_exp(qp)),
+        "exp_table": np_int(exp_table(in_qp)), "frac_bits": np_small(FRAC_BITS), "out_exp": np_small(out_exp(qp)),
         "out_qmax": np_small(qp.qmax)})
     return Value(qp.scale.double(), zero())
 
