@@ -8,8 +8,10 @@ A module knows op kinds when its code holds any of:
 
 The vocabulary is read from the op table, so the tool imports ``hybridquant.ops`` (and torch) from ``src/``.
 Docstrings and comments do not count; replacing strings by constants does not lower the count. The count
-is conservative: an op kind that is also a plain word (``"input"``, ``"output"``, ``"sum"``) counts wherever
-it stands as a literal. Prints one
+is conservative: an op kind counts wherever it stands as a literal, with one exception. An op kind that is
+also a plain word (:data:`PLAIN_WORDS`: ``"input"``, ``"output"``, ``"sum"``) is a field name, not an op kind,
+where it stands as a subscript key (``row["input"]``), a dict-literal key (``{"output": ...}``) or a keyword
+argument's value (``reduction="sum"``); those are reported as ``field names`` and not counted. Prints one
 line per module (its count of each kind of reference) and the number of modules; ``--json`` writes the same
 as JSON.
 
@@ -28,6 +30,8 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hybridquant"
+#: op kinds that are also plain words: as field names (subscript, dict key, keyword value) they are no op kind
+PLAIN_WORDS = frozenset({"input", "output", "sum"})
 OP_TABLE = "hybridquant/ops/"
 
 
@@ -54,18 +58,34 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return out
 
 
-def count(exclude: list[str] | None = None) -> dict[str, dict[str, int]]:
-    """``{module path: {"literals": n, "sets": n}}`` of every module that knows op kinds."""
+def _field_names(tree: ast.AST) -> set[int]:
+    """ids of the plain-word constants that stand as field names: subscript keys, dict keys, keyword values."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            out.add(id(node.slice))
+        elif isinstance(node, ast.Dict):
+            out.update(id(k) for k in node.keys if k is not None)
+        elif isinstance(node, ast.keyword):
+            out.add(id(node.value))
+    return out
+
+
+def count(exclude: list[str] | None = None, root: Path = SRC) -> dict[str, dict[str, int]]:
+    """``{module path: {"literals": n, "sets": n, "field_names": n}}`` of every module that knows op kinds
+    (field names alone do not make a module count); ``root``: the package directory to scan."""
     kinds, set_names = _vocabulary()
     out: dict[str, dict[str, int]] = {}
-    for path in sorted(SRC.rglob("*.py")):
-        rel = str(path.relative_to(SRC.parent))
+    for path in sorted(root.rglob("*.py")):
+        rel = str(path.relative_to(root.parent))
         if any(fnmatch.fnmatch(rel, pat) for pat in exclude or []):
             continue
         tree = ast.parse(path.read_text())
-        docs = _docstrings(tree)
-        literals = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                       and n.value in kinds and id(n) not in docs)
+        docs, fields = _docstrings(tree), _field_names(tree)
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and n.value in kinds and id(n) not in docs]
+        field_names = sum(1 for n in found if n.value in PLAIN_WORDS and id(n) in fields)
+        literals = len(found) - field_names
         defined = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
                    if isinstance(t, ast.Name)}
         refs = sum(1 for n in ast.walk(tree)
@@ -73,7 +93,7 @@ def count(exclude: list[str] | None = None) -> dict[str, dict[str, int]]:
                    or (isinstance(n, ast.Attribute) and n.attr in set_names)
                    or (isinstance(n, ast.alias) and n.name in set_names))
         if literals or refs:
-            out[rel] = {"literals": literals, "sets": refs}
+            out[rel] = {"literals": literals, "sets": refs, "field_names": field_names}
     return out
 
 
@@ -89,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         for rel, c in found.items():
-            print(f"{rel}: {c['literals']} op-kind literals, {c['sets']} op-set references")
+            print(f"{rel}: {c['literals']} op-kind literals, {c['sets']} op-set references"
+                  + (f" ({c['field_names']} plain-word field names not counted)" if c["field_names"] else ""))
         outside = [rel for rel in found if not rel.startswith(OP_TABLE)]
         print(f"{len(found)} modules know op kinds; {len(outside)} outside the op table ({OP_TABLE})")
     return 0

@@ -69,9 +69,9 @@ def _model_hash(qgraph) -> str:
     for kind, table in (("act", qgraph.act), ("weight", qgraph.weight)):
         for name in sorted(table):
             qp = table[name]
-            head = f"{kind}:{name}:{qp.kind}:{qp.bits}:{qp.qmin}:{qp.qmax}:{qp.axis}:{qp.twin_shift}"
+            head = f"{kind}:{name}:{qp.grid}:{qp.bits}:{qp.qmin}:{qp.qmax}:{qp.axis}:{qp.twin_shift}"
             parts += [np.frombuffer(head.encode(), np.uint8), qp.scale, qp.zero_point]
-            if qp.kind == "threshold":
+            if qp.grid == "threshold":
                 parts += [qp.thresholds, qp.levels]
     for table in (qgraph.weight_int, qgraph.bias_int):
         for name in sorted(table):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; it replaces ``path`` (a folder or nothing) on success.
+
+    On any exception the temporary folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HybridQuantError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -70,20 +98,20 @@ def plain(obj: Any) -> Any:
 # --- checks: every input file and output path, before any work -------------------------------------
 
 
-def check_input_file(path: str | os.PathLike, kind: str) -> Path:
-    """``path`` when it is a readable regular file; else a one-line error naming ``kind`` and the path."""
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when it is a readable regular file; else a one-line error naming ``what`` and the path."""
     path = Path(path)
     if not path.exists():
-        raise HybridQuantError(f"{kind} not found: {path}")
+        raise HybridQuantError(f"{what} not found: {path}")
     if path.is_dir():
-        raise HybridQuantError(f"{kind} {path} is a directory, not a file")
+        raise HybridQuantError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
-        raise HybridQuantError(f"{kind} {path} is not a regular file")
+        raise HybridQuantError(f"{what} {path} is not a regular file")
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise HybridQuantError(f"cannot read {kind} {path}: {exc.strerror or exc}") from exc
+        raise HybridQuantError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -137,20 +165,20 @@ def check_out_file(path: str | os.PathLike, option: str = "--out") -> Path:
 # --- reading: a damaged file is one line that names it, never a library's advice ---------------------
 
 
-def invalid_file(kind: str, path: str | os.PathLike, fmt: str) -> HybridQuantError:
+def invalid_file(what: str, path: str | os.PathLike, fmt: str) -> HybridQuantError:
     """The error for a file that is there but cannot be parsed (corrupt, truncated or another format)."""
-    return HybridQuantError(f"cannot read {kind} {path}: not a valid or complete {fmt} file")
+    return HybridQuantError(f"cannot read {what} {path}: not a valid or complete {fmt} file")
 
 
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def read_torch_file(path: str | os.PathLike, kind: str, fmt: str = "torch.save", weights_only: bool = True,
+def read_torch_file(path: str | os.PathLike, what: str, fmt: str = "torch.save", weights_only: bool = True,
                     map_location: Any = "cpu") -> Any:
-    """``torch.load`` of ``path`` with one-line errors (``kind`` names the file in them)."""
+    """``torch.load`` of ``path`` with one-line errors (``what`` names the file in them)."""
     import torch
 
-    path = check_input_file(path, kind)
+    path = check_input_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except MemoryError:
@@ -158,6 +186,6 @@ def read_torch_file(path: str | os.PathLike, kind: str, fmt: str = "torch.save",
     except Exception as exc:  # torch raises many types for a damaged file, with pages of advice
         refused = _REFUSED_GLOBAL.search(str(exc)) if weights_only else None
         if refused:  # a sound file holding pickled objects that a weights-only load does not run
-            raise HybridQuantError(f"cannot read {kind} {path}: it stores Python objects that a safe "
+            raise HybridQuantError(f"cannot read {what} {path}: it stores Python objects that a safe "
                                    f"(weights-only) load refuses, e.g. {refused.group(1)}") from exc
-        raise invalid_file(kind, path, fmt) from exc
+        raise invalid_file(what, path, fmt) from exc

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import QuantConfig
-from .graph.ir import MAC_OPS, Graph
+from .graph.ir import Graph
 from .graph.stream import FloatStream, split_images
 from .methods.hfq.outlier_scaling import layer_error, layer_output
 from .observers import channel_dim
@@ -65,7 +65,7 @@ def analyze_graph(graph: Graph, images: torch.Tensor, workspace: Workspace | Non
     over all ``images`` is in memory at a time, besides the values the workspace keeps (a default one when
     None)."""
     ws = workspace if workspace is not None else Workspace()
-    macs = graph.by_op(*MAC_OPS)
+    macs = graph.where(mac=True)
     readers = Counter(name for node in macs for name in node.inputs)
     stream = FloatStream(graph, split_images(graph, images, ws), ws, hold=readers)
     layers = []
@@ -73,7 +73,7 @@ def analyze_graph(graph: Graph, images: torch.Tensor, workspace: Workspace | Non
         for idx, name in enumerate(node.inputs):
             readers[name] -= 1
             src = graph.producer(name)
-            if src.op == "input":
+            if src.opdef.role == "source":
                 continue
             x = stream.value(name).whole()
             if readers[name] == 0:
@@ -82,11 +82,11 @@ def analyze_graph(graph: Graph, images: torch.Tensor, workspace: Workspace | Non
                 "layer": node.name, "op": node.op, "block": node.block, "input": idx,
                 "producer": src.name, "producer_op": src.op, **tensor_stats(x),
             }
-            if node.op in ("conv2d", "linear") and idx == 0:
+            if node.opdef.weighted and idx == 0:
                 out_ref = layer_output(node, x, node.params["weight"])
                 for wb, ab in SETTINGS:
                     cfg = QuantConfig(method="minmax", wbits=wb, abits=ab)
-                    err = layer_error(node, x, torch.ones(x.shape[1 if node.op == "conv2d" else -1]), cfg, out_ref)
+                    err = layer_error(node, x, torch.ones(x.shape[node.opdef.channel_axis]), cfg, out_ref)
                     row[f"sqnr_w{wb}a{ab}_db"] = round(_sqnr_from_rel(err), 2)
             layers.append(row)
     stream.close()

@@ -225,14 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint to write (resumes from <out>.state)")
 
-    p = sub.add_parser("export", help="write the integer program of a model.hq for hardware (npz or C header) "
-                                      "or the model as QDQ ONNX")
+    p = sub.add_parser("export", help="write the integer program of a model.hq for hardware (npz, or a C99 "
+                                      "project that runs it) or the model as QDQ ONNX")
     p.add_argument("--qmodel", required=True,
                    help="quantized model.hq (npz / c: with power-of-two or two-term multipliers)")
     p.add_argument("--format", choices=["npz", "c", "onnx"], default="npz",
-                   help="npz (arrays + JSON manifest inside), c (C99 header) or onnx (QDQ model, opset 21, "
-                        "needs the 'export' extra); default npz")
-    p.add_argument("--out", required=True, help="file to write")
+                   help="npz (arrays + JSON manifest inside), c (a C99 project: model.h/model.c, the integer "
+                        "kernels, main.c and a Makefile; no malloc, no floating point) or onnx (QDQ model, opset "
+                        "21, needs the 'export' extra); default npz")
+    p.add_argument("--out", required=True, help="file to write (a folder for --format c)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(batch_size=1, workers=0, seed=0)  # no data loading: neutral values for main()'s checks
     return parser
@@ -283,9 +284,9 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Refuse every bad input file, data folder and output path before loading anything."""
     from ._io import check_input_file, check_out_dir, check_out_file
 
-    for dest, kind in _INPUT_FILES.items():
+    for dest, what in _INPUT_FILES.items():
         if getattr(args, dest, None):
-            check_input_file(getattr(args, dest), kind)
+            check_input_file(getattr(args, dest), what)
     if getattr(args, "data", None):
         from .data import split_dir
 
@@ -294,10 +295,13 @@ def _check_paths(args: argparse.Namespace) -> None:
     if getattr(args, "out_dir", None):
         check_out_dir(args.out_dir, "--out-dir", _OUT_DIR_FILES.get(args.command, ()))
     if getattr(args, "out", None):
-        check_out_file(args.out, "--out")
+        if getattr(args, "format", None) == "c":  # a project folder
+            check_out_dir(args.out, "--out", ("model.h", "model.c"))
+        else:
+            check_out_file(args.out, "--out")
 
 
-def _read(load, path: str, kind: str, fmt: str, own: tuple[type[BaseException], ...] = ()):
+def _read(load, path: str, what: str, fmt: str, own: tuple[type[BaseException], ...] = ()):
     """``load(path)`` of a file whose reader is not ours: a failure to parse it is one line naming it.
 
     The reader's own diagnoses (a HybridQuantError raised without a cause, or caused by one of
@@ -310,11 +314,11 @@ def _read(load, path: str, kind: str, fmt: str, own: tuple[type[BaseException], 
     except HybridQuantError as exc:
         if exc.__cause__ is None or isinstance(exc.__cause__, own):
             raise
-        raise invalid_file(kind, path, fmt) from exc
+        raise invalid_file(what, path, fmt) from exc
     except MemoryError:
         raise
     except Exception as exc:
-        raise invalid_file(kind, path, fmt) from exc
+        raise invalid_file(what, path, fmt) from exc
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -546,12 +550,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             ops = summary["nodes"]
             extra = {"opset": summary["opset"], "qdq_pairs": summary["qdq_pairs"]}
         else:
-            export_c(qgraph, out, meta)
-            ops = len(qgraph.graph)
+            facts = export_c(qgraph, out, meta)
+            ops = facts["ops"]
+            extra = {"files": sorted(p.name for p in out.iterdir()), "scratch_bytes": facts["scratch_bytes"],
+                     "constant_bytes": facts["constant_bytes"]}
     except OSError as exc:
         raise HybridQuantError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    return {"qmodel": str(args.qmodel), "format": args.format, "out": str(out), "ops": ops,
-            "bytes": out.stat().st_size, **extra}
+    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    return {"qmodel": str(args.qmodel), "format": args.format, "out": str(out), "ops": ops, "bytes": size, **extra}
 
 
 COMMANDS = {"analyze": cmd_analyze, "eval": cmd_eval, "export": cmd_export, "quantize": cmd_quantize,

@@ -79,34 +79,20 @@ def _register(name: str):
     return deco
 
 
-@_register("minmax")
-@dataclass(frozen=True)
-class MinMaxConfig(MethodConfig):
-    """``minmax``: per-tensor min-max ranges; no options."""
+def _no_options(name: str, cls_name: str, doc: str) -> type[MethodConfig]:
+    """The registered options class of a method that has none."""
+    cls = dataclass(frozen=True)(type(cls_name, (MethodConfig,), {"__doc__": doc, "__module__": __name__}))
+    return _register(name)(cls)
 
 
-@_register("omse")
-@dataclass(frozen=True)
-class OMSEConfig(MethodConfig):
-    """``omse``: ranges of least quantization MSE; no options."""
-
-
-@_register("fq-vit")
-@dataclass(frozen=True)
-class FQViTConfig(MethodConfig):
-    """``fq-vit``: FQ-ViT's power-of-two factors and log2 softmax; no options."""
-
-
-@_register("ptq4vit")
-@dataclass(frozen=True)
-class PTQ4ViTConfig(MethodConfig):
-    """``ptq4vit``: twin uniform grids and the Hessian-guided search; no options."""
-
-
-@_register("repq-vit")
-@dataclass(frozen=True)
-class RepQViTConfig(MethodConfig):
-    """``repq-vit``: scale reparameterisation and log√2 softmax; no options."""
+MinMaxConfig = _no_options("minmax", "MinMaxConfig", "``minmax``: per-tensor min-max ranges; no options.")
+OMSEConfig = _no_options("omse", "OMSEConfig", "``omse``: ranges of least quantization MSE; no options.")
+FQViTConfig = _no_options("fq-vit", "FQViTConfig",
+                          "``fq-vit``: FQ-ViT's power-of-two factors and log2 softmax; no options.")
+PTQ4ViTConfig = _no_options("ptq4vit", "PTQ4ViTConfig",
+                            "``ptq4vit``: twin uniform grids and the Hessian-guided search; no options.")
+RepQViTConfig = _no_options("repq-vit", "RepQViTConfig",
+                            "``repq-vit``: scale reparameterisation and log√2 softmax; no options.")
 
 
 @_register("percentile")

@@ -44,9 +44,9 @@ from .data import (
 from .distributed import world_size
 from .evaluate import EvalResult, evaluate_sharded, paired_drop
 from .graph import capture
-from .graph.ir import MAC_OPS
 from .graph.quantized import QuantizedGraph
 from .models import LoadedModel, load_model
+from .ops import ops_where
 from .phases import Phases, current, phase
 from .quantize import float_node_names, layer_sqnr, quantize_graph
 from .report import environment
@@ -98,9 +98,11 @@ def load_calibration(data: DataSpec, cfg: dict[str, Any], progress: bool = True)
 
 def coverage(qgraph: QuantizedGraph) -> dict[str, int]:
     """How many MACs there are and how many run on integers."""
-    macs = qgraph.graph.by_op(*MAC_OPS)
+    macs = qgraph.graph.where(mac=True)
     quantized = {n.name for n in qgraph.quantized_macs()}
-    out = {op: sum(1 for n in macs if n.op == op) for op in sorted(MAC_OPS)}
+    out = dict.fromkeys(sorted(ops_where(mac=True)), 0)  # every MAC op kind, present or not
+    for n in macs:
+        out[n.op] += 1
     out.update({"macs": len(macs), "quantized_macs": len(quantized)})
     return out
 
@@ -111,7 +113,7 @@ SQNR_ZERO = "the float output is zero on these images: no signal to compare with
 SQNR_MISSING = "no float value to compare with"
 
 
-def _sqnr_cell(value: float | None, refined: float | None, kind: str = "uniform") -> tuple[float | None, str | None]:
+def _sqnr_cell(value: float | None, refined: float | None, grid: str = "uniform") -> tuple[float | None, str | None]:
     """A row's (sqnr_db, note): a finite SQNR (full precision), or None and the reason; a note also explains
     an SQNR below 0 dB."""
     if value is None or math.isnan(value):
@@ -120,7 +122,7 @@ def _sqnr_cell(value: float | None, refined: float | None, kind: str = "uniform"
         return None, SQNR_EXACT if value > 0 else SQNR_ZERO
     note = None
     if value < 0:
-        if kind == "threshold":
+        if grid == "threshold":
             note = ("below 0 dB on a threshold grid: its codes are placed for the lookup table it feeds (the "
                     "table's row measures the error that matters); a code's representative value is not meant "
                     "to approximate the input")
@@ -148,12 +150,12 @@ def layer_rows(qgraph: QuantizedGraph, sqnr: dict[str, float],
         if node.name not in qgraph.act:
             continue
         a = qgraph.act[node.name].summary()
-        value, note = _sqnr_cell(sqnr.get(node.name), refined.get(node.name), a["kind"])
+        value, note = _sqnr_cell(sqnr.get(node.name), refined.get(node.name), a["grid"])
         row: dict[str, Any] = {
             "name": node.name, "op": node.op, "block": node.block, "act_bits": a["bits"],
             # per tensor: the scale; per channel: [smallest, largest]
             "act_scale": a["scale"] if "scale" in a else [a.get("scale_min", 0.0), a.get("scale_max", 0.0)],
-            "act_zero_point": a.get("zero_point", 0), "act_kind": a["kind"],
+            "act_zero_point": a.get("zero_point", 0), "act_grid": a["grid"],
             "sqnr_db": value,
         }
         if note is not None:
@@ -237,7 +239,7 @@ def integer_summary(qgraph: QuantizedGraph) -> tuple[dict[str, Any], dict[str, A
 
 def all_scales_pot(qgraph: QuantizedGraph) -> bool:
     """True when every uniform activation and weight scale is an exact power of two."""
-    qps = [q for q in qgraph.act.values() if q.kind == "uniform"] + list(qgraph.weight.values())
+    qps = [q for q in qgraph.act.values() if q.grid == "uniform"] + list(qgraph.weight.values())
     return all(q.is_pot for q in qps)
 
 

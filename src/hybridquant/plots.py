@@ -62,7 +62,7 @@ def analysis_plots(result: dict[str, Any], out_dir: Path, worst: int = 4) -> lis
     plt.close(fig)
     files.append("histograms.png")
 
-    rows = [r for r in result["layers"] if r["input"] == 0 and r["op"] in ("conv2d", "linear")]
+    rows = [r for r in result["layers"] if any(k.startswith("sqnr_") for k in r)]  # weighted layers' inputs
     fig, ax = plt.subplots(figsize=(11, 3.4))
     ax.bar(range(len(rows)), [r["channel_spread"] for r in rows],
            color=[BLOCK_COLOURS.get(r["block"], "#bcbd22") for r in rows])

@@ -32,7 +32,7 @@ class QParams:
     """Scale, zero point and integer range of a quantized tensor.
 
     ``axis`` is ``None`` for per-tensor parameters, else the channel dim of the
-    per-channel ``scale``. Kinds besides ``'uniform'``:
+    per-channel ``scale``. ``grid``: where the codes lie — ``'uniform'`` (``scale·(q − zero_point)``) or:
 
     * ``'log2'``: FQ-ViT's log2 quantizer (values 2^-q, ``scale`` unused);
     * ``'log_sqrt2'``: RepQ-ViT's log√2 quantizer (values 2^(-q/2), ``scale`` unused);
@@ -53,7 +53,7 @@ class QParams:
     qmax: int
     bits: int
     axis: int | None = None
-    kind: str = "uniform"
+    grid: str = "uniform"
     twin_shift: int = 0
     thresholds: torch.Tensor | None = None
     levels: torch.Tensor | None = None
@@ -72,13 +72,13 @@ class QParams:
 
     def fake(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with these parameters."""
-        if self.kind == "log2":
+        if self.grid == "log2":
             return log2_fake_quantize(x, self.bits)
-        if self.kind == "log_sqrt2":
+        if self.grid == "log_sqrt2":
             return log_sqrt2_fake_quantize(x, self.bits)
-        if self.kind == "twin":
+        if self.grid == "twin":
             return twin_fake_quantize(x, self.scale, self.twin_shift, self.qmin, self.qmax)
-        if self.kind == "threshold":
+        if self.grid == "threshold":
             if self._table is None:
                 self._table = threshold_table(self.thresholds, self.levels)
             return threshold_fake_quantize(x, self.thresholds, self.scale, self.levels, self._table)
@@ -87,11 +87,11 @@ class QParams:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "qmin": self.qmin,
-            "qmax": self.qmax, "bits": self.bits, "axis": self.axis, "kind": self.kind,
+            "qmax": self.qmax, "bits": self.bits, "axis": self.axis, "grid": self.grid,
         }
-        if self.kind == "twin":
+        if self.grid == "twin":
             d["twin_shift"] = self.twin_shift
-        if self.kind == "threshold":
+        if self.grid == "threshold":
             d["thresholds"], d["levels"] = self.thresholds.tolist(), self.levels.tolist()
         return d
 
@@ -99,7 +99,8 @@ class QParams:
     def from_dict(cls, d: dict[str, Any]) -> QParams:
         return cls(
             torch.tensor(d["scale"], dtype=torch.float32), torch.tensor(d["zero_point"], dtype=torch.int32),
-            int(d["qmin"]), int(d["qmax"]), int(d["bits"]), d["axis"], d.get("kind", "uniform"),
+            # model.hq files written before the rename name the grid "kind"
+            int(d["qmin"]), int(d["qmax"]), int(d["bits"]), d["axis"], d.get("grid", d.get("kind", "uniform")),
             int(d.get("twin_shift", 0)),
             torch.tensor(d["thresholds"], dtype=torch.int64) if "thresholds" in d else None,
             torch.tensor(d["levels"], dtype=torch.float32) if "levels" in d else None,
@@ -108,16 +109,16 @@ class QParams:
     def summary(self) -> dict[str, Any]:
         """Compact description for reports (scales summarised for per-channel)."""
         s = self.scale
-        out: dict[str, Any] = {"bits": self.bits, "signed": self.signed, "kind": self.kind}
+        out: dict[str, Any] = {"bits": self.bits, "signed": self.signed, "grid": self.grid}
         if s.dim() == 0:
             out["scale"] = float(s)
             out["zero_point"] = int(self.zero_point)
         else:
             out["scale_min"], out["scale_max"] = float(s.min()), float(s.max())
             out["channels"] = int(s.numel())
-        if self.kind == "twin":
+        if self.grid == "twin":
             out["twin_shift"] = self.twin_shift
-        if self.kind == "threshold":
+        if self.grid == "threshold":
             out["levels"] = self.qmax + 1
         out["pot"] = self.is_pot
         return out

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .config import PercentileConfig, QuantConfig
 from .errors import HybridQuantError
-from .graph.ir import VALUE_OPS, Graph, Node
+from .graph.ir import Graph, Node
 from .graph.quantized import QuantizedGraph
 from .graph.stream import image_bytes
 from .methods import METHODS
@@ -31,7 +31,7 @@ def float_node_names(graph: Graph, patterns: Iterable[str]) -> list[str]:
     """Nodes matched by the user's ``float_ops`` globs; an unmatched pattern is an error."""
     names: list[str] = []
     for pattern in patterns:
-        hits = [n.name for n in graph if fnmatch.fnmatchcase(n.name, pattern) and n.op != "output"]
+        hits = [n.name for n in graph if fnmatch.fnmatchcase(n.name, pattern) and n.opdef.role != "sink"]
         if not hits:
             raise HybridQuantError(f"--float-ops pattern '{pattern}' matches no node of the graph")
         names += [h for h in hits if h not in names]
@@ -47,7 +47,7 @@ def quant_points(graph: Graph, float_nodes: list[str]) -> list[Node]:
     """
     points = []
     for n in graph:
-        if n.op not in VALUE_OPS or n.name in float_nodes:
+        if not n.opdef.changes_values or n.name in float_nodes:
             continue
         users = graph.users(n.name)
         if users and all(u.attrs.get("raw_input") for u in users):
@@ -56,15 +56,14 @@ def quant_points(graph: Graph, float_nodes: list[str]) -> list[Node]:
     return points
 
 
-def _bits_for(node: Node, graph: Graph, config: QuantConfig, kind: str) -> int:
-    if node.op == "input":
+def _bits_for(node: Node, graph: Graph, config: QuantConfig, tensor: str) -> int:
+    if node.opdef.role == "source":
         return config.input_bits
     if config.first_last_8bit:
-        convs, linears = graph.by_op("conv2d"), graph.by_op("linear")
-        edge = {convs[0].name if convs else None, linears[-1].name if linears else None}
-        if node.name in edge:
+        layers = graph.where(weighted=True)  # the stem conv and the classifier
+        if layers and node.name in (layers[0].name, layers[-1].name):
             return 8
-    return config.wbits if kind == "weight" else config.abits
+    return config.wbits if tensor == "weight" else config.abits
 
 
 @torch.no_grad()
@@ -130,12 +129,12 @@ def quantize_graph(graph: Graph, config: QuantConfig, calib: torch.Tensor | list
     act = {}
     for node in points:
         qp = method.act_qparams(node, observers[node.name], _bits_for(node, graph, config, "act"), config)
-        if config.pot and qp.kind == "uniform":
+        if config.pot and qp.grid == "uniform":
             mode = "round" if config.pot_rounding == "objective" else config.pot_rounding
             qp = restrict_pot(qp, mode, lo=torch.tensor(observers[node.name].min))
         act[node.name] = qp
     weight = {}
-    for node in graph.by_op("conv2d", "linear"):
+    for node in graph.where(weighted=True):
         if node.name in float_nodes:
             continue
         qp = method.weight_qparams(node, _bits_for(node, graph, config, "weight"), config)

@@ -46,36 +46,32 @@ def _fmt(v: Any, digits: int = 4) -> str:
 DASH = "—"
 
 
-def fmt_seconds(v: float | None) -> str:
-    """Wall time: ``298 s`` (one decimal under 10 s: ``2.4 s``)."""
-    if v is None:
-        return DASH
-    return f"{v:,.0f} s" if abs(v) >= 10 else f"{v:.1f} s"
+def _fixed(template: str, doc: str, times: float = 1) -> Callable[[float | None], str]:
+    """A formatter of ``times · v`` by ``template``, :data:`DASH` for a missing value."""
+    def fmt(v: float | None) -> str:
+        return DASH if v is None else template.format(times * v)
+    fmt.__doc__ = doc
+    return fmt
 
 
-def fmt_pp(v: float | None) -> str:
-    """A top-1 difference in percentage points: ``0.20 pp``."""
-    return DASH if v is None else f"{v:.2f} pp"
+def _magnitude(unit: str, doc: str) -> Callable[[float | None], str]:
+    """A formatter with thousands separators from 10 up, one decimal below: ``1,234 s``, ``2.4 s``."""
+    def fmt(v: float | None) -> str:
+        if v is None:
+            return DASH
+        return f"{v:,.0f} {unit}" if abs(v) >= 10 else f"{v:.1f} {unit}"
+    fmt.__doc__ = doc
+    return fmt
 
 
-def fmt_agreement(fraction: float | None) -> str:
-    """A fraction of images (agreement): ``98.0 %``."""
-    return DASH if fraction is None else f"{100 * fraction:.1f} %"
-
-
-def fmt_top1(fraction: float | None) -> str:
-    """Top-1 accuracy given as a fraction: ``85.13 %``."""
-    return DASH if fraction is None else f"{100 * fraction:.2f} %"
-
-
-def fmt_pct(v: float | None) -> str:
-    """A value already in percent: ``0.12 %``."""
-    return DASH if v is None else f"{v:.2f} %"
-
-
-def fmt_db(v: float | None) -> str:
-    """Decibels with one decimal: ``23.4``; ``—`` when there is no value."""
-    return DASH if v is None else f"{v:.1f}"
+fmt_seconds = _magnitude("s", "Wall time: ``298 s`` (one decimal under 10 s: ``2.4 s``).")
+fmt_mb = _magnitude("MB", "Memory in MiB: ``1,234 MB`` (one decimal under 10 MB).")
+fmt_pp = _fixed("{:.2f} pp", "A top-1 difference in percentage points: ``0.20 pp``.")
+fmt_fraction = _fixed("{:.1f} %", "A measured fraction as a percentage with one decimal: ``100.0 %``.", 100)
+fmt_agreement = fmt_fraction  # a fraction of images that agree: ``98.0 %``
+fmt_top1 = _fixed("{:.2f} %", "Top-1 accuracy given as a fraction: ``85.13 %``.", 100)
+fmt_pct = _fixed("{:.2f} %", "A value already in percent: ``0.12 %``.")
+fmt_db = _fixed("{:.1f}", "Decibels with one decimal: ``23.4``; ``—`` when there is no value.")
 
 
 def fmt_int(v: int | None) -> str:
@@ -92,18 +88,6 @@ def fmt_bytes(n: int | None) -> str:
     if n >= 1_000:
         return f"{n / 1e3:.1f} kB"
     return f"{n} B"
-
-
-def fmt_mb(v: float | None) -> str:
-    """Memory in MiB: ``1,234 MB`` (one decimal under 10 MB)."""
-    if v is None:
-        return DASH
-    return f"{v:,.0f} MB" if abs(v) >= 10 else f"{v:.1f} MB"
-
-
-def fmt_fraction(v: float | None) -> str:
-    """A measured fraction as a percentage with one decimal: ``100.0 %``."""
-    return DASH if v is None else f"{100 * v:.1f} %"
 
 
 def fmt_scale(v: Any) -> str:
@@ -257,7 +241,7 @@ def _layer_table(layers: list[dict[str, Any]]) -> list[str]:
         shown.append(row)
     lines = [markdown_table(
         shown,
-        ["name", "op", "block", "act_bits", "act_kind", "act_scale", "weight_bits", "sqnr_cell"],
+        ["name", "op", "block", "act_bits", "act_grid", "act_scale", "weight_bits", "sqnr_cell"],
         ["node", "op", "block", "act bits", "act grid", "act scale", "weight bits", "SQNR (dB)"],
         {"act_scale": fmt_scale, "sqnr_cell": str},
     )]
@@ -310,7 +294,7 @@ def quantize_report_md(report: dict[str, Any]) -> str:
         "",
         "A `threshold` grid (a lookup table's input) has non-uniform codes: its scale is the step its thresholds "
         "lie on, and its SQNR compares each code's representative value with the exact value, not the error "
-        "that reaches the table's output." if any(r.get("act_kind") == "threshold" for r in report["layers"]) else "",
+        "that reaches the table's output." if any(r.get("act_grid") == "threshold" for r in report["layers"]) else "",
         "",
         "## Environment",
         "",

@@ -114,19 +114,17 @@ def test_packing_layout():
     assert pack_bits(np.array([1, 2, 3, 4]), 6).view(np.uint8).tolist() == [0x81, 0x30, 0x10]
 
 
-def test_c_header_stores_the_packed_bytes(qgraphs, tmp_path):
+def test_c_project_stores_the_packed_bytes(qgraphs, tmp_path):
     qg = qgraphs["hfq-w4a8"]
-    export_c(qg, tmp_path / "m.h")
+    export_c(qg, tmp_path / "m")
     manifest = export_npz(qg, tmp_path / "m.npz")
-    text = (tmp_path / "m.h").read_text()
-    for op in manifest["ops"]:
-        meta = op["arrays"].get("weight")
-        if meta is None:
-            continue
-        tag = f"OP{op['index']:04d}"
-        assert f"static const int8_t hq_{tag.lower()}_weight[{meta['shape'][0]}]" in text
-        assert f"#define HQ_{tag}_WEIGHT_PACKED 1" in text and f"#define HQ_{tag}_WEIGHT_BITS 4" in text
-        assert f"#define HQ_{tag}_WEIGHT_UNPACKED_SHAPE {{{', '.join(map(str, meta['packed']['shape']))}}}" in text
+    text = (tmp_path / "m" / "model.c").read_text()
+    weights = [op for op in manifest["ops"] if "weight" in op["arrays"]]
+    assert weights
+    for op in weights:
+        meta = op["arrays"]["weight"]
+        assert meta["packed"]["bits"] == 4  # the npz's byte stream, as many bytes in C
+        assert f"static const uint8_t hq_op{op['index']:04d}_weight[{meta['shape'][0]}]" in text
 
 
 def test_identity_requantizations_are_counted_apart(qgraphs):

@@ -155,7 +155,7 @@ def test_threshold_grids_export_exactly(mvit_graph, calib_images, images, monkey
     logits (float softmax / LayerNorm on both sides), as in the test above."""
     cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
     qg = quantize_graph(mvit_graph, cfg, calib_images)
-    grids = sum(qp.kind == "threshold" for qp in qg.act.values())
+    grids = sum(qp.grid == "threshold" for qp in qg.act.values())
     assert grids > 0
     summary = export_onnx(qg, tmp_path / "hfq.onnx", META)
     assert summary["threshold_grids"] == grids
@@ -364,7 +364,7 @@ def test_per_channel_and_16_bit_activations(monkeypatch):
 # --- (d) no QDQ form ----------------------------------------------------------------------
 def test_log2_softmax_is_refused(tmp_path):
     qg = quantize_graph(make_toy_graph(), QuantConfig(method="fq-vit"), _toy_calib())
-    assert qg.act["tok.softmax"].kind == "log2"
+    assert qg.act["tok.softmax"].grid == "log2"
     with pytest.raises(HybridQuantError, match=r"node tok\.softmax: its 'log2' quantizer has no ONNX") as exc:
         export_onnx(qg, tmp_path / "m.onnx")
     assert "\n" not in str(exc.value)

@@ -41,7 +41,7 @@ def _node_diffs(qg, im, x):
     for name, codes in trace.items():
         qp = qg.act.get(name)
         if qp is not None:  # codes of a threshold grid stand for its levels
-            deq = qp.levels.double()[codes] if qp.kind == "threshold" else _dequantized(qg, name, codes)
+            deq = qp.levels.double()[codes] if qp.grid == "threshold" else _dequantized(qg, name, codes)
             diffs[name] = float(((deq - sim[name].double()).abs() / qp.scale.double()).max())
     return out, sim, diffs
 
@@ -100,7 +100,7 @@ def test_threshold_grids_read_through_per_channel_tables_are_bit_exact(toy_calib
     cfg = QuantConfig.build(method="hfq", scales="pot", pot_rounding="objective", wbits=6, abits=6, reconstruction=False)
     qg = quantize_graph(make_toy_graph(), cfg, toy_calib)
     deferred = [n.inputs[0] for n in qg.graph.by_op("silu") if n.name not in qg.act]
-    assert deferred and all(qg.act[name].kind == "threshold" for name in deferred)
+    assert deferred and all(qg.act[name].grid == "threshold" for name in deferred)
     x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 3 - 1.5  # beyond the calibration range
     out, sim, diffs = _node_diffs(qg, IntegerModel(qg), x)
     assert max(diffs.values()) == 0.0, {k: v for k, v in diffs.items() if v}

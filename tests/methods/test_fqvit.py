@@ -32,7 +32,7 @@ def test_ptf_scales_are_layer_scale_times_two_to_c():
     assert set(ratio.tolist()) <= {1.0, 2.0, 4.0, 8.0}  # exactly s·2^c, c in 0..3
     assert torch.equal(qp.scale, s * ratio)
     assert qp.zero_point.dim() == 0 and int(qp.zero_point) == int(layer.zero_point)  # one shared zero point
-    assert qp.axis == -1 and qp.kind == "uniform"
+    assert qp.axis == -1 and qp.grid == "uniform"
     # the outlier channels need the widest grid, the narrow channels a finer one
     assert set(ratio[[3, 17, 29]].tolist()) == {8.0}
     assert float(ratio.median()) < 8.0
@@ -76,7 +76,7 @@ def test_log2_softmax_outputs_only_powers_of_two_or_zero():
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(2, 4, 30, 30, generator=gen) * 3, dim=-1)
     qp = log2_softmax_qparams(8)
-    assert qp.kind == "log2" and qp.bits == 4
+    assert qp.grid == "log2" and qp.bits == 4
     out = qp.fake(p)
     nonzero = out[out != 0]
     assert nonzero.numel() > 0 and (out == 0).any()
@@ -108,7 +108,7 @@ def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
     the per-tensor min-max quantizer's (measured 0.53-0.57x at W8A8)."""
     q = quantize_graph(toy_graph, QuantConfig(method="fq-vit", scales=scales), toy_calib)
     minmax = quantize_graph(toy_graph, QuantConfig(method="minmax", scales=scales), toy_calib)
-    assert q.act["tok.softmax"].kind == "log2"
+    assert q.act["tok.softmax"].grid == "log2"
     values = q.graph.run(torch.cat(toy_calib), keep=True)
     for name, axis in (("blk.add", 1), ("tok.add", -1)):
         qp = q.act[name]
@@ -117,7 +117,7 @@ def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
         assert set(ratio.tolist()) <= {1.0, 2.0, 4.0, 8.0} and len(set(ratio.tolist())) > 1, name
         assert float(quant_mse(values[name], qp)) < 0.75 * float(quant_mse(values[name], minmax.act[name])), name
     if scales == "pot":
-        assert all(qp.is_pot for qp in q.act.values() if qp.kind == "uniform")
+        assert all(qp.is_pot for qp in q.act.values() if qp.grid == "uniform")
 
 
 #: output SQNR (dB) of the quantized tiny mobilevit against its float model on ``calib_images``
@@ -133,7 +133,7 @@ def test_end_to_end_on_mobilevit(mvit_graph, calib_images, scales):
     assert set(q.info["transform"]["ptf_tensors"]) == producers
     assert all(q.act[p].scale.dim() == 1 for p in producers)
     assert sum(len(set(q.act[p].scale.tolist())) > 1 for p in producers) >= len(producers) // 2  # factors used
-    assert all(q.act[n.name].kind == "log2" for n in mvit_graph.by_op("softmax"))
+    assert all(q.act[n.name].grid == "log2" for n in mvit_graph.by_op("softmax"))
     out = q.run(calib_images)
     assert out.shape == (len(calib_images), 3)
     assert sqnr_db(mvit_graph.run(calib_images), out) > MVIT_SQNR_FLOOR[scales]

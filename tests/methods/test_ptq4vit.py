@@ -82,7 +82,7 @@ def softmax_like(seed: int = 0) -> torch.Tensor:
 
 def test_twin_softmax_grid_and_dict_round_trip():
     qp = twin_softmax_qparams(8, 4)
-    assert qp.kind == "twin" and qp.twin_shift == 4 and qp.qmin == 0 and qp.qmax == 127
+    assert qp.grid == "twin" and qp.twin_shift == 4 and qp.qmin == 0 and qp.qmax == 127
     assert float(qp.scale) == 2.0 ** -11 and qp.is_pot
     p = softmax_like()
     out = qp.fake(p)
@@ -95,9 +95,9 @@ def test_twin_softmax_grid_and_dict_round_trip():
     assert torch.equal(out[big] / coarse, (out[big] / coarse).round())  # large ones on the coarse grid
     assert float(out.max()) <= 127 * coarse
     back = QParams.from_dict(qp.to_dict())
-    assert back.kind == "twin" and back.twin_shift == 4 and torch.equal(back.fake(p), out)
+    assert back.grid == "twin" and back.twin_shift == 4 and torch.equal(back.fake(p), out)
     s = qp.summary()
-    assert s["kind"] == "twin" and s["twin_shift"] == 4 and s["pot"]
+    assert s["grid"] == "twin" and s["twin_shift"] == 4 and s["pot"]
     assert with_scale(qp, qp.scale * 2).twin_shift == 4
     # a uniform quantizer's dict is unchanged (no twin key)
     assert "twin_shift" not in range_to_qparams(torch.tensor(0.0), torch.tensor(1.0), 8, "unsigned").to_dict()
@@ -207,18 +207,18 @@ def test_collected_gradients_match_autograd(toy_graph, toy_calib):
 @pytest.mark.parametrize("scales", ["float", "pot"])
 def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
     q = quantize_graph(toy_graph, QuantConfig(method="ptq4vit", scales=scales), toy_calib)
-    assert q.act["tok.softmax"].kind == "twin" and q.act["tok.softmax"].qmin == 0
+    assert q.act["tok.softmax"].grid == "twin" and q.act["tok.softmax"].qmin == 0
     # conv-trunk SiLUs (read by convs / adds) keep the engine's uniform quantizer
     assert twin_act_nodes(toy_graph) == set() and q.info["transform"]["twin_act_candidates"] == 0
     for name in TOY_CONV_SILUS:
-        assert q.act[name].kind == "uniform", name
+        assert q.act[name].grid == "uniform", name
     info = q.info["refine"]
     assert info["layers"] == 8 and info["images"] == 32
     for name, d in info["per_layer"].items():
         assert d["after"] <= d["before"] * (1 + 1e-6) + 1e-12, name
     assert info["objective_after"] < info["objective_before"]
     if scales == "pot":
-        assert all(qp.is_pot for qp in q.act.values() if qp.kind in ("uniform", "twin"))
+        assert all(qp.is_pot for qp in q.act.values() if qp.grid in ("uniform", "twin"))
         assert all(qp.is_pot for qp in q.weight.values())
     _assert_output_quality(toy_graph, q, toy_calib, scales)
 
@@ -255,9 +255,9 @@ def test_mlp_silu_gets_twin_conv_silu_does_not(toy_calib, scales):
     for name in ("stem.silu", "conv.silu", "mlp.silu"):
         assert float(keep[name].min()) < 0, name  # all go negative: the consumers decide
     q = quantize_graph(graph, QuantConfig(method="ptq4vit", scales=scales), toy_calib)
-    assert q.act["mlp.silu"].kind == "twin" and q.act["mlp.silu"].qmin < 0
+    assert q.act["mlp.silu"].grid == "twin" and q.act["mlp.silu"].qmin < 0
     for name in ("stem.silu", "conv.silu"):
-        assert q.act[name].kind == "uniform", name
+        assert q.act[name].grid == "uniform", name
     info = q.info["refine"]
     assert info["layers"] == len(graph.by_op("conv2d", "linear", "matmul"))
     for name, d in info["per_layer"].items():
@@ -272,8 +272,8 @@ def test_model_file_round_trip(tmp_path, toy_calib):
     qmodel.save(path, q, META)
     loaded, _ = qmodel.load(path)
     twin = q.act["mlp.silu"]
-    assert twin.kind == "twin"
-    assert loaded.act["mlp.silu"].kind == "twin" and loaded.act["mlp.silu"].twin_shift == twin.twin_shift
+    assert twin.grid == "twin"
+    assert loaded.act["mlp.silu"].grid == "twin" and loaded.act["mlp.silu"].twin_shift == twin.twin_shift
     # fc2 reads the twin input: its integer bias sits at the twin's fine step times the weight step
     assert "mlp.fc2" in loaded.bias_int
     step = twin.scale.double() * q.weight["mlp.fc2"].scale.double()
@@ -288,13 +288,13 @@ def test_runs_on_mobilevit(mvit_graph, calib_images, monkeypatch):
     monkeypatch.setattr(ptq4vit, "ROUNDS", 1)
     monkeypatch.setattr(ptq4vit, "MAX_IMAGES", 2)
     q = quantize_graph(mvit_graph, QuantConfig(method="ptq4vit", scales="pot"), calib_images[:4])
-    kinds = {qp.kind for qp in q.act.values()}
+    kinds = {qp.grid for qp in q.act.values()}
     assert "twin" in kinds
-    assert sum(qp.kind == "twin" and qp.qmin == 0 for qp in q.act.values()) == len(mvit_graph.by_op("softmax"))
+    assert sum(qp.grid == "twin" and qp.qmin == 0 for qp in q.act.values()) == len(mvit_graph.by_op("softmax"))
     # only the transformer MLPs' hidden SiLUs (fc1 -> silu -> fc2) may be twin; the conv trunk's are not
     mlp = twin_act_nodes(mvit_graph)
     assert mlp and all(".mlp." in n for n in mlp) and len(mlp) < len(mvit_graph.by_op("silu"))
-    signed = {n for n, qp in q.act.items() if qp.kind == "twin" and qp.qmin < 0}
+    signed = {n for n, qp in q.act.items() if qp.grid == "twin" and qp.qmin < 0}
     assert signed and signed <= mlp
     info = q.info["refine"]
     assert info["layers"] == len(mvit_graph.by_op("conv2d", "linear", "matmul"))

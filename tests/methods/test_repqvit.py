@@ -61,7 +61,7 @@ def test_log_sqrt2_outputs_only_powers_of_sqrt2_or_zero():
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(2, 4, 30, 30, generator=gen) * 3, dim=-1)
     qp = log_sqrt2_softmax_qparams(4)
-    assert qp.kind == "log_sqrt2" and qp.qmax == 15
+    assert qp.grid == "log_sqrt2" and qp.qmax == 15
     out = qp.fake(p)
     assert torch.equal(out, log_sqrt2_fake_quantize(p, 4))
     nonzero = out[out != 0]
@@ -77,7 +77,7 @@ def test_log_sqrt2_outputs_only_powers_of_sqrt2_or_zero():
     p8 = log_sqrt2_softmax_qparams(8).fake(p)
     assert float((p8 - p).pow(2).mean()) < float((log2_softmax_qparams(8).fake(p) - p).pow(2).mean())
     back = QParams.from_dict(qp.to_dict())
-    assert back.kind == "log_sqrt2" and torch.equal(back.fake(p), out)
+    assert back.grid == "log_sqrt2" and torch.equal(back.fake(p), out)
     assert math.isclose(float(log_sqrt2_fake_quantize(torch.tensor(0.5), 8)), 0.5)
 
 
@@ -98,16 +98,16 @@ def test_end_to_end_on_the_toy_graph(toy_graph, toy_calib, scales):
     0.48x pot at W8A8)."""
     x = torch.cat(toy_calib)
     q = quantize_graph(toy_graph, QuantConfig(method="repq-vit", scales=scales), toy_calib)
-    assert q.act["tok.softmax"].kind == "log_sqrt2"
+    assert q.act["tok.softmax"].grid == "log_sqrt2"
     ln = q.act["tok.norm"]
-    assert ln.kind == "uniform" and ln.scale.dim() == 0 and int(ln.zero_point) > 0
+    assert ln.grid == "uniform" and ln.scale.dim() == 0 and int(ln.zero_point) > 0
     minmax = quantize_graph(toy_graph, QuantConfig(method="minmax", scales=scales), toy_calib)
     assert _ln_error_through_fc(q, toy_graph, x) < 0.7 * _ln_error_through_fc(minmax, toy_graph, x)
     assert q.info["transform"]["reparameterised"] == ["tok.norm"]
     assert rel_err(q.graph.run(x), toy_graph.run(x)) <= 1e-5
     assert not torch.allclose(q.graph["tok.norm"].params["weight"], toy_graph["tok.norm"].params["weight"])
     if scales == "pot":
-        assert all(qp.is_pot for qp in q.act.values() if qp.kind == "uniform")
+        assert all(qp.is_pot for qp in q.act.values() if qp.grid == "uniform")
         assert all(qp.is_pot for qp in q.weight.values())
 
 
@@ -134,7 +134,7 @@ def test_model_file_round_trip(tmp_path, toy_graph, toy_calib):
     path = tmp_path / "model.hq"
     qmodel.save(path, q, META)
     loaded, _ = qmodel.load(path)
-    assert loaded.act["tok.softmax"].kind == "log_sqrt2"
+    assert loaded.act["tok.softmax"].grid == "log_sqrt2"
     x = torch.cat(toy_calib)
     assert torch.equal(loaded(x), q(x))
 

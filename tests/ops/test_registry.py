@@ -4,6 +4,8 @@ bit with the simulation, with no walker changed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ def test_every_op_has_its_parts():
     assert set(kind_docs()) == set(PROGRAM_KIND_DEFS)
     for name, k in PROGRAM_KIND_DEFS.items():
         assert (k.run is None) == (k.result == "none"), name
+        assert (k.c is not None) == (not k.host and k.result != "none"), name  # the device ops have a C form
 
 
 def test_register_refuses_a_second_definition():
@@ -85,3 +88,42 @@ def test_a_registered_op_runs_everywhere_without_walker_changes(double_op):
     from hybridquant.export.onnx import build_onnx
 
     assert [n.op_type for n in build_onnx(qg).graph.node if n.name == "twice"] == ["Add"]
+
+
+@pytest.fixture
+def renamed_ops():
+    """``conv2d_b``/``linear_b``/``silu_b``/``layer_norm_b``/``softmax_b``: the same ops under new names, registered
+    the way an op module does it (the same definition, a new name); removed afterwards."""
+    names = {"conv2d": "conv2d_b", "linear": "linear_b", "layer_norm": "layer_norm_b", "softmax": "softmax_b"}
+    register(*(replace(op_def(old), name=new) for old, new in names.items()))
+    # a unary op's float function is looked up by its name: this one's is its own
+    register(replace(op_def("silu"), name="silu_b", float=lambda node, i: torch.nn.functional.silu(i[0])))
+    names["silu"] = "silu_b"
+    yield names
+    for new in names.values():
+        del OP_DEFS[new]
+
+
+@pytest.mark.parametrize("method", ["hfq", "smoothquant", "ptq4vit", "hyq", "repq-vit", "fq-vit"])
+def test_methods_know_ops_only_through_the_table(renamed_ops, method):
+    """A graph whose ops are renamed (same definitions) quantizes exactly as the original: no method decides
+    anything by an op's name."""
+    from tests.methods.conftest import make_toy_graph
+
+    graph = make_toy_graph()
+    renamed = graph.clone()
+    for node in renamed:
+        node.op = renamed_ops.get(node.op, node.op)
+    assert not {n.op for n in renamed} & set(renamed_ops)
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.rand(8, 3, 16, 16, generator=gen) * 2 - 1]
+    config = QuantConfig.build(method=method, scales="pot", wbits=6, abits=6, **(
+        {"reconstruction_iters": 5} if method == "hfq" else {}))
+    a, b = (quantize_graph(g, config, calib) for g in (graph, renamed))
+    assert a.act.keys() == b.act.keys() and a.weight.keys() == b.weight.keys() and a.weight
+    for name, qp in a.act.items():
+        assert torch.equal(qp.scale, b.act[name].scale) and qp.grid == b.act[name].grid, name
+    for name in a.weight_int:
+        assert torch.equal(a.weight_int[name], b.weight_int[name]), name
+    assert [renamed_ops.get(n.op, n.op) for n in a.graph] == [n.op for n in b.graph]  # the same transforms
+    assert torch.equal(a.run(calib[0]), b.run(calib[0]))

@@ -1,48 +1,47 @@
-"""Export the integer program as a self-contained C99 header.
+"""Export the integer program as a self-contained C99 project.
 
-The header holds the same content as the ``.npz`` export:
+``export_c(source, out_dir)`` writes:
 
-* a comment with the conventions, what each op kind computes, and the op
-  table (execution order: index, kind, name, inputs);
-* ``<P>_NUM_OPS``, ``<P>_MAX_INPUTS``, ``enum <p>_kind`` and the tables
-  ``<p>_op_names``, ``<p>_op_kinds`` and ``<p>_op_inputs`` (indices of the
-  ops whose values an op reads, -1 padded);
-* per op ``NNNN``: its structural attributes as ``#define <P>_OPNNNN_<ATTR>``
-  (lists as brace initialisers, e.g. ``<P>_OP0001_STRIDE {1, 1}``; the
-  requant mode as ``<P>_OPNNNN_REQUANT_TWO_TERM`` and ``_REQUANT_THRESHOLD`` 0/1 and its axis,
-  ``-1`` for none), ``<P>_OPNNNN_OUT_SHAPE``; every scalar constant as a
-  typed ``#define`` (``((int32_t)9)``, ``INT64_C(...)``, float scales as
-  hex float literals) and every array as ``static const <exact type>
-  <p>_opNNNN_<name>[size]`` (row-major, flattened) with
-  ``<P>_OPNNNN_<NAME>_SHAPE`` / ``_SIZE`` defines;
-* a weight of a width that is not a multiple of 8 bits (``<P>_OPNNNN_WEIGHT_BITS``)
-  is the packed ``int8_t`` byte stream of the npz (layout: the conventions'
-  ``packing``), with ``<P>_OPNNNN_WEIGHT_PACKED 1``, ``_PACKED_SIGNED`` and the
-  unpacked codes' ``_UNPACKED_SHAPE`` / ``_UNPACKED_SIZE``; so the header
-  stores exactly the bytes the report's ``deployed_bytes`` counts.
+* ``model.h``: the one entry point ``int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch)``,
+  ``HQ_SCRATCH_BYTES`` (the scratch buffer the caller provides: every value and accumulator lives in it,
+  placed ahead of time), the input size, the output codes' count and dequantization, the class names;
+* ``model.c``: the program's constants (weights packed at their bit width, least significant bit first)
+  and the op sequence, generated from the :class:`~hybridquant.integer.program.Program`: each op's C form
+  comes from its kind in the op table (``ProgramKind.c``), its requantization from :func:`requant_lines`;
+* ``hq_kernels.h`` / ``hq_kernels.c``: the generic integer kernels (conv, linear, matmul, elementwise,
+  lookup tables, softmax, LayerNorm, layout views, requantization), no ``malloc``, no floating point;
+* ``main.c`` and a ``Makefile``: ``make`` builds ``hq_model``, which reads a file of uint8 RGB images
+  (H, W, 3 each, after resize and crop) and writes the int32 output codes of each.
 
-``<P>``/``<p>`` is the prefix (``HQ``/``hq`` by default); array names are the
-npz names with ``.`` turned into ``_`` (``requant.shift`` -> ``requant_shift``).
+The input is the uint8 image: normalisation and input quantization are a per-channel 256-entry table
+(``hq_input_table``), computed here with the float32 arithmetic of the Python preprocessing
+(``ToTensor``'s ``/ 255``, ``Normalize``) and of the input quantizer, so the C program's codes equal the
+integer executor's on the same images.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .._io import write_text
+from .._io import atomic_dir
+from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
-from .program import FORMAT, VERSION, program_tables
+from ..integer.lower import lower
+from ..integer.program import Program, ProgramOp
+from ..ops import program_kind
+from ..primitives import quantize
+from .program import pack_bits
 
-_C_TYPES = {
-    "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t",
-    "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint64": "uint64_t",
-    "float32": "float", "float64": "double",
-}
+RUNTIME = Path(__file__).with_name("runtime")
+RUNTIME_FILES = ("hq_kernels.h", "hq_kernels.c", "main.c", "Makefile")
 _PER_LINE = 16
+_INT32 = (-(2**31), 2**31 - 1)
 
 
 def _ident(text: str) -> str:
@@ -53,168 +52,291 @@ def _comment(text: str) -> str:
     return str(text).replace("*/", "* /")
 
 
-def _int_literal(v: int, dtype: str) -> str:
-    if dtype == "int64":
-        if v == -(1 << 63):
-            return "(-INT64_C(9223372036854775807) - 1)"
-        return f"INT64_C({v})"
-    if dtype == "uint64":
-        return f"UINT64_C({v})"
-    if dtype == "int32" and v == -(1 << 31):
-        return "(-2147483647 - 1)"
-    if dtype == "uint32":
-        return f"{v}u"
-    return str(v)
+def _int32(v: int, what: str) -> str:
+    if not _INT32[0] <= v <= _INT32[1]:
+        raise HybridQuantError(f"cannot export to C: {what} = {v} does not fit int32")
+    return "(-2147483647 - 1)" if v == _INT32[0] else str(v)
 
 
-def _float_literal(v: float, dtype: str) -> str:
-    text = float(v).hex()
-    return text + ("f" if dtype == "float32" else "")
+def _int64(v: int) -> str:
+    return "(-INT64_C(9223372036854775807) - 1)" if v == -(2**63) else f"INT64_C({v})"
 
 
-def _literals(arr: np.ndarray) -> list[str]:
-    dtype = arr.dtype.name
-    flat = arr.reshape(-1).tolist()
-    if arr.dtype.kind == "f":
-        return [_float_literal(v, dtype) for v in flat]
-    return [_int_literal(int(v), dtype) for v in flat]
+def _size(shape: list[int]) -> int:
+    return math.prod(shape)
 
 
-def _braces(values: list[Any]) -> str:
-    return "{" + ", ".join(str(v) for v in values) + "}"
+class _Scratch:
+    """First-fit placement of the buffers in the scratch area (int32 slots), with the peak."""
+
+    def __init__(self) -> None:
+        self.free: list[tuple[int, int]] = []  # (offset, size)
+        self.end = 0
+
+    def take(self, size: int) -> int:
+        size = max(size, 1)
+        for i, (off, n) in enumerate(self.free):
+            if n >= size:
+                self.free[i:i + 1] = [(off + size, n - size)] if n > size else []
+                return off
+        off, self.end = self.end, self.end + size
+        return off
+
+    def give(self, off: int, size: int) -> None:
+        self.free.append((off, max(size, 1)))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for o, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        self.free = merged
 
 
-def _attr_define(name: str, value: Any) -> str | None:
-    if isinstance(value, bool):
-        return f"#define {name} {int(value)}"
-    if isinstance(value, int):
-        return f"#define {name} {value}"
-    if value is None:
-        return f"#define {name} (-1) /* none */"
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return f"#define {name} {_braces(list(value))}"
-    if isinstance(value, float):
-        return f"#define {name} {float(value).hex()}"
-    if isinstance(value, str):
-        return f"#define {name} \"{_comment(value)}\""
-    return None
+class Emitter:
+    """What an op kind's C hook (``ProgramKind.c(op, em)``) uses: buffers, shapes and constants.
 
-
-def header_text(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None = None, prefix: str = "hq",
-                guard: str = "HQ_MODEL_H") -> str:
-    """The header's text (see the module docstring)."""
-    manifest, arrays = program_tables(qgraph, model_meta)
-    lo, up = _ident(prefix).lower(), _ident(prefix).upper()
-    ops = manifest["ops"]
-    kinds = sorted(manifest["kinds"])
-    index_of = {op["name"]: op["index"] for op in ops}
-    max_inputs = max([len(op["inputs"]) for op in ops] + [1])
-    model = manifest["model"].get("name", "") if isinstance(manifest["model"], dict) else ""
-    cfg = manifest["config"]
-
-    out: list[str] = []
-    w = out.append
-    w(f"/* Integer program exported by hybridquant ({FORMAT} v{VERSION}).")
-    w(f" * model: {_comment(model) or '-'}; method {cfg.get('method')}, W{cfg.get('wbits')}A{cfg.get('abits')}, "
-      f"scales {cfg.get('scales')}, shift terms {cfg.get('shift_terms')}")
-    w(f" * input: {_comment(manifest['input']['name'])} {manifest['input']['shape']} (C, H, W), "
-      f"output: op {manifest['output']['op']}")
-    w(" *")
-    w(" * Conventions:")
-    for k, v in manifest["conventions"].items():
-        w(f" *   {k}: {_comment(v)}")
-    w(" *")
-    w(" * Op kinds:")
-    for k in kinds:
-        w(f" *   {k}: {_comment(manifest['kinds'][k])}")
-    w(" *")
-    w(" * Op table (execution order):")
-    w(f" *   {'#':>5}  {'kind':<15} {'name':<48} inputs")
-    for op in ops:
-        w(f" *   {op['index']:>5}  {op['kind']:<15} {_comment(op['name']):<48} {_comment(', '.join(op['inputs']))}")
-    w(" */")
-    w(f"#ifndef {guard}")
-    w(f"#define {guard}")
-    w("")
-    w("#include <stdint.h>")
-    w("")
-    w(f"#define {up}_NUM_OPS {len(ops)}")
-    w(f"#define {up}_MAX_INPUTS {max_inputs}")
-    w(f"#define {up}_INPUT_SHAPE {_braces(manifest['input']['shape'])}")
-    w(f"#define {up}_OUTPUT_OP {manifest['output']['op']}")
-    w("")
-    w(f"enum {lo}_kind {{")
-    for i, k in enumerate(kinds):
-        w(f"    {up}_KIND_{k.upper()} = {i},")
-    w("};")
-    w("")
-    w(f"static const char *const {lo}_op_names[{up}_NUM_OPS] = {{")
-    for op in ops:
-        w(f"    \"{op['name']}\",")
-    w("};")
-    w(f"static const uint8_t {lo}_op_kinds[{up}_NUM_OPS] = {{")
-    for op in ops:
-        w(f"    {up}_KIND_{op['kind'].upper()}, /* {op['index']} */")
-    w("};")
-    w(f"static const int32_t {lo}_op_inputs[{up}_NUM_OPS][{up}_MAX_INPUTS] = {{")
-    for op in ops:
-        idx = [index_of[i] for i in op["inputs"]] + [-1] * (max_inputs - len(op["inputs"]))
-        w(f"    {_braces(idx)}, /* {op['index']} */")
-    w("};")
-
-    for op in ops:
-        tag = f"OP{op['index']:04d}"
-        w("")
-        w(f"/* --- op {op['index']}: {_comment(op['name'])} ({op['op']}, kind {op['kind']}); "
-          f"inputs: {_comment(', '.join(op['inputs'])) or '-'} --- */")
-        if op["out_shape"] is not None:
-            w(f"#define {up}_{tag}_OUT_SHAPE {_braces(op['out_shape'])}")
-        for key, value in op["attrs"].items():
-            if key == "requant":
-                w(f"#define {up}_{tag}_REQUANT_TWO_TERM {int(value['mode'] == 'two_term')}")
-                w(f"#define {up}_{tag}_REQUANT_THRESHOLD {int(value['mode'] == 'threshold')}")
-                axis = value["axis"]
-                w(f"#define {up}_{tag}_REQUANT_AXIS " + (str(axis) if axis is not None else "(-1) /* per tensor */"))
-                continue
-            line = _attr_define(f"{up}_{tag}_{_ident(key).upper()}", value)
-            if line is not None:
-                w(line)
-        for key, meta in op["arrays"].items():
-            arr = arrays[meta["key"]]
-            cname = _ident(key)
-            ctype = _C_TYPES[arr.dtype.name]
-            if arr.ndim == 0:
-                (lit,) = _literals(arr)
-                value = lit if ctype in ("int64_t", "uint64_t", "float", "double") or lit.startswith("(") \
-                    else f"(({ctype}){lit})"
-                w(f"#define {up}_{tag}_{cname.upper()} {value}")
-                continue
-            w(f"#define {up}_{tag}_{cname.upper()}_SHAPE {_braces(list(arr.shape))}")
-            w(f"#define {up}_{tag}_{cname.upper()}_SIZE {arr.size}")
-            packed = meta.get("packed")
-            if packed is not None:
-                w(f"#define {up}_{tag}_{cname.upper()}_PACKED 1 /* {packed['bits']}-bit codes, "
-                  f"least significant bit first */")
-                w(f"#define {up}_{tag}_{cname.upper()}_PACKED_SIGNED {int(bool(packed['signed']))}")
-                w(f"#define {up}_{tag}_{cname.upper()}_UNPACKED_SHAPE {_braces(list(packed['shape']))}")
-                w(f"#define {up}_{tag}_{cname.upper()}_UNPACKED_SIZE {int(np.prod(packed['shape'], dtype=np.int64))}")
-            if arr.size == 0:
-                continue
-            lits = _literals(arr)
-            w(f"static const {ctype} {lo}_{tag.lower()}_{cname}[{arr.size}] = {{")
-            for i in range(0, len(lits), _PER_LINE):
-                w("    " + ", ".join(lits[i:i + _PER_LINE]) + ",")
-            w("};")
-    w("")
-    w(f"#endif /* {guard} */")
-    return "\n".join(out) + "\n"
-
-
-def export_c(qgraph: QuantizedGraph, path: str | Path, model_meta: dict[str, Any] | None = None,
-             prefix: str = "hq") -> None:
-    """Write the integer program of ``qgraph`` as a C header at ``path`` (atomically).
-
-    Raises HybridQuantError when the model cannot be lowered.
+    Buffers are int32 slices of the scratch area ``S``; constants become ``static const`` arrays of
+    ``model.c``. Hooks return C statements.
     """
-    guard = f"{_ident(prefix).upper()}_{_ident(Path(path).name).upper()}_"
-    write_text(path, header_text(qgraph, model_meta, prefix, guard))
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.shapes: dict[str, list[int]] = {}
+        self.offsets: dict[str, int] = {}  # value name -> scratch offset of its codes
+        self.acc_offsets: dict[str, int] = {}  # op name -> scratch offset of its accumulator
+        self.consts: list[str] = []
+        self.const_bytes = 0
+        self.op: ProgramOp | None = None
+
+    # -- buffers and shapes ---------------------------------------------------------
+    def codes(self, name: str) -> str:
+        """The codes of value ``name`` (``int32_t *``)."""
+        return f"(S + {self.offsets[name]})"
+
+    def acc(self, name: str | None = None) -> str:
+        """The accumulator of op ``name`` (the current op's by default)."""
+        return f"(S + {self.acc_offsets[name or self.op.name]})"
+
+    def shape(self, name: str) -> list[int]:
+        return self.shapes[name]
+
+    # -- constants ------------------------------------------------------------------
+    def _emit(self, ctype: str, name: str, values: list[str], nbytes: int) -> str:
+        lines = [f"static const {ctype} {name}[{max(len(values), 1)}] = {{"]
+        for i in range(0, len(values), _PER_LINE):
+            lines.append("    " + ", ".join(values[i:i + _PER_LINE]) + ",")
+        if not values:
+            lines.append("    0,")
+        lines.append("};")
+        self.consts.append("\n".join(lines))
+        self.const_bytes += nbytes
+        return name
+
+    def name_of(self, key: str) -> str:
+        return f"hq_op{self.op.index:04d}_{_ident(key)}"
+
+    def array(self, key: str, wide: bool = False) -> str:
+        """The current op's integer array ``key`` as a flat ``int32_t`` (``int64_t`` with ``wide``) constant."""
+        arr = np.asarray(self.op.arrays[key]).reshape(-1)
+        if wide:
+            return self._emit("int64_t", self.name_of(key), [_int64(int(v)) for v in arr], 8 * arr.size)
+        where = f"op {self.op.index} ({self.op.name}) array {key}"
+        return self._emit("int32_t", self.name_of(key), [_int32(int(v), where) for v in arr], 4 * arr.size)
+
+    def has(self, key: str) -> bool:
+        return key in self.op.arrays
+
+    def scalar(self, key: str) -> int:
+        arr = np.asarray(self.op.arrays[key])
+        if arr.size != 1:
+            raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) array {key} has "
+                                   f"{arr.size} values where the C kernel takes one")
+        return int(arr.reshape(-1)[0])
+
+    def param(self, key: str) -> str:
+        """``hq_param`` initializer of a 0-d or 1-d array (per tensor or per channel; 0 when absent)."""
+        if key not in self.op.arrays:
+            return "{hq_zero, 1}"
+        return f"{{{self.array(key)}, {np.asarray(self.op.arrays[key]).size}}}"
+
+    def arg(self, key: str) -> str:
+        """``hq_param`` argument (a compound literal) of array ``key`` (0 when absent)."""
+        return "(hq_param)" + self.param(key)
+
+    def fail(self, why: str) -> HybridQuantError:
+        return HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}): {why}")
+
+    def weights(self) -> str:
+        """An ``hq_weights`` initializer of the current op's weight: bytes, packed below 8 bits."""
+        w = np.asarray(self.op.arrays["weight"]).astype(np.int64)
+        bits = int(self.op.attrs.get("weight_bits", 8))
+        if bits > 8:
+            raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "
+                                   "weights; the C kernels take 2 to 8 bits")
+        signed = bool(w.min() < 0) if w.size else True
+        data = (pack_bits(w, bits) if bits < 8 else w.astype(np.int8)).view(np.uint8).reshape(-1)
+        name = self._emit("uint8_t", self.name_of("weight"), [str(int(v)) for v in data], data.size)
+        return f"{{{name}, {bits}, {int(signed or bits == 8)}}}"
+
+    def count(self, name: str) -> int:
+        return _size(self.shapes[name])
+
+
+def _axis_split(shape: list[int], axis: int | None) -> tuple[int, int]:
+    """(inner, channels) of ``axis`` in ``shape``: element i has channel (i // inner) % channels."""
+    if axis is None:
+        return 1, 1
+    axis %= len(shape)
+    return _size(shape[axis + 1:]), shape[axis]
+
+
+def requant_lines(em: Emitter, op: ProgramOp) -> list[str]:
+    """The requantization of ``op``'s accumulator into its codes (the contract's ``REQUANT_DOC``)."""
+    rq = op.attrs["requant"]
+    modes = {"shift": "HQ_REQUANT_SHIFT", "two_term": "HQ_REQUANT_TWO_TERM", "threshold": "HQ_REQUANT_THRESHOLD"}
+    if rq["mode"] not in modes:
+        raise HybridQuantError(f"cannot export to C: op {op.index} ({op.name}) requantizes with a float multiplier")
+    inner, channels = _axis_split(op.out_shape, rq["axis"])
+    fields = {k: em.param(f"requant.{k}") for k in ("shift", "a", "b", "sign", "n", "zero_point")}
+    thresholds = em.array("requant.thresholds") if em.has("requant.thresholds") else "hq_zero"
+    n_thr = np.asarray(op.arrays["requant.thresholds"]).size if em.has("requant.thresholds") else 0
+    init = (f"{{{modes[rq['mode']]}, {inner}, {channels}, {fields['shift']}, {fields['a']}, {fields['b']}, "
+            f"{fields['sign']}, {fields['n']}, {fields['zero_point']}, {em.scalar('requant.qmin')}, "
+            f"{em.scalar('requant.qmax')}, {thresholds}, {n_thr}}}")
+    return [f"{{ static const hq_requant rq = {init};",
+            f"  hq_requantize({em.acc()}, {em.codes(op.name)}, {_size(op.out_shape)}, &rq); }}"]
+
+
+def input_table(program: Program, model_meta: dict[str, Any] | None) -> np.ndarray:
+    """[C, 256] codes of every uint8 pixel value per channel: ``ToTensor`` (``/ 255``), ``Normalize`` (mean, std
+    of the model's data config; 0 and 1 without one) and the input quantizer, all in float32 as in Python."""
+    op = program.ops[0]
+    channels = program.input_size[0]
+    cfg = (model_meta or {}).get("data_cfg", {})
+    mean = torch.tensor(cfg.get("mean", [0.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(cfg.get("std", [1.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 1, 256).expand(1, channels, 1, 256)
+    x = pixels.to(torch.float32).div(255).sub(mean).div(std)
+    c = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in op.arrays.items()}
+    codes = quantize(x, c["scale"], c["zero_point"], int(c["qmin"]), int(c["qmax"]), op.attrs.get("axis"))
+    return codes.reshape(channels, 256).numpy().astype(np.int64)
+
+
+def pixels_to_images(pixels: np.ndarray, model_meta: dict[str, Any] | None) -> torch.Tensor:
+    """The float images the Python pipeline makes of uint8 ``pixels`` [N, H, W, C] (``ToTensor``, ``Normalize``):
+    what the integer executor must see to match the C program on the same pixels."""
+    channels = pixels.shape[-1]
+    cfg = (model_meta or {}).get("data_cfg", {})
+    mean = torch.tensor(cfg.get("mean", [0.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(cfg.get("std", [1.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    return x.sub(mean).div(std)
+
+
+def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(``model.h``, ``model.c``, facts: scratch bytes, constant bytes, op count) of ``program``."""
+    em = Emitter(program)
+    scratch = _Scratch()
+    ops = program.ops
+    last_read: dict[str, int] = {}
+    for op in ops:
+        for name in op.inputs:
+            last_read[name] = op.index
+    first, out_op = ops[0], ops[-1]
+    if not (program_kind(first.kind).host and program_kind(first.kind).result == "codes"):
+        raise HybridQuantError("cannot export to C: the program does not start with the input quantizer")
+    body: list[str] = []
+    sizes: dict[str, int] = {}
+    for op in ops:
+        kind = program_kind(op.kind)
+        em.op = op
+        if op.out_shape is not None:
+            em.shapes[op.name] = list(op.out_shape)
+        if kind.result == "none":
+            continue
+        if kind.result == "logits":
+            src = op.inputs[0]
+            body.append(f"    /* {op.index}: {_comment(op.name)} */")
+            body.append(f"    memcpy(logits, {em.codes(src)}, sizeof(int32_t) * {em.count(src)});")
+            continue
+        size = _size(op.out_shape)
+        if kind.result == "accumulator":
+            em.acc_offsets[op.name] = scratch.take(size)
+        em.offsets[op.name] = scratch.take(size)
+        sizes[op.name] = size
+        body.append(f"    /* {op.index}: {_comment(op.name)} ({op.op} -> {op.kind}) */")
+        if op is first:
+            table = em._emit("int32_t", "hq_input_table",
+                             [_int32(int(v), "input table") for v in input_table(program, model_meta).reshape(-1)],
+                             4 * 256 * program.input_size[0])
+            c, h, w = program.input_size
+            body.append(f"    hq_quantize_input(pixels, {c}, {h * w}, {table}, {em.codes(op.name)});")
+        else:
+            if kind.c is None:
+                raise HybridQuantError(f"cannot export to C: op kind {op.kind} has no C form")
+            body += ["    " + line for line in kind.c(op, em)]
+        if kind.result == "accumulator":
+            body += ["    " + line for line in requant_lines(em, op)]
+            if not op.attrs.get("keep_accumulator"):
+                scratch.give(em.acc_offsets[op.name], size)
+        for name in dict.fromkeys(op.inputs):  # values nobody reads any more
+            if last_read.get(name) == op.index and name in em.offsets:
+                scratch.give(em.offsets[name], sizes[name])
+                if name in em.acc_offsets and program[name].attrs.get("keep_accumulator"):
+                    scratch.give(em.acc_offsets[name], sizes[name])
+    out_shape = em.shapes[out_op.inputs[0]]
+    n_out = _size(out_shape)
+    meta = model_meta or {}
+    names = [str(n) for n in meta.get("class_names") or []]
+    header = [
+        "/* Integer program exported by hybridquant: a model with no floating point (C99). */",
+        "#ifndef HQ_MODEL_H", "#define HQ_MODEL_H", "", "#include <stdint.h>", "",
+        f"#define HQ_INPUT_CHANNELS {program.input_size[0]}",
+        f"#define HQ_INPUT_HEIGHT {program.input_size[1]}",
+        f"#define HQ_INPUT_WIDTH {program.input_size[2]}",
+        "/* bytes of one input image: uint8, (H, W, C) interleaved, after resize and crop */",
+        "#define HQ_INPUT_BYTES (HQ_INPUT_CHANNELS * HQ_INPUT_HEIGHT * HQ_INPUT_WIDTH)",
+        f"#define HQ_NUM_OUTPUTS {n_out}",
+        f"#define HQ_SCRATCH_BYTES {4 * max(scratch.end, 1)}",
+    ]
+    zp = np.asarray(out_op.arrays["zero_point"]).reshape(-1)
+    header.append(f"/* logits = (codes - HQ_OUTPUT_ZERO_POINT) * scale; scale: {_comment(out_op.arrays['scale'])} */")
+    header.append(f"#define HQ_OUTPUT_ZERO_POINT {int(zp[0]) if zp.size == 1 else 0}")
+    if "scale_exp" in out_op.arrays and np.asarray(out_op.arrays["scale_exp"]).size == 1:
+        header.append(f"#define HQ_OUTPUT_SCALE_EXP {int(np.asarray(out_op.arrays['scale_exp']).reshape(-1)[0])}")
+    if names:
+        header.append(f"#define HQ_NUM_CLASSES {len(names)}")
+        header.append("extern const char *const hq_class_names[HQ_NUM_CLASSES];")
+    header += ["", "/* Run the model on one image; writes HQ_NUM_OUTPUTS output codes. `scratch`: HQ_SCRATCH_BYTES "
+               "bytes, 4-byte aligned. Returns 0. */",
+               "int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch);", "", "#endif", ""]
+    source = ["/* Generated by hybridquant from the integer program: the op sequence and its constants. */",
+              "#include <string.h>", "", '#include "hq_kernels.h"', '#include "model.h"', "",
+              "static const int32_t hq_zero[1] = {0};", ""]
+    if names:
+        quoted = ", ".join('"' + n.replace("\\", "\\\\").replace('"', '\\"') + '"' for n in names)
+        source.append(f"const char *const hq_class_names[HQ_NUM_CLASSES] = {{{quoted}}};")
+        source.append("")
+    source += em.consts
+    source += ["", "int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch) {",
+               "    int32_t *S = (int32_t *)scratch;", *body, "    return 0;", "}", ""]
+    facts = {"scratch_bytes": 4 * max(scratch.end, 1), "constant_bytes": em.const_bytes, "ops": len(ops)}
+    return "\n".join(header), "\n".join(source), facts
+
+
+def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """Write the C project of ``source``'s integer program into ``out_dir`` (created; replaced atomically).
+
+    Returns the facts of :func:`model_c`. Raises HybridQuantError when the model cannot be lowered or a value
+    does not fit the C kernels."""
+    program = source if isinstance(source, Program) else lower(source)
+    header, body, facts = model_c(program, model_meta)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "model.h").write_text(header)
+        (tmp / "model.c").write_text(body)
+        for name in RUNTIME_FILES:
+            (tmp / name).write_text((RUNTIME / name).read_text())
+    return facts

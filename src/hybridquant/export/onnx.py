@@ -68,7 +68,7 @@ import torch
 
 from .._io import atomic_path, plain
 from ..errors import HybridQuantError
-from ..graph.ir import LAYOUT_OPS, Node, unique_name
+from ..graph.ir import Node, unique_name
 from ..graph.quantized import QuantizedGraph
 from ..ops import op_def
 from ..qparams import QParams
@@ -149,10 +149,10 @@ class _Builder:
 
         ``clip=False`` leaves out the Clip of a narrow code range (for values already on the grid).
         """
-        if qp.kind == "threshold":
+        if qp.grid == "threshold":
             return self.threshold_grid(src, qp, owner)
-        if qp.kind != "uniform":
-            raise HybridQuantError(f"node {owner}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
+        if qp.grid != "uniform":
+            raise HybridQuantError(f"node {owner}: its '{qp.grid}' quantizer has no ONNX QuantizeLinear/"
                                    "DequantizeLinear form; export a model with uniform quantizers")
         np_dtype, onnx_name, lo, hi = _container(qp.qmin, qp.qmax, f"node {owner}")
         scale = qp.scale.detach().cpu().float().numpy()
@@ -260,8 +260,8 @@ class _Exporter:
     def check_quantizers(self) -> None:
         """Refuse quantizers without an ONNX form (log2, log_sqrt2, twin) up front."""
         for name, qp in list(self.qg.act.items()) + list(self.qg.weight.items()):
-            if qp.kind not in ("uniform", "threshold"):
-                raise HybridQuantError(f"node {name}: its '{qp.kind}' quantizer has no ONNX QuantizeLinear/"
+            if qp.grid not in ("uniform", "threshold"):
+                raise HybridQuantError(f"node {name}: its '{qp.grid}' quantizer has no ONNX QuantizeLinear/"
                                        "DequantizeLinear form; export a model with uniform quantizers")
 
     # -- parameters ----------------------------------------------------------------------
@@ -333,7 +333,7 @@ class _Exporter:
                 xs = [self.raw[i] if node.attrs.get("raw_input") else self.value[i] for i in node.inputs]
                 out = self.emit(node, xs)
             self.raw[node.name] = out
-            if node.op in LAYOUT_OPS:
+            if node.opdef.role == "data_movement":
                 # the codes of a layout op's output are its input's; an explicit QDQ with the same
                 # (per-tensor) parameters is exact and is the canonical QDQ form of a moved tensor.
                 # It also keeps onnxruntime (1.32) from inserting its own Q after the layout op, with

@@ -177,19 +177,20 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int)
 
 
 def isqrt(v: np.ndarray) -> np.ndarray:
-    """Exact floor square root of non-negative int64 values (digit by digit, 32 steps)."""
+    """Exact floor square root of non-negative int64 values below 2^62.
+
+    Read independently of the package's digit-by-digit kernel: a float64 estimate, then corrected in integers
+    until r² ≤ v < (r + 1)². The estimate is within one of the root (v loses at most 2^9 to float64 rounding,
+    the square root's relative error is 2^-53), so one step each way suffices; two are taken.
+    """
     if v.size and int(v.min()) < 0:
         raise ValueError("isqrt of a negative value")
-    rem = v.astype(np.int64).copy()
-    res = np.zeros_like(rem)
-    bit = 1 << 62
-    for _ in range(32):
-        trial = res + bit
-        take = rem >= trial
-        rem = np.where(take, rem - trial, rem)
-        res = np.where(take, (res >> 1) + bit, res >> 1)
-        bit >>= 2
-    return res
+    v = v.astype(np.int64)
+    r = np.floor(np.sqrt(v.astype(np.float64))).astype(np.int64)
+    for _ in range(2):
+        r = np.where(r * r > v, r - 1, r)
+        r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    return r
 
 
 def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from ..ops import run_float
 
 # The vocabulary comes from the op table (:mod:`hybridquant.ops`): each op's module declares its role.
 #: ops that change values and so get an output quantizer (the graph's input included)
-VALUE_OPS = op_table.OpSet(lambda d: d.role in ("value", "source"))
+VALUE_OPS = op_table.OpSet(lambda d: d.changes_values)
 #: ops that only move values around (a quantized input stays on its grid)
 LAYOUT_OPS = op_table.ops_where(role="data_movement")
 #: multiply-accumulate ops: every input must be an integer tensor
@@ -53,8 +53,30 @@ class Node:
         if self.op not in OPS:
             raise ValueError(f"unknown op '{self.op}' for node {self.name}")
 
+    @property
+    def opdef(self) -> op_table.OpDef:
+        """What the op table declares for this node's op (its role, channel axis, hooks)."""
+        return op_table.op_def(self.op)
+
 
 OutputHook = Callable[[Node, torch.Tensor], torch.Tensor]
+Kernel = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def evaluate(node: Node, values: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+             override: dict[str, Kernel] | None = None, params: dict[str, torch.Tensor] | None = None
+             ) -> torch.Tensor:
+    """One value-changing node of a run: the step every walker of the simulation takes.
+
+    Its integer kernel where ``override`` has one (the simulation's softmax and LayerNorm), else its float op
+    (with ``params`` in place of its own: a fake-quantized or learned weight), on its inputs as it reads them:
+    ``values`` (after their quantizers), or ``raw`` (before them) for a ``raw_input`` reader, which the integer
+    program requantizes from the producer's wide accumulator.
+    """
+    if override is not None and node.name in override:
+        return override[node.name]([values[i] for i in node.inputs])
+    src = raw if node.attrs.get("raw_input") else values
+    return run_float(node, [src[i] for i in node.inputs], params)
 
 
 def unique_name(base: str, taken: set[str]) -> str:
@@ -103,6 +125,11 @@ class Graph:
         return [n for n in self.nodes if name in n.inputs]
 
     def by_op(self, *ops: str) -> list[Node]:
+        return [n for n in self.nodes if n.op in ops]
+
+    def where(self, **flags: Any) -> list[Node]:
+        """The nodes whose op's :class:`~hybridquant.ops.OpDef` fields equal ``flags`` (``mac=True``)."""
+        ops = op_table.ops_where(**flags)
         return [n for n in self.nodes if n.op in ops]
 
     def producer(self, name: str) -> Node:
@@ -161,7 +188,7 @@ class Graph:
 
     # -- execution --------------------------------------------------------
     def run(self, x: torch.Tensor, hook: OutputHook | None = None, keep: bool = False,
-            override: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None) -> Any:
+            override: dict[str, Kernel] | None = None) -> Any:
         """Run the graph on ``x``; ``hook(node, out)`` may replace each node's output.
 
         ``override`` maps node names to replacement implementations (the
@@ -183,12 +210,8 @@ class Graph:
                 out = x
             elif role == "sink":
                 out = values[node.inputs[0]]
-            elif override is not None and node.name in override:
-                out = override[node.name]([values[i] for i in node.inputs])
-            elif node.attrs.get("raw_input"):
-                out = run_float(node, [raw[node.inputs[0]]])
             else:
-                out = run_float(node, [values[i] for i in node.inputs])
+                out = evaluate(node, values, raw, override)
             if node.name in raw_wanted:
                 raw[node.name] = out
             if hook is not None:

@@ -20,7 +20,7 @@ from ..config import QuantConfig
 from ..ops import op_def
 from ..primitives import dequantize, quantize
 from ..qparams import QParams
-from .ir import MAC_OPS, Graph, Node
+from .ir import Graph, Node
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -111,12 +111,12 @@ class QuantizedGraph:
     def grid_constants(self) -> int:
         """Thresholds of the threshold grids: constants the integer program needs besides weights, biases and
         tables (counted as parameters)."""
-        return sum(q.thresholds.numel() for q in self.act.values() if q.kind == "threshold")
+        return sum(q.thresholds.numel() for q in self.act.values() if q.grid == "threshold")
 
     def quantized_macs(self) -> list[Node]:
         """MAC nodes whose every input (and weight) is integer."""
         out = []
-        for node in self.graph.by_op(*MAC_OPS):
+        for node in self.graph.where(mac=True):
             inputs_ok = all(self.input_qparams(node, i) is not None for i in range(len(node.inputs)))
             weight_ok = "weight" not in node.params or node.name in self.weight  # a matmul has no weight
             if inputs_ok and weight_ok:

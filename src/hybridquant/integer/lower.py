@@ -40,7 +40,7 @@ def requant_arrays(name: str, s_in: torch.Tensor, qp: QParams, terms: int,
     try:
         params = [arith.multiplier_to_shifts(float(v), terms) for v in m]
     except ValueError as exc:
-        if not allow_float or qp.kind == "threshold":  # a threshold grid has no float form here
+        if not allow_float or qp.grid == "threshold":  # a threshold grid has no float form here
             raise HybridQuantError(
                 f"requantization multiplier of node {name} is not a power of two "
                 f"(e.g. {float(m[0]):.6g}); quantize with --scales pot or allow float multipliers"
@@ -49,11 +49,11 @@ def requant_arrays(name: str, s_in: torch.Tensor, qp: QParams, terms: int,
     a, b, sign, n = (torch.tensor(v, dtype=torch.int64) for v in zip(*params, strict=True))
     if a.numel() == 1:
         a, b, sign, n = a[0], b[0], sign[0], n[0]
-    if bool((sign == 0).all()) and qp.kind != "threshold":
+    if bool((sign == 0).all()) and qp.grid != "threshold":
         return "shift", {**arrays, "requant.shift": np_small(n - a)}
     arrays.update({"requant.a": np_small(a), "requant.b": np_small(b), "requant.sign": np_small(sign),
                    "requant.n": np_small(n)})
-    if qp.kind == "threshold":
+    if qp.grid == "threshold":
         return "threshold", {**arrays, "requant.thresholds": np_int(qp.thresholds)}
     return "two_term", arrays
 
@@ -77,11 +77,11 @@ class _Lowering:
             qp = qgraph.act.get(node.name)
             if op_def(node.op).lower is None:
                 raise HybridQuantError(f"cannot lower {node.name}: integer {node.op} is not implemented")
-            if qp is not None and qp.kind == "threshold":
+            if qp is not None and qp.grid == "threshold":
                 if not all(op_def(u.op).elementwise for u in self.graph.users(node.name)):
                     raise HybridQuantError(f"cannot lower {node.name}: a threshold grid may feed lookup tables only")
-            elif qp is not None and qp.kind != "uniform":
-                raise HybridQuantError(f"cannot lower {node.name}: {qp.kind} quantizers have no integer kernel yet")
+            elif qp is not None and qp.grid != "uniform":
+                raise HybridQuantError(f"cannot lower {node.name}: {qp.grid} quantizers have no integer kernel yet")
         self.raw_readers = {n.inputs[0] for n in self.graph if n.attrs.get("raw_input")}
         self.shapes = self.graph.shapes()
         self.vals: dict[str, Value] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..config import FQViTConfig, QuantConfig
-from ..graph.ir import LAYOUT_OPS, Graph, Node
+from ..graph.ir import Graph, Node
 from ..observers import ActivationObserver
 from ..ops import run_float
 from ..primitives import exp2_int, fake_quantize
@@ -75,7 +75,7 @@ def layout_chain(graph: Graph, name: str) -> list[Node]:
     """The layout ops from ``graph.producer(name)`` (exclusive) to ``name``, in execution order."""
     chain = []
     node = graph[name]
-    while node.op in LAYOUT_OPS:
+    while node.opdef.role == "data_movement":
         chain.append(node)
         node = graph[node.inputs[0]]
     return chain[::-1]
@@ -112,7 +112,7 @@ def ptf_samples(graph: Graph, calib: list[torch.Tensor]) -> tuple[dict[str, tupl
     """For every value-changing node that feeds a LayerNorm: (axis of its output that is the LayerNorm
     channel, ``[rows, C]`` calibration sample); and the producers whose channel axis could not be found."""
     feeds: dict[str, str] = {}  # producer name -> name of the tensor the LayerNorm reads
-    for ln in graph.by_op("layer_norm"):
+    for ln in graph.where(norm="channels"):
         prod = graph.producer(ln.inputs[0])
         feeds.setdefault(prod.name, ln.inputs[0])
     wanted = set(feeds.values())
@@ -146,16 +146,27 @@ def ptf_samples(graph: Graph, calib: list[torch.Tensor]) -> tuple[dict[str, tupl
     return ptf, skipped
 
 
-class FQViT(Method):
+class PTFMethod(Method):
+    """A method with power-of-two factors (PTF) on some LayerNorm inputs: ``self.ptf`` maps each such producer
+    to (the axis of its output that is the LayerNorm channel, a ``[rows, C]`` calibration sample)."""
+
+    def __init__(self, workspace: Workspace | None = None) -> None:
+        super().__init__(workspace)
+        self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def ptf_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams | None:
+        """``node``'s PTF quantizer, or None when it gets none."""
+        if node.name not in self.ptf:
+            return None
+        axis, sample = self.ptf[node.name]
+        return ptf_qparams(sample, obs.min, obs.max, bits, choose_mode(obs.min, obs.max, config.act_symmetry), axis)
+
+
+class FQViT(PTFMethod):
     """PTF quantizers on LayerNorm inputs, log2 softmax outputs, min-max elsewhere."""
 
     name = "fq-vit"
     config_class = FQViTConfig
-
-    def __init__(self, workspace: Workspace | None = None) -> None:
-        super().__init__(workspace)
-        # producer name -> (axis of its output that is the LayerNorm channel, [rows, C] sample)
-        self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         """Leaves the graph as is; gathers the per-channel samples of every LayerNorm input."""
@@ -163,14 +174,12 @@ class FQViT(Method):
         return {
             "ptf_tensors": sorted(self.ptf),
             "ptf_skipped": skipped,
-            "log2_softmax": len(graph.by_op("softmax")),
+            "log2_softmax": len(graph.where(unit_interval=True)),
         }
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
-        if node.op == "softmax":
+        if node.opdef.unit_interval:  # attention probabilities
             return log2_softmax_qparams(bits)
-        if node.name in self.ptf:
-            axis, sample = self.ptf[node.name]
-            mode = choose_mode(obs.min, obs.max, config.act_symmetry)
-            return ptf_qparams(sample, obs.min, obs.max, bits, mode, axis)
+        if (qp := self.ptf_qparams(node, obs, bits, config)) is not None:
+            return qp
         return super().act_qparams(node, obs, bits, config)

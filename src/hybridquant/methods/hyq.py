@@ -24,7 +24,8 @@ per-input-channel ``α`` is learned so that the quantized layer
 increase) and folded into the weights (``W·α``). With ``scales='pot'`` the
 learned α is rounded to ``2^round(log2 α)`` — HyQ with naive power-of-two
 rounding. HyQ also pins the lower bound of every depthwise conv's input
-quantizer to the SiLU minimum −0.2785 when that input is a SiLU output.
+quantizer to the SiLU minimum −0.2785 when that input is a SiLU output (generally: the minimum of a
+non-linearity with a negative tail, its ``OpDef.output_min``).
 Everything else is min-max.
 """
 
@@ -44,8 +45,6 @@ from ..store import Workspace
 from .base import Method
 from .scaling import apply_input_scaling
 
-#: the minimum of SiLU, x·sigmoid(x) (at x ≈ −1.2785)
-SILU_MIN = -0.2785
 #: QADS layers: module paths of an MV2 block's 1x1 expansion and projection convs
 QADS_SUFFIXES = ("conv1_1x1.conv", "conv3_1x1.conv")
 #: calibration images whose pixels are cached per layer
@@ -132,24 +131,22 @@ def learn_alpha(x: torch.Tensor, weight: torch.Tensor, ch_min: torch.Tensor, ch_
 def qads_targets(graph: Graph) -> list[Node]:
     """The 1x1 expansion / projection convs of every MV2 block (dense, unpadded)."""
     out = []
-    for n in graph.by_op("conv2d"):
+    for n in graph.where(weighted=True, channel_axis=1):  # the spatial (NCHW) layers
         path = n.module or n.name
-        w = n.params["weight"]
-        if (n.block == "mv2" and path.endswith(QADS_SUFFIXES) and n.attrs["groups"] == 1
-                and tuple(w.shape[2:]) == (1, 1) and list(n.attrs["padding"]) == [0, 0]):
+        if n.block == "mv2" and path.endswith(QADS_SUFFIXES) and n.opdef.pointwise(n):
             out.append(n)
     return out
 
 
-def depthwise_silu_inputs(graph: Graph) -> set[str]:
-    """Names of SiLU nodes whose output feeds a depthwise conv."""
-    names = set()
-    for n in graph.by_op("conv2d"):
-        w = n.params["weight"]
-        if n.attrs["groups"] > 1 and w.shape[1] == 1 and n.attrs["groups"] == w.shape[0]:
+def depthwise_silu_inputs(graph: Graph) -> dict[str, float]:
+    """The SiLU-like nodes (a negative tail: ``output_min``) whose output feeds a depthwise conv (one weight row
+    per channel), with that minimum."""
+    names = {}
+    for n in graph.where(weighted=True):
+        if n.opdef.weight_layout(n) == "depthwise" and n.params["weight"].shape[0] == n.attrs["groups"]:
             prod = graph.producer(n.inputs[0])
-            if prod.op == "silu":
-                names.add(prod.name)
+            if prod.opdef.output_min is not None:
+                names[prod.name] = prod.opdef.output_min
     return names
 
 
@@ -200,7 +197,7 @@ class HyQ(Method):
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)
-        self.pinned: set[str] = set()
+        self.pinned: dict[str, float] = {}
 
     def transform(self, graph: Graph, calib: list[torch.Tensor], config: QuantConfig) -> dict[str, Any]:
         self.pinned = depthwise_silu_inputs(graph)
@@ -228,7 +225,7 @@ class HyQ(Method):
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
         if node.name in self.pinned:
-            lo, hi = SILU_MIN, max(obs.max, 0.0)
+            lo, hi = self.pinned[node.name], max(obs.max, 0.0)
             mode = choose_mode(lo, hi, config.act_symmetry)
             return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, mode)
         return super().act_qparams(node, obs, bits, config)

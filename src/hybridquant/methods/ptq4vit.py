@@ -1,6 +1,6 @@
 """PTQ4ViT (Yuan et al., ECCV 2022): twin uniform quantization and Hessian-guided scale search.
 
-**Twin uniform quantization** (QParams ``kind='twin'``, fake-quant
+**Twin uniform quantization** (QParams ``grid='twin'``, fake-quant
 :func:`~hybridquant.primitives.twin_fake_quantize`). A ``k``-bit code spends
 one bit on choosing between two ranges of ``k − 1``-bit codes whose steps
 are related by a power of two, ``Δ_coarse = Δ_fine · 2^m`` (``m ≥ 0``), so an
@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PTQ4ViTConfig, QuantConfig
-from ..graph.ir import MAC_OPS, Graph, Node
+from ..graph.ir import Graph, Node
 from ..graph.quantized import QuantizedGraph
 from ..observers import ActivationObserver, quant_mse
 from ..ops import run_float
@@ -114,22 +114,22 @@ GRAD_CHUNK = 8
 CACHE_BUDGET = 2**27
 #: largest power-of-two ratio m between a twin quantizer's coarse and fine steps
 MAX_TWIN_SHIFT = 12
-#: ops whose outputs may get the signed (negative fine / positive coarse) twin quantizer
-TWIN_ACT_OPS = ("gelu", "silu")
-#: the only consumer op of an activation that gets the signed twin (the MLP's fc2)
-TWIN_CONSUMER_OPS = ("linear",)
+def _token_layer(node: Node) -> bool:
+    """A weighted layer over the last (channel) dim: a linear, the MLP's fc2."""
+    return node.opdef.weighted and node.opdef.channel_axis == -1
 
 
 def twin_act_nodes(graph: Graph) -> set[str]:
-    """The ``TWIN_ACT_OPS`` nodes eligible for the signed twin: every value consumer is a ``linear``.
+    """The non-linearities with a negative tail (GELU, SiLU: ``OpDef.output_min``) eligible for the signed
+    (negative fine / positive coarse) twin: every value consumer is a linear.
 
     That is the transformer MLP's hidden activation (fc1 → act → fc2);
     conv-trunk activations (read by convolutions or adds) are excluded.
     """
     eligible = set()
-    for node in graph.by_op(*TWIN_ACT_OPS):
+    for node in graph:
         users = [user for _, user, _ in graph.value_users(node.name)]
-        if users and all(u.op in TWIN_CONSUMER_OPS for u in users):
+        if node.opdef.output_min is not None and users and all(_token_layer(u) for u in users):
             eligible.add(node.name)
     return eligible
 
@@ -170,10 +170,6 @@ def best_softmax_shift(sample: torch.Tensor, bits: int) -> int:
     return min(range(len(errs)), key=errs.__getitem__)
 
 
-def _out_axis(node: Node) -> int:
-    return 1 if node.op == "conv2d" else -1
-
-
 @dataclass
 class LayerData:
     """Cached float tensors of one MAC layer over the search images."""
@@ -190,8 +186,7 @@ class LayerData:
         params = dict(self.node.params)
         if wq is not None:
             params["weight"] = wq.fake(self.node.params["weight"])
-        probe = Node(self.node.name, self.node.op, self.node.inputs, self.node.attrs, params)
-        return run_float(probe, ins)
+        return run_float(self.node, ins, params)
 
     def objective(self, out: torch.Tensor) -> float:
         """PTQ4ViT's Hessian-guided distance ``Σ (dL/dO)² (Ô − O)²``."""
@@ -200,7 +195,7 @@ class LayerData:
     def channel_objective(self, out: torch.Tensor) -> torch.Tensor:
         """The same distance per output channel."""
         d = self.g2 * (out - self.ref).pow(2)
-        return d.transpose(0, _out_axis(self.node)).flatten(1).sum(1, dtype=torch.float64)
+        return d.transpose(0, self.node.opdef.channel_axis).flatten(1).sum(1, dtype=torch.float64)
 
 
 def search_weight(layer: LayerData, act: dict[str, QParams], wq: QParams, candidates: list[torch.Tensor]) -> QParams:
@@ -327,12 +322,12 @@ class PTQ4ViT(Method):
         return {"twin_act_candidates": len(self.twin_acts)}
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
-        if node.op == "input":
+        if node.opdef.role == "source":
             return super().act_qparams(node, obs, bits, config)
-        if node.op == "softmax" and bits >= 2:
+        if node.opdef.unit_interval and bits >= 2:  # attention probabilities
             self.ranges[node.name] = ("twin_softmax", 0.0, 1.0, "unsigned", 0.0)
             return twin_softmax_qparams(bits, best_softmax_shift(obs.sample, bits))
-        if node.op in TWIN_ACT_OPS and node.name in self.twin_acts and obs.min < 0 and bits >= 2:
+        if node.name in self.twin_acts and obs.min < 0 and bits >= 2:
             self.ranges[node.name] = ("twin_signed", obs.min, obs.max, "signed", obs.min)
             return twin_signed_qparams(obs.min, obs.max, bits, 1.0, _pot_mode(config))
         mode = choose_mode(obs.min, obs.max, config.act_symmetry)
@@ -375,7 +370,7 @@ class PTQ4ViT(Method):
         x = torch.cat(calib)[:MAX_IMAGES]
         plan: list[tuple[Node, list[str | None], list[str]]] = []
         claimed: set[str] = set()
-        for node in graph.by_op(*MAC_OPS):
+        for node in graph.where(mac=True):
             srcs: list[str | None] = []
             for inp in node.inputs:
                 p = graph.producer(inp).name

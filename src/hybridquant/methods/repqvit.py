@@ -30,7 +30,7 @@ conv) get per-tensor min-max. The post-LayerNorm quantizers use
 ``config.abits`` and ignore ``act_symmetry`` (RepQ-ViT's are asymmetric).
 
 **Post-softmax activations** use the log√2 quantizer (QParams
-``kind='log_sqrt2'``, values ``2^(-q/2)``, the top code standing for zero;
+``grid='log_sqrt2'``, values ``2^(-q/2)``, the top code standing for zero;
 :func:`~hybridquant.primitives.log_sqrt2_fake_quantize`) with ``abits``
 bits. RepQ-ViT reparameterises it for inference into a log2 form:
 ``2^(-q/2) = 2^-⌈q/2⌉ · (1 + (q mod 2)·(√2 − 1))``, so ``attn·V`` is a sum of
@@ -68,10 +68,10 @@ def log_sqrt2_softmax_qparams(bits: int) -> QParams:
 def reparam_targets(graph: Graph) -> list[tuple[Node, Node]]:
     """(LayerNorm, linear) pairs: an affine LayerNorm read only, and directly, by one linear layer."""
     pairs = []
-    for ln in graph.by_op("layer_norm"):
+    for ln in graph.where(norm="channels"):
         users = graph.users(ln.name)
-        if ("weight" in ln.params and len(users) == 1 and users[0].op == "linear"
-                and users[0].inputs[0] == ln.name):
+        if ("weight" in ln.params and len(users) == 1 and users[0].opdef.weighted
+                and users[0].opdef.channel_axis == ln.opdef.channel_axis and users[0].inputs[0] == ln.name):
             pairs.append((ln, users[0]))
     return pairs
 
@@ -152,10 +152,10 @@ class RepQViT(Method):
             self.reparam[ln.name] = qp
             r_spread[ln.name] = {"r1_min": float(r1.min()), "r1_max": float(r1.max())}
         return {"reparameterised": sorted(self.reparam), "per_layer": r_spread,
-                "log_sqrt2_softmax": len(graph.by_op("softmax"))}
+                "log_sqrt2_softmax": len(graph.where(unit_interval=True))}
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
-        if node.op == "softmax":
+        if node.opdef.unit_interval:  # attention probabilities
             return log_sqrt2_softmax_qparams(bits)
         qp = self.reparam.get(node.name)
         if qp is not None and qp.bits == bits:

@@ -18,24 +18,26 @@ from __future__ import annotations
 
 import torch
 
-from ..graph.ir import LAYOUT_OPS, Graph, Node
+from ..graph.ir import Graph, Node
+from ..ops import op_providing
 
 
 def input_channel_dim(node: Node) -> int:
     """Channel dim of ``node``'s input activation: 1 for conv (NCHW), last for linear."""
-    return 1 if node.op == "conv2d" else -1
+    return node.opdef.channel_axis
 
 
 def is_depthwise(node: Node) -> bool:
-    """A conv whose every input channel meets only its own weight rows."""
-    return node.op == "conv2d" and node.attrs["groups"] > 1 and node.params["weight"].shape[1] == 1
+    """A weighted layer whose every input channel meets only its own weight rows."""
+    layout = node.opdef.weight_layout
+    return layout is not None and layout(node) == "depthwise"
 
 
 def scalable(node: Node, depthwise: bool = False) -> bool:
     """Layers whose input channels can be rescaled: dense convs and linears (and depthwise convs)."""
-    if node.op == "linear" or (node.op == "conv2d" and node.attrs["groups"] == 1):
-        return True
-    return depthwise and is_depthwise(node)
+    layout = node.opdef.weight_layout
+    kind = layout(node) if layout is not None else None
+    return kind == "dense" or (depthwise and kind == "depthwise")
 
 
 def weight_scale_shape(node: Node) -> list[int]:
@@ -50,13 +52,15 @@ def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -
     src = graph[consumer.inputs[0]]
     if len(graph.users(src.name)) != 1:
         return False
-    if src.op in ("conv2d", "linear") and (src.op == "linear") == (consumer.op == "linear"):
+    if src.opdef.channel_axis != consumer.opdef.channel_axis:  # e.g. a conv's channels read by a linear
+        return False
+    if src.opdef.weighted:  # its output rows
         shape = [-1] + [1] * (src.params["weight"].dim() - 1)
         src.params["weight"] = src.params["weight"] * inv_alpha.reshape(shape)
         if "bias" in src.params:
             src.params["bias"] = src.params["bias"] * inv_alpha
         return True
-    if src.op == "layer_norm" and consumer.op == "linear" and "weight" in src.params:
+    if src.opdef.norm == "channels" and "weight" in src.params:  # a LayerNorm's affine
         src.params["weight"] = src.params["weight"] * inv_alpha
         src.params["bias"] = src.params.get("bias", torch.zeros_like(inv_alpha)) * inv_alpha
         return True
@@ -76,7 +80,7 @@ def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow
         return "folded"
     name = f"{consumer.name}.input_scale"
     node = Node(
-        name, "scale_channels", [consumer.inputs[0]],
+        name, op_providing("channel_scale"), [consumer.inputs[0]],
         {"dim": input_channel_dim(consumer), "raw_input": True}, {"inv_alpha": inv_alpha},
         consumer.module, consumer.block,
     )
@@ -91,20 +95,16 @@ def shift_source(graph: Graph, consumer: Node) -> Node | None:
     wider kernel would see the shift in its zero padding); ``X − z`` is free when ``X`` is a LayerNorm or
     GroupNorm output that only ``consumer`` reads (through layout ops): its bias becomes ``β − z``.
     """
-    if consumer.op == "conv2d":
-        w, a = consumer.params["weight"], consumer.attrs
-        if a["groups"] != 1 or tuple(w.shape[-2:]) != (1, 1) or any(a["padding"]):
-            return None
-    elif consumer.op != "linear":
+    if consumer.opdef.pointwise is None or not consumer.opdef.pointwise(consumer):
         return None
     name = consumer.inputs[0]
     while True:
         if len(graph.users(name)) != 1:
             return None
         node = graph[name]
-        if node.op in ("layer_norm", "group_norm"):
+        if node.opdef.norm is not None:
             return node
-        if node.op not in LAYOUT_OPS:
+        if node.opdef.role != "data_movement":
             return None
         name = node.inputs[0]
 

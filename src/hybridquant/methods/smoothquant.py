@@ -43,7 +43,7 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float,
 
 def smoothing_targets(graph: Graph) -> list[Node]:
     """Dense convs and linears whose input is not the image."""
-    return [n for n in graph if scalable(n) and graph.producer(n.inputs[0]).op != "input"]
+    return [n for n in graph if scalable(n) and graph.producer(n.inputs[0]).opdef.role != "source"]
 
 
 @torch.no_grad()

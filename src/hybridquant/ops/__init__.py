@@ -29,6 +29,7 @@ from .registry import (
     OpSet,
     ProgramKind,
     op_def,
+    op_providing,
     ops_where,
     program_kind,
     register,
@@ -37,5 +38,5 @@ from .registry import (
 from .unary import unary_fn
 
 __all__ = ["OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
-           "matmul", "mul", "norms", "op_def", "ops_where", "pooling", "program_kind", "register", "run_float",
+           "matmul", "mul", "norms", "op_def", "op_providing", "ops_where", "pooling", "program_kind", "register", "run_float",
            "scale_channels", "softmax", "unary", "unary_fn"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..primitives import arith, pot_exponent
 from .registry import OpDef, ProgramKind, register
-from .values import Value, centred_inputs, np_small, zero, zp_arrays
+from .values import Value, c_operands, centred_inputs, np_small, zero, zp_arrays
 
 
 def _lower(ctx, node, op):
@@ -31,13 +33,32 @@ def _cat(op, c, state, vals, accs):
     return torch.cat(_aligned(op, c, vals), dim=op.attrs["dim"])
 
 
+def _c_add(op, em):
+    a, b = c_operands(op, em)
+    return [f"hq_add({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.arg('align_shift.0')}, {em.codes(b)}, "
+            f"{em.arg('in_zero_point.1')}, {em.arg('align_shift.1')}, {em.count(a)}, {em.shape(a)[-1]}, {em.acc()});"]
+
+
+def _c_cat(op, em):
+    dim = op.attrs["dim"] % len(op.out_shape)
+    outer = math.prod(op.out_shape[:dim])
+    row = math.prod(op.out_shape[dim:])
+    lines, offset = [], 0
+    for k, name in enumerate(op.inputs):
+        part = math.prod(em.shape(name)[dim:])
+        lines.append(f"hq_cat_part({em.codes(name)}, {em.arg(f'in_zero_point.{k}')}, {em.arg(f'align_shift.{k}')}, "
+                     f"{outer}, {part}, {em.shape(name)[-1]}, {row}, {offset}, {em.acc()});")
+        offset += part
+    return lines
+
+
 register(
     OpDef("add", lambda node, i: i[0] + i[1], lower=_lower, onnx=lambda ex, node, xs: ex.b.add("Add", xs, node.name)),
     OpDef("cat", lambda node, i: torch.cat(i, dim=node.attrs["dim"]), lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("Concat", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("add", "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); "
                        "then requant",
-                run=_add),
+                run=_add, c=_c_add),
     ProgramKind("cat", "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
-                run=_cat),
+                run=_cat, c=_c_cat),
 )

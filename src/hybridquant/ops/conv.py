@@ -81,11 +81,57 @@ def _onnx_linear(ex, node, xs):
     return y if bias is None else b.add("Add", [y, bias], name)
 
 
+def _conv_weight_layout(node):
+    if node.attrs["groups"] == 1:
+        return "dense"
+    return "depthwise" if node.params["weight"].shape[1] == 1 else None  # grouped: neither
+
+
+def _conv_columns(node, x):
+    a, w = node.attrs, node.params["weight"]
+    cols = F.unfold(x, w.shape[-2:], a["dilation"], a["padding"], a["stride"])  # [B, Cin·kh·kw, L]
+    if _conv_weight_layout(node) == "depthwise":  # [B, C·k, L] -> [C, k, B·L]
+        c = x.shape[1]
+        return cols.reshape(x.shape[0], c, -1, cols.shape[-1]).permute(1, 2, 0, 3).flatten(2)
+    return cols.permute(1, 0, 2).flatten(1)  # [B, K, L] -> [K, B·L]
+
+
+def _conv_pointwise(node):
+    a = node.attrs
+    return a["groups"] == 1 and tuple(node.params["weight"].shape[-2:]) == (1, 1) and not any(a["padding"])
+
+
+def _c_conv2d(op, em):
+    x = op.inputs[0]
+    _, cin, h, w = em.shape(x)
+    _, cout, ho, wo = op.out_shape
+    kh, kw = op.arrays["weight"].shape[-2:]
+    a = op.attrs
+    bias = em.array("bias") if em.has("bias") else "0"
+    return [f"{{ static const hq_weights w = {em.weights()};",
+            f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
+            f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
+            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}); }}"]
+
+
+def _c_linear(op, em):
+    x = op.inputs[0]
+    k = em.shape(x)[-1]
+    n = op.arrays["weight"].shape[0]
+    bias = em.array("bias") if em.has("bias") else "0"
+    return [f"{{ static const hq_weights w = {em.weights()};",
+            f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {em.count(x) // k}, {k}, &w, {bias}, {n}, "
+            f"{em.acc()}); }}"]
+
+
 register(
-    OpDef("conv2d", _conv2d, mac=True, lower=_lower, onnx=_onnx_conv2d),
-    OpDef("linear", _linear, mac=True, lower=_lower, onnx=_onnx_linear),
+    OpDef("conv2d", _conv2d, mac=True, lower=_lower, onnx=_onnx_conv2d, weighted=True, channel_axis=1,
+          weight_layout=_conv_weight_layout, columns=_conv_columns, pointwise=_conv_pointwise),
+    OpDef("linear", _linear, mac=True, lower=_lower, onnx=_onnx_linear, weighted=True, channel_axis=-1,
+          weight_layout=lambda node: "dense", columns=lambda node, x: x.reshape(-1, x.shape[-1]).t(),
+          pointwise=lambda node: True),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs),
+                run=_run, prepare=_prepare, macs=_macs, c=_c_conv2d),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs),
+                run=_run, prepare=_prepare, macs=_macs, c=_c_linear),
 )

@@ -90,13 +90,24 @@ def _onnx(ex, node, xs):
     return ex.b.add("LayerNormalization", inputs, name, axis=-len(shape), epsilon=float(node.attrs["eps"]))
 
 
+def _c(op, em):
+    x = op.inputs[0]
+    channels = em.shape(x)[-1]
+    ptf = np.asarray(op.arrays["ptf_shift"])
+    return [f"hq_layer_norm({em.codes(x)}, {em.count(x) // channels}, {channels}, {em.scalar('in_zero_point')}, "
+            f"{em.array('ptf_shift')}, {ptf.size}, {em.scalar('frac_bits')}, {em.scalar('sqrt_frac_bits')}, "
+            f"INT64_C({em.scalar('eps_q')}), {em.array('gamma_q')}, {em.array('beta_q', wide=True)}, "
+            f"{em.scalar('out_shift')}, {em.scalar('out_zero_point')}, {em.scalar('out_qmin')}, "
+            f"{em.scalar('out_qmax')}, {em.scalar('requant.zero_point')}, {em.acc()});"]
+
+
 register(
-    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx),
+    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=-1, norm="channels"),
     ProgramKind("layer_norm", "over the last dim (C channels): x_j = (x_j - in_zero_point) << ptf_shift_j; "
                               "S1 = sum x; S2 = sum x^2; y_j = C x_j - S1; V = C S2 - S1^2 + eps_q; "
                               "r = max(1, isqrt(V << 2 sqrt_frac_bits)) (floor square root); "
                               "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half "
                               "up); codes = clamp(srr(n_j gamma_q_j + beta_q_j, out_shift) + out_zero_point, out_qmin, "
                               "out_qmax); then the identity requant (arith.int_layernorm)",
-                run=_run, category="layernorm_constants"),
+                run=_run, category="layernorm_constants", c=_c),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import HybridQuantError
 from .registry import OpDef, ProgramKind, register, run_float
@@ -77,8 +78,19 @@ def _run(op, c, state, vals, accs):
     return run_float(op, [vals[op.inputs[0]]])
 
 
+def _c(op, em):
+    # every layout op of a contiguous tensor is a strided view of it: copy that view
+    x = op.inputs[0]
+    view = run_float(op, [torch.empty(em.shape(x), device="meta")])
+    if view.dim() > 8:
+        raise em.fail(f"{view.dim()} dims (the C views take at most 8)")
+    init = (f"{{{view.dim()}, {{{', '.join(map(str, view.shape))}}}, {{{', '.join(map(str, view.stride()))}}}, "
+            f"{view.storage_offset()}}}")
+    return [f"{{ static const hq_view v = {init};", f"  hq_view_copy({em.codes(x)}, &v, {em.codes(op.name)}); }}"]
+
+
 register(
     *(OpDef(name, fn, role="data_movement", lower=_lower, onnx=_ONNX[name]) for name, fn in _LAYOUT.items()),
     ProgramKind("layout", "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch "
-                          "semantics, batch dim included)", run=_run, result="codes", computes=False),
+                          "semantics, batch dim included)", run=_run, result="codes", computes=False, c=_c),
 )

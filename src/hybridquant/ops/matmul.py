@@ -30,9 +30,19 @@ def _macs(op, program):
     return math.prod(op.out_shape) * program[op.inputs[0]].out_shape[-1]
 
 
+def _c(op, em):
+    a, b = op.inputs
+    sa, sb = em.shape(a), em.shape(b)
+    if sa[:-2] != sb[:-2]:
+        raise em.fail(f"batch dims {sa[:-2]} and {sb[:-2]} differ (broadcasting is not supported)")
+    m, k, n = sa[-2], sa[-1], sb[-1]
+    return [f"hq_matmul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
+            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()});"]
+
+
 register(
     OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("MatMul", xs, node.name)),
     ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs),
+                run=_run, prepare=_prepare, macs=_macs, c=_c),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .registry import OpDef, ProgramKind, register
-from .values import Value, centred_inputs, zero, zp_arrays
+from .values import Value, c_centred, c_operands, centred_inputs, zero, zp_arrays
 
 
 def _lower_mul(ctx, node, op):
@@ -30,11 +30,17 @@ def _onnx_mul_const(ex, node, xs):
     return ex.b.add("Mul", [xs[0], value], node.name)
 
 
+def _c_mul(op, em):
+    a, b = c_operands(op, em)
+    return [f"hq_mul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
+            f"{em.count(a)}, {em.shape(a)[-1]}, {em.acc()});"]
+
+
 register(
     OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul, onnx=lambda ex, node, xs: ex.b.add("Mul", xs, node.name)),
     OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const, onnx=_onnx_mul_const,
           is_identity=lambda node: node.attrs["value"] == 1.0),
-    ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul),
+    ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul, c=_c_mul),
     ProgramKind("mul_const", "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
-                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0]),
+                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0], c=c_centred),
 )

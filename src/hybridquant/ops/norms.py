@@ -62,5 +62,5 @@ def _onnx_batch_norm(ex, node, xs):
 
 register(
     OpDef("batch_norm", _batch_norm, role="folded", onnx=_onnx_batch_norm, fold=_fold_batch_norm),
-    OpDef("group_norm", _group_norm, onnx=_onnx_group_norm),
+    OpDef("group_norm", _group_norm, onnx=_onnx_group_norm, channel_axis=1, norm="groups"),
 )

@@ -20,6 +20,13 @@ def _lower_gap(ctx, node, op):
     return Value(x.scale.double() / (h * w), zero())
 
 
+def _c_gap(op, em):
+    x = op.inputs[0]
+    _, c, h, w = em.shape(x)
+    em.scalar("in_zero_point.0")  # per tensor (a 1-d zero point would lie along W)
+    return [f"hq_sum_hw({em.codes(x)}, {em.arg('in_zero_point.0')}, {c}, {h * w}, {em.acc()});"]
+
+
 register(
     OpDef("global_avg_pool", lambda node, i: i[0].mean(dim=(2, 3), keepdim=True), lower=_lower_gap,
           onnx=lambda ex, node, xs: ex.b.add("GlobalAveragePool", xs, node.name)),
@@ -27,5 +34,6 @@ register(
     OpDef("sum", lambda node, i: i[0].sum(dim=node.attrs["dims"], keepdim=node.attrs["keepdim"]), onnx=_onnx_sum),
     ProgramKind("global_avg_pool", "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); "
                                    "then requant",
-                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True)),
+                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True),
+                c=_c_gap),
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +38,19 @@ class OpDef:
     input tensors' names) and returns its output's name. ``unit_interval``: the op's outputs lie in
     [0, 1] (an unsigned quantizer from 0). ``fold(graph, node)``: folds a ``folded`` op into its producer
     (the float function unchanged); ``is_identity(node)``: whether this node computes its input unchanged.
+
+    What the methods ask of an op (they look ops up by these, never by name):
+    ``weighted``: its ``weight`` is a layer weight, quantized per output channel (rows: dim 0), with an integer
+    bias at s_in·s_w; ``channel_axis``: the dim of its input and output activations that holds channels
+    (negative: counted from the last); ``norm``: what it normalizes each position over (``"channels"``: a
+    LayerNorm over its last dim; ``"groups"``: channel groups and space), with a per-channel affine when its
+    params hold ``weight``; ``output_min``: the least value its float function takes, where it is finite and
+    below zero (a small negative tail: SiLU, GELU, hardswish); ``weight_layout(node)``: ``"dense"`` (every
+    output row meets every input channel), ``"depthwise"`` (each input channel meets only its own rows) or
+    None; ``columns(node, x)``: the input ``x`` as the columns the flattened weight multiplies (``[K, N]``;
+    ``[C, k, N]`` depthwise); ``pointwise(node)``: its output at a position depends on its input at that
+    position only, with no padding (a shift of its input folds exactly into its bias);
+    ``channel_scale(node)``: the per-channel factor the op multiplies its input by.
     """
 
     name: str
@@ -51,10 +64,25 @@ class OpDef:
     unit_interval: bool = False
     fold: Callable[..., None] | None = None
     is_identity: Callable[..., bool] | None = None
+    weighted: bool = False
+    channel_axis: int | None = None
+    norm: str | None = None
+    output_min: float | None = None
+    weight_layout: Callable[..., str | None] | None = None
+    columns: Callable[..., torch.Tensor] | None = None
+    pointwise: Callable[..., bool] | None = None
+    channel_scale: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def changes_values(self) -> bool:
+        """Its output carries new values (the graph's input included), so it gets an output quantizer."""
+        return self.role in ("value", "source")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown role {self.role} of op {self.name}")
+        if self.norm not in (None, "channels", "groups"):
+            raise ValueError(f"unknown norm {self.norm} of op {self.name}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +97,8 @@ class ProgramKind:
     before (``bounds``: the largest ``|code − zero point|`` of every value) and returns the ``state``.
     ``host``: runs on the host, not deployed; ``computes``: does arithmetic (not data movement);
     ``table``: holds a lookup table; ``category``: storage category of its own constants;
-    ``macs(op, program)``: multiply-accumulates per image.
+    ``macs(op, program)``: multiply-accumulates per image; ``c(op, em)``: the C statements that compute the
+    result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows).
     """
 
     name: str
@@ -82,6 +111,7 @@ class ProgramKind:
     table: bool = False
     category: str | None = None
     macs: Callable[..., int] | None = None
+    c: Callable[..., list[str]] | None = None
 
 
 OP_DEFS: dict[str, OpDef] = {}
@@ -113,8 +143,12 @@ def program_kind(name: str) -> ProgramKind:
         raise ValueError(f"unknown program op kind '{name}'") from None
 
 
-def run_float(node: Any, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """Apply ``node``'s op to ``inputs`` in float."""
+def run_float(node: Any, inputs: list[torch.Tensor], params: dict[str, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """Apply ``node``'s op to ``inputs`` in float; ``params``, when given, in place of ``node.params`` (a
+    fake-quantized or learned weight)."""
+    if params is not None:
+        node = replace(node, params=params)
     return OP_DEFS[node.op].float(node, inputs)
 
 
@@ -143,3 +177,12 @@ class OpSet(AbstractSet[str]):
 def ops_where(**flags: Any) -> OpSet:
     """The graph ops whose :class:`OpDef` fields equal ``flags`` (``role="value"``, ``mac=True``)."""
     return OpSet(lambda d: all(getattr(d, k) == v for k, v in flags.items()))
+
+
+def op_providing(hook: str) -> str:
+    """The one graph op whose :class:`OpDef` provides ``hook`` (a transform inserts it by what it does, e.g.
+    ``channel_scale``); ValueError unless exactly one does."""
+    names = [n for n, d in OP_DEFS.items() if getattr(d, hook) is not None]
+    if len(names) != 1:
+        raise ValueError(f"{len(names)} ops provide {hook}, not one")
+    return names[0]

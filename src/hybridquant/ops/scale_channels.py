@@ -3,11 +3,15 @@ accumulator (or codes), or a per-channel lookup table after a deferred non-linea
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..errors import HybridQuantError
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
 from .unary import unary_fn
-from .values import Value, code_dtype, np_int, np_small, zero, zp_arrays
+from .values import Value, c_centred, code_dtype, np_int, np_small, zero, zp_arrays
 
 
 def _float(node, inputs):
@@ -27,7 +31,7 @@ def _lower(ctx, node, op):
         x = ctx.vals[prod.inputs[0]]
         in_qp = ctx.qg.act[ctx.graph.producer(prod.inputs[0]).name]
         out_scale, fn = qp.scale.double() / inv_alpha, unary_fn(prod)
-        if in_qp.kind == "threshold":  # one column per interval, at its representative value
+        if in_qp.grid == "threshold":  # one column per interval, at its representative value
             table = arith.lut_codes(fn, in_qp.levels.double().unsqueeze(0), out_scale.reshape(-1, 1),
                                     int(qp.zero_point), qp.qmin, qp.qmax)
         else:
@@ -62,10 +66,25 @@ def _onnx(ex, node, xs):
     return ex.b.add("Mul", [xs[0], inv_alpha], node.name)
 
 
+def _c_channel_lut(op, em):
+    x = op.inputs[0]
+    channels, size = np.asarray(op.arrays["table"]).shape
+    shape = em.shape(x)
+    inner = math.prod(shape[op.attrs["axis"] % len(shape) + 1:])
+    return [f"hq_channel_lut({em.codes(x)}, {em.count(x)}, {inner}, {channels}, {em.array('table')}, {size}, "
+            f"{em.scalar('in_qmin')}, {em.scalar('requant.zero_point')}, {em.acc()});"]
+
+
+def _c_channel_requant(op, em):
+    src = op.inputs[0]
+    return c_centred(op, em, em.acc(src) if op.attrs["reads"] == "accumulator" else em.codes(src))
+
+
 register(
-    OpDef("scale_channels", _float, lower=_lower, onnx=_onnx),
+    OpDef("scale_channels", _float, lower=_lower, onnx=_onnx, channel_scale=lambda node: node.params["inv_alpha"]),
     ProgramKind("channel_lut", "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity "
-                               "requant", run=_channel_lut, table=True),
+                               "requant", run=_channel_lut, table=True, c=_c_channel_lut),
     ProgramKind("channel_requant", "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
-                                 "then a per-channel requant along attrs.axis", run=_channel_requant),
+                                 "then a per-channel requant along attrs.axis", run=_channel_requant,
+                c=_c_channel_requant),
 )

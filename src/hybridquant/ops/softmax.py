@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ..errors import HybridQuantError
@@ -55,10 +58,20 @@ def _run(op, c, state, vals, accs):
     return codes - c["requant.zero_point"]
 
 
+def _c(op, em):
+    x = op.inputs[0]
+    shape = em.shape(x)
+    dim = op.attrs["dim"] % len(shape)
+    table = np.asarray(op.arrays["exp_table"])
+    return [f"hq_softmax({em.codes(x)}, {math.prod(shape[:dim])}, {shape[dim]}, {math.prod(shape[dim + 1:])}, "
+            f"{em.array('exp_table')}, {table.size}, {em.scalar('out_exp')}, {em.scalar('out_qmax')}, "
+            f"{em.scalar('requant.zero_point')}, {em.acc()});"]
+
+
 register(
     OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True,
           onnx=lambda ex, node, xs: ex.b.add("Softmax", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("softmax", "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
                            "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; "
-                           "then the identity requant", run=_run, category="softmax_constants"),
+                           "then the identity requant", run=_run, category="softmax_constants", c=_c),
 )

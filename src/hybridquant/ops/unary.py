@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +44,7 @@ def _lower(ctx, node, op):
     x = ctx.vals[node.inputs[0]]
     in_qp = ctx.qg.act[ctx.graph.producer(node.inputs[0]).name]
     fn = unary_fn(node)
-    if in_qp.kind == "threshold":  # one entry per interval, at its representative value
+    if in_qp.grid == "threshold":  # one entry per interval, at its representative value
         table = arith.lut_codes(fn, in_qp.levels.double(), float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
     else:
         table = arith.build_lut(fn, float(x.scale), int(x.zp), in_qp.qmin, in_qp.qmax, float(qp.scale),
@@ -66,11 +67,23 @@ _ONNX = {
     "hardswish": lambda ex, node, xs: ex.b.add("HardSwish", xs, node.name),
 }
 
+#: the least value of each function with a negative tail, rounded outwards: SiLU x·σ(x) at x ≈ −1.2785,
+#: GELU x·Φ(x) at x ≈ −0.7518 (−0.16997), hardswish at x = −1.5
+_MIN = {"silu": -0.2785, "gelu": -0.17, "hardswish": -0.375}
+
+def _c_lut(op, em):
+    x = op.inputs[0]
+    size = np.asarray(op.arrays["table"]).size
+    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.array('table')}, {size}, {em.scalar('in_qmin')}, "
+            f"{em.scalar('requant.zero_point')}, {em.acc()});"]
+
+
 register(
-    *(OpDef(name, lambda node, i: unary_fn(node)(i[0]), elementwise=True, lower=_lower, onnx=_ONNX[name])
+    *(OpDef(name, lambda node, i: unary_fn(node)(i[0]), elementwise=True, lower=_lower, onnx=_ONNX[name],
+            output_min=_MIN.get(name))
       for name in (*_UNARY, "gelu")),
     ProgramKind("lut", "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
-                run=_lut, table=True),
+                run=_lut, table=True, c=_c_lut),
     ProgramKind("deferred", "no codes: a non-linearity read only through a consumer's per-channel table "
                             "(channel_lut)", result="none", computes=False),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +100,25 @@ def centred_inputs(op: Any, consts: dict[str, torch.Tensor], vals: dict[str, tor
 FRAC_BITS = 16
 
 
+def c_centred(op: Any, em: Any, source: str | None = None) -> list[str]:
+    """C of ``acc = v - in_zero_point.0`` (the zero point along the last dim); ``v``: the C expression ``source``,
+    the codes of the op's input by default."""
+    n, last = math.prod(op.out_shape), op.out_shape[-1]
+    v = source or em.codes(op.inputs[0])
+    return [f"hq_center_shift({v}, {em.arg('in_zero_point.0')}, {n}, {last}, (hq_param){{hq_zero, 1}}, {em.acc()});"]
+
+
+def c_operands(op: Any, em: Any) -> tuple[str, str]:
+    """The two inputs of an elementwise op, which the C kernels take of one shape (no broadcasting)."""
+    a, b = op.inputs
+    if em.shape(a) != em.shape(b):
+        raise em.fail(f"shapes {em.shape(a)} and {em.shape(b)} differ (broadcasting is not supported)")
+    return a, b
+
+
 def pot_uniform(in_qp: Any, out_qp: Any) -> bool:
     """Whether both quantizers are uniform with power-of-two scales and the output's is one scale: what the
     integer softmax and LayerNorm kernels need."""
-    if in_qp is None or out_qp is None or in_qp.kind != "uniform" or out_qp.kind != "uniform":
+    if in_qp is None or out_qp is None or in_qp.grid != "uniform" or out_qp.grid != "uniform":
         return False
     return in_qp.is_pot and out_qp.is_pot and out_qp.scale.dim() == 0

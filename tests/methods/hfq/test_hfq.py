@@ -24,7 +24,7 @@ def test_hfq_beats_naive_pot_minmax(toy_calib):
                                                 wbits=wb, abits=ab), toy_calib)
         assert _err(hfq, graph, x) < _err(naive, graph, x)
         assert all(q.is_pot for q in hfq.weight.values())
-        assert all(q.is_pot for q in hfq.act.values() if q.kind == "uniform")
+        assert all(q.is_pot for q in hfq.act.values() if q.grid == "uniform")
 
 
 def test_outlier_scaling_applies_its_factors_and_can_be_switched_off(toy_calib):
@@ -65,7 +65,7 @@ def test_two_shift_terms(toy_calib):
     # the second term is really used (a power of two is two-term too: ignoring shift_terms would pass above)
     scales = [v for q in qg.weight.values() for v in q.scale.tolist()]
     assert sum(not is_power_of_two(v) for v in scales) > len(scales) // 2
-    assert all(q.is_pot for q in qg.act.values() if q.kind == "uniform")
+    assert all(q.is_pot for q in qg.act.values() if q.grid == "uniform")
     one = quantize_graph(graph, QuantConfig(method="hfq", scales="pot", wbits=4), toy_calib)
     x = torch.cat(toy_calib)
     assert _err(qg, graph, x) < 1.5 * _err(one, graph, x)  # finer grid: no worse by much, usually better
@@ -87,7 +87,7 @@ def test_float_scales_hfq_searches_and_is_no_worse_than_pot(toy_calib):
         if search["kept"] == "float":
             kept_float += 1
             assert search["output_mse_float"] < search["output_mse_pot"]
-            assert not all(q.is_pot for q in floats.act.values() if q.kind == "uniform")
+            assert not all(q.is_pot for q in floats.act.values() if q.grid == "uniform")
             assert _err(floats, graph, calib) < _err(pots, graph, calib)
     assert kept_float >= 2  # the float search really finds better scales, not only the fallback
 
@@ -116,7 +116,7 @@ def test_lut_zero_point_gives_silu_inputs_a_zero_point(toy_calib):
     assert all(on.act[name].qmin == 0 and int(on.act[name].zero_point) > 0 for name in silu_inputs)
     assert any(off.act[name].qmin < 0 for name in silu_inputs)  # the symmetric grid it replaces
     assert off.info["refine"]["act_zero_points_lowered"] == 0
-    assert all(q.is_pot for q in on.act.values() if q.kind == "uniform")
+    assert all(q.is_pot for q in on.act.values() if q.grid == "uniform")
     x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 2 - 1
     naive = quantize_graph(graph, QuantConfig(method="minmax", scales="pot", wbits=6, abits=6), toy_calib)
     assert _err(on, graph, x) < _err(naive, graph, x)
@@ -129,8 +129,8 @@ def test_lut_thresholds_give_silu_inputs_grids_that_lose_nothing_at_the_silu_out
                       outlier_scaling=False)
     on = quantize_graph(graph, cfg, toy_calib)
     off = quantize_graph(graph, cfg.replace(lut_thresholds=False), toy_calib)
-    assert all(q.kind == "uniform" for q in off.act.values())
-    assert not any(q.kind == "threshold" for q in quantize_graph(graph, cfg.replace(abits=8), toy_calib).act.values())
+    assert all(q.grid == "uniform" for q in off.act.values())
+    assert not any(q.grid == "threshold" for q in quantize_graph(graph, cfg.replace(abits=8), toy_calib).act.values())
     silus = graph.by_op("silu")
     assert on.info["refine"]["lut_threshold_grids"] == len(silus)
     raw: dict[str, torch.Tensor] = {}
@@ -142,7 +142,7 @@ def test_lut_thresholds_give_silu_inputs_grids_that_lose_nothing_at_the_silu_out
     on.sim.run(torch.cat(toy_calib), hook=keep_raw, override=on.override)
     for silu in silus:
         grid, out_qp, x = on.act[silu.inputs[0]], on.act[silu.name], raw[silu.inputs[0]]
-        assert grid.kind == "threshold" and grid.is_pot and grid.qmax + 1 <= 2**6
+        assert grid.grid == "threshold" and grid.is_pot and grid.qmax + 1 <= 2**6
         assert grid.thresholds.numel() == grid.qmax and bool((grid.thresholds.diff() > 0).all())
         # the SiLU output's codes are (almost all) those of the exact conv output
         exact = out_qp.fake(torch.nn.functional.silu(x))

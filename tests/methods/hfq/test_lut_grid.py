@@ -28,7 +28,7 @@ def test_grid_is_lossless_where_it_needs_no_merge_and_bounded_where_it_does(in_b
     x = _conv_output()
     out_qp = _silu_out_qp(x, 6)
     grid = lut_input_grid(F.silu, out_qp, x, in_bits)
-    assert grid.kind == "threshold" and grid.is_pot and grid.qmax + 1 <= 2**in_bits
+    assert grid.grid == "threshold" and grid.is_pot and grid.qmax + 1 <= 2**in_bits
     assert grid.thresholds.numel() == grid.qmax and bool((grid.thresholds.diff() > 0).all())
     # each level lies in its own interval
     assert torch.equal(threshold_quantize(grid.levels, grid.thresholds, grid.scale), torch.arange(grid.qmax + 1))
@@ -74,5 +74,5 @@ def test_round_trip_through_dict():
     x = _conv_output(500)
     grid = lut_input_grid(F.silu, _silu_out_qp(x, 6), x, 6)
     back = QParams.from_dict(grid.to_dict())
-    assert back.kind == "threshold" and torch.equal(back.thresholds, grid.thresholds)
+    assert back.grid == "threshold" and torch.equal(back.thresholds, grid.thresholds)
     assert torch.equal(back.levels, grid.levels) and torch.equal(back.fake(x), grid.fake(x))

@@ -45,7 +45,7 @@ def test_activation_search_picks_the_best_exponent_and_moves_some(toy_calib):
         if node.op == "output":
             continue
         qp = qg.act.get(node.name)
-        if qp is None or qp.kind != "uniform" or qp.scale.dim() != 0:
+        if qp is None or qp.grid != "uniform" or qp.scale.dim() != 0:
             continue
         raw = _split(walker, values[node.name])
         best, move = _choose_act(walker, node.name, raw, qp)

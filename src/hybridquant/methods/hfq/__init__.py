@@ -48,28 +48,25 @@ from typing import Any
 import torch
 
 from ...config import HfqConfig, QuantConfig
-from ...graph.ir import ELEMENTWISE_OPS, Graph, Node
+from ...graph.ir import Graph, Node
 from ...graph.stream import split_images
 from ...observers import ActivationObserver
 from ...phases import phase
-from ...qparams import QParams, choose_mode, range_to_qparams, restrict_pot, restrict_two_term
+from ...qparams import QParams, range_to_qparams, restrict_pot, restrict_two_term
 from ...store import Workspace
-from ..base import Method
-from ..fqvit import ptf_qparams, ptf_samples
+from ..fqvit import PTFMethod, ptf_samples
 from .lut_grid import MAX_BITS
 from .outlier_scaling import outlier_scaling
 from .pot_search import SEARCH_IMAGES, sequential_refine
 from .reconstruction import RECONSTRUCTION_IMAGES, reconstruct
 
 
-class HFQ(Method):
+class HFQ(PTFMethod):
     name = "hfq"
     config_class = HfqConfig
 
     def __init__(self, workspace: Workspace | None = None) -> None:
         super().__init__(workspace)
-        # LayerNorm-input producer -> (channel axis, [rows, C] sample), for per-channel factors (``ptf``)
-        self.ptf: dict[str, tuple[int, torch.Tensor]] = {}
         # values read only by lookup-table non-linearities (``lut_zero_point``)
         self.lut_inputs: set[str] = set()
 
@@ -87,14 +84,12 @@ class HFQ(Method):
             info["ptf_tensors"] = sorted(self.ptf)
         if config.options.lut_zero_point or config.options.lut_thresholds:
             self.lut_inputs = {n.name for n in graph if n.name not in self.ptf and (users := graph.users(n.name))
-                               and all(u.op in ELEMENTWISE_OPS for u in users)}
+                               and all(u.opdef.elementwise for u in users)}
         return info
 
     def act_qparams(self, node: Node, obs: ActivationObserver, bits: int, config: QuantConfig) -> QParams:
-        if node.name in self.ptf:
-            axis, sample = self.ptf[node.name]
-            return ptf_qparams(sample, obs.min, obs.max, bits, choose_mode(obs.min, obs.max, config.act_symmetry),
-                               axis)
+        if (qp := self.ptf_qparams(node, obs, bits, config)) is not None:
+            return qp
         if config.options.lut_zero_point and node.name in self.lut_inputs and obs.min < 0:
             lo, hi = obs.range(self.act_range)
             return range_to_qparams(torch.tensor(lo), torch.tensor(hi), bits, "asymmetric")
@@ -114,12 +109,12 @@ class HFQ(Method):
             raw_readers = [u for u in readers if u.attrs.get("raw_input")]
             if table.name in qgraph.act and not raw_readers:
                 completes = table.name
-            elif table.name not in qgraph.act and len(readers) == 1 and readers[0].op == "scale_channels":
+            elif table.name not in qgraph.act and len(readers) == 1 and readers[0].opdef.channel_scale is not None:
                 completes = readers[0].name
             else:
                 continue
             qp = qgraph.act.get(completes)
-            if qp is not None and qp.kind == "uniform" and qp.scale.dim() == 0:
+            if qp is not None and qp.grid == "uniform" and qp.scale.dim() == 0:
                 out[name] = completes
         return out
 
@@ -185,7 +180,7 @@ def pot_twin(qgraph, config: QuantConfig):
 
     act = {}
     for name, qp in qgraph.act.items():
-        if qp.kind == "uniform":
+        if qp.grid == "uniform":
             lo = torch.tensor(-float(qp.zero_point.max()) * float(qp.scale.max()))
             qp = restrict_pot(qp, "round", lo=lo)
         act[name] = qp

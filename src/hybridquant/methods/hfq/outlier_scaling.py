@@ -30,7 +30,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ... import heap
@@ -38,6 +37,7 @@ from ...config import QuantConfig
 from ...graph.ir import Graph, Node
 from ...graph.stream import FloatStream, split_images
 from ...observers import weight_qparams
+from ...ops import run_float
 from ...phases import progress_enabled
 from ...primitives import pot_scale
 from ...qparams import QParams, choose_mode, range_to_qparams, restrict_pot
@@ -101,20 +101,18 @@ def _quant_weight(w: torch.Tensor, bits: int, pot: bool) -> torch.Tensor:
 
 
 def layer_output(node: Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if node.op == "linear":
-        return F.linear(x, w)
-    a = node.attrs
-    return F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    """``node``'s float op on ``x`` with weight ``w`` and no bias."""
+    return run_float(node, [x], {"weight": w})
 
 
 def _channel_view(x: torch.Tensor, node: Node) -> torch.Tensor:
     """[C, everything else] along ``node``'s input channel dim."""
-    return x.transpose(0, 1 if node.op == "conv2d" else x.dim() - 1).flatten(1)
+    return x.transpose(0, node.opdef.channel_axis).flatten(1)
 
 
 def _broadcast(v: torch.Tensor, x: torch.Tensor, node: Node) -> torch.Tensor:
     shape = [1] * x.dim()
-    shape[1 if node.op == "conv2d" else -1] = -1
+    shape[node.opdef.channel_axis] = -1
     return v.reshape(shape)
 
 
@@ -174,7 +172,7 @@ def channel_shift(graph: Graph, node: Node, xin: Chunks, config: QuantConfig,
     w = node.params["weight"]
     ref = Mapped(xin, lambda t: layer_output(node, t, w))
     norm = _sum_sq(ref)
-    ones = torch.ones(xin.chunk(0).shape[1 if node.op == "conv2d" else -1])
+    ones = torch.ones(xin.chunk(0).shape[node.opdef.channel_axis])
     base = layer_error(node, xin, ones, config, ref)
     total, count, hi, lo = None, 0, None, None
     for c in xin:
@@ -216,7 +214,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
     kept in ``workspace``, a default one when None)."""
     config = config.replace(scales="pot")  # α is chosen under power-of-two quantizers for float scales too
     ws = workspace if workspace is not None else Workspace()
-    layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).op != "input"]
+    layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).opdef.role != "source"]
     readers = Counter(n.inputs[0] for n in layers)
     chunks = split_images(graph, calib, ws, limit=max_images)
     probe = chunks[0][:8]  # images to check a channel shift on

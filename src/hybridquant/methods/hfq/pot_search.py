@@ -64,10 +64,6 @@ TWO_TERM_DELTAS = (-2, -1, 0, 1, 2)
 SEARCH_IMAGES = 256
 
 
-def _channel_axis(node: Node) -> int:
-    return 1 if node.op == "conv2d" else -1
-
-
 def _per_channel_sq_err(out: torch.Tensor, ref: torch.Tensor, axis: int) -> torch.Tensor:
     return (out - ref).pow(2).transpose(0, axis).flatten(1).sum(1)
 
@@ -125,8 +121,7 @@ class _Walker:
             return run_float(node, inputs)
         params = dict(node.params)
         params["weight"] = wq.fake(node.params["weight"].flatten(1)).reshape(node.params["weight"].shape)
-        probe = Node(node.name, node.op, node.inputs, node.attrs, params)
-        return run_float(probe, inputs)
+        return run_float(node, inputs, params)
 
     def consumer_errors(self, name: str, raw: Stored, values: list[Callable[[torch.Tensor], torch.Tensor]]
                         ) -> list[float]:
@@ -135,7 +130,7 @@ class _Walker:
         over the chunks before dividing, so the result is the error over all search images."""
         users = [(chain, user, idx) for chain, user, idx in self.graph.value_users(name)
                  if not user.attrs.get("raw_input")]  # those read the value before this quantizer
-        targets = [name if user.op == "output" else user.name for _, user, _ in users] or [name]
+        targets = [name if user.opdef.role == "sink" else user.name for _, user, _ in users] or [name]
         num = [[torch.zeros(()) for _ in targets] for _ in values]
         den = [torch.zeros(()) for _ in targets]
         for b in range(len(self)):
@@ -143,7 +138,7 @@ class _Walker:
             for u, target in enumerate(targets):
                 ref = self.ref(target).chunk(b)
                 den[u] = den[u] + ref.pow(2).sum()
-                if not users or users[u][1].op == "output":
+                if not users or users[u][1].opdef.role == "sink":
                     for c, fn in enumerate(values):
                         num[c][u] = num[c][u] + (fn(raw_b) - ref).pow(2).sum()
                     continue
@@ -178,7 +173,7 @@ class _Walker:
         held = [src for src, until in self.hold_until.items() if until == node.name]
         freed = [name for name in [node.name, *node.inputs, *held]
                  if name in self._done and self.hold_until.get(name, name) in self._done
-                 and all(u.name in self._done for u in self.graph.users(name) if u.op != "output")]
+                 and all(u.name in self._done for u in self.graph.users(name) if u.opdef.role != "sink")]
         for name in freed:
             self._free(name)
         if freed:
@@ -234,10 +229,10 @@ def sequential_refine(
     completes = {out: src for src, out in lut_grids.items()}  # read exactly until their table's grid is chosen
     walker.hold_until.update(lut_grids)
     changed_w = changed_a = changed_zp = rounded_layers = 0
-    nodes = [n for n in graph if n.op != "output"]
+    nodes = [n for n in graph if n.opdef.role != "sink"]
     try:
         for node in tqdm(nodes, desc="exponent search", disable=not progress_enabled(), leave=False):
-            if node.op == "input":
+            if node.opdef.role == "source":
                 raw = Stored.of(walker.ws, walker.chunks)
             else:
                 wq = qgraph.weight.get(node.name)
@@ -265,7 +260,7 @@ def sequential_refine(
             if node.name in lut_grids:
                 walker.q[node.name] = raw
             else:
-                if qp is not None and qp.kind == "uniform" and search_acts:
+                if qp is not None and qp.grid == "uniform" and search_acts:
                     best, move = _choose_act(walker, node.name, raw, qp, zero_point_search, float_scales)
                     changed_a += int(not torch.equal(best.scale, qp.scale))
                     changed_zp += int(move != 0)
@@ -288,7 +283,7 @@ def sequential_refine(
 
 def _correct_bias(walker: _Walker, node: Node, wq: QParams) -> None:
     """Add the mean output error per channel (float model minus quantized layer) to the bias."""
-    axis = _channel_axis(node)
+    axis = node.opdef.channel_axis
     total, count = None, 0
     for b in range(len(walker)):
         out = walker.run_with_weight(node, walker.inputs_of(node, b), wq)
@@ -306,7 +301,8 @@ def _grid_lut_input(walker: _Walker, src: str, node: Node, qp: QParams) -> Store
     new value before its quantizer."""
     graph = walker.graph
     table = graph.users(src)[0]
-    factor = 1.0 / node.params["inv_alpha"] if node.op == "scale_channels" else None
+    scale = node.opdef.channel_scale
+    factor = 1.0 / scale(node) if scale is not None else None
     exact = walker.q[src]
     grid = lut_input_grid(lambda t: run_float(table, [t]), qp, list(exact), walker.qg.act[src].bits,
                           factor, node.attrs.get("dim"))
@@ -334,7 +330,7 @@ def _choose_weight(walker: _Walker, node: Node, wq: QParams, search: bool,
                    two_term: bool = False, float_scales: bool = False):
     if not search:
         return wq, 0
-    axis = _channel_axis(node)
+    axis = node.opdef.channel_axis
     cands = [with_scale(wq, scale) for scale in _weight_candidates(wq, two_term, float_scales)]  # naive first
     errs: list[torch.Tensor | None] = [None] * len(cands)
     for b in range(len(walker)):

@@ -35,10 +35,9 @@ import torch
 from tqdm import tqdm
 
 from ... import heap
-from ...graph.ir import Graph, Node
+from ...graph.ir import Graph, Node, evaluate
 from ...graph.quantized import QuantizedGraph
 from ...graph.stream import split_images
-from ...ops import run_float
 from ...phases import progress_enabled
 from ...qparams import QParams
 from ...store import Held, Stored, Workspace
@@ -70,7 +69,7 @@ def blocks(graph: Graph) -> list[list[Node]]:
     out: list[list[Node]] = []
     key: str | None = None
     for node in graph:
-        if node.op in ("input", "output"):
+        if node.opdef.role in ("source", "sink"):
             continue
         k = block_key(node.module) if node.module else key
         if not out or k != key:
@@ -144,10 +143,8 @@ def _forward(block: _Block, act: dict[str, QParams], params: dict[str, dict[str,
              quantize: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run one block; returns (values as consumers see them, values before their quantizer)."""
     vals, raws = dict(q_in), dict(raw_in)
-    for node in block.nodes:
-        src = raws if node.attrs.get("raw_input") else vals
-        probe = Node(node.name, node.op, node.inputs, node.attrs, params.get(node.name, node.params))
-        out = run_float(probe, [src[i] for i in node.inputs])
+    for node in block.nodes:  # float ops: the integer kernels have no gradient to learn the rounding through
+        out = evaluate(node, vals, raws, params=params.get(node.name))
         raws[node.name] = out
         qp = act.get(node.name) if quantize else None
         if qp is not None:
@@ -161,7 +158,7 @@ def _learnable(block: _Block, qgraph: QuantizedGraph, float_graph: Graph, start:
     biases: dict[str, torch.Tensor] = {}
     for node in block.nodes:
         wq = qgraph.weight.get(node.name)
-        if wq is None or wq.kind != "uniform":
+        if wq is None or wq.grid != "uniform":
             continue
         w = start.get(node.name, float_graph[node.name].params["weight"])
         rounding[node.name] = _LearnedRounding(w, wq)

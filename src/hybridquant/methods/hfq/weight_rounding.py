@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ...graph.ir import Node
 from ...qparams import QParams
@@ -44,15 +43,7 @@ MIN_SAMPLES_PER_COLUMN = 16
 
 def _patches(node: Node, x: torch.Tensor) -> torch.Tensor:
     """Layer input as columns: [K, N] (dense) or [C, k·k, N] (depthwise)."""
-    if node.op == "linear":
-        return x.reshape(-1, x.shape[-1]).t()
-    a = node.attrs
-    w = node.params["weight"]
-    cols = F.unfold(x, w.shape[-2:], a["dilation"], a["padding"], a["stride"])  # [B, Cin·kh·kw, L]
-    if is_depthwise(node):
-        c = x.shape[1]
-        return cols.reshape(x.shape[0], c, -1, cols.shape[-1]).permute(1, 2, 0, 3).flatten(2)
-    return cols.permute(1, 0, 2).flatten(1)
+    return node.opdef.columns(node, x)
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -93,8 +84,6 @@ PATCH_BYTES = 128 * 2**20
 
 def _columns(node: Node, x: torch.Tensor) -> int:
     """How many columns (samples) ``_patches`` gives for ``x``."""
-    if node.op == "linear":
-        return x.numel() // x.shape[-1]
     return _patches(node, x[:1]).shape[-1] * x.shape[0]
 
 

@@ -1,0 +1,85 @@
+/* hybridquant integer kernels: the C form of the exported program's contract (C99, no malloc, no floating
+ * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer; intermediates wider
+ * than 32 bits are int64 where the contract needs them (requantization shifts, softmax, LayerNorm).
+ *
+ * Rounding: round half up everywhere. srr(v, k) = floor((v + 2^(k-1)) / 2^k) for k > 0, v * 2^-k for k <= 0;
+ * a division by d > 0 rounds as floor((2 num + d) / (2 d)). Saturation: codes are clamped to [qmin, qmax].
+ * Shifts of negative values are written as multiplications and floor divisions by powers of two, so the
+ * results do not depend on the compiler's choice for signed shifts. */
+#ifndef HQ_KERNELS_H
+#define HQ_KERNELS_H
+
+#include <stdint.h>
+
+/* A per-tensor (len 1) or per-channel (len = channels) parameter. */
+typedef struct {
+    const int32_t *v;
+    int32_t len;
+} hq_param;
+
+enum { HQ_REQUANT_SHIFT = 0, HQ_REQUANT_TWO_TERM = 1, HQ_REQUANT_THRESHOLD = 2 };
+
+/* The requantization of an accumulator (the contract's REQUANT_DOC). Element i has channel
+ * (i / inner) % channels; per-channel parameters are indexed by it. */
+typedef struct {
+    int32_t mode;
+    int32_t inner, channels;
+    hq_param shift, a, b, sign, n, zero_point;
+    int32_t qmin, qmax;
+    const int32_t *thresholds;
+    int32_t n_thresholds;
+} hq_requant;
+
+/* Weights: int8 codes (bits 8), or a bit stream of `bits`-bit fields, least significant bit first, sign-extended
+ * when is_signed. */
+typedef struct {
+    const uint8_t *data;
+    int32_t bits;
+    int32_t is_signed;
+} hq_weights;
+
+/* A strided view of a contiguous tensor (a layout op): out[i] = in[offset + sum_d idx_d(i) * stride_d]. */
+#define HQ_MAX_DIMS 8
+typedef struct {
+    int32_t ndim;
+    int32_t shape[HQ_MAX_DIMS];
+    int32_t stride[HQ_MAX_DIMS];
+    int32_t offset;
+} hq_view;
+
+int32_t hq_weight(const hq_weights *w, int32_t i);
+int64_t hq_srr(int64_t v, int32_t k);
+int64_t hq_floor_shift(int64_t v, int32_t k);
+
+void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_requant *rq);
+void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_per_channel, const int32_t *table,
+                       int32_t *out);
+void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, const hq_weights *wt,
+               const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
+               int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc);
+void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
+               int32_t n, int32_t *acc);
+void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
+               int32_t n, int32_t *acc);
+void hq_center_shift(const int32_t *x, hq_param zp, int32_t count, int32_t last, hq_param shift, int32_t *out);
+void hq_add(const int32_t *a, hq_param zpa, hq_param sa, const int32_t *b, hq_param zpb, hq_param sb,
+            int32_t count, int32_t last, int32_t *acc);
+void hq_cat_part(const int32_t *x, hq_param zp, hq_param shift, int32_t outer, int32_t part, int32_t last,
+                 int32_t out_row, int32_t out_offset, int32_t *acc);
+void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t count, int32_t last,
+            int32_t *acc);
+void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int32_t *acc);
+void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t size, int32_t in_qmin, int32_t acc_zp,
+            int32_t *acc);
+void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, const int32_t *table,
+                    int32_t size, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
+void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, const int32_t *exp_table,
+                int32_t table_size, int32_t out_exp, int32_t out_qmax, int32_t acc_zp, int32_t *acc);
+void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_zp, const int32_t *ptf_shift,
+                   int32_t ptf_len, int32_t frac_bits, int32_t sqrt_frac_bits, int64_t eps_q, const int32_t *gamma_q,
+                   const int64_t *beta_q, int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax,
+                   int32_t acc_zp, int32_t *acc);
+void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out);
+int64_t hq_isqrt(int64_t v);
+
+#endif

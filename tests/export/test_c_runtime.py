@@ -1,0 +1,163 @@
+"""The C project export: it compiles warning-free as strict C99, holds no floating point, and runs the integer
+program bit for bit as the integer executor does on the same uint8 images."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hybridquant.config import QuantConfig
+from hybridquant.errors import HybridQuantError
+from hybridquant.export.c import RUNTIME_FILES, export_c, input_table, pixels_to_images
+from hybridquant.integer.executor import IntegerModel
+from hybridquant.integer.lower import lower
+from hybridquant.quantize import quantize_graph
+
+from ..methods.conftest import make_toy_graph
+
+META = {"class_names": ["a", "b", "c"], "data_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+STRICT = "-std=c99 -O2 -Wall -Wextra -Werror -pedantic"
+
+
+def compiler() -> str:
+    """The system C compiler; CI installs one, so only a machine without one skips."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C compiler found: CI must install one")
+        pytest.skip("no C compiler")
+    return cc
+
+
+def build(project: Path, cflags: str = STRICT) -> Path:
+    done = subprocess.run(["make", "-s", "-C", str(project), f"CC={compiler()}", f"CFLAGS={cflags}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return project / "hq_model"
+
+
+def run_c(binary: Path, pixels: np.ndarray, tmp: Path) -> np.ndarray:
+    (tmp / "images.bin").write_bytes(np.ascontiguousarray(pixels).tobytes())
+    done = subprocess.run([str(binary), str(tmp / "images.bin"), str(tmp / "codes.bin")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return np.fromfile(tmp / "codes.bin", dtype=np.int32).reshape(len(pixels), -1)
+
+
+def pixels(count: int, size: list[int], seed: int = 0) -> np.ndarray:
+    c, h, w = size
+    return np.random.default_rng(seed).integers(0, 256, size=(count, h, w, c), dtype=np.uint8)
+
+
+def executor_codes(qg, px: np.ndarray) -> np.ndarray:
+    _, codes = IntegerModel(qg).run(pixels_to_images(px, META))
+    return codes.reshape(len(px), -1).numpy()
+
+
+CONFIGS = {
+    "minmax-w8a8": dict(method="minmax", wbits=8, abits=8),
+    "hfq-w8a8": dict(method="hfq", wbits=8, abits=8, reconstruction_iters=5),
+    "hfq-w4a8": dict(method="hfq", wbits=4, abits=8, reconstruction_iters=5),
+    "hfq-w6a6-two-term": dict(method="hfq", wbits=6, abits=6, shift_terms=2, reconstruction_iters=5),
+    "smoothquant-w6a6": dict(method="smoothquant", wbits=6, abits=6),
+}
+
+
+@pytest.fixture(scope="module")
+def toy_calib():
+    graph = make_toy_graph()
+    gen = torch.Generator().manual_seed(0)
+    return graph, [torch.rand(16, *graph.meta["input_size"], generator=gen) * 2 - 1]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_c_runtime_is_bit_exact_with_the_integer_executor(name, toy_calib, tmp_path):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig.build(scales="pot", **CONFIGS[name]), calib)
+    project = tmp_path / "model"
+    facts = export_c(qg, project, META)
+    assert sorted(p.name for p in project.iterdir()) == sorted(["model.h", "model.c", *RUNTIME_FILES])
+    assert facts["scratch_bytes"] > 0 and facts["constant_bytes"] > 0
+    px = pixels(24, graph.meta["input_size"])
+    got = run_c(build(project), px, tmp_path)
+    want = executor_codes(qg, px)
+    assert np.array_equal(got, want)
+    assert len(np.unique(want[:, 0])) > 3  # the images give the output different codes
+
+
+def test_the_generated_code_has_no_floating_point(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig.build(method="hfq", scales="pot", wbits=4, abits=8,
+                                                 reconstruction_iters=5), calib)
+    project = tmp_path / "model"
+    export_c(qg, project, META)
+    for name in ("model.h", "model.c", "hq_kernels.h", "hq_kernels.c"):
+        code = re.sub(r"/\*.*?\*/", "", (project / name).read_text(), flags=re.S)  # comments may say "float"
+        assert not re.search(r"\b(float|double)\b", code), name
+    # every type named float or double fails to compile
+    build(project, STRICT + " -Dfloat=HQ_NO_FLOAT -Ddouble=HQ_NO_FLOAT")
+
+
+def test_the_input_table_is_the_python_preprocessing(toy_calib):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib)
+    program = lower(qg)
+    table = input_table(program, META)
+    assert table.shape == (3, 256)
+    # a batch of one image per pixel value: every channel of image p is p
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None, None], 3, axis=3)
+    from hybridquant.primitives import quantize
+
+    op = program.ops[0]
+    c = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in op.arrays.items()}
+    want = quantize(pixels_to_images(values, META), c["scale"], c["zero_point"], int(c["qmin"]), int(c["qmax"]),
+                    op.attrs.get("axis"))
+    assert np.array_equal(table.T, want[:, :, 0, 0].numpy())
+
+
+def test_main_rejects_a_truncated_image_file(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib)
+    export_c(qg, tmp_path / "model", META)
+    binary = build(tmp_path / "model")
+    (tmp_path / "short.bin").write_bytes(pixels(2, graph.meta["input_size"]).tobytes()[:-5])
+    done = subprocess.run([str(binary), str(tmp_path / "short.bin"), str(tmp_path / "out.bin")], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and "not a whole number" in done.stderr
+    done = subprocess.run([str(binary), str(tmp_path / "missing.bin"), str(tmp_path / "out.bin")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "cannot read" in done.stderr
+
+
+def test_runs_clean_under_the_sanitizers(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig.build(method="hfq", scales="pot", wbits=6, abits=6,
+                                                 reconstruction_iters=5), calib)
+    export_c(qg, tmp_path / "model", META)
+    probe = subprocess.run([compiler(), "-fsanitize=address,undefined", "-x", "c", "-", "-o", str(tmp_path / "p")],
+                           input="int main(void){return 0;}", capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the compiler has no address/undefined sanitizers")
+    binary = build(tmp_path / "model", STRICT.replace("-O2", "-O1 -g") + " -fsanitize=address,undefined "
+                   "-fno-sanitize-recover=all")
+    px = pixels(6, graph.meta["input_size"], seed=1)
+    assert np.array_equal(run_c(binary, px, tmp_path), executor_codes(qg, px))
+
+
+def test_a_model_that_cannot_run_in_c_is_refused_before_writing(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig.build(method="hfq", scales="pot", wbits=8, abits=8,
+                                                 reconstruction_iters=5), calib)
+    program = lower(qg)
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    conv.attrs["weight_bits"] = 12  # wider than the kernels take
+    with pytest.raises(HybridQuantError, match="12-bit weights"):
+        export_c(program, tmp_path / "model", META)
+    assert not (tmp_path / "model").exists()
