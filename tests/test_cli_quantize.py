@@ -125,6 +125,25 @@ def test_eval_integer_matches_the_simulation(tmp_path, capsys, base_args, data_d
     assert result["top1"] == report["quant_top1"]
 
 
+def test_eval_runtime_c_matches_the_simulation_and_the_integer_program(tmp_path, capsys, base_args, data_dir):
+    from tests.export.test_c_runtime import compiler
+
+    compiler()  # skips only off CI on a machine without one
+    out_dir = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", *base_args, "--calib", "6", "--scales", "pot", "--out-dir", str(out_dir))
+    assert code == 0, err
+    code, out, err = _run(capsys, "eval", "--qmodel", str(out_dir / "model.hq"), "--runtime", "c", "--data",
+                          str(data_dir), "--workers", "0", "--out", str(tmp_path / "c.json"))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result == json.loads((tmp_path / "c.json").read_text())
+    assert result["runtime"] == "c" and result["images"] > 0 and result["images_per_second"] > 0
+    assert result["max_logit_diff_lsb"] == 0 and result["agreement_sim"] == 1.0
+    assert result["agreement_integer"] == 1.0 and result["identical_integer"] == 1.0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert result["top1"] == report["quant_top1"]  # the C program classifies the eval images as the simulation
+
+
 def test_eval_integer_refuses_float_scales(tmp_path, capsys, base_args, data_dir):
     out_dir = tmp_path / "q"
     code, _, err = _run(capsys, "quantize", *base_args, "--calib", "6", "--out-dir", str(out_dir))

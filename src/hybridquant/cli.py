@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmodel", default=None, help="evaluate a quantized model.hq instead of --model")
     p.add_argument("--integer", action="store_true",
                    help="with --qmodel: run the integer-only program and compare it with the simulation")
+    p.add_argument("--runtime", choices=["c"], default=None,
+                   help="with --qmodel: export the integer program as C, compile it with the system compiler and "
+                        "run it on the uint8 images (keys top1, agreement_sim, agreement_integer, "
+                        "max_logit_diff_lsb, images_per_second)")
     p.add_argument("--allow-float-multipliers", action="store_true",
                    help="with --integer: accept requantization multipliers that are not powers of two")
     p.add_argument("--onnx", default=None,
@@ -350,11 +354,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from .distributed import is_main, launched_world_size, process_group
     from .evaluate import evaluate_sharded
 
-    if launched_world_size() > 1 and (args.program or args.onnx or args.integer):
+    if launched_world_size() > 1 and (args.program or args.onnx or args.integer or args.runtime):
         raise HybridQuantError("under torchrun eval splits --model and --qmodel only; "
                                "run --program, --onnx and --integer in one process")
-    if args.predictions and args.integer:
-        raise HybridQuantError("--predictions is not available with --integer")
+    if args.predictions and (args.integer or args.runtime):
+        raise HybridQuantError("--predictions is not available with --integer or --runtime")
+    if args.runtime and (args.integer or not args.qmodel):
+        raise HybridQuantError("--runtime c runs a --qmodel's program in C; it does not go with --integer")
     device = "cpu" if args.qmodel else _device(args)  # a --qmodel's simulation runs on the CPU
     with process_group(device):
         if args.program:
@@ -387,9 +393,18 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
     if args.model or args.checkpoint:
         raise HybridQuantError("--qmodel carries its own model; do not pass --model or --checkpoint")
     qgraph, meta = qmodel.load(args.qmodel)
-    dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
     c = qgraph.config
     head = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits, "scales": c.scales}
+    if args.runtime == "c":
+        from .data import PixelTransform, balanced_subset, check_class_names, data_config, image_folder
+        from .export.c_eval import evaluate_c
+
+        cfg = data_config(meta["data_cfg"], _overrides(args))  # the C input table normalises with it
+        dataset = image_folder(args.data, "eval", PixelTransform(cfg))
+        check_class_names(dataset, meta.get("class_names"), int(meta["num_classes"]))
+        loader = make_loader(balanced_subset(dataset, args.limit), args.batch_size, args.workers)
+        return {**head, "runtime": "c", **evaluate_c(qgraph, {**meta, "data_cfg": cfg}, loader, len(loader))}
+    dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
     if args.integer:
         from .integer.evaluate import evaluate_integer
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
@@ -144,6 +145,22 @@ def data_config(model_cfg: dict[str, Any], overrides: DataOverrides | None = Non
 def eval_transform(cfg: dict[str, Any]):
     """timm's eval transform (resize, center crop, normalize) for ``cfg``."""
     return create_transform(**cfg, is_training=False)
+
+
+class PixelTransform:
+    """The eval transform up to the uint8 image (resize, center crop): an (H, W, C) uint8 array. This is what the
+    exported C program reads; its input table does the rest (``ToTensor``'s ``/ 255``, ``Normalize``)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        steps = list(eval_transform(cfg).transforms)
+        tail = [type(s).__name__ for s in steps[-2:]]
+        if len(steps) < 2 or tail[0] not in ("ToTensor", "MaybeToTensor") or tail[1] != "Normalize":
+            raise HybridQuantError(f"the eval preprocessing does not end in ToTensor, Normalize ({tail}): no uint8 "
+                                   "image to give the C program")
+        self.resize_crop = T.Compose(steps[:-2])
+
+    def __call__(self, img) -> np.ndarray:
+        return np.array(self.resize_crop(img.convert("RGB")), dtype=np.uint8)  # writable: torch takes it
 
 
 def train_transform(cfg: dict[str, Any]):

@@ -183,11 +183,11 @@ GCC = shutil.which("gcc")
 def test_mobilevit_runs_in_c_bit_exact(mvit_qgraph, tmp_path):
     """mobilevit_xxs (64x64, min-max W8A8): conv, depthwise, linear, attention matmuls, softmax, LayerNorm,
     concat and the layout ops of the unfold/fold run in C exactly as in the integer executor."""
-    from .test_c_runtime import META, build, executor_codes, pixels, run_c
+    from .test_c_runtime import META, build, executor_codes, pixels, run
 
     export_c(mvit_qgraph, tmp_path / "mvit", META)
     px = pixels(3, mvit_qgraph.graph.meta["input_size"])
-    assert np.array_equal(run_c(build(tmp_path / "mvit"), px, tmp_path), executor_codes(mvit_qgraph, px))
+    assert np.array_equal(run(build(tmp_path / "mvit"), px, tmp_path), executor_codes(mvit_qgraph, px))
 
 
 def test_softmax_exp_table_is_the_tail_of_the_exported_table(toy_calib):

@@ -22,7 +22,10 @@ integer executor's on the same images.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,8 @@ from .program import pack_bits
 
 RUNTIME = Path(__file__).with_name("runtime")
 RUNTIME_FILES = ("hq_kernels.h", "hq_kernels.c", "main.c", "Makefile")
+#: the flags ``build_c`` compiles with: strict C99, warnings are errors
+STRICT_CFLAGS = "-std=c99 -O3 -Wall -Wextra -Werror -pedantic"
 _PER_LINE = 16
 _INT32 = (-(2**31), 2**31 - 1)
 
@@ -109,6 +114,8 @@ class Emitter:
         self.consts: list[str] = []
         self.const_bytes = 0
         self.op: ProgramOp | None = None
+        self.scratch = _Scratch()
+        self.temps: list[tuple[int, int]] = []  # the current op's temporary buffers
 
     # -- buffers and shapes ---------------------------------------------------------
     def codes(self, name: str) -> str:
@@ -121,6 +128,12 @@ class Emitter:
 
     def shape(self, name: str) -> list[int]:
         return self.shapes[name]
+
+    def temp(self, size: int) -> str:
+        """A scratch buffer of ``size`` int32 values for the current op only."""
+        off = self.scratch.take(size)
+        self.temps.append((off, size))
+        return f"(S + {off})"
 
     # -- constants ------------------------------------------------------------------
     def _emit(self, ctype: str, name: str, values: list[str], nbytes: int) -> str:
@@ -238,7 +251,7 @@ def pixels_to_images(pixels: np.ndarray, model_meta: dict[str, Any] | None) -> t
 def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
     """(``model.h``, ``model.c``, facts: scratch bytes, constant bytes, op count) of ``program``."""
     em = Emitter(program)
-    scratch = _Scratch()
+    scratch = em.scratch
     ops = program.ops
     last_read: dict[str, int] = {}
     for op in ops:
@@ -262,9 +275,11 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
             body.append(f"    memcpy(logits, {em.codes(src)}, sizeof(int32_t) * {em.count(src)});")
             continue
         size = _size(op.out_shape)
+        requant = kind.result == "accumulator" and "requant" in op.attrs  # else only a channel_requant reads it
         if kind.result == "accumulator":
             em.acc_offsets[op.name] = scratch.take(size)
-        em.offsets[op.name] = scratch.take(size)
+        if kind.result == "codes" or requant:
+            em.offsets[op.name] = scratch.take(size)
         sizes[op.name] = size
         body.append(f"    /* {op.index}: {_comment(op.name)} ({op.op} -> {op.kind}) */")
         if op is first:
@@ -277,15 +292,20 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
             if kind.c is None:
                 raise HybridQuantError(f"cannot export to C: op kind {op.kind} has no C form")
             body += ["    " + line for line in kind.c(op, em)]
-        if kind.result == "accumulator":
+        for off, n in em.temps:
+            scratch.give(off, n)
+        em.temps = []
+        if requant:
             body += ["    " + line for line in requant_lines(em, op)]
-            if not op.attrs.get("keep_accumulator"):
-                scratch.give(em.acc_offsets[op.name], size)
+        if kind.result == "accumulator" and not op.attrs.get("keep_accumulator"):
+            scratch.give(em.acc_offsets[op.name], size)
         for name in dict.fromkeys(op.inputs):  # values nobody reads any more
-            if last_read.get(name) == op.index and name in em.offsets:
+            if last_read.get(name) != op.index:
+                continue
+            if name in em.offsets:
                 scratch.give(em.offsets[name], sizes[name])
-                if name in em.acc_offsets and program[name].attrs.get("keep_accumulator"):
-                    scratch.give(em.acc_offsets[name], sizes[name])
+            if name in em.acc_offsets and program[name].attrs.get("keep_accumulator"):
+                scratch.give(em.acc_offsets[name], sizes[name])
     out_shape = em.shapes[out_op.inputs[0]]
     n_out = _size(out_shape)
     meta = model_meta or {}
@@ -340,3 +360,50 @@ def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: 
         for name in RUNTIME_FILES:
             (tmp / name).write_text((RUNTIME / name).read_text())
     return facts
+
+
+def c_compiler() -> str | None:
+    """The system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH), or None."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def native_flag() -> str:
+    """`` -march=native`` when the C compiler takes it (integer results do not depend on it), else ``""``."""
+    cc = c_compiler()
+    if cc is None:
+        return ""
+    probe = subprocess.run([cc, "-march=native", "-x", "c", "-fsyntax-only", "-"], input="int x;\n",
+                           capture_output=True, text=True)
+    return " -march=native" if probe.returncode == 0 else ""
+
+
+def build_c(project: str | Path, cflags: str = STRICT_CFLAGS) -> Path:
+    """Compile an exported project with the system compiler (its Makefile's rule); returns ``hq_model``."""
+    cc = c_compiler()
+    if cc is None:
+        raise HybridQuantError("no C compiler found (set CC or install cc, gcc or clang)")
+    project = Path(project)
+    sources = [str(project / n) for n in ("model.c", "hq_kernels.c", "main.c")]
+    done = subprocess.run([cc, *cflags.split(), "-o", str(project / "hq_model"), *sources], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or ["no message"])[0]
+        raise HybridQuantError(f"the C compiler failed on {project}: {first}")
+    return project / "hq_model"
+
+
+def run_c(binary: str | Path, pixels: np.ndarray, work_dir: str | Path) -> tuple[np.ndarray, float | None]:
+    """Run a built ``hq_model`` on uint8 images [N, H, W, C]: (output codes [N, outputs] int32, processor seconds
+    spent in ``hq_run`` when built with ``-DHQ_TIMING``, else None)."""
+    work = Path(work_dir)
+    images, codes = work / "images.bin", work / "codes.bin"
+    images.write_bytes(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    done = subprocess.run([str(binary), str(images), str(codes)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise HybridQuantError(f"the C program failed: {done.stderr.strip()}")
+    timing = re.search(r"(\d+) ticks in hq_run, (\d+) ticks per second", done.stderr)
+    seconds = int(timing.group(1)) / int(timing.group(2)) if timing else None
+    return np.fromfile(codes, dtype=np.int32).reshape(len(pixels), -1), seconds

@@ -111,7 +111,8 @@ def _c_conv2d(op, em):
     return [f"{{ static const hq_weights w = {em.weights()};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
             f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
-            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}); }}"]
+            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, "
+            f"{em.temp(cin * h * w + op.arrays['weight'][0].size * (ho * wo + 4))}); }}"]
 
 
 def _c_linear(op, em):
@@ -121,7 +122,7 @@ def _c_linear(op, em):
     bias = em.array("bias") if em.has("bias") else "0"
     return [f"{{ static const hq_weights w = {em.weights()};",
             f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {em.count(x) // k}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}); }}"]
+            f"{em.acc()}, {em.temp(em.count(x) + k)}); }}"]
 
 
 register(

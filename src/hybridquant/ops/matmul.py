@@ -37,7 +37,7 @@ def _c(op, em):
         raise em.fail(f"batch dims {sa[:-2]} and {sb[:-2]} differ (broadcasting is not supported)")
     m, k, n = sa[-2], sa[-1], sb[-1]
     return [f"hq_matmul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
-            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()});"]
+            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp(em.count(b))});"]
 
 
 register(

@@ -17,6 +17,20 @@ int32_t hq_weight(const hq_weights *w, int32_t i) {
     }
 }
 
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out) {
+    int32_t i;
+    if (w->bits == 8) {
+        const int8_t *p = (const int8_t *)w->data + first;
+        if (w->is_signed) {
+            for (i = 0; i < count; ++i) out[i] = p[i];
+        } else {
+            for (i = 0; i < count; ++i) out[i] = w->data[first + i];
+        }
+        return;
+    }
+    for (i = 0; i < count; ++i) out[i] = hq_weight(w, (int32_t)(first + i));
+}
+
 /* floor(v / 2^k) for k >= 0, v * 2^-k for k < 0 */
 int64_t hq_floor_shift(int64_t v, int32_t k) {
     if (k <= 0) return v * ((int64_t)1 << -k);
@@ -38,34 +52,54 @@ static int32_t hq_clamp(int64_t v, int32_t lo, int32_t hi) {
 }
 
 void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_requant *rq) {
-    int32_t i;
-    for (i = 0; i < count; ++i) {
-        int32_t c = (i / rq->inner) % rq->channels;
-        int64_t v;
-        if (rq->mode == HQ_REQUANT_SHIFT) {
-            v = hq_srr(acc[i], HQ_P(rq->shift, c));
-        } else {
-            int32_t a = HQ_P(rq->a, c), sign = HQ_P(rq->sign, c), n = HQ_P(rq->n, c);
-            int32_t b = sign != 0 ? HQ_P(rq->b, c) : a;
-            int32_t low = a < b ? a : b, lift = low < 0 ? -low : 0;
-            int64_t total;
-            a += lift;
-            b += lift;
-            n += lift;
-            total = (int64_t)acc[i] * ((int64_t)1 << a) + sign * ((int64_t)acc[i] * ((int64_t)1 << b));
-            if (rq->mode == HQ_REQUANT_TWO_TERM) {
-                v = hq_srr(total, n);
-            } else { /* the number of thresholds at or below the floor-shifted value */
-                int64_t t = hq_floor_shift(total, n);
-                int32_t lo = 0, hi = rq->n_thresholds;
-                while (lo < hi) {
-                    int32_t mid = lo + (hi - lo) / 2;
-                    if (rq->thresholds[mid] <= t) lo = mid + 1; else hi = mid;
+    int32_t outer = count / (rq->inner * rq->channels), o, c, j;
+    for (o = 0; o < outer; ++o) {
+        for (c = 0; c < rq->channels; ++c) {
+            const int32_t *a_in = acc + ((int64_t)o * rq->channels + c) * rq->inner;
+            int32_t *q = out + ((int64_t)o * rq->channels + c) * rq->inner;
+            int32_t zp = HQ_P(rq->zero_point, c);
+            if (rq->mode == HQ_REQUANT_SHIFT) {
+                int32_t k = HQ_P(rq->shift, c);
+                if (k > 0 && k < 32) {
+                    /* srr(acc, k) = floor(acc / 2^k) + bit k-1 of acc, in 32 bits: u = acc + 2^31 (as unsigned:
+                     * the same low 31 bits, non-negative), floor(acc / 2^k) = (u >> k) - 2^(31-k). No signed shift,
+                     * no overflow; vectorises. */
+                    int32_t base = (int32_t)(1u << (31 - k)), lo = rq->qmin - zp, hi = rq->qmax - zp;
+                    for (j = 0; j < rq->inner; ++j) {
+                        uint32_t u = (uint32_t)a_in[j] ^ 0x80000000u;
+                        int32_t v = (int32_t)(u >> k) - base + (int32_t)((u >> (k - 1)) & 1u);
+                        q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
+                    }
+                } else {
+                    for (j = 0; j < rq->inner; ++j) q[j] = hq_clamp(hq_srr(a_in[j], k) + zp, rq->qmin, rq->qmax);
                 }
-                v = lo;
+            } else {
+                int32_t a = HQ_P(rq->a, c), sign = HQ_P(rq->sign, c), n = HQ_P(rq->n, c);
+                int32_t b = sign != 0 ? HQ_P(rq->b, c) : a;
+                int32_t low = a < b ? a : b, lift = low < 0 ? -low : 0;
+                int64_t ma, mb;
+                a += lift;
+                b += lift;
+                n += lift;
+                ma = (int64_t)1 << a;
+                mb = sign * ((int64_t)1 << b);
+                for (j = 0; j < rq->inner; ++j) {
+                    int64_t total = (int64_t)a_in[j] * ma + (int64_t)a_in[j] * mb, v;
+                    if (rq->mode == HQ_REQUANT_TWO_TERM) {
+                        v = hq_srr(total, n);
+                    } else { /* the number of thresholds at or below the floor-shifted value */
+                        int64_t t = hq_floor_shift(total, n);
+                        int32_t lo = 0, hi = rq->n_thresholds;
+                        while (lo < hi) {
+                            int32_t mid = lo + (hi - lo) / 2;
+                            if (rq->thresholds[mid] <= t) lo = mid + 1; else hi = mid;
+                        }
+                        v = lo;
+                    }
+                    q[j] = hq_clamp(v + zp, rq->qmin, rq->qmax);
+                }
             }
         }
-        out[i] = hq_clamp(v + HQ_P(rq->zero_point, c), rq->qmin, rq->qmax);
     }
 }
 
@@ -80,59 +114,159 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
     }
 }
 
+/* acc[o][p] = bias[o] + sum_k w[o][k] cols[k][p] for o < n_out, k < n_k, p < n_p; four output rows at a time, so
+ * each column value is loaded once for four products. wrows: 4 * n_k scratch values. */
+static void hq_gemm_rows(const hq_weights *wt, const int32_t *bias, const int32_t *cols, int32_t n_out, int32_t n_k,
+                         int32_t n_p, int32_t *acc, int32_t *wrows) {
+    int32_t o, k, p, r;
+    for (o = 0; o < n_out; o += 4) {
+        int32_t rows = n_out - o < 4 ? n_out - o : 4;
+        int32_t *a0 = acc + (int64_t)o * n_p, *a1 = a0 + n_p, *a2 = a1 + n_p, *a3 = a2 + n_p;
+        for (r = 0; r < 4; ++r) {
+            int32_t *ar = a0 + (int64_t)r * n_p;
+            if (r < rows) {
+                int32_t b = bias ? bias[o + r] : 0;
+                hq_unpack_row(wt, (int64_t)(o + r) * n_k, n_k, wrows + r * n_k);
+                for (p = 0; p < n_p; ++p) ar[p] = b;
+            } else {
+                for (k = 0; k < n_k; ++k) wrows[r * n_k + k] = 0;
+            }
+        }
+        if (rows == 4) {
+            for (k = 0; k < n_k; ++k) {
+                const int32_t *c = cols + (int64_t)k * n_p;
+                int32_t w0 = wrows[k], w1 = wrows[n_k + k], w2 = wrows[2 * n_k + k], w3 = wrows[3 * n_k + k];
+                for (p = 0; p < n_p; ++p) {
+                    int32_t x = c[p];
+                    a0[p] += w0 * x;
+                    a1[p] += w1 * x;
+                    a2[p] += w2 * x;
+                    a3[p] += w3 * x;
+                }
+            }
+        } else {
+            for (r = 0; r < rows; ++r) {
+                int32_t *ar = a0 + (int64_t)r * n_p;
+                for (k = 0; k < n_k; ++k) {
+                    const int32_t *c = cols + (int64_t)k * n_p;
+                    int32_t wv = wrows[r * n_k + k];
+                    for (p = 0; p < n_p; ++p) ar[p] += wv * c[p];
+                }
+            }
+        }
+    }
+}
+
 void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, const hq_weights *wt,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
-               int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc) {
-    int32_t cg = c_in / groups, og = c_out / groups;
-    int32_t o, oy, ox, ci, ky, kx;
-    for (o = 0; o < c_out; ++o) {
-        int32_t g = o / og;
-        for (oy = 0; oy < ho; ++oy) {
-            for (ox = 0; ox < wo; ++ox) {
-                int32_t s = bias ? bias[o] : 0;
-                for (ci = 0; ci < cg; ++ci) {
-                    const int32_t *plane = x + (int64_t)(g * cg + ci) * h * w;
-                    int32_t wbase = (o * cg + ci) * kh * kw;
-                    for (ky = 0; ky < kh; ++ky) {
-                        int32_t iy = oy * sh - ph + ky * dh;
-                        if (iy < 0 || iy >= h) continue;
-                        for (kx = 0; kx < kw; ++kx) {
-                            int32_t ix = ox * sw - pw + kx * dw;
-                            if (ix < 0 || ix >= w) continue;
-                            s += (plane[iy * w + ix] - zp) * hq_weight(wt, wbase + ky * kw + kx);
+               int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
+               int32_t *temp) {
+    /* temp: c_in * h * w centred inputs, then c_in / groups * kh * kw * ho * wo patch columns, then four unpacked
+     * weight rows */
+    int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw;
+    int32_t *xc = temp, *cols = temp + (int64_t)c_in * h * w, *wrow = cols + (int64_t)row * ho * wo;
+    int32_t o, ci, ky, kx, oy, ox, i;
+    for (i = 0; i < c_in * h * w; ++i) xc[i] = x[i] - zp;
+    if (groups == 1) { /* a matrix product: [c_out, K] x [K, ho * wo], the patches as columns (zero padding) */
+        if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) {
+            cols = xc;
+        } else {
+            for (ci = 0; ci < c_in; ++ci) {
+                for (ky = 0; ky < kh; ++ky) {
+                    for (kx = 0; kx < kw; ++kx) {
+                        int32_t *c = cols + ((int64_t)(ci * kh + ky) * kw + kx) * ho * wo;
+                        for (oy = 0; oy < ho; ++oy) {
+                            int32_t iy = oy * sh - ph + ky * dh;
+                            for (ox = 0; ox < wo; ++ox) {
+                                int32_t ix = ox * sw - pw + kx * dw;
+                                c[oy * wo + ox] = (iy < 0 || iy >= h || ix < 0 || ix >= w)
+                                                      ? 0 : xc[((int64_t)ci * h + iy) * w + ix];
+                            }
                         }
                     }
                 }
-                acc[((int64_t)o * ho + oy) * wo + ox] = s;
+            }
+        }
+        hq_gemm_rows(wt, bias, cols, c_out, row, ho * wo, acc, wrow);
+        return;
+    }
+    for (o = 0; o < c_out; ++o) { /* grouped and depthwise: tap by tap over the output plane */
+        int32_t *plane = acc + (int64_t)o * ho * wo;
+        int32_t b = bias ? bias[o] : 0;
+        hq_unpack_row(wt, (int64_t)o * row, row, wrow);
+        for (i = 0; i < ho * wo; ++i) plane[i] = b;
+        for (ci = 0; ci < cg; ++ci) {
+            const int32_t *xp = xc + (int64_t)((o / og) * cg + ci) * h * w;
+            for (ky = 0; ky < kh; ++ky) {
+                for (kx = 0; kx < kw; ++kx) {
+                    int32_t wv = wrow[(ci * kh + ky) * kw + kx];
+                    int32_t off = kx * dw - pw, lo, hi;
+                    if (wv == 0) continue;
+                    /* the output columns whose input column ox * sw + off lies in [0, w) */
+                    lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+                    hi = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
+                    if (hi > wo) hi = wo;
+                    for (oy = 0; oy < ho; ++oy) {
+                        int32_t iy = oy * sh - ph + ky * dh;
+                        const int32_t *xr;
+                        int32_t *ar = plane + oy * wo;
+                        if (iy < 0 || iy >= h) continue;
+                        xr = xp + iy * w;
+                        if (sw == 1) {
+                            for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox + off];
+                        } else {
+                            for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox * sw + off];
+                        }
+                    }
+                }
             }
         }
     }
 }
 
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
-               int32_t n, int32_t *acc) {
+               int32_t n, int32_t *acc, int32_t *temp) {
+    /* temp: rows * k centred inputs, then one unpacked weight row (k) */
+    int32_t *xc = temp, *wrow = temp + (int64_t)rows * k;
     int32_t r, j, i;
     for (r = 0; r < rows; ++r) {
-        const int32_t *xr = x + (int64_t)r * k;
-        for (j = 0; j < n; ++j) {
-            int32_t s = bias ? bias[j] : 0;
-            for (i = 0; i < k; ++i) s += (xr[i] - HQ_P(zp, i)) * hq_weight(wt, j * k + i);
-            acc[(int64_t)r * n + j] = s;
+        for (i = 0; i < k; ++i) xc[(int64_t)r * k + i] = x[(int64_t)r * k + i] - HQ_P(zp, i);
+    }
+    for (j = 0; j < n; ++j) {
+        int32_t b = bias ? bias[j] : 0;
+        hq_unpack_row(wt, (int64_t)j * k, k, wrow);
+        for (r = 0; r < rows; ++r) {
+            const int32_t *xr = xc + (int64_t)r * k;
+            int32_t s = 0;
+            for (i = 0; i < k; ++i) s += xr[i] * wrow[i];
+            acc[(int64_t)r * n + j] = s + b;
         }
     }
 }
 
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
-               int32_t n, int32_t *acc) {
+               int32_t n, int32_t *acc, int32_t *temp) {
+    /* temp: batch * k * n centred right operand */
     int32_t t, i, j, l;
     for (t = 0; t < batch; ++t) {
-        const int32_t *at = a + (int64_t)t * m * k, *bt = b + (int64_t)t * k * n;
+        for (l = 0; l < k; ++l) {
+            for (j = 0; j < n; ++j) {
+                int64_t at = ((int64_t)t * k + l) * n + j;
+                temp[at] = b[at] - HQ_P(zpb, j);
+            }
+        }
+    }
+    for (t = 0; t < batch; ++t) {
+        const int32_t *at = a + (int64_t)t * m * k, *bt = temp + (int64_t)t * k * n;
         int32_t *ct = acc + (int64_t)t * m * n;
         for (i = 0; i < m; ++i) {
-            for (j = 0; j < n; ++j) {
-                int32_t s = 0;
-                for (l = 0; l < k; ++l) s += (at[i * k + l] - HQ_P(zpa, l)) * (bt[l * n + j] - HQ_P(zpb, j));
-                ct[i * n + j] = s;
+            int32_t *cr = ct + (int64_t)i * n;
+            for (j = 0; j < n; ++j) cr[j] = 0;
+            for (l = 0; l < k; ++l) {
+                int32_t av = at[(int64_t)i * k + l] - HQ_P(zpa, l);
+                const int32_t *br = bt + (int64_t)l * n;
+                if (av == 0) continue;
+                for (j = 0; j < n; ++j) cr[j] += av * br[j];
             }
         }
     }
@@ -265,15 +399,16 @@ void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_
 }
 
 void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out) {
+    /* every index but the last one's, then a strided run along the last dim */
     int32_t idx[HQ_MAX_DIMS] = {0};
-    int64_t count = 1, i;
-    int32_t d;
-    for (d = 0; d < v->ndim; ++d) count *= v->shape[d];
-    for (i = 0; i < count; ++i) {
+    int32_t last = v->ndim - 1, d, j, n = v->ndim ? v->shape[last] : 1, step = v->ndim ? v->stride[last] : 0;
+    int64_t rows = 1, r;
+    for (d = 0; d < last; ++d) rows *= v->shape[d];
+    for (r = 0; r < rows; ++r) {
         int64_t src = v->offset;
-        for (d = 0; d < v->ndim; ++d) src += (int64_t)idx[d] * v->stride[d];
-        out[i] = in[src];
-        for (d = v->ndim - 1; d >= 0; --d) { /* next index, last dim fastest */
+        for (d = 0; d < last; ++d) src += (int64_t)idx[d] * v->stride[d];
+        for (j = 0; j < n; ++j) out[r * n + j] = in[src + (int64_t)j * step];
+        for (d = last - 1; d >= 0; --d) {
             if (++idx[d] < v->shape[d]) break;
             idx[d] = 0;
         }

@@ -48,6 +48,7 @@ typedef struct {
 } hq_view;
 
 int32_t hq_weight(const hq_weights *w, int32_t i);
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out);
 int64_t hq_srr(int64_t v, int32_t k);
 int64_t hq_floor_shift(int64_t v, int32_t k);
 
@@ -56,11 +57,12 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
                        int32_t *out);
 void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, const hq_weights *wt,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
-               int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc);
+               int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
+               int32_t *temp);
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
-               int32_t n, int32_t *acc);
+               int32_t n, int32_t *acc, int32_t *temp);
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
-               int32_t n, int32_t *acc);
+               int32_t n, int32_t *acc, int32_t *temp);
 void hq_center_shift(const int32_t *x, hq_param zp, int32_t count, int32_t last, hq_param shift, int32_t *out);
 void hq_add(const int32_t *a, hq_param zpa, hq_param sa, const int32_t *b, hq_param zpb, hq_param sb,
             int32_t count, int32_t last, int32_t *acc);
