@@ -85,7 +85,8 @@ def test_c_runtime_is_bit_exact_with_the_integer_executor(name, toy_calib, tmp_p
     qg = quantize_graph(graph, QuantConfig.build(scales="pot", **CONFIGS[name]), calib)
     project = tmp_path / "model"
     facts = export_c(qg, project, META)
-    assert sorted(p.name for p in project.iterdir()) == sorted(["model.h", "model.c", *RUNTIME_FILES])
+    assert sorted(p.name for p in project.iterdir()) == sorted(["model.h", "model.c", "resources.json", "resources.md",
+                                                                *RUNTIME_FILES])
     assert facts["scratch_bytes"] > 0 and facts["constant_bytes"] > 0
     px = pixels(24, graph.meta["input_size"])
     got = run(build(project), px, tmp_path)
@@ -164,6 +165,31 @@ def test_runs_clean_under_the_sanitizers(toy_calib, tmp_path):
                    "-fno-sanitize-recover=all")
     px = pixels(6, graph.meta["input_size"], seed=1)
     assert np.array_equal(run(binary, px, tmp_path), executor_codes(qg, px))
+
+
+def test_an_accumulator_over_32_bits_is_refused(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    program = lower(quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib))
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    conv.arrays["bias"] = np.full_like(conv.arrays["bias"].astype(np.int64), 2**31 - 1)
+    with pytest.raises(HybridQuantError, match=f"op {conv.index} .*33-bit accumulator"):
+        export_c(program, tmp_path / "model", META)
+    assert not (tmp_path / "model").exists()
+
+
+def test_resources_list_the_widths(toy_calib, tmp_path):
+    import json
+
+    graph, calib = toy_calib
+    qg = quantize_graph(graph, QuantConfig.build(method="hfq", scales="pot", reconstruction_iters=5), calib)
+    export_c(qg, tmp_path / "model", META)
+    res = json.loads((tmp_path / "model" / "resources.json").read_text())
+    kinds = {r["kind"] for r in res["ops"]}
+    assert {"conv2d", "linear", "matmul", "softmax", "layer_norm"} <= kinds
+    assert res["max_accumulator_bits"] <= 32 and res["macs_per_image"] == lower(qg).op_counts()["macs"]
+    # LayerNorm's variance and division need more than 32 bits in the current kernel: listed, by name
+    assert any(o["kind"] == "layer_norm" for o in res["ops_over_32_bits"])
+    assert "| layer_norm |" in (tmp_path / "model" / "resources.md").read_text()
 
 
 def test_a_model_that_cannot_run_in_c_is_refused_before_writing(toy_calib, tmp_path):

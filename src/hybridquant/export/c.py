@@ -11,7 +11,11 @@
 * ``hq_kernels.h`` / ``hq_kernels.c``: the generic integer kernels (conv, linear, matmul, elementwise,
   lookup tables, softmax, LayerNorm, layout views, requantization), no ``malloc``, no floating point;
 * ``main.c`` and a ``Makefile``: ``make`` builds ``hq_model``, which reads a file of uint8 RGB images
-  (H, W, 3 each, after resize and crop) and writes the int32 output codes of each.
+  (H, W, 3 each, after resize and crop) and writes the int32 output codes of each;
+* ``resources.json`` / ``resources.md``: the static width analysis (:mod:`hybridquant.integer.widths`: the
+  worst-case bits of every intermediate of every op), multiply-accumulates, constant and scratch bytes. A
+  model with an accumulator wider than 32 bits is refused (the kernels accumulate in int32); intermediates
+  of LayerNorm, softmax and requantization over 32 bits run in int64 and are listed.
 
 The input is the uint8 image: normalisation and input quantization are a per-channel 256-entry table
 (``hq_input_table``), computed here with the float32 arithmetic of the Python preprocessing
@@ -21,6 +25,7 @@ integer executor's on the same images.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -37,6 +42,7 @@ from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
 from ..integer.lower import lower
 from ..integer.program import Program, ProgramOp
+from ..integer.widths import analyse
 from ..ops import program_kind
 from ..primitives import quantize
 from .program import pack_bits
@@ -346,6 +352,39 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
     return "\n".join(header), "\n".join(source), facts
 
 
+def resources_table(program: Program, rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """``resources.json``: the width analysis per op (:func:`~hybridquant.integer.widths.analyse`), the ops with
+    intermediates over 32 bits, multiply-accumulates per image, constant and scratch bytes."""
+    macs = {op.name: program.macs(op) for op in program.ops}
+    over = [{"index": r["index"], "name": r["name"], "kind": r["kind"], "max_bits": r["max_bits"],
+             "widest": max(r["bits"], key=r["bits"].get)} for r in rows if r["max_bits"] > 32]
+    return {
+        "max_bits": max((r["max_bits"] for r in rows), default=0),
+        "max_accumulator_bits": max((r["bits"]["acc"] for r in rows), default=0),
+        "ops_over_32_bits": over,
+        "macs_per_image": sum(macs.values()),
+        "constant_bytes": facts["constant_bytes"],
+        "scratch_bytes": facts["scratch_bytes"],
+        "ops": [{**r, "macs": macs.get(r["name"], 0)} for r in rows],
+    }
+
+
+def resources_md(res: dict[str, Any]) -> str:
+    """``resources.md``: the totals and the per-op widths of :func:`resources_table` as Markdown."""
+    lines = ["# Resources of the exported program", "",
+             f"- widest intermediate: {res['max_bits']} bits; widest accumulator: {res['max_accumulator_bits']} bits",
+             f"- ops with intermediates over 32 bits: {len(res['ops_over_32_bits'])} "
+             f"({', '.join(sorted({o['kind'] for o in res['ops_over_32_bits']})) or 'none'})",
+             f"- multiply-accumulates per image: {res['macs_per_image']:,}",
+             f"- constant bytes: {res['constant_bytes']:,}; scratch bytes: {res['scratch_bytes']:,}", "",
+             "| # | op | kind | MACs | accumulator bits | widest intermediate | bits |", "|---|---|---|---|---|---|---|"]
+    for r in res["ops"]:
+        widest = max(r["bits"], key=r["bits"].get)
+        lines.append(f"| {r['index']} | {r['name']} | {r['kind']} | {r['macs']:,} | {r['bits']['acc']} | {widest} | "
+                     f"{r['max_bits']} |")
+    return "\n".join(lines) + "\n"
+
+
 def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: dict[str, Any] | None = None
              ) -> dict[str, Any]:
     """Write the C project of ``source``'s integer program into ``out_dir`` (created; replaced atomically).
@@ -353,10 +392,18 @@ def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: 
     Returns the facts of :func:`model_c`. Raises HybridQuantError when the model cannot be lowered or a value
     does not fit the C kernels."""
     program = source if isinstance(source, Program) else lower(source)
+    rows = analyse(program)
+    for row in rows:  # the C kernels accumulate in int32
+        if row["bits"]["acc"] > 32:
+            raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs a "
+                                   f"{row['bits']['acc']}-bit accumulator; the C kernels accumulate in 32 bits")
     header, body, facts = model_c(program, model_meta)
+    resources = resources_table(program, rows, facts)
     with atomic_dir(out_dir) as tmp:
         (tmp / "model.h").write_text(header)
         (tmp / "model.c").write_text(body)
+        (tmp / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
+        (tmp / "resources.md").write_text(resources_md(resources))
         for name in RUNTIME_FILES:
             (tmp / name).write_text((RUNTIME / name).read_text())
     return facts

@@ -43,19 +43,12 @@ class IntegerModel:
         self._consts: dict[int, _Consts] = {op.index: {k: _tensor(v) for k, v in op.arrays.items()}
                                             for op in self.program.ops}
         self._kinds = {op.index: program_kind(op.kind) for op in self.program.ops}
-        bounds: dict[str, int] = {}  # largest |code - zero point| of every value with codes
+        bounds = self.program.code_bounds()
         self._state: dict[int, Any] = {}
         for op in self.program.ops:
-            c, kind = self._consts[op.index], self._kinds[op.index]
-            rng = [k for k in ("requant.", "") if f"{k}qmin" in c]
-            if rng:
-                zp = c[f"{rng[0]}zero_point"].to(torch.int64)
-                lo, hi = int(c[f"{rng[0]}qmin"]), int(c[f"{rng[0]}qmax"])
-                bounds[op.name] = int(torch.maximum((lo - zp).abs(), (hi - zp).abs()).max())
-            elif kind.result == "codes" and op.inputs:  # codes moved, not changed
-                bounds[op.name] = bounds[op.inputs[0]]
+            kind = self._kinds[op.index]
             if kind.prepare is not None:
-                self._state[op.index] = kind.prepare(op, c, bounds, self.program)
+                self._state[op.index] = kind.prepare(op, self._consts[op.index], bounds, self.program)
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, trace: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

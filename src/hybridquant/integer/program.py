@@ -191,6 +191,20 @@ class Program:
             st["luts"] += program_kind(op.kind).table
         return st
 
+    def code_bounds(self) -> dict[str, int]:
+        """The largest ``|code − zero point|`` of every value with codes (its output range against its own zero
+        point; codes moved by a layout op keep their input's)."""
+        bounds: dict[str, int] = {}
+        for op in self.ops:
+            prefix = next((k for k in ("requant.", "") if f"{k}qmin" in op.arrays), None)
+            if prefix is not None:
+                zp = np.asarray(op.arrays[f"{prefix}zero_point"]).astype(np.int64)
+                lo, hi = int(op.arrays[f"{prefix}qmin"]), int(op.arrays[f"{prefix}qmax"])
+                bounds[op.name] = int(np.maximum(np.abs(lo - zp), np.abs(hi - zp)).max())
+            elif program_kind(op.kind).result == "codes" and op.inputs:
+                bounds[op.name] = bounds[op.inputs[0]]
+        return bounds
+
     def macs(self, op: ProgramOp) -> int:
         """Multiply-accumulates per image of ``op`` (conv / linear / matmul; 0 for any other)."""
         count = program_kind(op.kind).macs

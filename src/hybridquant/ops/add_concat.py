@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..primitives import arith, pot_exponent
@@ -52,13 +53,26 @@ def _c_cat(op, em):
     return lines
 
 
+def _aligned_bounds(op, bounds):
+    return [bounds[name] << int(np.max(op.arrays[f"align_shift.{k}"])) for k, name in enumerate(op.inputs)]
+
+
+def _widths_add(op, bounds, done, program):
+    parts = _aligned_bounds(op, bounds)
+    return {"aligned": max(parts), "acc": sum(parts)}
+
+
+def _widths_cat(op, bounds, done, program):
+    return {"acc": max(_aligned_bounds(op, bounds))}
+
+
 register(
     OpDef("add", lambda node, i: i[0] + i[1], lower=_lower, onnx=lambda ex, node, xs: ex.b.add("Add", xs, node.name)),
     OpDef("cat", lambda node, i: torch.cat(i, dim=node.attrs["dim"]), lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("Concat", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("add", "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); "
                        "then requant",
-                run=_add, c=_c_add),
+                run=_add, c=_c_add, widths=_widths_add),
     ProgramKind("cat", "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
-                run=_cat, c=_c_cat),
+                run=_cat, c=_c_cat, widths=_widths_cat),
 )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..primitives import _bcast
 from .registry import OpDef, ProgramKind, register
-from .values import Value, centred_inputs, code_dtype, np_int, zero, zp_arrays
+from .values import Value, absmax, centred_inputs, code_dtype, np_int, zero, zp_arrays
 
 
 def _conv2d(node, inputs):
@@ -125,6 +126,13 @@ def _c_linear(op, em):
             f"{em.acc()}, {em.temp(em.count(x) + k)}); }}"]
 
 
+def _widths(op, bounds, done, program):
+    x = bounds[op.inputs[0]]
+    w = np.abs(np.asarray(op.arrays["weight"]).astype(np.int64)).reshape(op.arrays["weight"].shape[0], -1)
+    bias = np.abs(np.asarray(op.arrays["bias"]).astype(np.int64)) if "bias" in op.arrays else np.zeros(len(w), np.int64)
+    return {"input": x, "product": x * absmax(w), "acc": int((x * w.sum(axis=1) + bias).max()) if w.size else 0}
+
+
 register(
     OpDef("conv2d", _conv2d, mac=True, lower=_lower, onnx=_onnx_conv2d, weighted=True, channel_axis=1,
           weight_layout=_conv_weight_layout, columns=_conv_columns, pointwise=_conv_pointwise),
@@ -132,7 +140,7 @@ register(
           weight_layout=lambda node: "dense", columns=lambda node, x: x.reshape(-1, x.shape[-1]).t(),
           pointwise=lambda node: True),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c_conv2d),
+                run=_run, prepare=_prepare, macs=_macs, c=_c_conv2d, widths=_widths),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c_linear),
+                run=_run, prepare=_prepare, macs=_macs, c=_c_linear, widths=_widths),
 )

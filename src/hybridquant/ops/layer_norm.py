@@ -3,6 +3,8 @@ program and the simulation; PTF's per-channel input scales enter as left shifts.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from ..errors import HybridQuantError
 from ..primitives import arith, dequantize, pot_exponent, quantize
 from .registry import OpDef, ProgramKind, register
-from .values import FRAC_BITS, Value, np_int, np_small, pot_uniform, zero
+from .values import FRAC_BITS, Value, absmax, np_int, np_small, pot_uniform, zero
 
 
 def supported(node, in_qp, out_qp) -> bool:
@@ -101,6 +103,21 @@ def _c(op, em):
             f"{em.scalar('out_qmax')}, {em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
+def _widths(op, bounds, done, program):
+    g = {k: np.asarray(v).astype(np.int64) for k, v in op.arrays.items()}
+    c = program[op.inputs[0]].out_shape[-1]
+    frac, p = int(g["frac_bits"]), int(g["sqrt_frac_bits"])
+    x = bounds[op.inputs[0]] << int(g["ptf_shift"].max())
+    var = c * c * x * x + abs(int(g["eps_q"]))
+    y = 2 * c * x
+    # |y_j| / sqrt(V) is a normalised value, at most sqrt(C - 1): the quotient is below sqrt(C) 2^frac, plus rounding
+    nrm = (math.isqrt(c) + 1) << frac
+    return {"shifted": x, "sum": c * x, "sum_squares": c * x * x, "variance": var, "variance_shifted": var << (2 * p),
+            "centred": y, "numerator": 2 * (y << (frac + p)), "normalised": nrm,
+            "affine": nrm * absmax(g["gamma_q"]) + absmax(g["beta_q"]),
+            "acc": abs(int(g["out_qmax"])) + abs(int(g["out_qmin"])) + abs(int(g["requant.zero_point"]))}
+
+
 register(
     OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=-1, norm="channels"),
     ProgramKind("layer_norm", "over the last dim (C channels): x_j = (x_j - in_zero_point) << ptf_shift_j; "
@@ -109,5 +126,5 @@ register(
                               "n_j = ((y_j << (frac_bits + sqrt_frac_bits + 1)) + r) // (2 r) (division rounded half "
                               "up); codes = clamp(srr(n_j gamma_q_j + beta_q_j, out_shift) + out_zero_point, out_qmin, "
                               "out_qmax); then the identity requant (arith.int_layernorm)",
-                run=_run, category="layernorm_constants", c=_c),
+                run=_run, category="layernorm_constants", c=_c, widths=_widths),
 )

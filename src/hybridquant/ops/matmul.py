@@ -40,9 +40,14 @@ def _c(op, em):
             f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp(em.count(b))});"]
 
 
+def _widths(op, bounds, done, program):
+    a, b = (bounds[i] for i in op.inputs)
+    return {"product": a * b, "acc": a * b * program[op.inputs[0]].out_shape[-1]}
+
+
 register(
     OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("MatMul", xs, node.name)),
     ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c),
+                run=_run, prepare=_prepare, macs=_macs, c=_c, widths=_widths),
 )

@@ -40,7 +40,9 @@ register(
     OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul, onnx=lambda ex, node, xs: ex.b.add("Mul", xs, node.name)),
     OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const, onnx=_onnx_mul_const,
           is_identity=lambda node: node.attrs["value"] == 1.0),
-    ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul, c=_c_mul),
+    ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul, c=_c_mul,
+                widths=lambda op, bounds, done, program: {"acc": bounds[op.inputs[0]] * bounds[op.inputs[1]]}),
     ProgramKind("mul_const", "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
-                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0], c=c_centred),
+                run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0], c=c_centred,
+                widths=lambda op, bounds, done, program: {"acc": bounds[op.inputs[0]]}),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .registry import OpDef, ProgramKind, register
@@ -35,5 +37,6 @@ register(
     ProgramKind("global_avg_pool", "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); "
                                    "then requant",
                 run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True),
-                c=_c_gap),
+                c=_c_gap, widths=lambda op, bounds, done, program: {
+                    "acc": bounds[op.inputs[0]] * math.prod(program[op.inputs[0]].out_shape[2:])}),
 )

@@ -97,7 +97,9 @@ class ProgramKind:
     before (``bounds``: the largest ``|code − zero point|`` of every value) and returns the ``state``.
     ``host``: runs on the host, not deployed; ``computes``: does arithmetic (not data movement);
     ``table``: holds a lookup table; ``category``: storage category of its own constants;
-    ``macs(op, program)``: multiply-accumulates per image; ``c(op, em)``: the C statements that compute the
+    ``macs(op, program)``: multiply-accumulates per image; ``widths(op, bounds, done, program)``: the largest magnitude of
+    each intermediate (``acc``: the result before requantization) over every input in range (``bounds``: the
+    largest ``|code − zero point|`` of each value; ``done``: earlier ops' magnitudes); ``c(op, em)``: the C statements that compute the
     result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows).
     """
 
@@ -112,6 +114,7 @@ class ProgramKind:
     category: str | None = None
     macs: Callable[..., int] | None = None
     c: Callable[..., list[str]] | None = None
+    widths: Callable[..., dict[str, int]] | None = None
 
 
 OP_DEFS: dict[str, OpDef] = {}

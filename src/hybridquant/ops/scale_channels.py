@@ -11,7 +11,7 @@ from ..errors import HybridQuantError
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
 from .unary import unary_fn
-from .values import Value, c_centred, code_dtype, np_int, np_small, zero, zp_arrays
+from .values import Value, c_centred, code_dtype, np_int, np_small, table_widths, zero, zp_arrays
 
 
 def _float(node, inputs):
@@ -80,11 +80,16 @@ def _c_channel_requant(op, em):
     return c_centred(op, em, em.acc(src) if op.attrs["reads"] == "accumulator" else em.codes(src))
 
 
+def _widths_channel_requant(op, bounds, done, program):
+    src = op.inputs[0]
+    return {"acc": done[src]["acc"] if op.attrs["reads"] == "accumulator" else bounds[src]}
+
+
 register(
     OpDef("scale_channels", _float, lower=_lower, onnx=_onnx, channel_scale=lambda node: node.params["inv_alpha"]),
     ProgramKind("channel_lut", "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity "
-                               "requant", run=_channel_lut, table=True, c=_c_channel_lut),
+                               "requant", run=_channel_lut, table=True, c=_c_channel_lut, widths=table_widths),
     ProgramKind("channel_requant", "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
                                  "then a per-channel requant along attrs.axis", run=_channel_requant,
-                c=_c_channel_requant),
+                c=_c_channel_requant, widths=_widths_channel_requant),
 )

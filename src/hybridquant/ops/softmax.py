@@ -10,7 +10,7 @@ import torch
 from ..errors import HybridQuantError
 from ..primitives import arith, dequantize, pot_exponent, quantize
 from .registry import OpDef, ProgramKind, register
-from .values import FRAC_BITS, Value, np_int, np_small, pot_uniform, zero
+from .values import FRAC_BITS, Value, absmax, np_int, np_small, pot_uniform, zero
 
 
 def supported(node, in_qp, out_qp) -> bool:
@@ -68,10 +68,19 @@ def _c(op, em):
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
+def _widths(op, bounds, done, program):
+    shape = program[op.inputs[0]].out_shape
+    e, n = absmax(op.arrays["exp_table"]), shape[op.attrs["dim"] % len(shape)]
+    out_exp = int(np.asarray(op.arrays["out_exp"]))
+    return {"exp": e, "sum": n * e, "numerator": (e << (out_exp + 1)) + n * e, "denominator": 2 * n * e,
+            "acc": int(np.asarray(op.arrays["out_qmax"])) + abs(int(np.asarray(op.arrays["requant.zero_point"])))}
+
+
 register(
     OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True,
           onnx=lambda ex, node, xs: ex.b.add("Softmax", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("softmax", "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
                            "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; "
-                           "then the identity requant", run=_run, category="softmax_constants", c=_c),
+                           "then the identity requant", run=_run, category="softmax_constants", c=_c,
+                widths=_widths),
 )

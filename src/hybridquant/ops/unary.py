@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
-from .values import Value, code_dtype, np_int, np_small, zero
+from .values import Value, code_dtype, np_int, np_small, table_widths, zero
 
 _UNARY: dict[str, Callable] = {
     "silu": F.silu,
@@ -83,7 +83,7 @@ register(
             output_min=_MIN.get(name))
       for name in (*_UNARY, "gelu")),
     ProgramKind("lut", "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
-                run=_lut, table=True, c=_c_lut),
+                run=_lut, table=True, c=_c_lut, widths=table_widths),
     ProgramKind("deferred", "no codes: a non-linearity read only through a consumer's per-channel table "
                             "(channel_lut)", result="none", computes=False),
 )

@@ -100,6 +100,18 @@ def centred_inputs(op: Any, consts: dict[str, torch.Tensor], vals: dict[str, tor
 FRAC_BITS = 16
 
 
+def absmax(arr: Any) -> int:
+    """The largest ``|v|`` of an integer array (0 for an empty one), as a Python int."""
+    a = np.asarray(arr).astype(np.int64)
+    return int(np.abs(a).max()) if a.size else 0
+
+
+def table_widths(op: Any, bounds: Any, done: Any, program: Any) -> dict[str, int]:
+    """Magnitudes of a lookup: its entries less the requant zero point."""
+    table = np.asarray(op.arrays["table"]).astype(np.int64) - int(np.asarray(op.arrays["requant.zero_point"]))
+    return {"acc": absmax(table)}
+
+
 def c_centred(op: Any, em: Any, source: str | None = None) -> list[str]:
     """C of ``acc = v - in_zero_point.0`` (the zero point along the last dim); ``v``: the C expression ``source``,
     the codes of the op's input by default."""
