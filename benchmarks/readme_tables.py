@@ -293,6 +293,23 @@ def bundled_table(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runtime_table(results: Path, name: str) -> str:
+    """Images per second of each runtime, side by side in one run (``benchmarks/runtime.py``)."""
+    path = results / "runtime" / f"{name}.json"
+    if not path.exists():
+        return "_not measured yet: `python benchmarks/runtime.py`_\n"
+    r = json.loads(path.read_text())
+    lines = ["| runtime | images/s | × Python integer executor |", "|---|---|---|"]
+    for key, ips in r["images_per_second"].items():
+        ratio = r["ratio_to_python_integer"][key]
+        lines.append(f"| {key} | {'—' if ips is None else f'{ips:,.1f}'} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+    env = r["environment"]
+    return "\n".join(lines) + (f"\n\n{r['images']} test images, one thread each; C flags `{r['cflags']}`; the C "
+                               f"program's output codes equal the integer executor's on all of them: "
+                               f"{r['c_identical']}. {r['model']}. {env.get('cpu_model')}, torch {env['torch']}, "
+                               f"{env['date'][:10]}.\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generated paragraphs: the sentences that quote the results
 
@@ -764,6 +781,7 @@ block("ablation-reading", 1)(ablation_reading)
 block("analysis", 0)(analysis_outliers)
 block("limits-reading", -1)(limits_reading)
 block("scale", 0)(scale_table)
+block("runtime", 1)(runtime_table)
 
 
 def render(results: Path, name: str) -> str:

@@ -53,6 +53,26 @@ static int32_t hq_clamp(int64_t v, int32_t lo, int32_t hi) {
 
 void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_requant *rq) {
     int32_t outer = count / (rq->inner * rq->channels), o, c, j;
+    if (rq->mode == HQ_REQUANT_SHIFT && rq->inner == 1) {
+        /* channels along the last dim: one element per channel, its parameters read along with it */
+        int32_t ks = rq->shift.len == 1 ? 0 : 1, zs = rq->zero_point.len == 1 ? 0 : 1;
+        for (o = 0; o < outer; ++o) {
+            const int32_t *a_in = acc + (int64_t)o * rq->channels;
+            int32_t *q = out + (int64_t)o * rq->channels;
+            for (c = 0; c < rq->channels; ++c) {
+                int32_t k = rq->shift.v[c * ks];
+                int64_t v;
+                if (k >= 1 && k <= 31) { /* the 32-bit rounding shift of the loop below */
+                    uint32_t u = (uint32_t)a_in[c] ^ 0x80000000u;
+                    v = (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
+                } else {
+                    v = hq_srr(a_in[c], k);
+                }
+                q[c] = hq_clamp(v + rq->zero_point.v[c * zs], rq->qmin, rq->qmax);
+            }
+        }
+        return;
+    }
     for (o = 0; o < outer; ++o) {
         for (c = 0; c < rq->channels; ++c) {
             const int32_t *a_in = acc + ((int64_t)o * rq->channels + c) * rq->inner;
@@ -68,6 +88,12 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
                     for (j = 0; j < rq->inner; ++j) {
                         uint32_t u = (uint32_t)a_in[j] ^ 0x80000000u;
                         int32_t v = (int32_t)(u >> k) - base + (int32_t)((u >> (k - 1)) & 1u);
+                        q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
+                    }
+                } else if (k == 0) { /* the identity requantization: saturation only */
+                    int32_t lo = rq->qmin - zp, hi = rq->qmax - zp;
+                    for (j = 0; j < rq->inner; ++j) {
+                        int32_t v = a_in[j];
                         q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                     }
                 } else {
