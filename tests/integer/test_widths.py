@@ -50,3 +50,36 @@ def test_the_analysis_bounds_every_accumulator():
     assert got and set(got) <= set(rows)
     for name, acc in got.items():
         assert int(acc.abs().max()) <= rows[name]["magnitudes"]["acc"], name
+
+
+def test_layernorm_bound_holds_where_the_floored_root_is_small():
+    """With no fractional bits in the root and no epsilon, r = isqrt(V) can sit well below sqrt(V): the bound on
+    the normalised value must still hold (C = 15 and a single 1 gives 305,835 at 16 fractional bits)."""
+    import math
+
+    import numpy as np
+
+    from hybridquant.integer.program import ProgramOp
+    from hybridquant.ops import program_kind
+
+    rng = np.random.default_rng(0)
+    frac = 16
+    for c in range(2, 41):
+        op = ProgramOp(1, "ln", "layer_norm", "layer_norm", ["x"], {"dim": -1}, {
+            "in_zero_point": np.array(0), "ptf_shift": np.array(0), "gamma_q": np.ones(c, np.int64),
+            "beta_q": np.zeros(c, np.int64), "eps_q": np.array(0), "frac_bits": np.array(frac),
+            "sqrt_frac_bits": np.array(0), "out_shift": np.array(0), "out_zero_point": np.array(0),
+            "out_qmin": np.array(-128), "out_qmax": np.array(127), "requant.zero_point": np.array(0)}, [1, c])
+
+        class _Program:
+            def __getitem__(self, name, c=c):
+                return ProgramOp(0, name, "input", "quantize", [], {}, {}, [1, c])
+
+        bound = program_kind("layer_norm").widths(op, {"x": 3}, {}, _Program())["normalised"]
+        samples = [np.eye(c, dtype=np.int64)[0]] + [rng.integers(-3, 4, size=c) for _ in range(200)]
+        for x in samples:
+            s1, s2 = int(x.sum()), int((x * x).sum())
+            v = c * s2 - s1 * s1
+            r = max(math.isqrt(v), 1)
+            for y in (c * x - s1).tolist():
+                assert abs((2 * (y << frac) + r) // (2 * r)) <= bound, (c, x.tolist())

@@ -112,8 +112,7 @@ class Emitter:
     ``model.c``. Hooks return C statements.
     """
 
-    def __init__(self, program: Program) -> None:
-        self.program = program
+    def __init__(self) -> None:
         self.shapes: dict[str, list[int]] = {}
         self.offsets: dict[str, int] = {}  # value name -> scratch offset of its codes
         self.acc_offsets: dict[str, int] = {}  # op name -> scratch offset of its accumulator
@@ -195,6 +194,8 @@ class Emitter:
             raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "
                                    "weights; the C kernels take 2 to 8 bits")
         signed = bool(w.min() < 0) if w.size else True
+        if bits == 8 and w.size and (w.min() < -128 or w.max() > 127):
+            raise self.fail("8-bit weights outside [-128, 127]")
         data = (pack_bits(w, bits) if bits < 8 else w.astype(np.int8)).view(np.uint8).reshape(-1)
         name = self._emit("uint8_t", self.name_of("weight"), [str(int(v)) for v in data], data.size)
         return f"{{{name}, {bits}, {int(signed or bits == 8)}}}"
@@ -217,7 +218,11 @@ def requant_lines(em: Emitter, op: ProgramOp) -> list[str]:
     modes = {"shift": "HQ_REQUANT_SHIFT", "two_term": "HQ_REQUANT_TWO_TERM", "threshold": "HQ_REQUANT_THRESHOLD"}
     if rq["mode"] not in modes:
         raise HybridQuantError(f"cannot export to C: op {op.index} ({op.name}) requantizes with a float multiplier")
-    inner, channels = _axis_split(op.out_shape, rq["axis"])
+    axis = rq["axis"]
+    if axis is None and any(np.asarray(op.arrays[k]).size > 1 for k in op.arrays if k.startswith("requant.")
+                            and k != "requant.thresholds"):
+        axis = -1  # a 1-d parameter without an axis lies along the last dim (the contract's convention)
+    inner, channels = _axis_split(op.out_shape, axis)
     fields = {k: em.param(f"requant.{k}") for k in ("shift", "a", "b", "sign", "n", "zero_point")}
     thresholds = em.array("requant.thresholds") if em.has("requant.thresholds") else "hq_zero"
     n_thr = np.asarray(op.arrays["requant.thresholds"]).size if em.has("requant.thresholds") else 0
@@ -256,7 +261,7 @@ def pixels_to_images(pixels: np.ndarray, model_meta: dict[str, Any] | None) -> t
 
 def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
     """(``model.h``, ``model.c``, facts: scratch bytes, constant bytes, op count) of ``program``."""
-    em = Emitter(program)
+    em = Emitter()
     scratch = em.scratch
     ops = program.ops
     last_read: dict[str, int] = {}
@@ -393,10 +398,14 @@ def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: 
     does not fit the C kernels."""
     program = source if isinstance(source, Program) else lower(source)
     rows = analyse(program)
-    for row in rows:  # the C kernels accumulate in int32
+    for row in rows:  # the C kernels accumulate in int32, and compute the wider intermediates in int64
         if row["bits"]["acc"] > 32:
             raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs a "
                                    f"{row['bits']['acc']}-bit accumulator; the C kernels accumulate in 32 bits")
+        if row["max_bits"] > 64:
+            widest = max(row["bits"], key=row["bits"].get)
+            raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
+                                   f"{row['max_bits']} bits for its {widest}; the C kernels compute in at most 64")
     header, body, facts = model_c(program, model_meta)
     resources = resources_table(program, rows, facts)
     with atomic_dir(out_dir) as tmp:

@@ -37,7 +37,8 @@ def evaluate_c(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None,
     max_diff, seconds = 0, 0.0
     with tempfile.TemporaryDirectory(prefix="hq-c-") as tmp:
         export_c(qgraph, f"{tmp}/model", model_meta)
-        binary = build_c(f"{tmp}/model", STRICT_CFLAGS + " -DHQ_TIMING" + native_flag())
+        flags = STRICT_CFLAGS + " -DHQ_TIMING" + native_flag()
+        binary = build_c(f"{tmp}/model", flags)
         for pixels, labels in tqdm(batches, total=total, desc="eval C", disable=not progress, leave=False):
             px = pixels.numpy()
             codes, spent = run_c(binary, px, tmp)
@@ -48,7 +49,7 @@ def evaluate_c(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None,
             int_codes = int_codes.reshape(len(px), -1)
             sim = qgraph.run(x).double()
             sim_codes = (torch.round(sim / scale) + zero_point).to(torch.int64).reshape(len(px), -1)
-            pred = c_codes.argmax(1)
+            pred = ((c_codes - zero_point).double() * scale).argmax(1)  # logits: a per-channel scale too
             hits += int((pred == labels).sum())
             agree_sim += int((pred == sim.reshape(len(px), -1).argmax(1)).sum())
             agree_int += int((pred == int_codes.argmax(1)).sum())
@@ -58,4 +59,4 @@ def evaluate_c(qgraph: QuantizedGraph, model_meta: dict[str, Any] | None,
     return {"top1": hits / max(n, 1), "images": n, "agreement_sim": agree_sim / max(n, 1),
             "agreement_integer": agree_int / max(n, 1), "identical_integer": identical / max(n, 1),
             "max_logit_diff_lsb": max_diff, "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
-            "threads": 1, "cflags": (STRICT_CFLAGS + native_flag()).strip()}
+            "threads": 1, "cflags": flags.strip()}

@@ -110,10 +110,12 @@ def _widths(op, bounds, done, program):
     x = bounds[op.inputs[0]] << int(g["ptf_shift"].max())
     var = c * c * x * x + abs(int(g["eps_q"]))
     y = 2 * c * x
-    # |y_j| / sqrt(V) is a normalised value, at most sqrt(C - 1): the quotient is below sqrt(C) 2^frac, plus rounding
-    nrm = (math.isqrt(c) + 1) << frac
+    # |y_j| / sqrt(V) is a normalised value (at most sqrt(C - 1)); the floored root r can be smaller than sqrt(V),
+    # so the quotient is bounded as arith.int_layernorm's guard bounds it
+    nrm = (2 * math.isqrt(c) + 3) << frac
+    root = math.isqrt(var << (2 * p)) + 1
     return {"shifted": x, "sum": c * x, "sum_squares": c * x * x, "variance": var, "variance_shifted": var << (2 * p),
-            "centred": y, "numerator": 2 * (y << (frac + p)), "normalised": nrm,
+            "centred": y, "numerator": 2 * (y << (frac + p)) + root, "normalised": nrm,
             "affine": nrm * absmax(g["gamma_q"]) + absmax(g["beta_q"]),
             "acc": abs(int(g["out_qmax"])) + abs(int(g["out_qmin"])) + abs(int(g["requant.zero_point"]))}
 

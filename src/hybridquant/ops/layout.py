@@ -84,7 +84,7 @@ def _c(op, em):
     view = run_float(op, [torch.empty(em.shape(x), device="meta")])
     if view.dim() > 8:
         raise em.fail(f"{view.dim()} dims (the C views take at most 8)")
-    init = (f"{{{view.dim()}, {{{', '.join(map(str, view.shape))}}}, {{{', '.join(map(str, view.stride()))}}}, "
+    init = (f"{{{view.dim()}, {{{', '.join(map(str, view.shape)) or 0}}}, {{{', '.join(map(str, view.stride())) or 0}}}, "
             f"{view.storage_offset()}}}")
     return [f"{{ static const hq_view v = {init};", f"  hq_view_copy({em.codes(x)}, &v, {em.codes(op.name)}); }}"]
 

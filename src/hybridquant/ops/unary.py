@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +72,7 @@ _MIN = {"silu": -0.2785, "gelu": -0.17, "hardswish": -0.375}
 
 def _c_lut(op, em):
     x = op.inputs[0]
-    size = np.asarray(op.arrays["table"]).size
-    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.array('table')}, {size}, {em.scalar('in_qmin')}, "
+    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.array('table')}, {em.scalar('in_qmin')}, "
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 

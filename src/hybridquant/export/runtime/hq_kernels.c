@@ -347,10 +347,8 @@ void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int3
     }
 }
 
-void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t size, int32_t in_qmin, int32_t acc_zp,
-            int32_t *acc) {
+void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t in_qmin, int32_t acc_zp, int32_t *acc) {
     int32_t i;
-    (void)size;
     for (i = 0; i < count; ++i) acc[i] = table[x[i] - in_qmin] - acc_zp;
 }
 

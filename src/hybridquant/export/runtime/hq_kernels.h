@@ -71,8 +71,7 @@ void hq_cat_part(const int32_t *x, hq_param zp, hq_param shift, int32_t outer, i
 void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t count, int32_t last,
             int32_t *acc);
 void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int32_t *acc);
-void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t size, int32_t in_qmin, int32_t acc_zp,
-            int32_t *acc);
+void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
 void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, const int32_t *table,
                     int32_t size, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
 void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, const int32_t *exp_table,
