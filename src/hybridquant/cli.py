@@ -329,12 +329,21 @@ def _print_result(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
 
 
-def _eval_dataset(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int):
-    """The eval split (its --limit subset), preprocessed for the model and checked against its classes."""
-    from .data import balanced_subset, check_class_names, data_config, eval_transform, image_folder
+def _eval_dataset(args: argparse.Namespace, data_cfg: dict[str, Any], class_names, num_classes: int,
+                  pixels: bool = False):
+    """The eval split (its --limit subset), preprocessed for the model (with ``pixels``: only resized and cropped,
+    uint8) and checked against its classes."""
+    from .data import (
+        PixelTransform,
+        balanced_subset,
+        check_class_names,
+        data_config,
+        eval_transform,
+        image_folder,
+    )
 
     cfg = data_config(data_cfg, _overrides(args))
-    dataset = image_folder(args.data, "eval", eval_transform(cfg))
+    dataset = image_folder(args.data, "eval", PixelTransform(cfg) if pixels else eval_transform(cfg))
     check_class_names(dataset, class_names, num_classes)
     return balanced_subset(dataset, args.limit)
 
@@ -396,13 +405,12 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
     c = qgraph.config
     head = {"qmodel": str(args.qmodel), "method": c.method, "wbits": c.wbits, "abits": c.abits, "scales": c.scales}
     if args.runtime == "c":
-        from .data import PixelTransform, balanced_subset, check_class_names, data_config, image_folder
+        from .data import data_config
         from .export.c_eval import evaluate_c
 
         cfg = data_config(meta["data_cfg"], _overrides(args))  # the C input table normalises with it
-        dataset = image_folder(args.data, "eval", PixelTransform(cfg))
-        check_class_names(dataset, meta.get("class_names"), int(meta["num_classes"]))
-        loader = make_loader(balanced_subset(dataset, args.limit), args.batch_size, args.workers)
+        dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]), True)
+        loader = make_loader(dataset, args.batch_size, args.workers)
         return {**head, "runtime": "c", **evaluate_c(qgraph, {**meta, "data_cfg": cfg}, loader, len(loader))}
     dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
     if args.integer:

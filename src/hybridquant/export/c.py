@@ -238,11 +238,9 @@ def input_table(program: Program, model_meta: dict[str, Any] | None) -> np.ndarr
     of the model's data config; 0 and 1 without one) and the input quantizer, all in float32 as in Python."""
     op = program.ops[0]
     channels = program.input_size[0]
-    cfg = (model_meta or {}).get("data_cfg", {})
-    mean = torch.tensor(cfg.get("mean", [0.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.tensor(cfg.get("std", [1.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
-    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 1, 256).expand(1, channels, 1, 256)
-    x = pixels.to(torch.float32).div(255).sub(mean).div(std)
+    # one image of 1 x 256 pixels, pixel p holding value p in every channel: x is [1, C, 1, 256]
+    pixels = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 1, 256, 1), channels, axis=3)
+    x = pixels_to_images(pixels, model_meta)
     c = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in op.arrays.items()}
     codes = quantize(x, c["scale"], c["zero_point"], int(c["qmin"]), int(c["qmax"]), op.attrs.get("axis"))
     return codes.reshape(channels, 256).numpy().astype(np.int64)
