@@ -294,20 +294,29 @@ def bundled_table(results: Path) -> str:
 
 
 def runtime_table(results: Path, name: str) -> str:
-    """Images per second of each runtime, side by side in one run (``benchmarks/runtime.py``)."""
+    """Images per second of each runtime at each thread count, side by side in one run (``benchmarks/runtime.py``)."""
     path = results / "runtime" / f"{name}.json"
     if not path.exists():
         return "_not measured yet: `python benchmarks/runtime.py`_\n"
     r = json.loads(path.read_text())
-    lines = ["| runtime | images/s | × Python integer executor |", "|---|---|---|"]
-    for key, ips in r["images_per_second"].items():
-        ratio = r["ratio_to_python_integer"][key]
-        lines.append(f"| {key} | {'—' if ips is None else f'{ips:,.1f}'} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+    speed, ratio = r["images_per_second"], r["ratio_to_python_integer"]
+    counts = list(speed)
+
+    def num(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    lines = ["| runtime | " + " | ".join(f"images/s, {t} thread{'s' * (t != '1')}" for t in counts) + " | "
+             + " | ".join(f"× Python integer, {t} thread{'s' * (t != '1')}" for t in counts) + " |",
+             "|---|" + "---|" * (2 * len(counts))]
+    for key in speed[counts[0]]:
+        lines.append(f"| {key} | " + " | ".join(num(speed[t][key], ",.1f") for t in counts) + " | "
+                     + " | ".join(num(ratio[t][key], ".2f") for t in counts) + " |")
     env = r["environment"]
-    return "\n".join(lines) + (f"\n\n{r['images']} test images, one thread each; C flags `{r['cflags']}`; the C "
-                               f"program's output codes equal the integer executor's on all of them: "
-                               f"{r['c_identical']}. {r['model']}. {env.get('cpu_model')}, torch {env['torch']}, "
-                               f"{env['date'][:10]}.\n")
+    return "\n".join(lines) + (f"\n\n{r['images']} test images; C flags `{r['cflags']}` (with more than one thread "
+                               f"also `-fopenmp`: images in parallel); the other runtimes use their own threads "
+                               f"within a batch. The C program's output codes equal the integer executor's on all "
+                               f"of them: {r['c_identical']}. {r['model']}. {env.get('cpu_model')}, torch "
+                               f"{env['torch']}, {env['date'][:10]}.\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Speed of the runtimes of one quantized model, side by side in one run on the same images.
 
-On ``--images`` CIFAR-10 test images (class-balanced, the uint8 image after resize and crop), with one thread
-each, it times:
+On ``--images`` CIFAR-10 test images (class-balanced, the uint8 image after resize and crop), with one and with
+two threads each, it times:
 
 * ``python_integer``: the Python integer executor (:class:`~hybridquant.integer.executor.IntegerModel`);
 * ``c``: the exported C program (``export --format c``; ``-O3`` and this machine's vector instructions), the
-  processor time inside ``hq_run``;
+  time inside ``hq_run`` (with 2 threads built with ``-fopenmp``, images in parallel, wall time);
 * ``simulation``: the fake-quantized simulation (``QuantizedGraph.run``);
 * ``onnxruntime_qdq``: the QDQ ONNX export in onnxruntime (when the ``export`` extra is installed);
 * ``fp32``: the float model in PyTorch.
@@ -39,6 +39,8 @@ from hybridquant.report import environment, markdown_table
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "runtime"
 BATCH = 100
+#: the thread counts every runtime is timed at
+THREADS = (1, 2)
 
 
 def cpu_info() -> dict[str, Any]:
@@ -54,6 +56,10 @@ def cpu_info() -> dict[str, Any]:
     return {"cpu_model": fields.get("model name"), "vector_flags": sorted(vector)}
 
 
+def _fmt(spec: str):
+    return lambda v: "—" if v is None else format(v, spec)
+
+
 def _timed(fn, batches) -> tuple[list[Any], float]:
     out, start = [], time.perf_counter()
     for b in batches:
@@ -61,46 +67,66 @@ def _timed(fn, batches) -> tuple[list[Any], float]:
     return out, time.perf_counter() - start
 
 
-def measure(qgraph, meta: dict[str, Any], fp32_model, pixels: np.ndarray) -> dict[str, Any]:
-    """Images per second of every runtime on ``pixels`` [N, H, W, C] (one thread each)."""
+def _torch_rows(fns: dict[str, Any], images) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """Images per second of each torch-driven runtime on the batches ``images``, and their outputs."""
+    n = sum(len(b) for b in images)
+    rates, outputs = {}, {}
+    for name, fn in fns.items():
+        outputs[name], seconds = _timed(fn, images)
+        rates[name] = n / seconds
+    return rates, outputs
+
+
+def measure(qgraph, meta: dict[str, Any], fp32_model, pixels: np.ndarray,
+            thread_counts: tuple[int, ...] = THREADS) -> dict[str, Any]:
+    """Images per second of every runtime on ``pixels`` [N, H, W, C], at each thread count (the C program over
+    images with OpenMP, the others through torch's and onnxruntime's own threads)."""
     from hybridquant.export.c import STRICT_CFLAGS, build_c, export_c, native_flag, pixels_to_images, run_c
     from hybridquant.integer.executor import IntegerModel
 
     n = len(pixels)
     images = [pixels_to_images(pixels[i:i + BATCH], meta) for i in range(0, n, BATCH)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rows: dict[str, Any] = {}
+    before = torch.get_num_threads()
+    integer = IntegerModel(qgraph)
+    rows: dict[str, dict[str, float | None]] = {}
+    identical = True
     try:
-        integer = IntegerModel(qgraph)
-        codes, seconds = _timed(lambda x: integer.run(x)[1].reshape(len(x), -1).numpy(), images)
-        rows["python_integer"] = n / seconds
-        _, seconds = _timed(qgraph.run, images)
-        rows["simulation"] = n / seconds
-        with torch.no_grad():
-            _, seconds = _timed(fp32_model, images)
-        rows["fp32"] = n / seconds
         with tempfile.TemporaryDirectory(prefix="hq-runtime-") as tmp:
             export_c(qgraph, f"{tmp}/model", meta)
             flags = STRICT_CFLAGS + " -DHQ_TIMING" + native_flag()
-            c_codes, c_seconds = run_c(build_c(f"{tmp}/model", flags), pixels, tmp)
-            rows["c"] = n / c_seconds
-            identical = bool(np.array_equal(c_codes, np.concatenate(codes)))
+            binaries = {1: build_c(f"{tmp}/model", flags)}
+            if max(thread_counts) > 1:
+                (Path(tmp) / "omp").mkdir()
+                export_c(qgraph, f"{tmp}/omp/model", meta)
+                binaries[2] = build_c(f"{tmp}/omp/model", flags + " -fopenmp")
+            onnx_runners = {}
             try:
                 from hybridquant.export.onnx import OnnxRunner, export_onnx
 
                 export_onnx(qgraph, f"{tmp}/model.onnx", meta)
-                runner = OnnxRunner(f"{tmp}/model.onnx", threads=1)
-                _, seconds = _timed(runner, images)
-                rows["onnxruntime_qdq"] = n / seconds
+                onnx_runners = {t: OnnxRunner(f"{tmp}/model.onnx", threads=t) for t in thread_counts}
             except ImportError:
-                rows["onnxruntime_qdq"] = None
+                pass
+            for t in thread_counts:
+                torch.set_num_threads(t)
+                with torch.no_grad():
+                    row, outputs = _torch_rows({"python_integer": lambda x: integer.run(x)[1],
+                                                "simulation": qgraph.run, "fp32": fp32_model}, images)
+                row["onnxruntime_qdq"] = (_torch_rows({"o": onnx_runners[t]}, images)[0]["o"] if onnx_runners
+                                          else None)
+                c_codes, c_seconds = run_c(binaries[min(t, 2)], pixels, tmp, threads=t if t > 1 else None)
+                row["c"] = n / c_seconds
+                codes = np.concatenate([c.reshape(len(c), -1).numpy() for c in outputs["python_integer"]])
+                identical = identical and bool(np.array_equal(c_codes, codes))
+                rows[str(t)] = row
     finally:
-        torch.set_num_threads(threads)
-    base = rows["python_integer"]
-    return {"images": n, "threads": 1, "images_per_second": {k: round(v, 1) if v else None for k, v in rows.items()},
-            "ratio_to_python_integer": {k: round(v / base, 2) if v else None for k, v in rows.items()},
-            "c_identical": identical, "cflags": flags.strip()}
+        torch.set_num_threads(before)
+    out = {"images": n, "thread_counts": list(thread_counts), "cflags": flags.strip(),
+           "cflags_threads": (flags + " -fopenmp").strip(), "c_identical": identical}
+    out["images_per_second"] = {t: {k: round(v, 1) if v else None for k, v in r.items()} for t, r in rows.items()}
+    out["ratio_to_python_integer"] = {t: {k: round(v / r["python_integer"], 2) if v else None for k, v in r.items()}
+                                      for t, r in rows.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
               "environment": {**environment(), **cpu_info()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", result)
-    rows = [{"runtime": k, "images_per_second": v, "ratio": result["ratio_to_python_integer"][k]}
-            for k, v in result["images_per_second"].items()]
+    speed, ratio = result["images_per_second"], result["ratio_to_python_integer"]
+    rows = [{"runtime": k, **{f"ips{t}": speed[t][k] for t in speed}, **{f"ratio{t}": ratio[t][k] for t in speed}}
+            for k in speed["1"]]
+    number = {**{f"ips{t}": _fmt(",.1f") for t in speed}, **{f"ratio{t}": _fmt(".2f") for t in speed}}
     md = [f"# Runtime speed: {source}", "",
-          f"{result['images']} CIFAR-10 test images, one thread each, {result['environment'].get('cpu_model')}; "
-          f"the C program's codes equal the integer executor's: {result['c_identical']}.", "",
-          markdown_table(rows, ["runtime", "images_per_second", "ratio"],
-                         ["runtime", "images/s", "× Python integer executor"],
-                         {"images_per_second": lambda v: "—" if v is None else f"{v:,.1f}",
-                          "ratio": lambda v: "—" if v is None else f"{v:.2f}"})]
+          f"{result['images']} CIFAR-10 test images on {result['environment'].get('cpu_model')}; the C program's "
+          f"codes equal the integer executor's: {result['c_identical']}. The C program runs its images in "
+          "parallel with OpenMP; the others use torch's and onnxruntime's threads within each batch of "
+          f"{BATCH}.", "",
+          markdown_table(rows, ["runtime", *[f"ips{t}" for t in speed], *[f"ratio{t}" for t in speed]],
+                         ["runtime", *[f"images/s, {t} thread{'s' * (t != '1')}" for t in speed],
+                          *[f"× Python integer, {t} thread{'s' * (t != '1')}" for t in speed]], number)]
     write_text(RESULTS / f"{args.name}.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -573,7 +573,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             ops = summary["nodes"]
             extra = {"opset": summary["opset"], "qdq_pairs": summary["qdq_pairs"]}
         else:
-            facts = export_c(qgraph, out, meta)
+            facts = export_c(qgraph, out, meta, measure_code=True)
             ops = facts["ops"]
             extra = {"files": sorted(p.name for p in out.iterdir()), "scratch_bytes": facts["scratch_bytes"],
                      "constant_bytes": facts["constant_bytes"]}

@@ -95,7 +95,7 @@ def test_manifest_layout(toy_calib, tmp_path):
         files = set(data.files)
         stored = json.loads(str(data[MANIFEST_KEY]))
     assert stored == json.loads(json.dumps(manifest))
-    assert stored["format"] == "hybridquant-integer-program" and stored["version"] == 2
+    assert stored["format"] == "hybridquant-integer-program" and stored["version"] == 3
     assert stored["model"]["name"] == "toy" and stored["config"]["shift_terms"] == 2
     assert [op["name"] for op in stored["ops"]] == [n.name for n in qg.graph]
     assert {op["kind"] for op in stored["ops"]} <= set(kind_docs())
@@ -119,7 +119,7 @@ def test_manifest_layout(toy_calib, tmp_path):
         assert op["arrays"]["requant.thresholds"]["shape"] == [qg.act[name].qmax]
     assert by_name["blk.add"]["arrays"]["align_shift.1"]["shape"] == []
     assert by_name["tok.softmax"]["arrays"]["exp_table"]["shape"] == [64]  # one entry per 6-bit input level
-    assert {"gamma_q", "beta_q", "eps_q", "out_shift", "ptf_shift", "sqrt_frac_bits"} <= set(
+    assert {"gamma_q", "beta_q", "eps_q", "out_shift", "ptf_shift"} <= set(
         by_name["tok.norm"]["arrays"])
     assert by_name["tok.fc"]["out_shape"] == [1, 36, 8]
     # per-channel tables after a non-linearity, and the deferred non-linearity itself
@@ -265,7 +265,7 @@ def test_a_program_of_another_version_is_refused(toy_calib, tmp_path):
     manifest, arrays = program_tables(qg)
     manifest["version"] = 1
     np.savez(tmp_path / "old.npz", **arrays, **{MANIFEST_KEY: np.array(json.dumps(manifest))})
-    with pytest.raises(HybridQuantError, match="v1 file; this hybridquant reads v2: export it again"):
+    with pytest.raises(HybridQuantError, match="v1 file; this hybridquant reads v3: export it again"):
         load_npz(tmp_path / "old.npz")
     with pytest.raises(ValueError, match="manifest version 1"):
         rr.load(tmp_path / "old.npz")

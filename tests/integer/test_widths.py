@@ -52,34 +52,48 @@ def test_the_analysis_bounds_every_accumulator():
         assert int(acc.abs().max()) <= rows[name]["magnitudes"]["acc"], name
 
 
-def test_layernorm_bound_holds_where_the_floored_root_is_small():
-    """With no fractional bits in the root and no epsilon, r = isqrt(V) can sit well below sqrt(V): the bound on
-    the normalised value must still hold (C = 15 and a single 1 gives 305,835 at 16 fractional bits)."""
+def test_layernorm_bounds_hold_and_fit_int32():
+    """The analysed bounds of LayerNorm's intermediates hold on extreme rows (one-hot, constant, alternating,
+    random, PTF-shifted 8-bit codes) for every channel count up to 40 and the largest that fits, and all fit
+    int32."""
     import math
 
     import numpy as np
+    import torch
 
     from hybridquant.integer.program import ProgramOp
     from hybridquant.ops import program_kind
+    from hybridquant.primitives import arith, shift_right_round
 
     rng = np.random.default_rng(0)
-    frac = 16
-    for c in range(2, 41):
+    top = 255 << 3
+    for c in [*range(1, 41), 386]:
+        k = arith.layernorm_constants(torch.ones(c), torch.zeros(c), 1e-5, 2**-4, c, 2**-4, -128, 127, 0)
         op = ProgramOp(1, "ln", "layer_norm", "layer_norm", ["x"], {"dim": -1}, {
-            "in_zero_point": np.array(0), "ptf_shift": np.array(0), "gamma_q": np.ones(c, np.int64),
-            "beta_q": np.zeros(c, np.int64), "eps_q": np.array(0), "frac_bits": np.array(frac),
-            "sqrt_frac_bits": np.array(0), "out_shift": np.array(0), "out_zero_point": np.array(0),
-            "out_qmin": np.array(-128), "out_qmax": np.array(127), "requant.zero_point": np.array(0)}, [1, c])
+            "in_zero_point": np.array(0), "ptf_shift": np.array(3), "gamma_q": k["gamma_q"].numpy(),
+            "beta_q": k["beta_q"].numpy(), "eps_q": np.array(k["eps_q"]), "out_shift": np.array(k["out_shift"]),
+            "out_zero_point": np.array(0), "out_qmin": np.array(-128), "out_qmax": np.array(127),
+            "requant.zero_point": np.array(0)}, [1, c])
 
         class _Program:
             def __getitem__(self, name, c=c):
                 return ProgramOp(0, name, "input", "quantize", [], {}, {}, [1, c])
 
-        bound = program_kind("layer_norm").widths(op, {"x": 3}, {}, _Program())["normalised"]
-        samples = [np.eye(c, dtype=np.int64)[0]] + [rng.integers(-3, 4, size=c) for _ in range(200)]
-        for x in samples:
-            s1, s2 = int(x.sum()), int((x * x).sum())
-            v = c * s2 - s1 * s1
-            r = max(math.isqrt(v), 1)
-            for y in (c * x - s1).tolist():
-                assert abs((2 * (y << frac) + r) // (2 * r)) <= bound, (c, x.tolist())
+        bound = program_kind("layer_norm").widths(op, {"x": 255}, {}, _Program())
+        assert max(bound.values()) < 2**31, (c, bound)
+        rows = [np.eye(c, dtype=np.int64)[0] * top, np.full(c, top), np.arange(c) % 2 * 2 * top - top,
+                np.eye(c, dtype=np.int64)[0], *[rng.integers(-top, top + 1, size=c) for _ in range(50)]]
+        for x in rows:
+            total = int(x.sum())
+            mean, rem = total // c, total % c
+            d = torch.tensor(x - mean)
+            v = int((d * d).sum()) - rem * rem // c + k["eps_q"]
+            p = min(15, (31 - v.bit_length()) // 2)
+            w = v << 2 * p
+            t = math.isqrt(w)
+            rec = (1 << 30) // max(1, t + (w - t * t > t))
+            product = d * rec - (rem * rec + c // 2) // c
+            n = shift_right_round(product, 15 - p)
+            assert int(d.abs().max()) <= bound["centred"] and v <= bound["variance"]
+            assert rem * rec + c // 2 <= bound["mean_fraction"] and int(product.abs().max()) <= bound["product"]
+            assert int(n.abs().max()) <= bound["normalised"]

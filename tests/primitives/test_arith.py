@@ -31,6 +31,8 @@ from hybridquant.primitives.arith import (
     int_softmax,
     isqrt,
     layernorm_constants,
+    layernorm_fits,
+    layernorm_headroom,
     lut_codes,
     multiplier_to_shifts,
     requantize,
@@ -65,7 +67,9 @@ def ref_softmax_row(row: list[int], table: list[int], out_exp: int, out_qmax: in
     m, levels = max(row), len(table)
     e = [table[v - m + levels - 1] for v in row]
     s = sum(e)
-    return [min(out_qmax, ref_round(Fraction(ei * 2**out_exp, s))) for ei in e]
+    r = (2**30 + s // 2) // s
+    assert s < 2**31 and all(ei * r <= 2**30 + 2**15 for ei in e)  # int32 throughout
+    return [min(out_qmax, ref_round(Fraction(ei * r, 2 ** (30 - out_exp)))) for ei in e]
 
 
 def ref_log2_row(row: list[int], table: list[int], bits: int) -> list[int]:
@@ -81,16 +85,31 @@ def ref_log2_row(row: list[int], table: list[int], bits: int) -> list[int]:
     return out
 
 
-def ref_layernorm_row(row, zp, shifts, gamma_q, beta_q, eps_q, frac, out_shift, out_zp, lo, hi, p=0):
+def ref_srr(v: int, k: int) -> int:
+    return ref_round(Fraction(v, 2**k)) if k > 0 else v * 2**-k
+
+
+def ref_layernorm_row(row, zp, shifts, k, out_zp, lo, hi):
+    """The contract in Python ints; also returns the largest magnitude of any intermediate."""
     x = [(v - zp) << c for v, c in zip(row, shifts, strict=True)]
     c_n = len(x)
-    s1, s2 = sum(x), sum(v * v for v in x)
-    r = max(1, math.isqrt((c_n * s2 - s1 * s1 + eps_q) * 4**p))
-    out = []
-    for xj, g, b in zip(x, gamma_q, beta_q, strict=True):
-        n = ref_round(Fraction((c_n * xj - s1) * 2 ** (frac + p), r))
-        out.append(ref_clamp(ref_round(Fraction(n * g + b, 2**out_shift)) + out_zp, lo, hi))
-    return out
+    total = sum(x)
+    mean, rem = total // c_n, total % c_n
+    d = [v - mean for v in x]
+    var = sum(v * v for v in d) - rem * rem // c_n + k["eps_q"]
+    p = min(15, (31 - var.bit_length()) // 2)
+    w = var << 2 * p
+    t = math.isqrt(w)
+    r = max(1, t + 1 if w - t * t > t else t)
+    rec = 2**30 // r
+    frac = (rem * rec + c_n // 2) // c_n
+    products = [v * rec - frac for v in d]
+    n = [ref_srr(v, 15 - p) for v in products]
+    affine = [v * g + b for v, g, b in zip(n, k["gamma_q"].tolist(), k["beta_q"].tolist(), strict=True)]
+    out = [ref_clamp(ref_srr(a, k["out_shift"]) + out_zp, lo, hi) for a in affine]
+    widest = max(abs(v) for v in [*x, total, *d, sum(v * v for v in d), var, w, rec, rem * rec + c_n, *products,
+                                  *n, *[abs(a) + 2 ** max(k["out_shift"] - 1, 0) for a in affine]])
+    return out, widest
 
 
 # --- 1. requantization -------------------------------------------------------------
@@ -340,8 +359,8 @@ def test_int_softmax_matches_reference(rows, in_scale, out_exp, frac):
 def test_int_softmax_properties(row, in_scale, out_exp):
     q = t64(row)
     out = int_softmax(q, 7, in_scale, out_exp, 2**out_exp)  # no clamping: out_qmax = 2^out_exp
-    # sum: each code is a half-up rounding of E_i·2^out_exp/S and those sum to 2^out_exp exactly
-    assert abs(int(out.sum()) - 2**out_exp) <= len(row) / 2
+    # sum: each code is within 1/2 + E_i·2^(out_exp - 30) of E_i·2^out_exp/S, and those sum to 2^out_exp exactly
+    assert abs(int(out.sum()) - 2**out_exp) <= len(row) / 2 + 2 ** (out_exp + 16 - 30) * len(row)
     # monotone: a larger input never gets a smaller output; equal inputs, equal outputs
     order = torch.argsort(q, stable=True)
     assert bool((out[order][1:] >= out[order][:-1]).all())
@@ -435,22 +454,43 @@ def _ln_case(seed: int, tokens: int, channels: int, ptf: bool, bits: int = 8):
 @pytest.mark.parametrize("ptf", [False, True], ids=["no_ptf", "ptf"])
 def test_int_layernorm_matches_reference(ptf):
     q, zp, shifts, gamma, beta = _ln_case(5, 3, 12, ptf)
-    gq, bq, eq, osh = layernorm_constants(gamma, beta, 1e-5, 0.02, 12, 2**-4, 16, 16)
-    for p in (0, 4):
-        got = int_layernorm(q, zp, shifts, gq, bq, eq, 16, osh, 3, -128, 127, sqrt_frac_bits=p)
-        want = [ref_layernorm_row(r, zp, shifts.tolist(), gq.tolist(), bq.tolist(), eq, 16, osh, 3, -128, 127, p)
-                for r in q.tolist()]
-        assert got.tolist() == want
+    k = layernorm_constants(gamma, beta, 1e-5, 0.02, 12, 2**-4, -128, 127, 3)
+    got = int_layernorm(q, zp, shifts, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 3, -128, 127)
+    assert got.tolist() == [ref_layernorm_row(r, zp, shifts.tolist(), k, 3, -128, 127)[0] for r in q.tolist()]
+
+
+@FAST
+@given(st.integers(1, 386), st.integers(0, 3), st.sampled_from([4, 6, 8]), st.booleans(),
+       st.sampled_from([1e-12, 1e-5, 1e-2, 10.0]), st.sampled_from([2**-12, 2**-6, 0.5, 8.0]),
+       st.sampled_from([2**-8, 2**-4, 1.0]), st.sampled_from([0.0, 0.01, 1.0, 100.0]), st.integers(0, 2**32 - 1))
+def test_int_layernorm_every_intermediate_fits_int32(channels, ptf, bits, signed, eps, in_scale, out_scale,
+                                                     gain, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = qrange(bits, signed)
+    q = torch.randint(lo, hi + 1, (4, channels), generator=gen)
+    q[1] = q[1, :1]  # a constant row
+    q[2] = lo  # one value apart from the rest
+    q[2, 0] = lo + 1
+    q[3] = torch.where(torch.arange(channels) % 2 == 0, lo, hi)  # the widest spread
+    zp = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    shifts = torch.randint(0, ptf + 1, (channels,), generator=gen)
+    gamma = gain * torch.randn(channels, generator=gen, dtype=torch.float64)
+    beta = gain * torch.randn(channels, generator=gen, dtype=torch.float64)
+    k = layernorm_constants(gamma, beta, eps, in_scale, channels, out_scale, -128, 127, 0)
+    got = int_layernorm(q, zp, shifts, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
+    for row, out in zip(q.tolist(), got.tolist(), strict=True):
+        want, widest = ref_layernorm_row(row, zp, shifts.tolist(), k, 0, -128, 127)
+        assert out == want and widest < 2**31
+    assert k["eps_q"] < 2**29 and int(k["gamma_q"].abs().max()) < 2**14 and int(k["beta_q"].abs().max()) <= 2**30
 
 
 @pytest.mark.parametrize("ptf", [False, True], ids=["no_ptf", "ptf"])
-@pytest.mark.parametrize("bits,channels", [(8, 96), (16, 64)])
+@pytest.mark.parametrize("bits,channels", [(8, 96), (6, 64), (8, 240)])
 def test_int_layernorm_within_one_lsb_of_float(ptf, bits, channels):
     q, zp, shifts, gamma, beta = _ln_case(6, 128, channels, ptf, bits)
     in_scale, out_scale, eps = 0.01, 2**-4, 1e-5
-    gq, bq, eq, osh = layernorm_constants(gamma, beta, eps, in_scale, channels, out_scale, 16, 16)
-    assert int(gq.abs().max()) <= 2**15 - 1 and eq == round(channels**2 * eps / in_scale**2)
-    got = int_layernorm(q, zp, shifts, gq, bq, eq, 16, osh, 0, -128, 127)
+    k = layernorm_constants(gamma, beta, eps, in_scale, channels, out_scale, -128, 127, 0)
+    got = int_layernorm(q, zp, shifts, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
     x = (q - zp).double() * (2.0 ** shifts.double()) * in_scale
     y = F.layer_norm(x, (channels,), gamma.double(), beta.double(), eps)
     want = quantize(y, out_scale, 0, -128, 127).to(torch.int64)
@@ -463,20 +503,26 @@ def test_int_layernorm_per_channel_out_scale_and_constant_rows():
     channels = 8
     gamma, beta = torch.linspace(0.5, 1.5, channels), torch.linspace(-0.3, 0.3, channels)
     alpha = torch.tensor([1.0, 2.0, 4.0, 0.5, 1.0, 1.0, 8.0, 1.0])
-    gq, bq, eq, osh = layernorm_constants(gamma, beta, 1e-5, 0.05, channels, 2**-5 * alpha, 16, 12)
-    assert int(gq.abs().max()) <= 2**11 - 1
+    k = layernorm_constants(gamma, beta, 1e-5, 0.05, channels, 2**-5 * alpha, -128, 127, 0)
     q = torch.stack([torch.full((channels,), 100), torch.arange(channels) * 9]).to(torch.int64)
-    got = int_layernorm(q, 128, 0, gq, bq, eq, 16, osh, 0, -128, 127)
+    got = int_layernorm(q, 128, 0, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
     y = F.layer_norm((q - 128).double() * 0.05, (channels,), gamma.double(), beta.double(), 1e-5)
     want = quantize(y / alpha.double(), 2**-5, 0, -128, 127).to(torch.int64)
     assert int((got - want).abs().max()) <= 1
-    # a constant row normalises to beta exactly (V = eps_q, y = 0)
+    # a constant row normalises to beta exactly (every z is 0)
     assert torch.equal(got[0], quantize(beta.double() / alpha.double(), 2**-5, 0, -128, 127).to(torch.int64))
+
+
+@pytest.mark.parametrize("channels,bound", [(8, 255), (96, 2040), (386, 2040), (1024, 255), (64, 32)])
+def test_layernorm_headroom_is_the_largest_shift_that_fits(channels, bound):
+    s = layernorm_headroom(channels, bound)
+    assert layernorm_fits(channels, bound << s)
+    assert s == 12 or not layernorm_fits(channels, bound << (s + 1))
 
 
 def test_int_layernorm_refuses_overflow():
     q = torch.full((1, 1024), 2**20, dtype=torch.int64)
     q[0, 0] = 0
-    gq, bq, eq, osh = layernorm_constants(torch.ones(1024), torch.zeros(1024), 1e-5, 1.0, 1024, 0.1)
+    k = layernorm_constants(torch.ones(1024), torch.zeros(1024), 1e-5, 1.0, 1024, 0.1, -128, 127, 0)
     with pytest.raises(OverflowError):
-        int_layernorm(q, 0, 3, gq, bq, eq, 16, osh, 0, -128, 127)
+        int_layernorm(q, 0, 3, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)

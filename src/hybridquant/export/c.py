@@ -11,11 +11,16 @@
 * ``hq_kernels.h`` / ``hq_kernels.c``: the generic integer kernels (conv, linear, matmul, elementwise,
   lookup tables, softmax, LayerNorm, layout views, requantization), no ``malloc``, no floating point;
 * ``main.c`` and a ``Makefile``: ``make`` builds ``hq_model``, which reads a file of uint8 RGB images
-  (H, W, 3 each, after resize and crop) and writes the int32 output codes of each;
+  (H, W, 3 each, after resize and crop) and writes the int32 output codes of each (built with ``-fopenmp``,
+  the images of a batch in parallel); ``make debug`` builds ``hq_model_debug``, which checks every op's
+  accumulator against the width analysis' bound and its codes against their range;
+* ``hq_test.c`` (``make test``): golden per-op vectors from the Python integer executor on a fixed image, each
+  op run alone on them, then the whole program (:func:`golden_c`);
 * ``resources.json`` / ``resources.md``: the static width analysis (:mod:`hybridquant.integer.widths`: the
-  worst-case bits of every intermediate of every op), multiply-accumulates, constant and scratch bytes. A
-  model with an accumulator wider than 32 bits is refused (the kernels accumulate in int32); intermediates
-  of LayerNorm, softmax and requantization over 32 bits run in int64 and are listed.
+  worst-case bits of every intermediate of every op), the operations per image (multiply-accumulates,
+  multiplies, shifts, additions, comparisons, lookups, divisions), constant bytes (by kind, and how the C
+  arrays' bytes follow from the program's), scratch bytes and, when asked, the compiled objects' size. A
+  model with any intermediate wider than 32 bits is refused, naming the op: the kernels compute in int32.
 
 The input is the uint8 image: normalisation and input quantization are a per-channel 256-entry table
 (``hq_input_table``), computed here with the float32 arithmetic of the Python preprocessing
@@ -31,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +47,9 @@ from .._io import atomic_dir
 from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
 from ..integer.lower import lower
-from ..integer.program import Program, ProgramOp
+from ..integer.program import Program, ProgramOp, packed_nbytes, packed_weight_bits, storage_breakdown
 from ..integer.widths import analyse
-from ..ops import program_kind
+from ..ops import COUNT_KEYS, program_kind
 from ..primitives import quantize
 from .program import pack_bits
 
@@ -52,6 +58,29 @@ RUNTIME_FILES = ("hq_kernels.h", "hq_kernels.c", "main.c", "Makefile")
 #: the flags ``build_c`` compiles with: strict C99, warnings are errors
 STRICT_CFLAGS = "-std=c99 -O3 -Wall -Wextra -Werror -pedantic"
 _PER_LINE = 16
+#: model.c's run-time checks: compiled in with -DHQ_DEBUG (``make debug``), nothing otherwise
+DEBUG_CHECKS = """#ifdef HQ_DEBUG
+#include <stdio.h>
+/* 1 (with a message) when a value of op `index` lies outside [lo, hi]: its accumulator outside the width
+ * analysis' bound, or its codes outside their range; hq_run then returns the op's index */
+static int hq_check(int32_t index, const char *what, const int32_t *v, int32_t count, int64_t lo, int64_t hi) {
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        if (v[i] < lo || v[i] > hi) {
+            fprintf(stderr, "hq_model: op %d: %s %d at %d outside [%ld, %ld]\\n", (int)index, what, (int)v[i],
+                    (int)i, (long)lo, (long)hi);
+            return 1;
+        }
+    }
+    return 0;
+}
+#define HQ_CHECK_ACC(index, v, count, bound) \\
+    if (hq_check(index, "accumulator", v, count, -(int64_t)(bound), bound)) return index
+#define HQ_CHECK_CODES(index, v, count, lo, hi) if (hq_check(index, "code", v, count, lo, hi)) return index
+#else
+#define HQ_CHECK_ACC(index, v, count, bound) (void)0
+#define HQ_CHECK_CODES(index, v, count, lo, hi) (void)0
+#endif"""
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -67,10 +96,6 @@ def _int32(v: int, what: str) -> str:
     if not _INT32[0] <= v <= _INT32[1]:
         raise HybridQuantError(f"cannot export to C: {what} = {v} does not fit int32")
     return "(-2147483647 - 1)" if v == _INT32[0] else str(v)
-
-
-def _int64(v: int) -> str:
-    return "(-INT64_C(9223372036854775807) - 1)" if v == -(2**63) else f"INT64_C({v})"
 
 
 def _size(shape: list[int]) -> int:
@@ -118,6 +143,7 @@ class Emitter:
         self.acc_offsets: dict[str, int] = {}  # op name -> scratch offset of its accumulator
         self.consts: list[str] = []
         self.const_bytes = 0
+        self.stored: dict[tuple[int, str], int] = {}  # (op index, array) -> bytes of its C array
         self.op: ProgramOp | None = None
         self.scratch = _Scratch()
         self.temps: list[tuple[int, int]] = []  # the current op's temporary buffers
@@ -141,7 +167,11 @@ class Emitter:
         return f"(S + {off})"
 
     # -- constants ------------------------------------------------------------------
-    def _emit(self, ctype: str, name: str, values: list[str], nbytes: int) -> str:
+    def _emit(self, ctype: str, name: str, values: list[str], nbytes: int, key: str | None = None) -> str:
+        """A ``static const`` array of ``model.c``; ``key``: the current op's array it holds (for the bytes'
+        reconciliation with the program's, :meth:`reconcile`)."""
+        if key is not None:
+            self.stored[(self.op.index, key)] = nbytes
         lines = [f"static const {ctype} {name}[{max(len(values), 1)}] = {{"]
         for i in range(0, len(values), _PER_LINE):
             lines.append("    " + ", ".join(values[i:i + _PER_LINE]) + ",")
@@ -155,13 +185,23 @@ class Emitter:
     def name_of(self, key: str) -> str:
         return f"hq_op{self.op.index:04d}_{_ident(key)}"
 
-    def array(self, key: str, wide: bool = False) -> str:
-        """The current op's integer array ``key`` as a flat ``int32_t`` (``int64_t`` with ``wide``) constant."""
+    def array(self, key: str) -> str:
+        """The current op's integer array ``key`` as a flat ``int32_t`` constant."""
         arr = np.asarray(self.op.arrays[key]).reshape(-1)
-        if wide:
-            return self._emit("int64_t", self.name_of(key), [_int64(int(v)) for v in arr], 8 * arr.size)
         where = f"op {self.op.index} ({self.op.name}) array {key}"
-        return self._emit("int32_t", self.name_of(key), [_int32(int(v), where) for v in arr], 4 * arr.size)
+        return self._emit("int32_t", self.name_of(key), [_int32(int(v), where) for v in arr], 4 * arr.size, key)
+
+    def table(self, key: str) -> str:
+        """An ``hq_table`` argument (a compound literal) of the current op's lookup table ``key``, stored at its
+        dtype's width (int8, uint8, int16, uint16 or int32)."""
+        arr = np.asarray(self.op.arrays[key]).reshape(-1)
+        types = {"int8": ("int8_t", "HQ_I8"), "uint8": ("uint8_t", "HQ_U8"), "int16": ("int16_t", "HQ_I16"),
+                 "uint16": ("uint16_t", "HQ_U16"), "int32": ("int32_t", "HQ_I32")}
+        if arr.dtype.name not in types:
+            raise self.fail(f"table {key} of type {arr.dtype.name}: the C kernels take 8, 16 or 32 bits")
+        ctype, tag = types[arr.dtype.name]
+        name = self._emit(ctype, self.name_of(key), [str(int(v)) for v in arr], int(arr.nbytes), key)
+        return f"(hq_table){{{name}, {tag}}}"
 
     def has(self, key: str) -> bool:
         return key in self.op.arrays
@@ -186,9 +226,12 @@ class Emitter:
     def fail(self, why: str) -> HybridQuantError:
         return HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}): {why}")
 
-    def weights(self) -> str:
-        """An ``hq_weights`` initializer of the current op's weight: bytes, packed below 8 bits."""
+    def weights(self, transposed: bool = False) -> str:
+        """An ``hq_weights`` initializer of the current op's weight: bytes, packed below 8 bits; ``transposed``
+        stores the [out, in...] weight as [in..., out] (the kernels that run their vectors along the outputs)."""
         w = np.asarray(self.op.arrays["weight"]).astype(np.int64)
+        if transposed:
+            w = w.reshape(w.shape[0], -1).T
         bits = int(self.op.attrs.get("weight_bits", 8))
         if bits > 8:
             raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "
@@ -197,11 +240,31 @@ class Emitter:
         if bits == 8 and w.size and (w.min() < -128 or w.max() > 127):
             raise self.fail("8-bit weights outside [-128, 127]")
         data = (pack_bits(w, bits) if bits < 8 else w.astype(np.int8)).view(np.uint8).reshape(-1)
-        name = self._emit("uint8_t", self.name_of("weight"), [str(int(v)) for v in data], data.size)
+        name = self._emit("uint8_t", self.name_of("weight"), [str(int(v)) for v in data], data.size, "weight")
         return f"{{{name}, {bits}, {int(signed or bits == 8)}}}"
 
     def count(self, name: str) -> int:
         return _size(self.shapes[name])
+
+    def reconcile(self, program: Program, input_table_bytes: int) -> dict[str, int]:
+        """How the C arrays' bytes follow from the program's ``deployed_bytes``: every deployed array is a C
+        array, except the ones used only as scalars (``immediates``, written into the code); arrays narrower
+        than 32 bits that the kernels read as int32 are ``widened``; the input table (host side in the
+        program) is added. ``c_constant_bytes`` = deployed + widened − immediates + input table."""
+        deployed = widened = immediates = 0
+        for op in program.ops:
+            if program_kind(op.kind).host:
+                continue
+            for key, arr in op.arrays.items():
+                bits = packed_weight_bits(op, key)
+                nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+                deployed += nbytes
+                if (op.index, key) in self.stored:
+                    widened += self.stored[(op.index, key)] - nbytes
+                else:
+                    immediates += nbytes
+        return {"deployed_bytes": deployed, "widened_to_int32": widened, "immediates": immediates,
+                "input_table": input_table_bytes, "c_constant_bytes": deployed + widened - immediates + input_table_bytes}
 
 
 def _axis_split(shape: list[int], axis: int | None) -> tuple[int, int]:
@@ -257,9 +320,18 @@ def pixels_to_images(pixels: np.ndarray, model_meta: dict[str, Any] | None) -> t
     return x.sub(mean).div(std)
 
 
-def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
-    """(``model.h``, ``model.c``, facts: scratch bytes, constant bytes, op count) of ``program``."""
+def model_c(program: Program, model_meta: dict[str, Any] | None = None,
+            widths: list[dict[str, Any]] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(``model.h``, ``model.c``, facts) of ``program``. Each op with arithmetic becomes a function
+    ``hq_opNNNN(S)`` that ``hq_run`` calls in order; built with ``-DHQ_DEBUG``, ``hq_run`` checks after each
+    one that its accumulator stays within the width analysis' bound (``widths``: :func:`analyse`'s rows) and
+    its codes within their range. ``facts``: scratch bytes, constant bytes, op count, and ``ops_layout`` (per
+    op function: the scratch offsets and sizes of the values and accumulators it reads and of the codes it
+    writes; what the golden test of :func:`golden_c` fills and checks)."""
     em = Emitter()
+    acc_bound = {r["name"]: r["magnitudes"]["acc"] for r in widths or []}
+    functions: list[str] = []
+    layout: list[dict[str, Any]] = []
     scratch = em.scratch
     ops = program.ops
     last_read: dict[str, int] = {}
@@ -300,12 +372,27 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
         else:
             if kind.c is None:
                 raise HybridQuantError(f"cannot export to C: op kind {op.kind} has no C form")
-            body += ["    " + line for line in kind.c(op, em)]
+            lines = list(kind.c(op, em))
+            if requant:
+                lines += requant_lines(em, op)
+            fn = f"hq_op{op.index:04d}"
+            functions.append("\n".join([f"/* {op.index}: {_comment(op.name)} ({op.op} -> {op.kind}) */",
+                                         f"static void {fn}(int32_t *S) {{", *["    " + ln for ln in lines], "}"]))
+            body.append(f"    {fn}(S);")
+            reads = [{"value": n, "offset": em.offsets[n], "size": sizes[n], "accumulator": False}
+                     for n in dict.fromkeys(op.inputs) if n in em.offsets]
+            reads += [{"value": n, "offset": em.acc_offsets[n], "size": sizes[n], "accumulator": True}
+                      for n in dict.fromkeys(op.inputs) if n in em.acc_offsets and program[n].attrs.get("keep_accumulator")]
+            writes = {"offset": em.offsets[op.name], "size": size} if op.name in em.offsets else None
+            layout.append({"function": fn, "op": op.name, "reads": reads, "writes": writes})
+            if kind.result == "accumulator" and op.name in acc_bound:
+                body.append(f"    HQ_CHECK_ACC({op.index}, {em.acc()}, {size}, {acc_bound[op.name]});")
+            if writes is not None and "requant.qmin" in op.arrays:
+                body.append(f"    HQ_CHECK_CODES({op.index}, {em.codes(op.name)}, {size}, "
+                            f"{em.scalar('requant.qmin')}, {em.scalar('requant.qmax')});")
         for off, n in em.temps:
             scratch.give(off, n)
         em.temps = []
-        if requant:
-            body += ["    " + line for line in requant_lines(em, op)]
         if kind.result == "accumulator" and not op.attrs.get("keep_accumulator"):
             scratch.give(em.acc_offsets[op.name], size)
         for name in dict.fromkeys(op.inputs):  # values nobody reads any more
@@ -339,7 +426,8 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
         header.append(f"#define HQ_NUM_CLASSES {len(names)}")
         header.append("extern const char *const hq_class_names[HQ_NUM_CLASSES];")
     header += ["", "/* Run the model on one image; writes HQ_NUM_OUTPUTS output codes. `scratch`: HQ_SCRATCH_BYTES "
-               "bytes, 4-byte aligned. Returns 0. */",
+               "bytes, 4-byte aligned. Returns 0 (built with -DHQ_DEBUG: the index of the first op whose values "
+               "leave their analysed bounds, after a message on stderr). */",
                "int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch);", "", "#endif", ""]
     source = ["/* Generated by hybridquant from the integer program: the op sequence and its constants. */",
               "#include <string.h>", "", '#include "hq_kernels.h"', '#include "model.h"', "",
@@ -349,70 +437,186 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None) -> tuple
         source.append(f"const char *const hq_class_names[HQ_NUM_CLASSES] = {{{quoted}}};")
         source.append("")
     source += em.consts
-    source += ["", "int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch) {",
+    source += ["", DEBUG_CHECKS, "", *functions, "",
+               "int hq_run(const uint8_t *pixels, int32_t *logits, void *scratch) {",
                "    int32_t *S = (int32_t *)scratch;", *body, "    return 0;", "}", ""]
-    facts = {"scratch_bytes": 4 * max(scratch.end, 1), "constant_bytes": em.const_bytes, "ops": len(ops)}
+    table_bytes = 4 * 256 * program.input_size[0]
+    facts = {"scratch_bytes": 4 * max(scratch.end, 1), "constant_bytes": em.const_bytes, "ops": len(ops),
+             "input_table_bytes": table_bytes, "constant_bytes_reconciliation": em.reconcile(program, table_bytes),
+             "ops_layout": layout}
     return "\n".join(header), "\n".join(source), facts
+
+
+def golden_image(program: Program) -> np.ndarray:
+    """The image of the golden test: fixed pseudo-random uint8 pixels [1, H, W, C] (seed 0)."""
+    c, h, w = program.input_size
+    return np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
+
+
+def _c_array(name: str, values: np.ndarray) -> str:
+    flat = [_int32(int(v), name) for v in np.asarray(values).reshape(-1)]
+    rows = [", ".join(flat[i:i + _PER_LINE]) for i in range(0, len(flat), _PER_LINE)] or ["0"]
+    return f"static const int32_t {name}[{max(len(flat), 1)}] = {{\n    " + ",\n    ".join(rows) + "\n};"
+
+
+def golden_c(program: Program, model_meta: dict[str, Any] | None, facts: dict[str, Any]) -> str:
+    """``hq_test.c``: golden per-op test vectors and the program that checks the C kernels against them.
+
+    On :func:`golden_image`, the Python integer executor gives every value's codes (and the accumulators later
+    ops read); for each op function of ``model.c`` the test fills its inputs with those codes, runs it alone,
+    and compares the codes it writes with the executor's; then ``hq_run`` on the image end to end. It includes
+    ``model.c`` (the op functions are static) and exits 1 naming the first op that differs."""
+    from ..integer.executor import IntegerModel
+
+    trace: dict[str, torch.Tensor] = {}
+    accs: dict[str, torch.Tensor] = {}
+    pixels = golden_image(program)
+    _, codes = IntegerModel(program).run(pixels_to_images(pixels, model_meta), trace, accs)
+    arrays: dict[str, str] = {}
+
+    def ref(value: str, accumulator: bool) -> str:
+        key = f"hq_golden_{'acc_' if accumulator else ''}{_ident(value)}"
+        if key not in arrays:
+            arrays[key] = _c_array(key, (accs if accumulator else trace)[value].numpy())
+        return key
+
+    cases = []
+    for entry in facts["ops_layout"]:
+        if entry["writes"] is None:
+            continue
+        fills = " ".join(f"memcpy(S + {r['offset']}, {ref(r['value'], r['accumulator'])}, {4 * r['size']});"
+                         for r in entry["reads"])
+        out = ref(entry["op"], False)
+        cases.append(f"    {fills}\n    {entry['function']}(S);\n"
+                     f"    failed += hq_compare(\"{_comment(entry['op'])}\", S + {entry['writes']['offset']}, {out}, "
+                     f"{entry['writes']['size']});")
+    pix = ", ".join(str(int(v)) for v in pixels.reshape(-1))
+    lines = ["/* Golden per-op test of the exported program (generated by hybridquant): `make test`. */",
+             '#include <stdio.h>', '#include "model.c"', "",
+             f"static const uint8_t hq_golden_pixels[HQ_INPUT_BYTES] = {{{pix}}};",
+             _c_array("hq_golden_output", codes.numpy()), *arrays.values(), "",
+             "static int32_t hq_test_scratch[(HQ_SCRATCH_BYTES + 3) / 4];", "",
+             "static int hq_compare(const char *op, const int32_t *got, const int32_t *want, int32_t count) {",
+             "    int32_t i;",
+             "    for (i = 0; i < count; ++i) {",
+             "        if (got[i] != want[i]) {",
+             '            fprintf(stderr, "hq_test: %s: code %d is %d, the Python kernels give %d\\n", op, (int)i, '
+             "(int)got[i], (int)want[i]);",
+             "            return 1;", "        }", "    }", "    return 0;", "}", "",
+             "int main(void) {", "    int32_t *S = hq_test_scratch, logits[HQ_NUM_OUTPUTS];", "    int failed = 0;",
+             *cases,
+             "    hq_run(hq_golden_pixels, logits, S);",
+             '    failed += hq_compare("hq_run", logits, hq_golden_output, HQ_NUM_OUTPUTS);',
+             f'    printf("hq_test: {len(cases)} ops and the whole program on the golden image: %s\\n", '
+             'failed ? "FAILED" : "ok");',
+             "    return failed ? 1 : 0;", "}", ""]
+    return "\n".join(lines)
 
 
 def resources_table(program: Program, rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
     """``resources.json``: the width analysis per op (:func:`~hybridquant.integer.widths.analyse`), the ops with
-    intermediates over 32 bits, multiply-accumulates per image, constant and scratch bytes."""
-    macs = {op.name: program.macs(op) for op in program.ops}
+    intermediates over 32 bits, the operations per image (multiply-accumulates, multiplies, shifts, additions,
+    comparisons, table lookups, divisions; :meth:`~hybridquant.integer.program.Program.counts`) per op and in
+    total, constant bytes (by kind, :func:`~hybridquant.integer.program.storage_breakdown`, and as the C
+    arrays hold them), scratch bytes and, when measured, the compiled code size (``facts["code"]``)."""
+    counts = {op.name: program.counts(op) for op in program.ops if not program_kind(op.kind).result == "logits"}
     over = [{"index": r["index"], "name": r["name"], "kind": r["kind"], "max_bits": r["max_bits"],
              "widest": max(r["bits"], key=r["bits"].get)} for r in rows if r["max_bits"] > 32]
+    storage = storage_breakdown(program.ops)
     return {
         "max_bits": max((r["max_bits"] for r in rows), default=0),
         "max_accumulator_bits": max((r["bits"]["acc"] for r in rows), default=0),
         "ops_over_32_bits": over,
-        "macs_per_image": sum(macs.values()),
+        "macs_per_image": sum(c["macs"] for c in counts.values()),
+        "counts_per_image": {k: sum(c[k] for c in counts.values()) for k in ("macs", *COUNT_KEYS)},
         "constant_bytes": facts["constant_bytes"],
+        "deployed_bytes": storage["deployed_bytes"],
+        "deployed_bytes_breakdown": storage["breakdown"],
+        "input_table_bytes": facts["input_table_bytes"],
+        "constant_bytes_reconciliation": facts["constant_bytes_reconciliation"],
         "scratch_bytes": facts["scratch_bytes"],
-        "ops": [{**r, "macs": macs.get(r["name"], 0)} for r in rows],
+        "code": facts.get("code"),
+        "ops": [{**r, "macs": counts[r["name"]]["macs"], "counts": counts[r["name"]]} for r in rows],
     }
 
 
 def resources_md(res: dict[str, Any]) -> str:
     """``resources.md``: the totals and the per-op widths of :func:`resources_table` as Markdown."""
+    rec = res["constant_bytes_reconciliation"]
     lines = ["# Resources of the exported program", "",
              f"- widest intermediate: {res['max_bits']} bits; widest accumulator: {res['max_accumulator_bits']} bits",
              f"- ops with intermediates over 32 bits: {len(res['ops_over_32_bits'])} "
              f"({', '.join(sorted({o['kind'] for o in res['ops_over_32_bits']})) or 'none'})",
-             f"- multiply-accumulates per image: {res['macs_per_image']:,}",
-             f"- constant bytes: {res['constant_bytes']:,}; scratch bytes: {res['scratch_bytes']:,}", "",
-             "| # | op | kind | MACs | accumulator bits | widest intermediate | bits |", "|---|---|---|---|---|---|---|"]
+             "- operations per image: " + ", ".join(f"{k} {v:,}" for k, v in res["counts_per_image"].items()),
+             f"- the program's deployed bytes: {res['deployed_bytes']:,} ("
+             + ", ".join(f"{k} {v:,}" for k, v in res["deployed_bytes_breakdown"].items() if v) + ")",
+             f"- constant bytes in the C arrays: {res['constant_bytes']:,} = deployed {rec['deployed_bytes']:,} + "
+             f"{rec['widened_to_int32']:,} for small arrays held as int32 − {rec['immediates']:,} of scalars written "
+             f"into the code + the input table's {rec['input_table']:,}",
+             f"- scratch (activation) bytes: {res['scratch_bytes']:,}"]
+    if res.get("code"):
+        lines.append("- compiled code (`size`, " + res["code"]["cflags"] + "): " + "; ".join(
+            f"{name}: text {s['text']:,}, data {s['data']:,}, bss {s['bss']:,}" for name, s in res["code"]["objects"].items()))
+    keys = ("shifts", "adds", "comparisons", "lookups", "divisions")
+    lines += ["", "| # | op | kind | MACs | " + " | ".join(keys) + " | accumulator bits | widest intermediate | bits |",
+              "|---|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
     for r in res["ops"]:
         widest = max(r["bits"], key=r["bits"].get)
-        lines.append(f"| {r['index']} | {r['name']} | {r['kind']} | {r['macs']:,} | {r['bits']['acc']} | {widest} | "
-                     f"{r['max_bits']} |")
+        lines.append(f"| {r['index']} | {r['name']} | {r['kind']} | {r['macs']:,} | "
+                     + " | ".join(f"{r['counts'][k]:,}" for k in keys)
+                     + f" | {r['bits']['acc']} | {widest} | {r['max_bits']} |")
     return "\n".join(lines) + "\n"
 
 
-def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+def code_size(project: str | Path, cflags: str = "-std=c99 -O2") -> dict[str, Any] | None:
+    """``size`` of ``model.o`` and ``hq_kernels.o`` compiled from an exported project (text, data and bss bytes),
+    or None without a C compiler or binutils' ``size``."""
+    cc, size = c_compiler(), shutil.which("size")
+    if cc is None or size is None:
+        return None
+    project, objects = Path(project), {}
+    with tempfile.TemporaryDirectory(prefix="hq-size-") as tmp:
+        for name in ("model.c", "hq_kernels.c"):
+            obj = Path(tmp) / name.replace(".c", ".o")
+            done = subprocess.run([cc, *cflags.split(), "-c", "-o", str(obj), str(project / name)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise HybridQuantError(f"the C compiler failed on {project / name}: "
+                                       f"{(done.stderr.strip().splitlines() or ['no message'])[0]}")
+            out = subprocess.run([size, str(obj)], capture_output=True, text=True, check=True).stdout.splitlines()
+            text, data, bss = (int(v) for v in out[1].split()[:3])
+            objects[obj.name] = {"text": text, "data": data, "bss": bss}
+    return {"cflags": cflags, "objects": objects}
+
+
+def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: dict[str, Any] | None = None,
+             measure_code: bool = False) -> dict[str, Any]:
     """Write the C project of ``source``'s integer program into ``out_dir`` (created; replaced atomically).
 
-    Returns the facts of :func:`model_c`. Raises HybridQuantError when the model cannot be lowered or a value
-    does not fit the C kernels."""
+    Returns the facts of :func:`model_c`. ``measure_code`` compiles the project's objects once to record their
+    size in ``resources.json`` (:func:`code_size`; needs a C compiler). Raises HybridQuantError when the model
+    cannot be lowered or a value does not fit the C kernels."""
     program = source if isinstance(source, Program) else lower(source)
     rows = analyse(program)
-    for row in rows:  # the C kernels accumulate in int32, and compute the wider intermediates in int64
-        if row["bits"]["acc"] > 32:
-            raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs a "
-                                   f"{row['bits']['acc']}-bit accumulator; the C kernels accumulate in 32 bits")
-        if row["max_bits"] > 64:
+    for row in rows:
+        if row["max_bits"] > 32:
             widest = max(row["bits"], key=row["bits"].get)
             raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
-                                   f"{row['max_bits']} bits for its {widest}; the C kernels compute in at most 64")
-    header, body, facts = model_c(program, model_meta)
-    resources = resources_table(program, rows, facts)
+                                   f"{row['max_bits']} bits for its {widest}; the C kernels compute in 32")
+    header, body, facts = model_c(program, model_meta, rows)
+    golden = golden_c(program, model_meta, facts)
+    facts = {k: v for k, v in facts.items() if k != "ops_layout"}
     with atomic_dir(out_dir) as tmp:
         (tmp / "model.h").write_text(header)
         (tmp / "model.c").write_text(body)
-        (tmp / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
-        (tmp / "resources.md").write_text(resources_md(resources))
+        (tmp / "hq_test.c").write_text(golden)
         for name in RUNTIME_FILES:
             (tmp / name).write_text((RUNTIME / name).read_text())
+        if measure_code:
+            facts["code"] = code_size(tmp)
+        resources = resources_table(program, rows, facts)
+        (tmp / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
+        (tmp / "resources.md").write_text(resources_md(resources))
     return facts
 
 
@@ -449,13 +653,16 @@ def build_c(project: str | Path, cflags: str = STRICT_CFLAGS) -> Path:
     return project / "hq_model"
 
 
-def run_c(binary: str | Path, pixels: np.ndarray, work_dir: str | Path) -> tuple[np.ndarray, float | None]:
-    """Run a built ``hq_model`` on uint8 images [N, H, W, C]: (output codes [N, outputs] int32, processor seconds
-    spent in ``hq_run`` when built with ``-DHQ_TIMING``, else None)."""
+def run_c(binary: str | Path, pixels: np.ndarray, work_dir: str | Path, threads: int | None = None
+          ) -> tuple[np.ndarray, float | None]:
+    """Run a built ``hq_model`` on uint8 images [N, H, W, C]: (output codes [N, outputs] int32, seconds spent in
+    ``hq_run`` when built with ``-DHQ_TIMING``, else None). ``threads`` sets ``OMP_NUM_THREADS`` for a program
+    built with ``-fopenmp`` (its seconds are then wall time)."""
     work = Path(work_dir)
     images, codes = work / "images.bin", work / "codes.bin"
     images.write_bytes(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
-    done = subprocess.run([str(binary), str(images), str(codes)], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run([str(binary), str(images), str(codes)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise HybridQuantError(f"the C program failed: {done.stderr.strip()}")
     timing = re.search(r"(\d+) ticks in hq_run, (\d+) ticks per second", done.stderr)

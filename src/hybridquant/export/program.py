@@ -26,7 +26,8 @@ from ..integer.program import (
 from .reader import unpack_bits
 
 FORMAT = "hybridquant-integer-program"
-VERSION = 2  # 2: program kind channel_shift is channel_requant, LayerNorm's channel_shift array ptf_shift
+VERSION = 3  # 2: program kind channel_shift is channel_requant, LayerNorm's channel_shift array ptf_shift;
+#   3: LayerNorm and softmax in int32 (a per-row shift and reciprocal; LayerNorm's eps_m, eps_shift, z_bits)
 #: how sub-8-bit (any width not a multiple of 8) weights are stored
 PACKING = (
     "a weight whose op has attrs.weight_bits = b with b % 8 != 0 is stored packed: its arrays entry has "

@@ -15,8 +15,9 @@ Weights narrower than a multiple of 8 bits come packed into int8 byte streams (t
 Every kernel is written from the export's contract: exact int64 products
 (conv2d via im2col), requantization by shifts with round half up
 (``(acc + (1 << (n - 1))) >> n`` for ``n > 0``) or onto threshold grids, lookup tables, the integer
-softmax and LayerNorm (floor square root by the digit-by-digit method,
-division rounded half up as ``(2·num + den) // (2·den)``).
+softmax and LayerNorm in int32 (one reciprocal per row: a floor division of
+2^30, then multiplies and rounding shifts; LayerNorm's square root rounded to
+nearest from an exact floor root).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 MANIFEST_KEY = "__manifest__"
-VERSION = 2  # the manifest version this reader follows
+VERSION = 3  # the manifest version this reader follows
 SAFE = 1 << 62  # every intermediate stays below this (one bit under int64)
 
 
@@ -177,11 +178,10 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int)
 
 
 def isqrt(v: np.ndarray) -> np.ndarray:
-    """Exact floor square root of non-negative int64 values below 2^62.
+    """Exact floor square root of non-negative int64 values below 2^52.
 
-    Read independently of the package's digit-by-digit kernel: a float64 estimate, then corrected in integers
-    until r² ≤ v < (r + 1)². The estimate is within one of the root (v loses at most 2^9 to float64 rounding,
-    the square root's relative error is 2^-53), so one step each way suffices; two are taken.
+    Read independently of the package's digit-by-digit kernel: a float64 estimate (exact to within one for
+    values float64 holds exactly), then corrected in integers until r² ≤ v < (r + 1)².
     """
     if v.size and int(v.min()) < 0:
         raise ValueError("isqrt of a negative value")
@@ -193,23 +193,36 @@ def isqrt(v: np.ndarray) -> np.ndarray:
     return r
 
 
+def _int32(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` unchanged when every value fits int32 (the contract computes softmax and LayerNorm in int32)."""
+    if x.size and (int(x.min()) < -(1 << 31) or int(x.max()) >= 1 << 31):
+        raise OverflowError(f"{what} leaves int32")
+    return x
+
+
 def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     g = p.get
     channels = q.shape[-1]
-    frac, pbits, out_shift = int(g(op, "frac_bits")), int(g(op, "sqrt_frac_bits")), int(g(op, "out_shift"))
     x = (q - g(op, "in_zero_point")) << along(g(op, "ptf_shift"), q.ndim, -1)
-    _check(x, "layer_norm", (channels.bit_length() + frac + pbits + 2))
-    if (_absmax(x) * channels) ** 2 << (2 * pbits) >= SAFE:
-        raise OverflowError("layer_norm variance")
-    s1 = x.sum(axis=-1, keepdims=True)
-    s2 = (x * x).sum(axis=-1, keepdims=True)
-    y = channels * x - s1
-    v = channels * s2 - s1 * s1 + int(g(op, "eps_q"))
-    r = np.maximum(isqrt(v << (2 * pbits)), 1)
-    num = y << (frac + pbits)
-    nrm = (2 * num + r) // (2 * r)
-    acc = nrm * g(op, "gamma_q") + g(op, "beta_q")
-    return np.clip(shift_round(acc, out_shift) + g(op, "out_zero_point"), int(g(op, "out_qmin")), int(g(op, "out_qmax")))
+    total = x.sum(axis=-1, keepdims=True)
+    mean = total // channels
+    rem = total - mean * channels
+    d = x - mean
+    v = _int32((d * d).sum(axis=-1, keepdims=True) - rem * rem // channels + int(g(op, "eps_q")),
+               "layer_norm variance")
+    bits = np.zeros_like(v)
+    for k in range(32):  # the bit length of each row's V
+        bits = np.where(v >> k > 0, k + 1, bits)
+    pw = np.minimum((31 - bits) // 2, 15)
+    w = v << (2 * pw)
+    t = isqrt(w)
+    r = np.maximum(np.where(w - t * t > t, t + 1, t), 1)
+    recip = (1 << 30) // r
+    frac = (rem * recip + channels // 2) // channels
+    n = shift_round(_int32(d * recip - frac, "layer_norm product"), 15 - pw)
+    acc = _int32(n * g(op, "gamma_q") + g(op, "beta_q"), "layer_norm affine")
+    return np.clip(shift_round(acc, int(g(op, "out_shift"))) + g(op, "out_zero_point"), int(g(op, "out_qmin")),
+                   int(g(op, "out_qmax")))
 
 
 def softmax(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
@@ -219,8 +232,8 @@ def softmax(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     if d.size and int(d.min()) < -(table.size - 1):
         raise ValueError("softmax input spread exceeds the exp table")
     e = table[d + table.size - 1]
-    s = e.sum(axis=dim, keepdims=True)
-    code = ((e << (int(p.get(op, "out_exp")) + 1)) + s) // (2 * s)
+    s = _int32(e.sum(axis=dim, keepdims=True), "softmax sum")
+    code = shift_round(e * (((1 << 30) + s // 2) // s), 30 - int(p.get(op, "out_exp")))
     return np.minimum(code, int(p.get(op, "out_qmax")))
 
 

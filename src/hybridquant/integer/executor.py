@@ -51,13 +51,15 @@ class IntegerModel:
                 self._state[op.index] = kind.prepare(op, self._consts[op.index], bounds, self.program)
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, trace: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, trace: dict[str, torch.Tensor] | None = None,
+            acc_trace: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run on a float image batch; returns (dequantized logits, output codes).
 
-        ``trace``, when given, receives every value's codes (int64) by op name.
+        ``trace``, when given, receives every value's codes (int64) by op name; ``acc_trace`` the accumulators
+        that later ops read (``keep_accumulator``).
         """
         vals: dict[str, torch.Tensor] = trace if trace is not None else {}
-        accs: dict[str, torch.Tensor] = {}
+        accs: dict[str, torch.Tensor] = acc_trace if acc_trace is not None else {}
         vals[self.program.ops[0].name] = x  # the input op quantizes it in place
         for op in self.program.ops:
             c, kind = self._consts[op.index], self._kinds[op.index]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import HybridQuantError
-from ..ops import PROGRAM_KIND_DEFS, program_kind
+from ..ops import COUNT_KEYS, PROGRAM_KIND_DEFS, program_kind
 
 
 def kind_docs() -> dict[str, str]:
@@ -130,6 +130,21 @@ def storage_breakdown(ops: list[ProgramOp]) -> dict[str, Any]:
     return {"deployed_bytes": sum(breakdown.values()), "breakdown": breakdown, "host_bytes": host}
 
 
+def requant_counts(op: ProgramOp) -> dict[str, int]:
+    """Operations per image of ``op``'s requantization (``REQUANT_DOC``), per output element: a shift is one
+    shift, its rounding and the zero point two additions, the saturation two comparisons; two terms add two
+    shifts and an addition; a threshold grid counts its binary search's comparisons instead of the clamp."""
+    mode = requant_kind(op)
+    if mode is None or mode == "float":
+        return {}
+    n = int(np.prod(op.out_shape)) if op.out_shape else 1
+    if mode == "threshold":
+        steps = int(np.asarray(op.arrays["requant.thresholds"]).shape[-1]).bit_length()
+        return {"shifts": 2 * n, "adds": 2 * n, "comparisons": steps * n}
+    per = {"shifts": 3, "adds": 3} if mode == "two_term" else {"shifts": 1, "adds": 2}
+    return {**{k: v * n for k, v in per.items()}, "comparisons": 2 * n}
+
+
 def requant_kind(op: ProgramOp) -> str | None:
     """The requantization of ``op``: ``identity`` (shift 0 in every channel: only a saturation remains),
     ``shift`` (2^-k), ``two_term``, ``threshold`` (onto a threshold grid), ``float`` (an allowed float
@@ -209,6 +224,14 @@ class Program:
         """Multiply-accumulates per image of ``op`` (conv / linear / matmul; 0 for any other)."""
         count = program_kind(op.kind).macs
         return count(op, self) if count is not None else 0
+
+    def counts(self, op: ProgramOp) -> dict[str, int]:
+        """Operations per image of ``op``: multiply-accumulates (:meth:`macs`) and :data:`COUNT_KEYS` (the
+        kind's ``counts`` and its requantization's, :func:`requant_counts`)."""
+        own = program_kind(op.kind).counts
+        kind = own(op, self) if own is not None else {}
+        requant = requant_counts(op)
+        return {"macs": self.macs(op), **{k: int(kind.get(k, 0)) + int(requant.get(k, 0)) for k in COUNT_KEYS}}
 
     def op_counts(self) -> dict[str, Any]:
         """How much of the program runs on integer kernels, measured on its ops.

@@ -23,6 +23,7 @@ from . import (
     unary,
 )
 from .registry import (
+    COUNT_KEYS,
     OP_DEFS,
     PROGRAM_KIND_DEFS,
     OpDef,
@@ -37,6 +38,6 @@ from .registry import (
 )
 from .unary import unary_fn
 
-__all__ = ["OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
+__all__ = ["COUNT_KEYS", "OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
            "matmul", "mul", "norms", "op_def", "op_providing", "ops_where", "pooling", "program_kind", "register", "run_float",
            "scale_channels", "softmax", "unary", "unary_fn"]

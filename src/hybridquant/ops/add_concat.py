@@ -9,7 +9,7 @@ import torch
 
 from ..primitives import arith, pot_exponent
 from .registry import OpDef, ProgramKind, register
-from .values import Value, c_operands, centred_inputs, np_small, zero, zp_arrays
+from .values import Value, c_operands, centred_inputs, np_small, per_element, zero, zp_arrays
 
 
 def _lower(ctx, node, op):
@@ -72,7 +72,8 @@ register(
           onnx=lambda ex, node, xs: ex.b.add("Concat", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("add", "acc = ((a - in_zero_point.0) << align_shift.0) + ((b - in_zero_point.1) << align_shift.1); "
                        "then requant",
-                run=_add, c=_c_add, widths=_widths_add),
+                run=_add, c=_c_add, widths=_widths_add,
+                counts=lambda op, program: per_element(op, shifts=2, adds=3)),
     ProgramKind("cat", "acc = cat([(x_k - in_zero_point.k) << align_shift.k], attrs.dim); then requant",
-                run=_cat, c=_c_cat, widths=_widths_cat),
+                run=_cat, c=_c_cat, widths=_widths_cat, counts=lambda op, program: per_element(op, shifts=1, adds=1)),
 )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..primitives import _bcast
 from .registry import OpDef, ProgramKind, register
-from .values import Value, absmax, centred_inputs, code_dtype, np_int, zero, zp_arrays
+from .values import Value, absmax, centred_inputs, code_dtype, elements, np_int, zero, zp_arrays
 
 
 def _conv2d(node, inputs):
@@ -62,6 +62,11 @@ def _macs(op, program):
     return math.prod(op.out_shape) * math.prod(op.arrays["weight"].shape[1:])
 
 
+def _counts(op, program):
+    # centring of the input, then the bias
+    return {"adds": elements(program[op.inputs[0]].out_shape) + (elements(op.out_shape) if "bias" in op.arrays else 0)}
+
+
 def _onnx_conv2d(ex, node, xs):
     a = node.attrs
     inputs = [xs[0], ex.weight(node)]
@@ -102,18 +107,26 @@ def _conv_pointwise(node):
     return a["groups"] == 1 and tuple(node.params["weight"].shape[-2:]) == (1, 1) and not any(a["padding"])
 
 
+#: output pixels per register tile of the C matrix product (``HQ_TILE`` in hq_kernels.c)
+C_TILE = 16
+
+
 def _c_conv2d(op, em):
     x = op.inputs[0]
     _, cin, h, w = em.shape(x)
     _, cout, ho, wo = op.out_shape
     kh, kw = op.arrays["weight"].shape[-2:]
     a = op.attrs
+    row, pixels = op.arrays["weight"][0].size, ho * wo
+    # hq_conv2d's temp: centred inputs, patch columns, then the unpacked weights (and, below a tile of output
+    # pixels, the transposed patches and product)
+    weights = row if a["groups"] > 1 else cout * row + (pixels * (row + cout) if pixels < C_TILE else 0)
     bias = em.array("bias") if em.has("bias") else "0"
-    return [f"{{ static const hq_weights w = {em.weights()};",
+    return [f"{{ static const hq_weights w = {em.weights(transposed=a['groups'] == 1 and pixels < C_TILE)};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
             f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
             f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, "
-            f"{em.temp(cin * h * w + op.arrays['weight'][0].size * (ho * wo + 4))}); }}"]
+            f"{em.temp(cin * h * w + row * pixels + weights)}); }}"]
 
 
 def _c_linear(op, em):
@@ -121,9 +134,9 @@ def _c_linear(op, em):
     k = em.shape(x)[-1]
     n = op.arrays["weight"].shape[0]
     bias = em.array("bias") if em.has("bias") else "0"
-    return [f"{{ static const hq_weights w = {em.weights()};",
+    return [f"{{ static const hq_weights w = {em.weights(transposed=True)};",
             f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {em.count(x) // k}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}, {em.temp(em.count(x) + k)}); }}"]
+            f"{em.acc()}, {em.temp(em.count(x) + k * n)}); }}"]
 
 
 def _widths(op, bounds, done, program):
@@ -140,7 +153,7 @@ register(
           weight_layout=lambda node: "dense", columns=lambda node, x: x.reshape(-1, x.shape[-1]).t(),
           pointwise=lambda node: True),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c_conv2d, widths=_widths),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_conv2d, widths=_widths),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c_linear, widths=_widths),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_linear, widths=_widths),
 )

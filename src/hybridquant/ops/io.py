@@ -6,7 +6,7 @@ import torch
 
 from ..primitives import quantize
 from .registry import OpDef, ProgramKind, register
-from .values import np_int, pot_exponent_array
+from .values import np_int, per_element, pot_exponent_array
 
 
 def host_scale_arrays(scale: torch.Tensor, zp: torch.Tensor, **more) -> dict:
@@ -43,7 +43,8 @@ register(
     OpDef("input", None, role="source", lower=_lower_input),
     OpDef("output", None, role="sink", lower=_lower_output),
     ProgramKind("quantize", "codes = clamp(floor(x / scale + 1/2) + zero_point, qmin, qmax), in float32 on the host",
-                run=_quantize, result="codes", host=True),
+                run=_quantize, result="codes", host=True,
+                counts=lambda op, program: per_element(op, lookups=1)),  # the C runtime's input table
     ProgramKind("output", "logits = (codes - zero_point) * scale in float64, then float32 (host side)",
                 run=_output, result="logits", host=True),
 )

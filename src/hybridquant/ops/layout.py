@@ -78,13 +78,29 @@ def _run(op, c, state, vals, accs):
     return run_float(op, [vals[op.inputs[0]]])
 
 
+def simplify_view(shape: list[int], stride: list[int]) -> tuple[list[int], list[int]]:
+    """The same strided view with fewer dims: size-1 dims dropped, and each dim merged into the next where it
+    steps exactly over it (``stride[d] == stride[d + 1]·shape[d + 1]``); a contiguous view becomes one dim."""
+    dims = [(n, s) for n, s in zip(shape, stride, strict=True) if n != 1]
+    out: list[tuple[int, int]] = []
+    for n, s in reversed(dims):
+        if out and out[-1][1] * out[-1][0] == s:
+            inner_n, inner_s = out.pop()
+            out.append((inner_n * n, inner_s))
+        else:
+            out.append((n, s))
+    out.reverse()
+    return [n for n, _ in out], [s for _, s in out]
+
+
 def _c(op, em):
-    # every layout op of a contiguous tensor is a strided view of it: copy that view
+    # every layout op of a contiguous tensor is a strided view of it: copy that view, in as few dims as it has
     x = op.inputs[0]
     view = run_float(op, [torch.empty(em.shape(x), device="meta")])
-    if view.dim() > 8:
-        raise em.fail(f"{view.dim()} dims (the C views take at most 8)")
-    init = (f"{{{view.dim()}, {{{', '.join(map(str, view.shape)) or 0}}}, {{{', '.join(map(str, view.stride())) or 0}}}, "
+    shape, stride = simplify_view(list(view.shape), list(view.stride()))
+    if len(shape) > 8:
+        raise em.fail(f"{len(shape)} dims (the C views take at most 8)")
+    init = (f"{{{len(shape)}, {{{', '.join(map(str, shape)) or 0}}}, {{{', '.join(map(str, stride)) or 0}}}, "
             f"{view.storage_offset()}}}")
     return [f"{{ static const hq_view v = {init};", f"  hq_view_copy({em.codes(x)}, &v, {em.codes(op.name)}); }}"]
 

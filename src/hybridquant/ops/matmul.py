@@ -8,7 +8,7 @@ import torch
 
 from .conv import exact_dtype
 from .registry import OpDef, ProgramKind, register
-from .values import Value, centred_inputs, zero, zp_arrays
+from .values import Value, centred_inputs, elements, zero, zp_arrays
 
 
 def _lower(ctx, node, op):
@@ -49,5 +49,6 @@ register(
     OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("MatMul", xs, node.name)),
     ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c, widths=_widths),
+                run=_run, prepare=_prepare, macs=_macs, c=_c, widths=_widths,
+                counts=lambda op, program: {"adds": sum(elements(program[n].out_shape) for n in op.inputs)}),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .registry import OpDef, ProgramKind, register
-from .values import Value, c_centred, c_operands, centred_inputs, zero, zp_arrays
+from .values import Value, c_centred, c_operands, centred_inputs, per_element, zero, zp_arrays
 
 
 def _lower_mul(ctx, node, op):
@@ -41,8 +41,10 @@ register(
     OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const, onnx=_onnx_mul_const,
           is_identity=lambda node: node.attrs["value"] == 1.0),
     ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul, c=_c_mul,
+                counts=lambda op, program: per_element(op, multiplies=1, adds=2),
                 widths=lambda op, bounds, done, program: {"acc": bounds[op.inputs[0]] * bounds[op.inputs[1]]}),
     ProgramKind("mul_const", "acc = x - in_zero_point.0 (the constant is folded into the requant); then requant",
                 run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0], c=c_centred,
+                counts=lambda op, program: per_element(op, adds=1),
                 widths=lambda op, bounds, done, program: {"acc": bounds[op.inputs[0]]}),
 )

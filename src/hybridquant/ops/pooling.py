@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .registry import OpDef, ProgramKind, register
-from .values import Value, centred_inputs, zero, zp_arrays
+from .values import Value, centred_inputs, elements, zero, zp_arrays
 
 
 def _onnx_sum(ex, node, xs):
@@ -37,6 +37,7 @@ register(
     ProgramKind("global_avg_pool", "acc = sum over H, W of (x - in_zero_point.0), keepdim (1/HW is in the requant); "
                                    "then requant",
                 run=lambda op, c, state, vals, accs: centred_inputs(op, c, vals)[0].sum(dim=(2, 3), keepdim=True),
-                c=_c_gap, widths=lambda op, bounds, done, program: {
+                c=_c_gap, counts=lambda op, program: {"adds": 2 * elements(program[op.inputs[0]].out_shape)},
+                widths=lambda op, bounds, done, program: {
                     "acc": bounds[op.inputs[0]] * math.prod(program[op.inputs[0]].out_shape[2:])}),
 )

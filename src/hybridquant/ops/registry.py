@@ -97,7 +97,9 @@ class ProgramKind:
     before (``bounds``: the largest ``|code − zero point|`` of every value) and returns the ``state``.
     ``host``: runs on the host, not deployed; ``computes``: does arithmetic (not data movement);
     ``table``: holds a lookup table; ``category``: storage category of its own constants;
-    ``macs(op, program)``: multiply-accumulates per image; ``widths(op, bounds, done, program)``: the largest magnitude of
+    ``macs(op, program)``: multiply-accumulates per image; ``counts(op, program)``: the other operations per
+    image (:data:`COUNT_KEYS`: multiplies, shifts, additions, comparisons, table lookups, divisions; the
+    requantization is counted apart); ``widths(op, bounds, done, program)``: the largest magnitude of
     each intermediate (``acc``: the result before requantization) over every input in range (``bounds``: the
     largest ``|code − zero point|`` of each value; ``done``: earlier ops' magnitudes); ``c(op, em)``: the C statements that compute the
     result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows).
@@ -113,9 +115,13 @@ class ProgramKind:
     table: bool = False
     category: str | None = None
     macs: Callable[..., int] | None = None
+    counts: Callable[..., dict[str, int]] | None = None
     c: Callable[..., list[str]] | None = None
     widths: Callable[..., dict[str, int]] | None = None
 
+
+#: the operations ``ProgramKind.counts`` reports per image, besides multiply-accumulates
+COUNT_KEYS = ("multiplies", "shifts", "adds", "comparisons", "lookups", "divisions")
 
 OP_DEFS: dict[str, OpDef] = {}
 PROGRAM_KIND_DEFS: dict[str, ProgramKind] = {}

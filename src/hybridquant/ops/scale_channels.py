@@ -11,7 +11,7 @@ from ..errors import HybridQuantError
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
 from .unary import unary_fn
-from .values import Value, c_centred, code_dtype, np_int, np_small, table_widths, zero, zp_arrays
+from .values import Value, c_centred, code_dtype, np_int, np_small, per_element, table_widths, zero, zp_arrays
 
 
 def _float(node, inputs):
@@ -71,7 +71,7 @@ def _c_channel_lut(op, em):
     channels, size = np.asarray(op.arrays["table"]).shape
     shape = em.shape(x)
     inner = math.prod(shape[op.attrs["axis"] % len(shape) + 1:])
-    return [f"hq_channel_lut({em.codes(x)}, {em.count(x)}, {inner}, {channels}, {em.array('table')}, {size}, "
+    return [f"hq_channel_lut({em.codes(x)}, {em.count(x)}, {inner}, {channels}, {em.table('table')}, {size}, "
             f"{em.scalar('in_qmin')}, {em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
@@ -88,8 +88,10 @@ def _widths_channel_requant(op, bounds, done, program):
 register(
     OpDef("scale_channels", _float, lower=_lower, onnx=_onnx, channel_scale=lambda node: node.params["inv_alpha"]),
     ProgramKind("channel_lut", "codes = table[c, x - in_qmin] for channel c along attrs.axis; then the identity "
-                               "requant", run=_channel_lut, table=True, c=_c_channel_lut, widths=table_widths),
+                               "requant", run=_channel_lut, table=True, c=_c_channel_lut, widths=table_widths,
+                counts=lambda op, program: per_element(op, lookups=1, adds=2)),
     ProgramKind("channel_requant", "acc = v - in_zero_point.0, v = the input's accumulator (attrs.reads) or codes; "
                                  "then a per-channel requant along attrs.axis", run=_channel_requant,
-                c=_c_channel_requant, widths=_widths_channel_requant),
+                c=_c_channel_requant, widths=_widths_channel_requant,
+                counts=lambda op, program: per_element(op, adds=1)),
 )

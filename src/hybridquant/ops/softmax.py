@@ -1,4 +1,5 @@
-"""Softmax: an integer kernel (exp table, one sum, a rounded division) in the program and the simulation."""
+"""Softmax: an integer kernel in 32 bits (exp table, one sum, one reciprocal per row, multiplies and rounding
+shifts) in the program and the simulation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from ..errors import HybridQuantError
 from ..primitives import arith, dequantize, pot_exponent, quantize
 from .registry import OpDef, ProgramKind, register
-from .values import FRAC_BITS, Value, absmax, np_int, np_small, pot_uniform, zero
+from .values import FRAC_BITS, Value, absmax, elements, np_int, np_small, pot_uniform, zero
 
 
 def supported(node, in_qp, out_qp) -> bool:
@@ -68,19 +69,30 @@ def _c(op, em):
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
+def _counts(op, program):
+    n = elements(op.out_shape)
+    rows = n // op.out_shape[op.attrs["dim"] % len(op.out_shape)]
+    # per element: the max, the offset, the lookup, the sum, the product, its rounding shift, the clamp
+    return {"comparisons": 2 * n - rows, "adds": 4 * n - rows, "lookups": n, "multiplies": n, "shifts": n,
+            "divisions": rows}
+
+
 def _widths(op, bounds, done, program):
     shape = program[op.inputs[0]].out_shape
     e, n = absmax(op.arrays["exp_table"]), shape[op.attrs["dim"] % len(shape)]
-    out_exp = int(np.asarray(op.arrays["out_exp"]))
-    return {"exp": e, "sum": n * e, "numerator": (e << (out_exp + 1)) + n * e, "denominator": 2 * n * e,
+    rb = arith.SOFTMAX_RECIPROCAL_BITS
+    shift = rb - int(np.asarray(op.arrays["out_exp"]))
+    return {"exp": e, "sum": n * e, "reciprocal": ((1 << rb) + e // 2) // max(e, 1),
+            "product": (1 << rb) + e // 2 + ((1 << shift) >> 1),
             "acc": int(np.asarray(op.arrays["out_qmax"])) + abs(int(np.asarray(op.arrays["requant.zero_point"])))}
 
 
 register(
     OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True,
           onnx=lambda ex, node, xs: ex.b.add("Softmax", xs, node.name, axis=int(node.attrs["dim"]))),
-    ProgramKind("softmax", "d = x - max(x); E = exp_table[d + len - 1]; S = sum E; "
-                           "codes = min(out_qmax, ((E << (out_exp + 1)) + S) // (2 S)) along attrs.dim; "
-                           "then the identity requant", run=_run, category="softmax_constants", c=_c,
+    ProgramKind("softmax", "along attrs.dim, int32 throughout: d = x - max(x); E = exp_table[d + len - 1]; "
+                           "S = sum E; R = (2^30 + S // 2) // S (one reciprocal per row); codes = min(out_qmax, srr(E R, "
+                           "30 - out_exp)); then the identity requant (arith.int_softmax)", run=_run, category="softmax_constants", c=_c,
+                counts=_counts,
                 widths=_widths),
 )

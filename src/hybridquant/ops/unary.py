@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
-from .values import Value, code_dtype, np_int, np_small, table_widths, zero
+from .values import Value, code_dtype, np_int, np_small, per_element, table_widths, zero
 
 _UNARY: dict[str, Callable] = {
     "silu": F.silu,
@@ -72,7 +72,7 @@ _MIN = {"silu": -0.2785, "gelu": -0.17, "hardswish": -0.375}
 
 def _c_lut(op, em):
     x = op.inputs[0]
-    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.array('table')}, {em.scalar('in_qmin')}, "
+    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.table('table')}, {em.scalar('in_qmin')}, "
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
@@ -81,7 +81,8 @@ register(
             output_min=_MIN.get(name))
       for name in (*_UNARY, "gelu")),
     ProgramKind("lut", "codes = table[x - in_qmin]; acc = codes - requant.zero_point; then the identity requant",
-                run=_lut, table=True, c=_c_lut, widths=table_widths),
+                run=_lut, table=True, c=_c_lut, widths=table_widths,
+                counts=lambda op, program: per_element(op, lookups=1, adds=2)),
     ProgramKind("deferred", "no codes: a non-linearity read only through a consumer's per-channel table "
                             "(channel_lut)", result="none", computes=False),
 )

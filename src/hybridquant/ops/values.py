@@ -134,3 +134,14 @@ def pot_uniform(in_qp: Any, out_qp: Any) -> bool:
     if in_qp is None or out_qp is None or in_qp.grid != "uniform" or out_qp.grid != "uniform":
         return False
     return in_qp.is_pot and out_qp.is_pot and out_qp.scale.dim() == 0
+
+
+def elements(shape) -> int:
+    """Number of elements of a shape (1 for a scalar)."""
+    return math.prod(shape) if shape else 1
+
+
+def per_element(op, **per: int):
+    """Counts of ops that do ``per[k]`` operations of each kind ``k`` per output element."""
+    n = elements(op.out_shape)
+    return {k: v * n for k, v in per.items()}

@@ -29,12 +29,13 @@ from collections.abc import Callable
 
 import torch
 
-from . import _bcast, is_power_of_two, is_two_term, pot_exponent, round_half_up, shift_right_round
+from . import _bcast, is_power_of_two, is_two_term, round_half_up, shift_right_round
 
 __all__ = [
     "align",
     "apply_channel_lut",
     "apply_lut",
+    "bit_length",
     "build_channel_lut",
     "build_lut",
     "div_round_half_up",
@@ -42,6 +43,8 @@ __all__ = [
     "int_log2_softmax",
     "int_softmax",
     "isqrt",
+    "layernorm_fits",
+    "layernorm_headroom",
     "layernorm_constants",
     "lut_codes",
     "multiplier_to_shifts",
@@ -55,8 +58,10 @@ __all__ = [
 INT64_SAFE_BITS = 62
 #: √2 ≈ 181/128: the log2 softmax rounds log2(S/E) at k + 1/2 by comparing E·2^k·181 with S·128
 SQRT2_NUM, SQRT2_DEN = 181, 128
-#: largest LayerNorm output shift :func:`layernorm_constants` picks (keeps ``beta_q`` small)
-MAX_LN_OUT_SHIFT = 40
+#: LayerNorm: one reciprocal per row ``⌊2^LN_RECIPROCAL_BITS / r⌋``; normalised values keep LN_FRAC_BITS
+LN_RECIPROCAL_BITS, LN_FRAC_BITS = 30, 15
+#: softmax: one reciprocal per row ``⌊2^SOFTMAX_RECIPROCAL_BITS / S⌋``
+SOFTMAX_RECIPROCAL_BITS = 30
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -383,27 +388,27 @@ def _softmax_exp(q: torch.Tensor, in_scale: float, dim: int, frac_bits: int,
 
 def int_softmax(q: torch.Tensor, zero_point: int, in_scale: float, out_exp: int, out_qmax: int,
                 dim: int = -1, frac_bits: int = 16, table: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer softmax along ``dim``; output codes at scale ``2^-out_exp``, zero point 0.
+    """Integer softmax along ``dim``; output codes at scale ``2^-out_exp``, zero point 0; int32 throughout.
 
     ``d = q − max(q)`` (the zero point cancels: ``zero_point`` is accepted
     only for a uniform signature), ``E = table[d]`` from
     :func:`softmax_exp_table` (built here from ``in_scale`` when ``table`` is
-    None — pass a prebuilt table in the executor), ``S = ΣE`` and
-    ``code = min(out_qmax, round_half_up(E·2^out_exp / S))``, computed exactly
-    as ``(E·2^(out_exp+1) + S) // (2S)``. Rounding: round half up of the exact
-    rational ``E·2^out_exp/S`` (after the table's own half-up rounding of
-    ``exp``). ``S ≥ 2^frac_bits`` since the maximum contributes exactly
-    ``2^frac_bits``. Range: ``frac_bits + out_exp + bit_length(len) ≤ 60``
-    (checked; e.g. 16 + 16 + 13).
+    None — pass a prebuilt table in the executor), ``S = ΣE``, one reciprocal
+    per row ``R = ⌊(2^30 + ⌊S/2⌋) / S⌋`` (2^30/S rounded), and
+    ``code = min(out_qmax, srr(E·R, 30 − out_exp))`` (round half up). ``S ≥ 2^frac_bits`` since the maximum
+    contributes exactly ``2^frac_bits``, and ``E ≤ S`` gives ``E·R ≤ 2^30 + 2^(frac_bits − 1)``; before its
+    rounding the code is within ``E·2^(out_exp − 31)`` (2^-7 for 16 fraction bits and ``out_exp`` 8) of
+    ``E·2^out_exp/S``. Range: ``len·2^frac_bits < 2^31`` and ``0 ≤ out_exp < 30`` (checked).
     """
-    if out_exp < 0:
-        raise ValueError("out_exp must be >= 0")
+    if not 0 <= out_exp < SOFTMAX_RECIPROCAL_BITS:
+        raise ValueError(f"out_exp must be in [0, {SOFTMAX_RECIPROCAL_BITS})")
     length = q.shape[dim]
-    _guard(((length << frac_bits) << (out_exp + 2)) + 1, "int_softmax numerator/denominator")
+    if length << frac_bits >= 1 << 31:
+        raise OverflowError(f"int_softmax: a sum of {length} exp values of {frac_bits} fraction bits exceeds int32")
     e = _softmax_exp(q, in_scale, dim, frac_bits, table)
     s = e.sum(dim=dim, keepdim=True)
-    code = torch.div((e << (out_exp + 1)) + s, 2 * s, rounding_mode="floor")
-    return torch.clamp(code, max=out_qmax)
+    r = ((1 << SOFTMAX_RECIPROCAL_BITS) + s // 2) // s
+    return torch.clamp(shift_right_round(e * r, SOFTMAX_RECIPROCAL_BITS - out_exp), max=out_qmax)
 
 
 def int_log2_softmax(q: torch.Tensor, zero_point: int, in_scale: float, bits: int, dim: int = -1,
@@ -433,44 +438,65 @@ def int_log2_softmax(q: torch.Tensor, zero_point: int, in_scale: float, bits: in
 
 
 # --- 5. layer norm ---------------------------------------------------------------
+def bit_length(m: torch.Tensor) -> torch.Tensor:
+    """Bits of each non-negative int64 value below 2^62 (0 for 0), by comparisons with powers of two."""
+    m = _i64(m)
+    return sum(((m >> k) > 0).to(torch.int64) for k in range(INT64_SAFE_BITS))
+
+
+def layernorm_fits(channels: int, in_bound: int) -> bool:
+    """Whether :func:`int_layernorm` keeps every intermediate in int32 for ``channels`` channels of centred,
+    PTF-shifted input values within ``±in_bound``: the row's sum of squares, at most ``C·(B² + 1)``, plus
+    ``eps_q < 2^29`` must stay below 2^31 (8-bit codes with PTF shifts up to 3: ``C ≤ 386``)."""
+    return channels * (in_bound * in_bound + 1) + (1 << 29) < 1 << 31
+
+
+def layernorm_headroom(channels: int, in_bound: int, limit: int = 12) -> int:
+    """The largest left shift ``s ≤ limit`` of inputs within ``±in_bound`` that still :func:`layernorm_fits`:
+    shifting the inputs up before the kernel makes the floor of ``rem²/C`` (an error below 1 in ``V``) small
+    against ``V``, for rows of few channels or a small spread (0 when there is no room)."""
+    s = 0
+    while s < limit and layernorm_fits(channels, in_bound << (s + 1)):
+        s += 1
+    return s
+
+
 def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: torch.Tensor | int,
-                  gamma_q: torch.Tensor, beta_q: torch.Tensor, eps_q: int, frac_bits: int, out_shift: int,
-                  out_zp: torch.Tensor | int, out_qmin: int, out_qmax: int,
-                  sqrt_frac_bits: int = 0) -> torch.Tensor:
-    """Integer LayerNorm over the last dim (``C`` channels) with PTF channel shifts.
+                  gamma_q: torch.Tensor, beta_q: torch.Tensor, eps_q: int, out_shift: int,
+                  out_zp: torch.Tensor | int, out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Integer LayerNorm over the last dim (``C`` channels) with PTF channel shifts; every intermediate in int32.
 
-    Steps (all int64): ``x_j = (q_j − zp) << c_j`` (:func:`align`; ``c_j =
-    ptf_shift[j]`` ≥ 0, all 0 without PTF), ``S1 = Σx``, ``S2 = Σx²``,
-    ``y_j = C·x_j − S1``, ``V = C·S2 − S1² + eps_q`` (``= C²·(var + eps)/s²``),
-    ``r = isqrt(V·4^p)`` (floor, exact; ``p = sqrt_frac_bits``, 0 by default;
-    ``r`` is taken as 1 when ``V = 0``, where all ``y_j = 0``),
-    ``n_j = round_half_up(y_j·2^(frac_bits+p) / r)`` (≈ normalised value ·
-    ``2^frac_bits``), ``code_j = clamp(shift_right_round(n_j·gamma_q_j +
-    beta_q_j, out_shift) + out_zp, out_qmin, out_qmax)``. Rounding: floor in
-    the square root, round half up in the division and in the final shift.
-    Constants come from :func:`layernorm_constants`.
+    Per row: ``x_j = (q_j − zp) << c_j`` (:func:`align`; ``c_j = ptf_shift[j]``), ``S = Σx``, the floor mean
+    ``m = ⌊S / C⌋`` and ``rem = S − m·C`` (one division), ``d_j = x_j − m`` (the deviation from the exact
+    mean is ``d_j − rem/C``), ``V = Σd² − ⌊rem²/C⌋ + eps_q`` (``≈ C·(var + eps)`` in squared codes), the
+    largest ``p ≤ 15`` with ``V·4^p < 2^31``, ``W = V·4^p``, ``r = max(1, round(√W))`` (the floor root
+    ``t``, plus one when ``W − t² > t``), one reciprocal ``R = ⌊2^30 / r⌋`` and the mean's fraction
+    ``k = ⌊(rem·R + ⌊C/2⌋) / C⌋`` (one more division), then per element ``n_j = srr(d_j·R − k, 15 − p)``
+    (≈ ``2^15·(x_j − mean) / √(C·(var + eps))``, ``|n_j| ≲ 2^15``) and ``code_j = clamp(srr(n_j·gamma_q_j +
+    beta_q_j, out_shift) + out_zp, out_qmin, out_qmax)``. Rounding: round half up in the shifts and in
+    ``√W``, floor in the divisions. Constants come from :func:`layernorm_constants`.
 
-    Range (each bound is checked on the actual operands, OverflowError
-    otherwise): with ``B = max|x_j|``, ``(C·B)²·4^p + eps_q < 2^62`` and
-    ``C·B·2^(frac_bits+p+2) < 2^62``; ``(2√C + 2)·2^frac_bits·max|gamma_q| +
-    max|beta_q| < 2^62``. This holds for 8- and 16-bit codes (|q − zp| <
-    2^16), ``c_j ≤ 3``, ``C ≤ 1024``, ``frac_bits ≤ 16``, ``gamma_q`` within
-    16 bits and ``p = 0`` (8-bit codes leave room for ``p`` up to 8).
+    Range: :func:`layernorm_fits` (checked on the actual values, OverflowError otherwise) keeps ``V`` below
+    2^31; ``|d_j| ≤ √V + 1`` and ``√W ≥ 2^14.5`` (for ``V ≥ 2``) keep ``|d_j·R| ≤ 2^30 + 2^16``;
+    ``|gamma_q| < 2^14`` and ``|beta_q| ≤ 2^30`` keep the affine step below 2^31.
     """
     q = _i64(q)
     channels = q.shape[-1]
     x = align(q, zero_point, ptf_shift, 0, axis=-1)
-    big = _absmax(x) * channels
-    _guard(((big * big) << (2 * sqrt_frac_bits)) + (_absmax(eps_q) << (2 * sqrt_frac_bits)), "int_layernorm variance")
-    _guard(big << (frac_bits + sqrt_frac_bits + 2), "int_layernorm centred numerator")
-    n_bound = (2 * math.isqrt(channels) + 3) << frac_bits
-    _guard(n_bound * _absmax(gamma_q) + _absmax(beta_q) + (1 << max(out_shift, 0)), "int_layernorm affine")
-    s1 = x.sum(dim=-1, keepdim=True)
-    s2 = (x * x).sum(dim=-1, keepdim=True)
-    y = channels * x - s1
-    v = channels * s2 - s1 * s1 + int(eps_q)
-    r = isqrt(v << (2 * sqrt_frac_bits)).clamp_min(1)
-    n = div_round_half_up(y << (frac_bits + sqrt_frac_bits), r)
+    if not layernorm_fits(channels, _absmax(x)):
+        raise OverflowError(f"int_layernorm: {channels} channels of values up to {_absmax(x)} exceed int32")
+    total = x.sum(dim=-1, keepdim=True)
+    mean = torch.div(total, channels, rounding_mode="floor")
+    rem = total - mean * channels
+    d = x - mean
+    v = (d * d).sum(dim=-1, keepdim=True) - torch.div(rem * rem, channels, rounding_mode="floor") + int(eps_q)
+    p = ((31 - bit_length(v)) // 2).clamp(max=LN_RECIPROCAL_BITS - LN_FRAC_BITS)
+    w = v << (2 * p)
+    t = isqrt(w)
+    r = (t + (w - t * t > t).to(torch.int64)).clamp_min(1)
+    recip = (1 << LN_RECIPROCAL_BITS) // r
+    frac = torch.div(rem * recip + channels // 2, channels, rounding_mode="floor")
+    n = shift_right_round(d * recip - frac, LN_RECIPROCAL_BITS - LN_FRAC_BITS - p)
     acc = n * _i64(torch.as_tensor(gamma_q)).to(q.device) + _i64(torch.as_tensor(beta_q)).to(q.device)
     if isinstance(out_zp, torch.Tensor):
         out_zp = _i64(out_zp).to(q.device)
@@ -478,38 +504,43 @@ def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: to
 
 
 def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_scale: float, channels: int,
-                        out_scale: torch.Tensor | float, frac_bits: int = 16,
-                        gamma_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Integer constants ``(gamma_q, beta_q, eps_q, out_shift)`` for :func:`int_layernorm` (setup time).
+                        out_scale: torch.Tensor | float, out_qmin: int, out_qmax: int,
+                        out_zp: torch.Tensor | int) -> dict[str, torch.Tensor | int]:
+    """Integer constants of :func:`int_layernorm` (setup time, float64): ``gamma_q``, ``beta_q``, ``eps_q``,
+    ``out_shift``.
 
-    The kernel then approximates ``layer_norm(x)·gamma + beta`` for input
-    ``x = (q − zp)·2^c_j·in_scale`` (``in_scale`` the base scale; the PTF
-    factors ``2^c_j`` go in ``ptf_shift``) and output codes at
-    ``out_scale`` (a float, or per-channel ``[C]`` to fold a following
-    per-channel division). With ``g_j = gamma_j / out_scale_j`` the shift is
-    the largest ``out_shift`` (≤ 40) for which ``gamma_q_j =
-    round_half_up(g_j·2^(out_shift − frac_bits))`` fits a signed
-    ``gamma_bits``-bit value (|·| ≤ 2^(gamma_bits−1) − 1);
-    ``beta_q_j = round_half_up(beta_j / out_scale_j · 2^out_shift)``;
-    ``eps_q = round_half_up(C²·eps / in_scale²)``. All in float64; rounding
-    half up. ``gamma_q``/``beta_q`` are int64 tensors, ``eps_q``/``out_shift``
-    ints.
+    The kernel then approximates ``layer_norm(x)·gamma + beta`` for input ``x = (q − zp)·2^c_j·in_scale``
+    (``in_scale`` the base scale; the PTF factors ``2^c_j`` go in ``ptf_shift``) and output codes at
+    ``out_scale`` (a float, or per-channel ``[C]`` to fold a following per-channel division).
+
+    * ``eps_q = round(C·eps / in_scale²)``, capped at ``2^29 − 1`` (an epsilon that large already holds
+      every normalised value below ``2^-14.5·√C·max|x|``).
+    * ``g_j = √C·gamma_j / out_scale_j`` (the kernel's normalised value is divided by √C);
+      ``gamma_q_j = round(g_j·2^e)`` with the largest ``e`` such that ``|gamma_q| ≤ 2^14 − 1`` and
+      ``out_shift = 15 + e`` leaves ``Q·2^out_shift ≤ 2^29``, ``Q`` one more than the widest output code
+      distance from the zero point; ``beta_q_j = round(beta_j / out_scale_j · 2^out_shift)`` clamped to
+      ``±(2^29 + Q·2^out_shift)`` — past that bound the output saturates either way, so the clamp changes no
+      code.
+
+    Rounding half up throughout. Raises ValueError when ``gamma`` needs ``out_shift < 0``.
     """
-    g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1) / torch.as_tensor(out_scale, dtype=torch.float64)
-    bt = torch.as_tensor(beta, dtype=torch.float64).reshape(-1) / torch.as_tensor(out_scale, dtype=torch.float64)
+    os_ = torch.as_tensor(out_scale, dtype=torch.float64)
+    g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1) * math.sqrt(channels) / os_
+    bt = torch.as_tensor(beta, dtype=torch.float64).reshape(-1) / os_
     if g.numel() != channels or bt.numel() != channels:
         raise ValueError(f"gamma/beta must have {channels} entries")
-    limit = (1 << (gamma_bits - 1)) - 1
+    zp = _absmax(out_zp if isinstance(out_zp, torch.Tensor) else int(out_zp))
+    span = max(abs(out_qmax) + zp, abs(out_qmin) + zp) + 1
+    limit = (1 << (LN_FRAC_BITS - 1)) - 1
+    e = 29 - span.bit_length() - LN_FRAC_BITS  # Q·2^out_shift ≤ 2^29
     gmax = float(g.abs().max())
-    if gmax == 0:
-        e = MAX_LN_OUT_SHIFT - frac_bits
-    else:
-        e = min(int(pot_exponent(limit / gmax, "floor")), MAX_LN_OUT_SHIFT - frac_bits)
-        while float(round_half_up(torch.tensor(gmax * 2.0**e, dtype=torch.float64))) > limit:  # limit / gmax was rounded
-            e -= 1
-    out_shift = frac_bits + e
-    gamma_q = round_half_up(g * 2.0**e).to(torch.int64)
-    beta_q = round_half_up(bt * 2.0**out_shift).to(torch.int64)
-    eps_q = int(round_half_up(torch.tensor(channels * channels * float(eps) / float(in_scale) ** 2,
-                                           dtype=torch.float64)))
-    return gamma_q, beta_q, eps_q, out_shift
+    while gmax > 0 and float(round_half_up(torch.tensor(gmax * 2.0**e, dtype=torch.float64))) > limit:
+        e -= 1
+    out_shift = LN_FRAC_BITS + e
+    if out_shift < 0:
+        raise ValueError(f"LayerNorm gain {gmax:.3g} (in output codes) is too large for the integer kernel")
+    bound = (1 << 29) + (span << out_shift)
+    eps_q = float(round_half_up(torch.tensor(channels * float(eps) / float(in_scale) ** 2, dtype=torch.float64)))
+    return {"gamma_q": round_half_up(g * 2.0**e).to(torch.int64),
+            "beta_q": round_half_up(bt * 2.0**out_shift).clamp(-bound, bound).to(torch.int64),
+            "eps_q": int(min(eps_q, (1 << 29) - 1)), "out_shift": out_shift}

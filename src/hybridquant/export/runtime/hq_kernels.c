@@ -2,6 +2,8 @@
 #include "hq_kernels.h"
 
 #define HQ_P(p, c) ((p).v[(p).len == 1 ? 0 : (c)])
+/* pixels per register tile of the matrix product */
+#define HQ_TILE 16
 
 int32_t hq_weight(const hq_weights *w, int32_t i) {
     if (w->bits == 8) {
@@ -42,41 +44,47 @@ int64_t hq_srr(int64_t v, int32_t k) {
     return hq_floor_shift(v + ((int64_t)1 << (k - 1)), k);
 }
 
-/* floor(num / den) for den > 0 */
-static int64_t hq_floor_div(int64_t num, int64_t den) {
-    return num >= 0 ? num / den : -((-num + den - 1) / den);
-}
-
 static int32_t hq_clamp(int64_t v, int32_t lo, int32_t hi) {
     return v < lo ? lo : (v > hi ? hi : (int32_t)v);
 }
 
 void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_requant *rq) {
-    int32_t outer = count / (rq->inner * rq->channels), o, c, j;
-    if (rq->mode == HQ_REQUANT_SHIFT && rq->inner == 1) {
-        /* channels along the last dim: one element per channel, its parameters read along with it */
-        int32_t ks = rq->shift.len == 1 ? 0 : 1, zs = rq->zero_point.len == 1 ? 0 : 1;
+    int32_t outer, inner = rq->inner, channels = rq->channels, o, c, j;
+    if (channels == 1) { /* per tensor: one run over every element */
+        inner = count;
+    }
+    outer = count / (inner * channels);
+    if (rq->mode == HQ_REQUANT_SHIFT && inner == 1) {
+        /* channels along the last dim: one element per channel, its parameters read along with it; the shifts
+         * checked once, so the loop is branch-free and vectorises (variable shifts) */
+        int32_t ks = rq->shift.len == 1 ? 0 : 1, zs = rq->zero_point.len == 1 ? 0 : 1, plain = 1;
+        for (c = 0; c < channels; ++c) {
+            int32_t k = rq->shift.v[c * ks];
+            if (k < 1 || k > 31) plain = 0;
+        }
         for (o = 0; o < outer; ++o) {
-            const int32_t *a_in = acc + (int64_t)o * rq->channels;
-            int32_t *q = out + (int64_t)o * rq->channels;
-            for (c = 0; c < rq->channels; ++c) {
-                int32_t k = rq->shift.v[c * ks];
-                int64_t v;
-                if (k >= 1 && k <= 31) { /* the 32-bit rounding shift of the loop below */
-                    uint32_t u = (uint32_t)a_in[c] ^ 0x80000000u;
-                    v = (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
-                } else {
-                    v = hq_srr(a_in[c], k);
+            const int32_t *a_in = acc + (int64_t)o * channels;
+            int32_t *q = out + (int64_t)o * channels;
+            if (plain) {
+                for (c = 0; c < channels; ++c) {
+                    uint32_t k = (uint32_t)rq->shift.v[c * ks], u = (uint32_t)a_in[c] ^ 0x80000000u;
+                    int32_t v = (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
+                    int32_t zp = rq->zero_point.v[c * zs], lo = rq->qmin - zp, hi = rq->qmax - zp;
+                    q[c] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                 }
-                q[c] = hq_clamp(v + rq->zero_point.v[c * zs], rq->qmin, rq->qmax);
+            } else {
+                for (c = 0; c < channels; ++c) {
+                    q[c] = hq_clamp(hq_srr(a_in[c], rq->shift.v[c * ks]) + rq->zero_point.v[c * zs], rq->qmin,
+                                    rq->qmax);
+                }
             }
         }
         return;
     }
     for (o = 0; o < outer; ++o) {
-        for (c = 0; c < rq->channels; ++c) {
-            const int32_t *a_in = acc + ((int64_t)o * rq->channels + c) * rq->inner;
-            int32_t *q = out + ((int64_t)o * rq->channels + c) * rq->inner;
+        for (c = 0; c < channels; ++c) {
+            const int32_t *a_in = acc + ((int64_t)o * channels + c) * inner;
+            int32_t *q = out + ((int64_t)o * channels + c) * inner;
             int32_t zp = HQ_P(rq->zero_point, c);
             if (rq->mode == HQ_REQUANT_SHIFT) {
                 int32_t k = HQ_P(rq->shift, c);
@@ -85,19 +93,19 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
                      * the same low 31 bits, non-negative), floor(acc / 2^k) = (u >> k) - 2^(31-k). No signed shift,
                      * no overflow; vectorises. */
                     int32_t base = (int32_t)(1u << (31 - k)), lo = rq->qmin - zp, hi = rq->qmax - zp;
-                    for (j = 0; j < rq->inner; ++j) {
+                    for (j = 0; j < inner; ++j) {
                         uint32_t u = (uint32_t)a_in[j] ^ 0x80000000u;
                         int32_t v = (int32_t)(u >> k) - base + (int32_t)((u >> (k - 1)) & 1u);
                         q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                     }
                 } else if (k == 0) { /* the identity requantization: saturation only */
                     int32_t lo = rq->qmin - zp, hi = rq->qmax - zp;
-                    for (j = 0; j < rq->inner; ++j) {
+                    for (j = 0; j < inner; ++j) {
                         int32_t v = a_in[j];
                         q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                     }
                 } else {
-                    for (j = 0; j < rq->inner; ++j) q[j] = hq_clamp(hq_srr(a_in[j], k) + zp, rq->qmin, rq->qmax);
+                    for (j = 0; j < inner; ++j) q[j] = hq_clamp(hq_srr(a_in[j], k) + zp, rq->qmin, rq->qmax);
                 }
             } else {
                 int32_t a = HQ_P(rq->a, c), sign = HQ_P(rq->sign, c), n = HQ_P(rq->n, c);
@@ -109,7 +117,7 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
                 n += lift;
                 ma = (int64_t)1 << a;
                 mb = sign * ((int64_t)1 << b);
-                for (j = 0; j < rq->inner; ++j) {
+                for (j = 0; j < inner; ++j) {
                     int64_t total = (int64_t)a_in[j] * ma + (int64_t)a_in[j] * mb, v;
                     if (rq->mode == HQ_REQUANT_TWO_TERM) {
                         v = hq_srr(total, n);
@@ -140,45 +148,59 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
     }
 }
 
-/* acc[o][p] = bias[o] + sum_k w[o][k] cols[k][p] for o < n_out, k < n_k, p < n_p; four output rows at a time, so
- * each column value is loaded once for four products. wrows: 4 * n_k scratch values. */
-static void hq_gemm_rows(const hq_weights *wt, const int32_t *bias, const int32_t *cols, int32_t n_out, int32_t n_k,
-                         int32_t n_p, int32_t *acc, int32_t *wrows) {
-    int32_t o, k, p, r;
-    for (o = 0; o < n_out; o += 4) {
-        int32_t rows = n_out - o < 4 ? n_out - o : 4;
-        int32_t *a0 = acc + (int64_t)o * n_p, *a1 = a0 + n_p, *a2 = a1 + n_p, *a3 = a2 + n_p;
-        for (r = 0; r < 4; ++r) {
-            int32_t *ar = a0 + (int64_t)r * n_p;
-            if (r < rows) {
-                int32_t b = bias ? bias[o + r] : 0;
-                hq_unpack_row(wt, (int64_t)(o + r) * n_k, n_k, wrows + r * n_k);
-                for (p = 0; p < n_p; ++p) ar[p] = b;
-            } else {
-                for (k = 0; k < n_k; ++k) wrows[r * n_k + k] = 0;
+/* c[i][j] = bias_row[i] + bias_col[j] + sum_l a[i][l] b[l][j] for i < m, l < k, j < n (a bias may be 0). Four
+ * rows by HQ_TILE columns of c stay in registers while l runs; the fixed-width inner loops vectorise. (Reading
+ * 8-bit weights in place instead of unpacking them once per call measured twice the instructions.) */
+static void hq_gemm(const int32_t *a, const int32_t *b, const int32_t *bias_row, const int32_t *bias_col, int32_t m,
+                 int32_t k, int32_t n, int32_t *c) {
+    int32_t i, j, l, t;
+    for (i = 0; i < m; ++i) {
+        for (j = 0; j < n; ++j) c[(int64_t)i * n + j] = (bias_row ? bias_row[i] : 0) + (bias_col ? bias_col[j] : 0);
+    }
+    for (i = 0; i + 4 <= m; i += 4) {
+        const int32_t *a0 = a + (int64_t)i * k, *a1 = a0 + k, *a2 = a1 + k, *a3 = a2 + k;
+        int32_t *c0 = c + (int64_t)i * n, *c1 = c0 + n, *c2 = c1 + n, *c3 = c2 + n;
+        for (j = 0; j + HQ_TILE <= n; j += HQ_TILE) {
+            int32_t t0[HQ_TILE], t1[HQ_TILE], t2[HQ_TILE], t3[HQ_TILE];
+            for (t = 0; t < HQ_TILE; ++t) {
+                t0[t] = c0[j + t];
+                t1[t] = c1[j + t];
+                t2[t] = c2[j + t];
+                t3[t] = c3[j + t];
+            }
+            for (l = 0; l < k; ++l) {
+                const int32_t *bl = b + (int64_t)l * n + j;
+                int32_t w0 = a0[l], w1 = a1[l], w2 = a2[l], w3 = a3[l];
+                for (t = 0; t < HQ_TILE; ++t) {
+                    t0[t] += w0 * bl[t];
+                    t1[t] += w1 * bl[t];
+                    t2[t] += w2 * bl[t];
+                    t3[t] += w3 * bl[t];
+                }
+            }
+            for (t = 0; t < HQ_TILE; ++t) {
+                c0[j + t] = t0[t];
+                c1[j + t] = t1[t];
+                c2[j + t] = t2[t];
+                c3[j + t] = t3[t];
             }
         }
-        if (rows == 4) {
-            for (k = 0; k < n_k; ++k) {
-                const int32_t *c = cols + (int64_t)k * n_p;
-                int32_t w0 = wrows[k], w1 = wrows[n_k + k], w2 = wrows[2 * n_k + k], w3 = wrows[3 * n_k + k];
-                for (p = 0; p < n_p; ++p) {
-                    int32_t x = c[p];
-                    a0[p] += w0 * x;
-                    a1[p] += w1 * x;
-                    a2[p] += w2 * x;
-                    a3[p] += w3 * x;
-                }
+        for (l = 0; l < k && j < n; ++l) { /* the columns after the last whole tile */
+            const int32_t *bl = b + (int64_t)l * n;
+            int32_t w0 = a0[l], w1 = a1[l], w2 = a2[l], w3 = a3[l], q;
+            for (q = j; q < n; ++q) {
+                c0[q] += w0 * bl[q];
+                c1[q] += w1 * bl[q];
+                c2[q] += w2 * bl[q];
+                c3[q] += w3 * bl[q];
             }
-        } else {
-            for (r = 0; r < rows; ++r) {
-                int32_t *ar = a0 + (int64_t)r * n_p;
-                for (k = 0; k < n_k; ++k) {
-                    const int32_t *c = cols + (int64_t)k * n_p;
-                    int32_t wv = wrows[r * n_k + k];
-                    for (p = 0; p < n_p; ++p) ar[p] += wv * c[p];
-                }
-            }
+        }
+    }
+    for (; i < m; ++i) { /* the rows after the last group of four */
+        for (l = 0; l < k; ++l) {
+            const int32_t *bl = b + (int64_t)l * n;
+            int32_t w0 = a[(int64_t)i * k + l];
+            for (j = 0; j < n; ++j) c[(int64_t)i * n + j] += w0 * bl[j];
         }
     }
 }
@@ -187,10 +209,11 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
                int32_t *temp) {
-    /* temp: c_in * h * w centred inputs, then c_in / groups * kh * kw * ho * wo patch columns, then four unpacked
-     * weight rows */
-    int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw;
-    int32_t *xc = temp, *cols = temp + (int64_t)c_in * h * w, *wrow = cols + (int64_t)row * ho * wo;
+    /* temp: c_in * h * w centred inputs, then row = c_in / groups * kh * kw by ho * wo patch columns, then the
+     * unpacked weights: one row (grouped), c_out rows (dense), or, with fewer than HQ_TILE output pixels, the
+     * weights exported transposed ([row][c_out]) followed by the transposed patches and product */
+    int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw, n_p = ho * wo;
+    int32_t *xc = temp, *cols = temp + (int64_t)c_in * h * w, *wrow = cols + (int64_t)row * n_p;
     int32_t o, ci, ky, kx, oy, ox, i;
     for (i = 0; i < c_in * h * w; ++i) xc[i] = x[i] - zp;
     if (groups == 1) { /* a matrix product: [c_out, K] x [K, ho * wo], the patches as columns (zero padding) */
@@ -213,7 +236,20 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                 }
             }
         }
-        hq_gemm_rows(wt, bias, cols, c_out, row, ho * wo, acc, wrow);
+        if (n_p >= HQ_TILE) { /* acc [c_out][n_p] = W [c_out][row] cols [row][n_p] */
+            hq_unpack_row(wt, 0, c_out * row, wrow);
+            hq_gemm(wrow, cols, bias, 0, c_out, row, n_p, acc);
+        } else { /* few pixels: the product transposed, so the vectors run along the output channels */
+            int32_t *cols_t = wrow + (int64_t)row * c_out, *prod = cols_t + (int64_t)n_p * row, p;
+            for (i = 0; i < row; ++i) {
+                for (p = 0; p < n_p; ++p) cols_t[(int64_t)p * row + i] = cols[(int64_t)i * n_p + p];
+            }
+            hq_unpack_row(wt, 0, c_out * row, wrow); /* exported transposed: [row][c_out] */
+            hq_gemm(cols_t, wrow, 0, bias, n_p, row, c_out, prod);
+            for (o = 0; o < c_out; ++o) {
+                for (p = 0; p < n_p; ++p) acc[(int64_t)o * n_p + p] = prod[(int64_t)p * c_out + o];
+            }
+        }
         return;
     }
     for (o = 0; o < c_out; ++o) { /* grouped and depthwise: tap by tap over the output plane */
@@ -252,22 +288,14 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
 
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
                int32_t n, int32_t *acc, int32_t *temp) {
-    /* temp: rows * k centred inputs, then one unpacked weight row (k) */
-    int32_t *xc = temp, *wrow = temp + (int64_t)rows * k;
-    int32_t r, j, i;
+    /* temp: rows * k centred inputs, then the weights (exported transposed, [k][n]) unpacked */
+    int32_t *xc = temp, *wcols = temp + (int64_t)rows * k;
+    int32_t r, i;
     for (r = 0; r < rows; ++r) {
         for (i = 0; i < k; ++i) xc[(int64_t)r * k + i] = x[(int64_t)r * k + i] - HQ_P(zp, i);
     }
-    for (j = 0; j < n; ++j) {
-        int32_t b = bias ? bias[j] : 0;
-        hq_unpack_row(wt, (int64_t)j * k, k, wrow);
-        for (r = 0; r < rows; ++r) {
-            const int32_t *xr = xc + (int64_t)r * k;
-            int32_t s = 0;
-            for (i = 0; i < k; ++i) s += xr[i] * wrow[i];
-            acc[(int64_t)r * n + j] = s + b;
-        }
-    }
+    hq_unpack_row(wt, 0, k * n, wcols);
+    hq_gemm(xc, wcols, 0, bias, rows, k, n, acc);
 }
 
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
@@ -347,45 +375,73 @@ void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int3
     }
 }
 
-void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t in_qmin, int32_t acc_zp, int32_t *acc) {
+/* out[i] = t[idx[i]] - zp for a table of any stored width: one loop per width, the switch outside it */
+#define HQ_GATHER(ctype) do { \
+        const ctype *t_ = (const ctype *)table.v + base; \
+        for (i = 0; i < n; ++i) out[i] = (int32_t)t_[idx[i]] - zp; \
+    } while (0)
+static void hq_gather(const int32_t *idx, int32_t n, hq_table table, int64_t base, int32_t zp, int32_t *out) {
     int32_t i;
-    for (i = 0; i < count; ++i) acc[i] = table[x[i] - in_qmin] - acc_zp;
+    switch (table.type) {
+    case HQ_I8: HQ_GATHER(int8_t); break;
+    case HQ_U8: HQ_GATHER(uint8_t); break;
+    case HQ_I16: HQ_GATHER(int16_t); break;
+    case HQ_U16: HQ_GATHER(uint16_t); break;
+    default: HQ_GATHER(int32_t); break;
+    }
 }
 
-void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, const int32_t *table,
+void hq_lut(const int32_t *x, int32_t count, hq_table table, int32_t in_qmin, int32_t acc_zp, int32_t *acc) {
+    hq_gather(x, count, table, -(int64_t)in_qmin, acc_zp, acc);
+}
+
+void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, hq_table table,
                     int32_t size, int32_t in_qmin, int32_t acc_zp, int32_t *acc) {
-    int32_t i;
-    for (i = 0; i < count; ++i) acc[i] = table[((i / inner) % channels) * size + x[i] - in_qmin] - acc_zp;
+    int32_t outer = count / (inner * channels), o, c;
+    for (o = 0; o < outer; ++o) {
+        for (c = 0; c < channels; ++c) {
+            int64_t at = ((int64_t)o * channels + c) * inner;
+            hq_gather(x + at, inner, table, (int64_t)c * size - in_qmin, acc_zp, acc + at);
+        }
+    }
+}
+
+/* srr in 32 bits: k > 0 rounds half up without overflow (u = v + 2^31 as unsigned, floor(v / 2^k) =
+ * (u >> k) - 2^(31-k)); k <= 0 is the exact left shift (the caller's bound keeps it in int32) */
+static int32_t hq_srr32(int32_t v, int32_t k) {
+    uint32_t u;
+    if (k <= 0) return v * (1 << -k);
+    if (k > 31) return 0; /* |v| < 2^31 <= 2^(k-1): rounds to 0 */
+    u = (uint32_t)v ^ 0x80000000u;
+    return (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
 }
 
 void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, const int32_t *exp_table,
                 int32_t table_size, int32_t out_exp, int32_t out_qmax, int32_t acc_zp, int32_t *acc) {
-    int32_t o, r, j;
+    /* S = sum E < 2^31, R = 2^30 / S, E R <= 2^30: one division per row, all in int32 */
+    int32_t o, r, j, shift = HQ_SOFTMAX_RECIPROCAL_BITS - out_exp;
     for (o = 0; o < outer; ++o) {
         for (r = 0; r < inner; ++r) {
             const int32_t *xr = x + (int64_t)o * len * inner + r;
             int32_t *ar = acc + (int64_t)o * len * inner + r;
-            int32_t mx = xr[0];
-            int64_t s = 0;
+            int32_t mx = xr[0], s = 0, rec;
             for (j = 1; j < len; ++j) if (xr[j * inner] > mx) mx = xr[j * inner];
             for (j = 0; j < len; ++j) s += exp_table[xr[j * inner] - mx + table_size - 1];
+            rec = ((1 << HQ_SOFTMAX_RECIPROCAL_BITS) + s / 2) / s;
             for (j = 0; j < len; ++j) {
-                int64_t e = exp_table[xr[j * inner] - mx + table_size - 1];
-                int64_t code = (e * ((int64_t)1 << (out_exp + 1)) + s) / (2 * s);
-                ar[j * inner] = (int32_t)(code < out_qmax ? code : out_qmax) - acc_zp;
+                int32_t code = hq_srr32(exp_table[xr[j * inner] - mx + table_size - 1] * rec, shift);
+                ar[j * inner] = (code < out_qmax ? code : out_qmax) - acc_zp;
             }
         }
     }
 }
 
-int64_t hq_isqrt(int64_t v) {
-    /* floor square root, digit by digit (32 steps) */
-    int64_t rem = v, res = 0, bit = (int64_t)1 << 62;
-    int32_t i;
-    for (i = 0; i < 32; ++i) {
-        int64_t trial = res + bit;
-        if (rem >= trial) {
-            rem -= trial;
+int32_t hq_isqrt(int32_t v) {
+    /* floor square root of v >= 0, digit by digit (16 steps) */
+    int32_t rem = v, res = 0, bit = 1 << 30, i;
+    for (i = 0; i < 16; ++i) {
+        if (rem >= res + bit) {
+            rem -= res + bit;
             res = (res >> 1) + bit;
         } else {
             res >>= 1;
@@ -395,45 +451,68 @@ int64_t hq_isqrt(int64_t v) {
     return res;
 }
 
+/* floor(num / den) for den > 0, in int32 */
+static int32_t hq_floor_div32(int32_t num, int32_t den) {
+    int32_t q = num / den;
+    return (num % den != 0 && num < 0) ? q - 1 : q;
+}
+
 void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_zp, const int32_t *ptf_shift,
-                   int32_t ptf_len, int32_t frac_bits, int32_t sqrt_frac_bits, int64_t eps_q, const int32_t *gamma_q,
-                   const int64_t *beta_q, int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax,
-                   int32_t acc_zp, int32_t *acc) {
+                   int32_t ptf_len, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q, int32_t out_shift,
+                   int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp, int32_t *acc) {
+    /* every intermediate in int32 (the bounds are the program's width analysis); acc holds d, then the codes */
     int32_t r, j;
     for (r = 0; r < rows; ++r) {
         const int32_t *xr = x + (int64_t)r * channels;
         int32_t *ar = acc + (int64_t)r * channels;
-        int64_t s1 = 0, s2 = 0, var, root;
+        int32_t sum = 0, mean, rem, v = 0, bits = 0, p, w, t, root, rec, frac;
         for (j = 0; j < channels; ++j) {
-            int64_t v = (int64_t)(xr[j] - in_zp) * ((int64_t)1 << ptf_shift[ptf_len == 1 ? 0 : j]);
-            s1 += v;
-            s2 += v * v;
+            ar[j] = (xr[j] - in_zp) * (1 << ptf_shift[ptf_len == 1 ? 0 : j]);
+            sum += ar[j];
         }
-        var = (int64_t)channels * s2 - s1 * s1 + eps_q;
-        root = hq_isqrt(var * ((int64_t)1 << (2 * sqrt_frac_bits)));
-        if (root < 1) root = 1;
+        mean = hq_floor_div32(sum, channels);
+        rem = sum - mean * channels;
         for (j = 0; j < channels; ++j) {
-            int64_t v = (int64_t)(xr[j] - in_zp) * ((int64_t)1 << ptf_shift[ptf_len == 1 ? 0 : j]);
-            int64_t y = (int64_t)channels * v - s1;
-            int64_t num = y * ((int64_t)1 << (frac_bits + sqrt_frac_bits));
-            int64_t nrm = hq_floor_div(2 * num + root, 2 * root);
-            ar[j] = hq_clamp(hq_srr(nrm * gamma_q[j] + beta_q[j], out_shift) + out_zp, out_qmin, out_qmax) - acc_zp;
+            ar[j] -= mean;
+            v += ar[j] * ar[j];
+        }
+        v = v - rem * rem / channels + eps_q;
+        while (bits < 31 && (v >> bits) != 0) ++bits;
+        p = (31 - bits) / 2;
+        if (p > HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS) p = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS;
+        w = v * (1 << (2 * p));
+        t = hq_isqrt(w);
+        root = t + (w - t * t > t ? 1 : 0);
+        if (root < 1) root = 1;
+        rec = (1 << HQ_LN_RECIPROCAL_BITS) / root;
+        frac = (rem * rec + channels / 2) / channels;
+        for (j = 0; j < channels; ++j) {
+            int32_t n = hq_srr32(ar[j] * rec - frac, HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS - p);
+            int32_t code = hq_srr32(n * gamma_q[j] + beta_q[j], out_shift) + out_zp;
+            ar[j] = (code < out_qmin ? out_qmin : (code > out_qmax ? out_qmax : code)) - acc_zp;
         }
     }
 }
 
 void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out) {
-    /* every index but the last one's, then a strided run along the last dim */
+    /* every index but the last one's, then a strided run along the last dim; the source offset follows the
+     * index incrementally */
     int32_t idx[HQ_MAX_DIMS] = {0};
     int32_t last = v->ndim - 1, d, j, n = v->ndim ? v->shape[last] : 1, step = v->ndim ? v->stride[last] : 0;
-    int64_t rows = 1, r;
+    int64_t rows = 1, r, src = v->offset;
     for (d = 0; d < last; ++d) rows *= v->shape[d];
     for (r = 0; r < rows; ++r) {
-        int64_t src = v->offset;
-        for (d = 0; d < last; ++d) src += (int64_t)idx[d] * v->stride[d];
-        for (j = 0; j < n; ++j) out[r * n + j] = in[src + (int64_t)j * step];
+        const int32_t *p = in + src;
+        int32_t *q = out + r * n;
+        if (step == 1) {
+            for (j = 0; j < n; ++j) q[j] = p[j];
+        } else {
+            for (j = 0; j < n; ++j) q[j] = p[(int64_t)j * step];
+        }
         for (d = last - 1; d >= 0; --d) {
+            src += v->stride[d];
             if (++idx[d] < v->shape[d]) break;
+            src -= (int64_t)v->shape[d] * v->stride[d];
             idx[d] = 0;
         }
     }

@@ -1,9 +1,11 @@
 /* hybridquant integer kernels: the C form of the exported program's contract (C99, no malloc, no floating
- * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer; intermediates wider
- * than 32 bits are int64 where the contract needs them (requantization shifts, softmax, LayerNorm).
+ * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer. Softmax and LayerNorm
+ * compute in int32 throughout (one reciprocal per row, then multiplies and shifts); the exporter's width
+ * analysis proves every intermediate fits. int64 remains only in index arithmetic and in the general
+ * requantization paths (two-term and threshold), whose values the analysis also bounds.
  *
  * Rounding: round half up everywhere. srr(v, k) = floor((v + 2^(k-1)) / 2^k) for k > 0, v * 2^-k for k <= 0;
- * a division by d > 0 rounds as floor((2 num + d) / (2 d)). Saturation: codes are clamped to [qmin, qmax].
+ * the reciprocals are floor divisions of a power of two. Saturation: codes are clamped to [qmin, qmax].
  * Shifts of negative values are written as multiplications and floor divisions by powers of two, so the
  * results do not depend on the compiler's choice for signed shifts. */
 #ifndef HQ_KERNELS_H
@@ -38,8 +40,19 @@ typedef struct {
     int32_t is_signed;
 } hq_weights;
 
+/* A lookup table stored at its codes' width: `v` points to int8_t, uint8_t, int16_t, uint16_t or int32_t values. */
+enum { HQ_I8 = 0, HQ_U8 = 1, HQ_I16 = 2, HQ_U16 = 3, HQ_I32 = 4 };
+typedef struct {
+    const void *v;
+    int32_t type;
+} hq_table;
+
 /* A strided view of a contiguous tensor (a layout op): out[i] = in[offset + sum_d idx_d(i) * stride_d]. */
 #define HQ_MAX_DIMS 8
+/* the reciprocals of softmax (2^30 / S) and LayerNorm (2^30 / r), and LayerNorm's normalised fraction bits */
+#define HQ_SOFTMAX_RECIPROCAL_BITS 30
+#define HQ_LN_RECIPROCAL_BITS 30
+#define HQ_LN_FRAC_BITS 15
 typedef struct {
     int32_t ndim;
     int32_t shape[HQ_MAX_DIMS];
@@ -71,16 +84,15 @@ void hq_cat_part(const int32_t *x, hq_param zp, hq_param shift, int32_t outer, i
 void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t count, int32_t last,
             int32_t *acc);
 void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int32_t *acc);
-void hq_lut(const int32_t *x, int32_t count, const int32_t *table, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
-void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, const int32_t *table,
+void hq_lut(const int32_t *x, int32_t count, hq_table table, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
+void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, hq_table table,
                     int32_t size, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
 void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, const int32_t *exp_table,
                 int32_t table_size, int32_t out_exp, int32_t out_qmax, int32_t acc_zp, int32_t *acc);
 void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_zp, const int32_t *ptf_shift,
-                   int32_t ptf_len, int32_t frac_bits, int32_t sqrt_frac_bits, int64_t eps_q, const int32_t *gamma_q,
-                   const int64_t *beta_q, int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax,
-                   int32_t acc_zp, int32_t *acc);
+                   int32_t ptf_len, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q, int32_t out_shift,
+                   int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp, int32_t *acc);
 void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out);
-int64_t hq_isqrt(int64_t v);
+int32_t hq_isqrt(int32_t v);
 
 #endif
