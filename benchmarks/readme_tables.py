@@ -312,11 +312,33 @@ def runtime_table(results: Path, name: str) -> str:
         lines.append(f"| {key} | " + " | ".join(num(speed[t][key], ",.1f") for t in counts) + " | "
                      + " | ".join(num(ratio[t][key], ".2f") for t in counts) + " |")
     env = r["environment"]
-    return "\n".join(lines) + (f"\n\n{r['images']} test images; C flags `{r['cflags']}` (with more than one thread "
+    return "\n".join(lines) + (f"\n\n{r['images']} test images, each runtime's best of {r.get('rounds', 1)} "
+                               f"round(s); C flags `{r['cflags']}` (with more than one thread "
                                f"also `-fopenmp`: images in parallel); the other runtimes use their own threads "
                                f"within a batch. The C program's output codes equal the integer executor's on all "
                                f"of them: {r['c_identical']}. {r['model']}. {env.get('cpu_model')}, torch "
                                f"{env['torch']}, {env['date'][:10]}.\n")
+
+
+def c_eval_table(results: Path, model: str) -> str:
+    """The C runtime on the test split (``bash benchmarks/c_check.sh``): per quantized model, the simulation's
+    top-1 (its ``report.json``), the C program's, their agreement, the images whose output codes equal the
+    integer executor's and the largest logit difference in output codes."""
+    paths = sorted((results / "runtime").glob(f"eval_c_{model}_*.json"))
+    if not paths:
+        return "_not measured yet: `bash benchmarks/c_check.sh`_\n"
+    lines = ["| quantized model | simulation top-1 % | C top-1 % | C = simulation (top-1) | C codes = integer "
+             "executor's | max logit diff (LSB) | C images/s, 1 thread |", "|---|---|---|---|---|---|---|"]
+    rows = [json.loads(p.read_text()) for p in paths]
+    for r in rows:
+        cell = Path(r["qmodel"]).parent
+        sim = json.loads((ROOT / cell / "report.json").read_text())["quant_top1"]
+        lines.append(f"| {cell.name} | {100 * sim:.2f} | {100 * r['top1']:.2f} | {r['agreement_sim']:.4f} | "
+                     f"{r['identical_integer']:.4f} | {r['max_logit_diff_lsb']} | {r['images_per_second']:,.1f} |")
+    env = rows[0]["environment"]
+    return "\n".join(lines) + (f"\n\n{rows[0]['images']} test images each; C flags `{rows[0]['cflags']}`. "
+                               f"{env.get('cpu_model', 'CPU not recorded')}, torch {env['torch']}, "
+                               f"{env['date'][:10]}.\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -791,6 +813,7 @@ block("analysis", 0)(analysis_outliers)
 block("limits-reading", -1)(limits_reading)
 block("scale", 0)(scale_table)
 block("runtime", 1)(runtime_table)
+block("c-eval", 1)(c_eval_table)
 
 
 def render(results: Path, name: str) -> str:

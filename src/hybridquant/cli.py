@@ -411,7 +411,10 @@ def _eval_qmodel(args: argparse.Namespace) -> dict[str, Any]:
         cfg = data_config(meta["data_cfg"], _overrides(args))  # the C input table normalises with it
         dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]), True)
         loader = make_loader(dataset, args.batch_size, args.workers)
-        return {**head, "runtime": "c", **evaluate_c(qgraph, {**meta, "data_cfg": cfg}, loader, len(loader))}
+        from .report import environment
+
+        result = evaluate_c(qgraph, {**meta, "data_cfg": cfg}, loader, len(loader))
+        return {**head, "runtime": "c", **result, "environment": environment()}
     dataset = _eval_dataset(args, meta["data_cfg"], meta.get("class_names"), int(meta["num_classes"]))
     if args.integer:
         from .integer.evaluate import evaluate_integer

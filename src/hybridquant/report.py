@@ -7,6 +7,7 @@ import math
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +33,21 @@ def environment() -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **cpu_info(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and its vector extensions (from /proc/cpuinfo where readable, else nothing)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    flags = fields.get("flags", "").split()
+    return {"cpu_model": fields.get("model name"),
+            "vector_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))}
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -96,6 +96,18 @@ def test_c_runtime_is_bit_exact_with_the_integer_executor(name, toy_calib, tmp_p
     assert len(np.unique(want[:, 0])) > 3  # the images give the output different codes
 
 
+def test_odd_sizes_take_the_edge_paths_of_the_matrix_products(tmp_path):
+    """7 x 7 images: 49 output pixels and tokens, so the matrix products end on an odd column (and the last
+    linear on rows after the last group of four)."""
+    graph = make_toy_graph()
+    graph.meta["input_size"] = [3, 7, 7]
+    calib = [torch.rand(16, 3, 7, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1]
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib)
+    export_c(qg, tmp_path / "model", META)
+    px = pixels(8, graph.meta["input_size"])
+    assert np.array_equal(run(build(tmp_path / "model"), px, tmp_path), executor_codes(qg, px))
+
+
 def test_the_makefile_builds_the_program(toy_calib, tmp_path):
     graph, calib = toy_calib
     qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib)
@@ -149,8 +161,7 @@ def test_make_test_checks_every_op_on_the_golden_vectors(toy_calib, tmp_path):
     # a kernel that rounds differently fails the test, naming the op
     kernels = project / "hq_kernels.c"
     text = kernels.read_text()
-    broken = text.replace("(int32_t)((u >> (k - 1)) & 1u);\n                q[c]", "0;\n                q[c]")
-    broken = broken.replace("(int32_t)((u >> (k - 1)) & 1u);\n                        q[j]", "0;\n                        q[j]")
+    broken = text.replace("(int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);", "(int32_t)(1u << (31 - k));")
     assert broken != text
     kernels.write_text(broken)
     done = _make(project, "test")
@@ -246,6 +257,19 @@ def test_an_intermediate_over_32_bits_is_refused(toy_calib, tmp_path):
     conv = next(op for op in program.ops if op.kind == "conv2d")
     conv.arrays["bias"] = np.full_like(conv.arrays["bias"].astype(np.int64), 2**31 - 1)
     with pytest.raises(HybridQuantError, match=rf"op {conv.index} \(stem.conv, conv2d\) needs 33 bits for its acc"):
+        export_c(program, tmp_path / "model", META)
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_input_over_16_bits_for_a_matrix_product_is_refused(toy_calib, tmp_path):
+    graph, calib = toy_calib
+    program = lower(quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib))
+    first = program.ops[0]  # the input quantizer: 16-bit codes into the stem conv
+    first.arrays["qmin"], first.arrays["qmax"] = np.asarray(-2**15), np.asarray(2**15 - 1)
+    first.arrays["zero_point"] = np.full_like(np.asarray(first.arrays["zero_point"]), 2**15 - 1)
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    with pytest.raises(HybridQuantError, match=rf"op {conv.index} \(stem.conv, conv2d\) needs 17 bits for its "
+                       "centred input; its C kernel takes 16"):
         export_c(program, tmp_path / "model", META)
     assert not (tmp_path / "model").exists()
 

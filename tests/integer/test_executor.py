@@ -111,9 +111,9 @@ def test_threshold_grids_read_through_per_channel_tables_are_bit_exact(toy_calib
 # The simulation runs the integer softmax / LayerNorm kernels itself (QuantizedGraph.override), so the
 # bit-exact tests above cannot see a wrong kernel. Here the reference is independent: the float64 formula on
 # the dequantized input codes, quantized with the node's output quantizer (round half up). The bound is
-# the kernels' documented accuracy (tests/integer/test_arith.py: ``test_int_softmax_within_one_lsb_of_float``,
+# the kernels' documented accuracy (tests/primitives/test_arith.py: ``test_int_softmax_within_one_lsb_of_float``,
 # ``test_int_layernorm_within_one_lsb_of_float``): at most 1 output LSB, on at most 1 % (softmax) / 2 %
-# (LayerNorm) of the codes. Measured here: at most 1 LSB, on at most 0.07 % of the codes.
+# (LayerNorm) of the codes.
 MAX_OFF_FRACTION = {"softmax": 0.01, "layer_norm": 0.02}
 
 

@@ -20,7 +20,9 @@
   worst-case bits of every intermediate of every op), the operations per image (multiply-accumulates,
   multiplies, shifts, additions, comparisons, lookups, divisions), constant bytes (by kind, and how the C
   arrays' bytes follow from the program's), scratch bytes and, when asked, the compiled objects' size. A
-  model with any intermediate wider than 32 bits is refused, naming the op: the kernels compute in int32.
+  model with any intermediate wider than 32 bits is refused, naming the op: the kernels compute in int32. The
+  matrix products (conv, linear, matmul) hold their centred inputs in int16 (pairwise int16 multiply-adds into
+  int32, what CPUs and DSPs vectorise); an input wider than that is refused too.
 
 The input is the uint8 image: normalisation and input quantization are a per-channel 256-entry table
 (``hq_input_table``), computed here with the float32 arithmetic of the Python preprocessing
@@ -47,7 +49,7 @@ from .._io import atomic_dir
 from ..errors import HybridQuantError
 from ..graph.quantized import QuantizedGraph
 from ..integer.lower import lower
-from ..integer.program import Program, ProgramOp, packed_nbytes, packed_weight_bits, storage_breakdown
+from ..integer.program import Program, ProgramOp, array_nbytes, storage_breakdown
 from ..integer.widths import analyse
 from ..ops import COUNT_KEYS, program_kind
 from ..primitives import quantize
@@ -58,6 +60,14 @@ RUNTIME_FILES = ("hq_kernels.h", "hq_kernels.c", "main.c", "Makefile")
 #: the flags ``build_c`` compiles with: strict C99, warnings are errors
 STRICT_CFLAGS = "-std=c99 -O3 -Wall -Wextra -Werror -pedantic"
 _PER_LINE = 16
+
+
+def _c_array(ctype: str, name: str, values: list[str]) -> str:
+    """A ``static const`` C array of formatted ``values``, ``_PER_LINE`` to a line (one 0 when empty)."""
+    rows = [", ".join(values[i:i + _PER_LINE]) for i in range(0, len(values), _PER_LINE)] or ["0"]
+    return f"static const {ctype} {name}[{max(len(values), 1)}] = {{\n" + "".join(f"    {r},\n" for r in rows) + "};"
+
+
 #: model.c's run-time checks: compiled in with -DHQ_DEBUG (``make debug``), nothing otherwise
 DEBUG_CHECKS = """#ifdef HQ_DEBUG
 #include <stdio.h>
@@ -172,13 +182,7 @@ class Emitter:
         reconciliation with the program's, :meth:`reconcile`)."""
         if key is not None:
             self.stored[(self.op.index, key)] = nbytes
-        lines = [f"static const {ctype} {name}[{max(len(values), 1)}] = {{"]
-        for i in range(0, len(values), _PER_LINE):
-            lines.append("    " + ", ".join(values[i:i + _PER_LINE]) + ",")
-        if not values:
-            lines.append("    0,")
-        lines.append("};")
-        self.consts.append("\n".join(lines))
+        self.consts.append(_c_array(ctype, name, values))
         self.const_bytes += nbytes
         return name
 
@@ -226,12 +230,10 @@ class Emitter:
     def fail(self, why: str) -> HybridQuantError:
         return HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}): {why}")
 
-    def weights(self, transposed: bool = False) -> str:
-        """An ``hq_weights`` initializer of the current op's weight: bytes, packed below 8 bits; ``transposed``
-        stores the [out, in...] weight as [in..., out] (the kernels that run their vectors along the outputs)."""
+    def weights(self) -> str:
+        """An ``hq_weights`` initializer of the current op's weight ([out, in...], row-major): bytes, packed below
+        8 bits."""
         w = np.asarray(self.op.arrays["weight"]).astype(np.int64)
-        if transposed:
-            w = w.reshape(w.shape[0], -1).T
         bits = int(self.op.attrs.get("weight_bits", 8))
         if bits > 8:
             raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "
@@ -255,9 +257,8 @@ class Emitter:
         for op in program.ops:
             if program_kind(op.kind).host:
                 continue
-            for key, arr in op.arrays.items():
-                bits = packed_weight_bits(op, key)
-                nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+            for key in op.arrays:
+                nbytes = array_nbytes(op, key)
                 deployed += nbytes
                 if (op.index, key) in self.stored:
                     widened += self.stored[(op.index, key)] - nbytes
@@ -453,10 +454,8 @@ def golden_image(program: Program) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
 
 
-def _c_array(name: str, values: np.ndarray) -> str:
-    flat = [_int32(int(v), name) for v in np.asarray(values).reshape(-1)]
-    rows = [", ".join(flat[i:i + _PER_LINE]) for i in range(0, len(flat), _PER_LINE)] or ["0"]
-    return f"static const int32_t {name}[{max(len(flat), 1)}] = {{\n    " + ",\n    ".join(rows) + "\n};"
+def _int32_array(name: str, values: np.ndarray) -> str:
+    return _c_array("int32_t", name, [_int32(int(v), name) for v in np.asarray(values).reshape(-1)])
 
 
 def golden_c(program: Program, model_meta: dict[str, Any] | None, facts: dict[str, Any]) -> str:
@@ -477,7 +476,7 @@ def golden_c(program: Program, model_meta: dict[str, Any] | None, facts: dict[st
     def ref(value: str, accumulator: bool) -> str:
         key = f"hq_golden_{'acc_' if accumulator else ''}{_ident(value)}"
         if key not in arrays:
-            arrays[key] = _c_array(key, (accs if accumulator else trace)[value].numpy())
+            arrays[key] = _int32_array(key, (accs if accumulator else trace)[value].numpy())
         return key
 
     cases = []
@@ -494,7 +493,7 @@ def golden_c(program: Program, model_meta: dict[str, Any] | None, facts: dict[st
     lines = ["/* Golden per-op test of the exported program (generated by hybridquant): `make test`. */",
              '#include <stdio.h>', '#include "model.c"', "",
              f"static const uint8_t hq_golden_pixels[HQ_INPUT_BYTES] = {{{pix}}};",
-             _c_array("hq_golden_output", codes.numpy()), *arrays.values(), "",
+             _int32_array("hq_golden_output", codes.numpy()), *arrays.values(), "",
              "static int32_t hq_test_scratch[(HQ_SCRATCH_BYTES + 3) / 4];", "",
              "static int hq_compare(const char *op, const int32_t *got, const int32_t *want, int32_t count) {",
              "    int32_t i;",
@@ -603,6 +602,11 @@ def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: 
             widest = max(row["bits"], key=row["bits"].get)
             raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
                                    f"{row['max_bits']} bits for its {widest}; the C kernels compute in 32")
+        operand = program_kind(row["kind"]).c_operand_bits
+        if operand is not None and row["bits"]["input"] > operand:
+            raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
+                                   f"{row['bits']['input']} bits for its centred input; its C kernel takes "
+                                   f"{operand}")
     header, body, facts = model_c(program, model_meta, rows)
     golden = golden_c(program, model_meta, facts)
     facts = {k: v for k, v in facts.items() if k != "ops_layout"}

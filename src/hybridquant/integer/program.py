@@ -83,6 +83,14 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def array_nbytes(op: ProgramOp, name: str) -> int:
+    """Bytes the exports store ``op``'s array ``name`` in: packed at its bit width (weights below 8 bits, not a
+    multiple of 8), else as is."""
+    arr = op.arrays[name]
+    bits = packed_weight_bits(op, name)
+    return packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+
+
 def array_category(kind: str, name: str) -> str:
     """Which :data:`STORAGE_CATEGORIES` entry the array ``name`` of an op of ``kind`` belongs to."""
     if name == "requant.thresholds":
@@ -120,9 +128,8 @@ def storage_breakdown(ops: list[ProgramOp]) -> dict[str, Any]:
     breakdown = dict.fromkeys(STORAGE_CATEGORIES, 0)
     host = 0
     for op in ops:
-        for name, arr in op.arrays.items():
-            bits = packed_weight_bits(op, name)
-            nbytes = packed_nbytes(int(arr.size), bits) if bits is not None else int(arr.nbytes)
+        for name in op.arrays:
+            nbytes = array_nbytes(op, name)
             if program_kind(op.kind).host:
                 host += nbytes
             else:

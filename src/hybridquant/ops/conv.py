@@ -107,8 +107,13 @@ def _conv_pointwise(node):
     return a["groups"] == 1 and tuple(node.params["weight"].shape[-2:]) == (1, 1) and not any(a["padding"])
 
 
-#: output pixels per register tile of the C matrix product (``HQ_TILE`` in hq_kernels.c)
-C_TILE = 16
+#: the C matrix products pad their int16 rows with zeros to a multiple of this (``HQ_K_ALIGN`` in hq_kernels.h)
+C_K_ALIGN = 16
+
+
+def c_kpad(k: int) -> int:
+    """The padded row length of ``k`` values in the C matrix products (``HQ_KPAD``)."""
+    return -(-k // C_K_ALIGN) * C_K_ALIGN
 
 
 def _c_conv2d(op, em):
@@ -118,25 +123,26 @@ def _c_conv2d(op, em):
     kh, kw = op.arrays["weight"].shape[-2:]
     a = op.attrs
     row, pixels = op.arrays["weight"][0].size, ho * wo
-    # hq_conv2d's temp: centred inputs, patch columns, then the unpacked weights (and, below a tile of output
-    # pixels, the transposed patches and product)
-    weights = row if a["groups"] > 1 else cout * row + (pixels * (row + cout) if pixels < C_TILE else 0)
+    # hq_conv2d's temp (int32 slots): dense, the int16 patches [pixels][kp] and weights [cout][kp]; grouped,
+    # the centred int32 inputs and one int16 row of weights
+    temp = -(-c_kpad(row) * (pixels + cout) // 2) if a["groups"] == 1 else cin * h * w + -(-row // 2)
     bias = em.array("bias") if em.has("bias") else "0"
-    return [f"{{ static const hq_weights w = {em.weights(transposed=a['groups'] == 1 and pixels < C_TILE)};",
+    return [f"{{ static const hq_weights w = {em.weights()};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
             f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
-            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, "
-            f"{em.temp(cin * h * w + row * pixels + weights)}); }}"]
+            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, {em.temp(temp)}); }}"]
 
 
 def _c_linear(op, em):
     x = op.inputs[0]
     k = em.shape(x)[-1]
     n = op.arrays["weight"].shape[0]
+    rows = em.count(x) // k
     bias = em.array("bias") if em.has("bias") else "0"
-    return [f"{{ static const hq_weights w = {em.weights(transposed=True)};",
-            f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {em.count(x) // k}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}, {em.temp(em.count(x) + k * n)}); }}"]
+    # temp: the int16 centred inputs [rows][kp] and weights [n][kp]
+    return [f"{{ static const hq_weights w = {em.weights()};",
+            f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {rows}, {k}, &w, {bias}, {n}, "
+            f"{em.acc()}, {em.temp(-(-c_kpad(k) * (rows + n) // 2))}); }}"]
 
 
 def _widths(op, bounds, done, program):
@@ -153,7 +159,9 @@ register(
           weight_layout=lambda node: "dense", columns=lambda node, x: x.reshape(-1, x.shape[-1]).t(),
           pointwise=lambda node: True),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_conv2d, widths=_widths),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_conv2d, widths=_widths,
+                c_operand_bits=16),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_linear, widths=_widths),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_linear, widths=_widths,
+                c_operand_bits=16),
 )

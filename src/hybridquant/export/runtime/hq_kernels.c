@@ -2,24 +2,22 @@
 #include "hq_kernels.h"
 
 #define HQ_P(p, c) ((p).v[(p).len == 1 ? 0 : (c)])
-/* pixels per register tile of the matrix product */
-#define HQ_TILE 16
 
 int32_t hq_weight(const hq_weights *w, int32_t i) {
     if (w->bits == 8) {
         return w->is_signed ? (int32_t)(int8_t)w->data[i] : (int32_t)w->data[i];
-    } else {
+    } else { /* a field of fewer than 8 bits: in its byte, or running into the next one */
         int64_t bit = (int64_t)i * w->bits;
-        int32_t v = 0, j;
-        for (j = 0; j < w->bits; ++j, ++bit) {
-            v |= ((w->data[bit >> 3] >> (bit & 7)) & 1) << j;
-        }
+        int32_t at = (int32_t)(bit & 7), v;
+        uint32_t window = w->data[bit >> 3];
+        if (at + w->bits > 8) window |= (uint32_t)w->data[(bit >> 3) + 1] << 8;
+        v = (int32_t)((window >> at) & ((1u << w->bits) - 1u));
         if (w->is_signed && v >= (1 << (w->bits - 1))) v -= 1 << w->bits;
         return v;
     }
 }
 
-void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out) {
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int16_t *out) {
     int32_t i;
     if (w->bits == 8) {
         const int8_t *p = (const int8_t *)w->data + first;
@@ -31,6 +29,15 @@ void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *o
         return;
     }
     for (i = 0; i < count; ++i) out[i] = hq_weight(w, (int32_t)(first + i));
+}
+
+/* rows x k weights from element `first` on, as int16 rows of `stride` (zeros after k) */
+static void hq_unpack_rows(const hq_weights *w, int64_t first, int32_t rows, int32_t k, int32_t stride, int16_t *out) {
+    int32_t r, l;
+    for (r = 0; r < rows; ++r) {
+        hq_unpack_row(w, first + (int64_t)r * k, k, out + (int64_t)r * stride);
+        for (l = k; l < stride; ++l) out[(int64_t)r * stride + l] = 0;
+    }
 }
 
 /* floor(v / 2^k) for k >= 0, v * 2^-k for k < 0 */
@@ -46,6 +53,34 @@ int64_t hq_srr(int64_t v, int32_t k) {
 
 static int32_t hq_clamp(int64_t v, int32_t lo, int32_t hi) {
     return v < lo ? lo : (v > hi ? hi : (int32_t)v);
+}
+
+/* srr(v, k) for 1 <= k <= 31 in 32 bits, branch-free (so loops of it vectorise): u = v + 2^31 as unsigned
+ * keeps the low 31 bits and is non-negative, so floor(v / 2^k) = (u >> k) - 2^(31-k); bit k-1 rounds half up.
+ * No signed shift, no overflow. */
+static int32_t hq_srr32_pos(int32_t v, int32_t k) {
+    uint32_t u = (uint32_t)v ^ 0x80000000u;
+    return (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
+}
+
+/* srr in 32 bits for any k: k <= 0 is the exact left shift (the caller's bound keeps it in int32) */
+static int32_t hq_srr32(int32_t v, int32_t k) {
+    if (k <= 0) return v * (1 << -k);
+    if (k > 31) return 0; /* |v| < 2^31 <= 2^(k-1): rounds to 0 */
+    return hq_srr32_pos(v, k);
+}
+
+/* how many of the n ascending thresholds are at or below t: a binary search without branches (conditional
+ * moves), the same steps for every value */
+static int32_t hq_count_at_or_below(const int32_t *thresholds, int32_t n, int64_t t) {
+    const int32_t *p = thresholds;
+    if (n == 0) return 0;
+    while (n > 1) { /* the count lies in [p - thresholds, p - thresholds + n] */
+        int32_t half = n / 2;
+        p = p[half - 1] <= t ? p + half : p;
+        n -= half;
+    }
+    return (int32_t)(p - thresholds) + (p[0] <= t);
 }
 
 void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_requant *rq) {
@@ -67,8 +102,7 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
             int32_t *q = out + (int64_t)o * channels;
             if (plain) {
                 for (c = 0; c < channels; ++c) {
-                    uint32_t k = (uint32_t)rq->shift.v[c * ks], u = (uint32_t)a_in[c] ^ 0x80000000u;
-                    int32_t v = (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
+                    int32_t v = hq_srr32_pos(a_in[c], rq->shift.v[c * ks]);
                     int32_t zp = rq->zero_point.v[c * zs], lo = rq->qmin - zp, hi = rq->qmax - zp;
                     q[c] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                 }
@@ -89,13 +123,9 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
             if (rq->mode == HQ_REQUANT_SHIFT) {
                 int32_t k = HQ_P(rq->shift, c);
                 if (k > 0 && k < 32) {
-                    /* srr(acc, k) = floor(acc / 2^k) + bit k-1 of acc, in 32 bits: u = acc + 2^31 (as unsigned:
-                     * the same low 31 bits, non-negative), floor(acc / 2^k) = (u >> k) - 2^(31-k). No signed shift,
-                     * no overflow; vectorises. */
-                    int32_t base = (int32_t)(1u << (31 - k)), lo = rq->qmin - zp, hi = rq->qmax - zp;
+                    int32_t lo = rq->qmin - zp, hi = rq->qmax - zp;
                     for (j = 0; j < inner; ++j) {
-                        uint32_t u = (uint32_t)a_in[j] ^ 0x80000000u;
-                        int32_t v = (int32_t)(u >> k) - base + (int32_t)((u >> (k - 1)) & 1u);
+                        int32_t v = hq_srr32_pos(a_in[j], k);
                         q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
                     }
                 } else if (k == 0) { /* the identity requantization: saturation only */
@@ -122,13 +152,7 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
                     if (rq->mode == HQ_REQUANT_TWO_TERM) {
                         v = hq_srr(total, n);
                     } else { /* the number of thresholds at or below the floor-shifted value */
-                        int64_t t = hq_floor_shift(total, n);
-                        int32_t lo = 0, hi = rq->n_thresholds;
-                        while (lo < hi) {
-                            int32_t mid = lo + (hi - lo) / 2;
-                            if (rq->thresholds[mid] <= t) lo = mid + 1; else hi = mid;
-                        }
-                        v = lo;
+                        v = hq_count_at_or_below(rq->thresholds, rq->n_thresholds, hq_floor_shift(total, n));
                     }
                     q[j] = hq_clamp(v + zp, rq->qmin, rq->qmax);
                 }
@@ -148,59 +172,110 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
     }
 }
 
-/* c[i][j] = bias_row[i] + bias_col[j] + sum_l a[i][l] b[l][j] for i < m, l < k, j < n (a bias may be 0). Four
- * rows by HQ_TILE columns of c stay in registers while l runs; the fixed-width inner loops vectorise. (Reading
- * 8-bit weights in place instead of unpacking them once per call measured twice the instructions.) */
-static void hq_gemm(const int32_t *a, const int32_t *b, const int32_t *bias_row, const int32_t *bias_col, int32_t m,
-                 int32_t k, int32_t n, int32_t *c) {
-    int32_t i, j, l, t;
-    for (i = 0; i < m; ++i) {
-        for (j = 0; j < n; ++j) c[(int64_t)i * n + j] = (bias_row ? bias_row[i] : 0) + (bias_col ? bias_col[j] : 0);
+/* [lo, hi): the output columns ox < wo whose input column ox * sw + off lies in [0, w) */
+static void hq_inside(int32_t off, int32_t sw, int32_t w, int32_t wo, int32_t *lo, int32_t *hi) {
+    *lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+    *hi = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
+    if (*hi > wo) *hi = wo;
+    if (*lo > *hi) *lo = *hi;
+}
+
+/* out [cols][stride] = x [rows][cols] - zp as int16 (out[c][r], r < rows; zeros up to the stride), by tiles of
+ * HQ_TT x HQ_TT (both sides stay in cache) */
+#define HQ_TT 8
+static void hq_transpose16(const int32_t *x, int32_t zp, int32_t rows, int32_t cols, int32_t stride, int16_t *out) {
+    int32_t r0, c0, r, c;
+    for (c = 0; c < cols; ++c) {
+        for (r = rows; r < stride; ++r) out[(int64_t)c * stride + r] = 0;
     }
-    for (i = 0; i + 4 <= m; i += 4) {
-        const int32_t *a0 = a + (int64_t)i * k, *a1 = a0 + k, *a2 = a1 + k, *a3 = a2 + k;
-        int32_t *c0 = c + (int64_t)i * n, *c1 = c0 + n, *c2 = c1 + n, *c3 = c2 + n;
-        for (j = 0; j + HQ_TILE <= n; j += HQ_TILE) {
-            int32_t t0[HQ_TILE], t1[HQ_TILE], t2[HQ_TILE], t3[HQ_TILE];
-            for (t = 0; t < HQ_TILE; ++t) {
-                t0[t] = c0[j + t];
-                t1[t] = c1[j + t];
-                t2[t] = c2[j + t];
-                t3[t] = c3[j + t];
-            }
-            for (l = 0; l < k; ++l) {
-                const int32_t *bl = b + (int64_t)l * n + j;
-                int32_t w0 = a0[l], w1 = a1[l], w2 = a2[l], w3 = a3[l];
-                for (t = 0; t < HQ_TILE; ++t) {
-                    t0[t] += w0 * bl[t];
-                    t1[t] += w1 * bl[t];
-                    t2[t] += w2 * bl[t];
-                    t3[t] += w3 * bl[t];
+    for (r0 = 0; r0 < rows; r0 += HQ_TT) {
+        for (c0 = 0; c0 < cols; c0 += HQ_TT) {
+            if (r0 + HQ_TT <= rows && c0 + HQ_TT <= cols) { /* a whole tile: fixed trip counts vectorise */
+                int16_t t[HQ_TT][HQ_TT];
+                for (r = 0; r < HQ_TT; ++r) {
+                    for (c = 0; c < HQ_TT; ++c) t[c][r] = (int16_t)(x[(int64_t)(r0 + r) * cols + c0 + c] - zp);
+                }
+                for (c = 0; c < HQ_TT; ++c) {
+                    for (r = 0; r < HQ_TT; ++r) out[(int64_t)(c0 + c) * stride + r0 + r] = t[c][r];
+                }
+            } else {
+                for (r = r0; r < rows && r < r0 + HQ_TT; ++r) {
+                    for (c = c0; c < cols && c < c0 + HQ_TT; ++c) {
+                        out[(int64_t)c * stride + r] = (int16_t)(x[(int64_t)r * cols + c] - zp);
+                    }
                 }
             }
-            for (t = 0; t < HQ_TILE; ++t) {
-                c0[j + t] = t0[t];
-                c1[j + t] = t1[t];
-                c2[j + t] = t2[t];
-                c3[j + t] = t3[t];
-            }
         }
-        for (l = 0; l < k && j < n; ++l) { /* the columns after the last whole tile */
-            const int32_t *bl = b + (int64_t)l * n;
-            int32_t w0 = a0[l], w1 = a1[l], w2 = a2[l], w3 = a3[l], q;
-            for (q = j; q < n; ++q) {
-                c0[q] += w0 * bl[q];
-                c1[q] += w1 * bl[q];
-                c2[q] += w2 * bl[q];
-                c3[q] += w3 * bl[q];
+    }
+}
+
+/* a[0..k) . b[0..k): int16 operands, an int32 sum */
+static int32_t hq_dot(const int16_t *a, const int16_t *b, int32_t k) {
+    int32_t s = 0, l;
+    for (l = 0; l < k; ++l) s += a[l] * b[l];
+    return s;
+}
+
+#define HQ_BIAS(i, j) ((bias_row ? bias_row[i] : 0) + (bias_col ? bias_col[j] : 0))
+
+/* s[2 r + q] = a_r . b_q for the rows r < 4 of a and q < 2 of b (each k long, k apart): eight sums that share
+ * their loads. A function of its own, so the compiler keeps its sums and pointers in registers. */
+static void hq_dot4x2(const int16_t *a, const int16_t *b, int32_t k, int32_t *s) {
+    const int16_t *a1 = a + k, *a2 = a1 + k, *a3 = a2 + k, *b1 = b + k;
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0, l;
+    for (l = 0; l < k; ++l) {
+        int32_t x0 = b[l], x1 = b1[l];
+        s00 += a[l] * x0;
+        s01 += a[l] * x1;
+        s10 += a1[l] * x0;
+        s11 += a1[l] * x1;
+        s20 += a2[l] * x0;
+        s21 += a2[l] * x1;
+        s30 += a3[l] * x0;
+        s31 += a3[l] * x1;
+    }
+    s[0] = s00;
+    s[1] = s01;
+    s[2] = s10;
+    s[3] = s11;
+    s[4] = s20;
+    s[5] = s21;
+    s[6] = s30;
+    s[7] = s31;
+}
+
+/* c[i][j] = bias_row[i] + bias_col[j] + sum_l a[i][l] b[j][l] for i < m, j < n, l < k (a bias may be 0). Both
+ * operands are int16 rows along l, so every sum is a dot product of two contiguous rows, which the compiler
+ * vectorises into pairwise int16 multiply-adds into int32 lanes (pmaddwd on x86), four rows of a by two of b
+ * at a time (hq_dot4x2). The callers pad k to HQ_KPAD(k) with zeros, so no row ends in a partial vector. The
+ * width analysis bounds each sum within int32 in any order of its terms. */
+static void hq_dot_gemm(const int16_t *a, const int16_t *b, const int32_t *bias_row, const int32_t *bias_col,
+                        int32_t m, int32_t k, int32_t n, int32_t *c) {
+    int32_t i, j, r;
+    for (i = 0; i + 4 <= m; i += 4) {
+        const int16_t *a0 = a + (int64_t)i * k;
+        int32_t *c0 = c + (int64_t)i * n, *c1 = c0 + n, *c2 = c1 + n, *c3 = c2 + n;
+        for (j = 0; j + 2 <= n; j += 2) {
+            int32_t s[8];
+            hq_dot4x2(a0, b + (int64_t)j * k, k, s);
+            c0[j] = HQ_BIAS(i, j) + s[0];
+            c0[j + 1] = HQ_BIAS(i, j + 1) + s[1];
+            c1[j] = HQ_BIAS(i + 1, j) + s[2];
+            c1[j + 1] = HQ_BIAS(i + 1, j + 1) + s[3];
+            c2[j] = HQ_BIAS(i + 2, j) + s[4];
+            c2[j + 1] = HQ_BIAS(i + 2, j + 1) + s[5];
+            c3[j] = HQ_BIAS(i + 3, j) + s[6];
+            c3[j + 1] = HQ_BIAS(i + 3, j + 1) + s[7];
+        }
+        for (; j < n; ++j) { /* an odd last column */
+            for (r = 0; r < 4; ++r) {
+                c[(int64_t)(i + r) * n + j] = HQ_BIAS(i + r, j) + hq_dot(a0 + r * k, b + (int64_t)j * k, k);
             }
         }
     }
     for (; i < m; ++i) { /* the rows after the last group of four */
-        for (l = 0; l < k; ++l) {
-            const int32_t *bl = b + (int64_t)l * n;
-            int32_t w0 = a[(int64_t)i * k + l];
-            for (j = 0; j < n; ++j) c[(int64_t)i * n + j] += w0 * bl[j];
+        for (j = 0; j < n; ++j) {
+            c[(int64_t)i * n + j] = HQ_BIAS(i, j) + hq_dot(a + (int64_t)i * k, b + (int64_t)j * k, k);
         }
     }
 }
@@ -208,76 +283,73 @@ static void hq_gemm(const int32_t *a, const int32_t *b, const int32_t *bias_row,
 void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, const hq_weights *wt,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
-               int32_t *temp) {
-    /* temp: c_in * h * w centred inputs, then row = c_in / groups * kh * kw by ho * wo patch columns, then the
-     * unpacked weights: one row (grouped), c_out rows (dense), or, with fewer than HQ_TILE output pixels, the
-     * weights exported transposed ([row][c_out]) followed by the transposed patches and product */
+               void *temp) {
+    /* temp, dense: the centred patches, int16 [ho * wo][kp] (row = c_in * kh * kw values, zero padding, zeros up
+     * to kp = HQ_KPAD(row)), then the weights unpacked to int16 [c_out][kp]; grouped: c_in * h * w centred int32
+     * inputs, then one int16 row of weights */
     int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw, n_p = ho * wo;
-    int32_t *xc = temp, *cols = temp + (int64_t)c_in * h * w, *wrow = cols + (int64_t)row * n_p;
     int32_t o, ci, ky, kx, oy, ox, i;
-    for (i = 0; i < c_in * h * w; ++i) xc[i] = x[i] - zp;
-    if (groups == 1) { /* a matrix product: [c_out, K] x [K, ho * wo], the patches as columns (zero padding) */
-        if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) {
-            cols = xc;
-        } else {
-            for (ci = 0; ci < c_in; ++ci) {
-                for (ky = 0; ky < kh; ++ky) {
-                    for (kx = 0; kx < kw; ++kx) {
-                        int32_t *c = cols + ((int64_t)(ci * kh + ky) * kw + kx) * ho * wo;
-                        for (oy = 0; oy < ho; ++oy) {
-                            int32_t iy = oy * sh - ph + ky * dh;
-                            for (ox = 0; ox < wo; ++ox) {
-                                int32_t ix = ox * sw - pw + kx * dw;
-                                c[oy * wo + ox] = (iy < 0 || iy >= h || ix < 0 || ix >= w)
-                                                      ? 0 : xc[((int64_t)ci * h + iy) * w + ix];
-                            }
+    if (groups == 1) { /* a matrix product: acc [c_out][n_p] = W [c_out][row] . patches [n_p][row] */
+        int32_t kp = HQ_KPAD(row), l, lo, hi;
+        int16_t *cols = (int16_t *)temp, *w16 = cols + (int64_t)n_p * kp;
+        if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) { /* pointwise: a transposition */
+            hq_transpose16(x, zp, c_in, n_p, kp, cols);
+        } else { /* an output row at a time: the reads run along input rows, the row's patches stay in cache while
+                  * each of their `row` positions is written */
+            for (oy = 0; oy < ho; ++oy) {
+                int16_t *blk = cols + (int64_t)oy * wo * kp;
+                for (ci = 0, l = 0; ci < c_in; ++ci) {
+                    for (ky = 0; ky < kh; ++ky) {
+                        int32_t iy = oy * sh - ph + ky * dh;
+                        const int32_t *xr = x + ((int64_t)ci * h + (iy < 0 || iy >= h ? 0 : iy)) * w;
+                        for (kx = 0; kx < kw; ++kx, ++l) {
+                            int16_t *col = blk + l;
+                            int32_t off = kx * dw - pw;
+                            hq_inside(off, sw, w, wo, &lo, &hi);
+                            if (iy < 0 || iy >= h) lo = hi = 0;
+                            for (ox = 0; ox < lo; ++ox) col[(int64_t)ox * kp] = 0;
+                            for (; ox < hi; ++ox) col[(int64_t)ox * kp] = (int16_t)(xr[ox * sw + off] - zp);
+                            for (; ox < wo; ++ox) col[(int64_t)ox * kp] = 0;
                         }
                     }
                 }
+                for (ox = 0; ox < wo; ++ox) {
+                    for (l = row; l < kp; ++l) blk[(int64_t)ox * kp + l] = 0;
+                }
             }
         }
-        if (n_p >= HQ_TILE) { /* acc [c_out][n_p] = W [c_out][row] cols [row][n_p] */
-            hq_unpack_row(wt, 0, c_out * row, wrow);
-            hq_gemm(wrow, cols, bias, 0, c_out, row, n_p, acc);
-        } else { /* few pixels: the product transposed, so the vectors run along the output channels */
-            int32_t *cols_t = wrow + (int64_t)row * c_out, *prod = cols_t + (int64_t)n_p * row, p;
-            for (i = 0; i < row; ++i) {
-                for (p = 0; p < n_p; ++p) cols_t[(int64_t)p * row + i] = cols[(int64_t)i * n_p + p];
-            }
-            hq_unpack_row(wt, 0, c_out * row, wrow); /* exported transposed: [row][c_out] */
-            hq_gemm(cols_t, wrow, 0, bias, n_p, row, c_out, prod);
-            for (o = 0; o < c_out; ++o) {
-                for (p = 0; p < n_p; ++p) acc[(int64_t)o * n_p + p] = prod[(int64_t)p * c_out + o];
-            }
-        }
+        hq_unpack_rows(wt, 0, c_out, row, kp, w16);
+        hq_dot_gemm(w16, cols, bias, 0, c_out, kp, n_p, acc);
         return;
     }
-    for (o = 0; o < c_out; ++o) { /* grouped and depthwise: tap by tap over the output plane */
-        int32_t *plane = acc + (int64_t)o * ho * wo;
-        int32_t b = bias ? bias[o] : 0;
-        hq_unpack_row(wt, (int64_t)o * row, row, wrow);
-        for (i = 0; i < ho * wo; ++i) plane[i] = b;
-        for (ci = 0; ci < cg; ++ci) {
-            const int32_t *xp = xc + (int64_t)((o / og) * cg + ci) * h * w;
-            for (ky = 0; ky < kh; ++ky) {
-                for (kx = 0; kx < kw; ++kx) {
-                    int32_t wv = wrow[(ci * kh + ky) * kw + kx];
-                    int32_t off = kx * dw - pw, lo, hi;
-                    if (wv == 0) continue;
-                    /* the output columns whose input column ox * sw + off lies in [0, w) */
-                    lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
-                    hi = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
-                    if (hi > wo) hi = wo;
-                    for (oy = 0; oy < ho; ++oy) {
-                        int32_t iy = oy * sh - ph + ky * dh;
-                        const int32_t *xr;
-                        int32_t *ar = plane + oy * wo;
-                        if (iy < 0 || iy >= h) continue;
-                        xr = xp + iy * w;
-                        if (sw == 1) {
-                            for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox + off];
-                        } else {
-                            for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox * sw + off];
+    {
+        int32_t *xc = (int32_t *)temp;
+        int16_t *wrow = (int16_t *)(xc + (int64_t)c_in * h * w);
+        for (i = 0; i < c_in * h * w; ++i) xc[i] = x[i] - zp;
+        for (o = 0; o < c_out; ++o) { /* grouped and depthwise: tap by tap over the output plane */
+            int32_t *plane = acc + (int64_t)o * ho * wo;
+            int32_t b = bias ? bias[o] : 0;
+            hq_unpack_row(wt, (int64_t)o * row, row, wrow);
+            for (i = 0; i < ho * wo; ++i) plane[i] = b;
+            for (ci = 0; ci < cg; ++ci) {
+                const int32_t *xp = xc + (int64_t)((o / og) * cg + ci) * h * w;
+                for (ky = 0; ky < kh; ++ky) {
+                    for (kx = 0; kx < kw; ++kx) {
+                        int32_t wv = wrow[(ci * kh + ky) * kw + kx];
+                        int32_t off = kx * dw - pw, lo, hi;
+                        if (wv == 0) continue;
+                        hq_inside(off, sw, w, wo, &lo, &hi);
+                        for (oy = 0; oy < ho; ++oy) {
+                            int32_t iy = oy * sh - ph + ky * dh;
+                            const int32_t *xr;
+                            int32_t *ar = plane + oy * wo;
+                            if (iy < 0 || iy >= h) continue;
+                            xr = xp + iy * w;
+                            if (sw == 1) {
+                                for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox + off];
+                            } else {
+                                for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox * sw + off];
+                            }
                         }
                     }
                 }
@@ -287,42 +359,38 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
 }
 
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
-               int32_t n, int32_t *acc, int32_t *temp) {
-    /* temp: rows * k centred inputs, then the weights (exported transposed, [k][n]) unpacked */
-    int32_t *xc = temp, *wcols = temp + (int64_t)rows * k;
-    int32_t r, i;
+               int32_t n, int32_t *acc, void *temp) {
+    /* temp: the centred inputs, int16 [rows][kp] (kp = HQ_KPAD(k), zeros after k), then the weights unpacked to
+     * int16 [n][kp] */
+    int32_t kp = HQ_KPAD(k), r, i;
+    int16_t *xc = (int16_t *)temp, *w16 = xc + (int64_t)rows * kp;
     for (r = 0; r < rows; ++r) {
-        for (i = 0; i < k; ++i) xc[(int64_t)r * k + i] = x[(int64_t)r * k + i] - HQ_P(zp, i);
+        for (i = 0; i < k; ++i) xc[(int64_t)r * kp + i] = (int16_t)(x[(int64_t)r * k + i] - HQ_P(zp, i));
+        for (; i < kp; ++i) xc[(int64_t)r * kp + i] = 0;
     }
-    hq_unpack_row(wt, 0, k * n, wcols);
-    hq_gemm(xc, wcols, 0, bias, rows, k, n, acc);
+    hq_unpack_rows(wt, 0, n, k, kp, w16);
+    hq_dot_gemm(xc, w16, 0, bias, rows, kp, n, acc);
 }
 
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
-               int32_t n, int32_t *acc, int32_t *temp) {
-    /* temp: batch * k * n centred right operand */
-    int32_t t, i, j, l;
+               int32_t n, int32_t *acc, void *temp) {
+    /* temp: one batch's centred operands, int16 rows of kp = HQ_KPAD(k) (zeros after k): a as [m][kp], then b
+     * transposed, [n][kp] */
+    int32_t kp = HQ_KPAD(k), t, i, j, l;
+    int16_t *a16 = (int16_t *)temp, *bt = a16 + (int64_t)m * kp;
     for (t = 0; t < batch; ++t) {
-        for (l = 0; l < k; ++l) {
-            for (j = 0; j < n; ++j) {
-                int64_t at = ((int64_t)t * k + l) * n + j;
-                temp[at] = b[at] - HQ_P(zpb, j);
-            }
-        }
-    }
-    for (t = 0; t < batch; ++t) {
-        const int32_t *at = a + (int64_t)t * m * k, *bt = temp + (int64_t)t * k * n;
-        int32_t *ct = acc + (int64_t)t * m * n;
+        const int32_t *at = a + (int64_t)t * m * k, *bb = b + (int64_t)t * k * n;
         for (i = 0; i < m; ++i) {
-            int32_t *cr = ct + (int64_t)i * n;
-            for (j = 0; j < n; ++j) cr[j] = 0;
-            for (l = 0; l < k; ++l) {
-                int32_t av = at[(int64_t)i * k + l] - HQ_P(zpa, l);
-                const int32_t *br = bt + (int64_t)l * n;
-                if (av == 0) continue;
-                for (j = 0; j < n; ++j) cr[j] += av * br[j];
-            }
+            for (l = 0; l < k; ++l) a16[(int64_t)i * kp + l] = (int16_t)(at[(int64_t)i * k + l] - HQ_P(zpa, l));
+            for (; l < kp; ++l) a16[(int64_t)i * kp + l] = 0;
         }
+        for (j = 0; j < n; ++j) {
+            for (l = k; l < kp; ++l) bt[(int64_t)j * kp + l] = 0;
+        }
+        for (l = 0; l < k; ++l) {
+            for (j = 0; j < n; ++j) bt[(int64_t)j * kp + l] = (int16_t)(bb[(int64_t)l * n + j] - HQ_P(zpb, j));
+        }
+        hq_dot_gemm(a16, bt, 0, 0, m, kp, n, acc + (int64_t)t * m * n);
     }
 }
 
@@ -404,16 +472,6 @@ void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t chan
             hq_gather(x + at, inner, table, (int64_t)c * size - in_qmin, acc_zp, acc + at);
         }
     }
-}
-
-/* srr in 32 bits: k > 0 rounds half up without overflow (u = v + 2^31 as unsigned, floor(v / 2^k) =
- * (u >> k) - 2^(31-k)); k <= 0 is the exact left shift (the caller's bound keeps it in int32) */
-static int32_t hq_srr32(int32_t v, int32_t k) {
-    uint32_t u;
-    if (k <= 0) return v * (1 << -k);
-    if (k > 31) return 0; /* |v| < 2^31 <= 2^(k-1): rounds to 0 */
-    u = (uint32_t)v ^ 0x80000000u;
-    return (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
 }
 
 void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, const int32_t *exp_table,

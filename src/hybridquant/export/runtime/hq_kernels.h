@@ -1,7 +1,9 @@
 /* hybridquant integer kernels: the C form of the exported program's contract (C99, no malloc, no floating
- * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer. Softmax and LayerNorm
- * compute in int32 throughout (one reciprocal per row, then multiplies and shifts); the exporter's width
- * analysis proves every intermediate fits. int64 remains only in index arithmetic and in the general
+ * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer; the matrix products
+ * (conv, linear, matmul) first copy their centred operands to int16 rows in a caller-owned temp buffer (the
+ * exporter proves they fit) and multiply them pairwise into int32 sums. Softmax and LayerNorm compute in int32
+ * throughout (one reciprocal per row, then multiplies and shifts); the exporter's width analysis proves every
+ * intermediate fits. int64 remains only in index arithmetic and in the general
  * requantization paths (two-term and threshold), whose values the analysis also bounds.
  *
  * Rounding: round half up everywhere. srr(v, k) = floor((v + 2^(k-1)) / 2^k) for k > 0, v * 2^-k for k <= 0;
@@ -47,12 +49,16 @@ typedef struct {
     int32_t type;
 } hq_table;
 
-/* A strided view of a contiguous tensor (a layout op): out[i] = in[offset + sum_d idx_d(i) * stride_d]. */
-#define HQ_MAX_DIMS 8
+/* the matrix products' int16 rows are padded with zeros to a multiple of HQ_K_ALIGN values (whole vectors) */
+#define HQ_K_ALIGN 16
+#define HQ_KPAD(k) (((k) + HQ_K_ALIGN - 1) / HQ_K_ALIGN * HQ_K_ALIGN)
 /* the reciprocals of softmax (2^30 / S) and LayerNorm (2^30 / r), and LayerNorm's normalised fraction bits */
 #define HQ_SOFTMAX_RECIPROCAL_BITS 30
 #define HQ_LN_RECIPROCAL_BITS 30
 #define HQ_LN_FRAC_BITS 15
+
+/* A strided view of a contiguous tensor (a layout op): out[i] = in[offset + sum_d idx_d(i) * stride_d]. */
+#define HQ_MAX_DIMS 8
 typedef struct {
     int32_t ndim;
     int32_t shape[HQ_MAX_DIMS];
@@ -61,7 +67,7 @@ typedef struct {
 } hq_view;
 
 int32_t hq_weight(const hq_weights *w, int32_t i);
-void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out);
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int16_t *out);
 int64_t hq_srr(int64_t v, int32_t k);
 int64_t hq_floor_shift(int64_t v, int32_t k);
 
@@ -71,11 +77,11 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
 void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, const hq_weights *wt,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
-               int32_t *temp);
+               void *temp);
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
-               int32_t n, int32_t *acc, int32_t *temp);
+               int32_t n, int32_t *acc, void *temp);
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
-               int32_t n, int32_t *acc, int32_t *temp);
+               int32_t n, int32_t *acc, void *temp);
 void hq_center_shift(const int32_t *x, hq_param zp, int32_t count, int32_t last, hq_param shift, int32_t *out);
 void hq_add(const int32_t *a, hq_param zpa, hq_param sa, const int32_t *b, hq_param zpb, hq_param sb,
             int32_t count, int32_t last, int32_t *acc);
