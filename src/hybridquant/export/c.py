@@ -176,6 +176,10 @@ class Emitter:
         self.temps.append((off, size))
         return f"(S + {off})"
 
+    def temp16(self, count: int) -> str:
+        """A scratch buffer of ``count`` int16 values for the current op only (in whole int32 slots)."""
+        return self.temp(-(-count // 2))
+
     # -- constants ------------------------------------------------------------------
     def _emit(self, ctype: str, name: str, values: list[str], nbytes: int, key: str | None = None) -> str:
         """A ``static const`` array of ``model.c``; ``key``: the current op's array it holds (for the bytes'

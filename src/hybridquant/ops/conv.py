@@ -125,12 +125,12 @@ def _c_conv2d(op, em):
     row, pixels = op.arrays["weight"][0].size, ho * wo
     # hq_conv2d's temp (int32 slots): dense, the int16 patches [pixels][kp] and weights [cout][kp]; grouped,
     # the centred int32 inputs and one int16 row of weights
-    temp = -(-c_kpad(row) * (pixels + cout) // 2) if a["groups"] == 1 else cin * h * w + -(-row // 2)
+    temp = em.temp16(c_kpad(row) * (pixels + cout)) if a["groups"] == 1 else em.temp16(2 * cin * h * w + row)
     bias = em.array("bias") if em.has("bias") else "0"
     return [f"{{ static const hq_weights w = {em.weights()};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
             f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
-            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, {em.temp(temp)}); }}"]
+            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, {temp}); }}"]
 
 
 def _c_linear(op, em):
@@ -142,7 +142,7 @@ def _c_linear(op, em):
     # temp: the int16 centred inputs [rows][kp] and weights [n][kp]
     return [f"{{ static const hq_weights w = {em.weights()};",
             f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {rows}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}, {em.temp(-(-c_kpad(k) * (rows + n) // 2))}); }}"]
+            f"{em.acc()}, {em.temp16(c_kpad(k) * (rows + n))}); }}"]
 
 
 def _widths(op, bounds, done, program):

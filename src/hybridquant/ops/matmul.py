@@ -38,7 +38,7 @@ def _c(op, em):
     m, k, n = sa[-2], sa[-1], sb[-1]
     # temp: one batch's int16 operands, a [m][kp] and b transposed [n][kp]
     return [f"hq_matmul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
-            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp(-(-c_kpad(k) * (m + n) // 2))});"]
+            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp16(c_kpad(k) * (m + n))});"]
 
 
 def _widths(op, bounds, done, program):
