@@ -14,7 +14,8 @@ It checks that the C program's output codes equal the integer executor's on ever
 The model is ``--qmodel``, or the bundled default quantized here (hfq W8A8, power-of-two scales,
 ``--calib`` images, ``--reconstruction-iters`` steps). Writes ``benchmarks/results/runtime/<name>.json`` and
 ``.md`` with the environment (torch, CPU model and flags, cores, date) and the throughput ratios to the
-Python integer executor. Each runtime's speed is the best of ``ROUNDS`` rounds that time every runtime in turn.
+Python integer executor. Each runtime's speed is the best of ``ROUNDS`` rounds that time every runtime in turn;
+``ratio_to_python_integer_by_round`` keeps each round's own ratios (the spread of a shared machine).
 
 Usage::
 
@@ -43,7 +44,7 @@ BATCH = 100
 #: the thread counts every runtime is timed at
 THREADS = (1, 2)
 #: rounds of timing every runtime in turn; each runtime reports its best
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _fmt(spec: str):
@@ -80,6 +81,7 @@ def measure(qgraph, meta: dict[str, Any], fp32_model, pixels: np.ndarray,
     before = torch.get_num_threads()
     integer = IntegerModel(qgraph)
     rows: dict[str, dict[str, float | None]] = {}
+    by_round: dict[str, list[dict[str, float | None]]] = {}  # each round's ratios: the spread of a shared machine
     identical = True
     try:
         with tempfile.TemporaryDirectory(prefix="hq-runtime-") as tmp:
@@ -109,6 +111,8 @@ def measure(qgraph, meta: dict[str, Any], fp32_model, pixels: np.ndarray,
                     row["c"] = n / c_seconds
                     codes = np.concatenate([c.reshape(len(c), -1).numpy() for c in outputs["python_integer"]])
                     identical = identical and bool(np.array_equal(c_codes, codes))
+                    by_round.setdefault(str(t), []).append(
+                        {k: round(v / row["python_integer"], 2) if v else None for k, v in row.items()})
                     best = rows.setdefault(str(t), {})
                     for k, v in row.items():  # the best of the rounds: the least disturbed run of each
                         if best.get(k) is None or (v is not None and v > best[k]):
@@ -120,6 +124,7 @@ def measure(qgraph, meta: dict[str, Any], fp32_model, pixels: np.ndarray,
     out["images_per_second"] = {t: {k: round(v, 1) if v else None for k, v in r.items()} for t, r in rows.items()}
     out["ratio_to_python_integer"] = {t: {k: round(v / r["python_integer"], 2) if v else None for k, v in r.items()}
                                       for t, r in rows.items()}
+    out["ratio_to_python_integer_by_round"] = by_round
     return out
 
 

@@ -1,7 +1,8 @@
-"""The C matrix-product kernels alone against direct integer products: shapes that take every edge path (rows
-after the last group of four, an odd last column, row lengths that are not a multiple of the int16 padding,
-pointwise inputs whose channels do not fill a transposition tile), each built plainly and with this machine's
-vector instructions."""
+"""The C kernels alone against direct integer arithmetic: conv shapes that take every path of the matrix
+products (lanes along the pixels or, with fewer than a tile of pixels, along the output channels; a last partial
+tile of pixels; output channels that do not fill a tile of rows; strides through the phase planes) and of the
+grouped convolutions, each built plainly and with this machine's vector instructions; packed weights; the
+requantizations at the edges of int32."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from hybridquant.export.c import RUNTIME, native_flag
 from hybridquant.export.program import pack_bits
+from hybridquant.ops.conv import C_TILE_LANES
 
 from .test_c_runtime import STRICT, compiler
 
@@ -41,40 +43,43 @@ def _run(tmp_path: Path, flags: str, arrays: list[str], call: str, count: int) -
     return np.array([int(v) for v in done.stdout.split()], dtype=np.int64)
 
 
-CONVS = {  # c_in, c_out, h, w, kernel, stride, padding, groups
-    "pointwise-odd-channels": (5, 6, 7, 5, 1, 1, 0, 1),
-    "pointwise-13-channels": (13, 7, 3, 3, 1, 1, 0, 1),
-    "3x3-stride-2": (3, 9, 7, 7, 3, 2, 1, 1),
-    "3x3-row-of-32": (4, 5, 6, 6, 3, 1, 1, 1),
-    "depthwise": (6, 6, 5, 5, 3, 1, 1, 6),
+CONVS = {  # c_in, c_out, h, w, kernel, stride, padding, groups, dilation
+    "pointwise-partial-tile": (5, 6, 7, 5, 1, 1, 0, 1, 1),  # 35 pixels: two tiles and 3; 6 rows: a tile and 2
+    "pointwise-few-pixels": (13, 7, 3, 3, 1, 1, 0, 1, 1),  # 9 pixels: lanes along the output channels
+    "3x3-stride-2": (3, 9, 7, 7, 3, 2, 1, 1, 1),  # 16 pixels from four phase planes
+    "3x3-stride-2-odd": (2, 5, 9, 6, 3, 2, 1, 1, 1),  # 5 x 3 = 15 pixels: few pixels
+    "3x3-rows-of-6": (4, 5, 6, 6, 3, 1, 1, 1, 1),
+    "5x5-dilated": (3, 4, 9, 9, 5, 1, 2, 1, 2),  # a dilation: taps two apart
+    "depthwise": (6, 6, 5, 5, 3, 1, 1, 6, 1),
+    "depthwise-stride-2": (4, 4, 9, 7, 3, 2, 1, 4, 1),
+    "grouped": (4, 6, 6, 5, 3, 1, 1, 2, 1),  # two input and three output channels a group
 }
-
-
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv2d_kernel_is_the_integer_convolution(name, flags, tmp_path):
-    c_in, c_out, h, w, k, s, p, g = CONVS[name]
+    c_in, c_out, h, w, k, s, p, g, d = CONVS[name]
     rng = np.random.default_rng(0)
     x, zp = rng.integers(0, 256, (c_in, h, w)), 117
     wt, bias = rng.integers(-128, 128, (c_out, c_in // g, k, k)), rng.integers(-5000, 5000, c_out)
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     want = F.conv2d(torch.from_numpy(x - zp)[None].double(), torch.from_numpy(wt).double(),
-                    torch.from_numpy(bias).double(), s, p, 1, g).round().long().reshape(-1).numpy()
-    arrays = [_array("int32_t", "x", x), _array("int8_t", "wt_codes", wt), _array("int32_t", "bias", bias)]
+                    torch.from_numpy(bias).double(), s, p, d, g).round().long().reshape(-1).numpy()
+    stored = wt.reshape(c_out, -1).T if g == 1 and ho * wo < C_TILE_LANES else wt  # as the exporter stores it
+    arrays = [_array("int32_t", "x", x), _array("int8_t", "wt_codes", stored), _array("int32_t", "bias", bias)]
     call = (f"hq_weights wt = {{(const uint8_t *)wt_codes, 8, 1}};\n    hq_conv2d(x, {zp}, {c_in}, {h}, {w}, &wt, "
-            f"bias, {c_out}, {k}, {k}, {s}, {s}, {p}, {p}, 1, 1, {g}, {ho}, {wo}, acc, temp);")
+            f"bias, {c_out}, {k}, {k}, {s}, {s}, {p}, {p}, {d}, {d}, {g}, {ho}, {wo}, acc, temp);")
     assert np.array_equal(_run(tmp_path, FLAGS[flags], arrays, call, c_out * ho * wo), want)
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("rows,k,n", [(5, 27, 7), (1, 3, 3), (8, 40, 16)])
+@pytest.mark.parametrize("rows,k,n", [(5, 27, 7), (1, 3, 3), (8, 40, 16), (9, 20, 37)])
 def test_linear_and_matmul_kernels_are_the_integer_products(rows, k, n, flags, tmp_path):
     rng = np.random.default_rng(1)
     x, zp = rng.integers(-128, 128, (rows, k)), rng.integers(-3, 4, k)
     wt, bias = rng.integers(-128, 128, (n, k)), rng.integers(-5000, 5000, n)
     want = (x - zp) @ wt.T + bias
-    arrays = [_array("int32_t", "x", x), _array("int32_t", "zp", zp), _array("int8_t", "wt_codes", wt),
-              _array("int32_t", "bias", bias)]
+    arrays = [_array("int32_t", "x", x), _array("int32_t", "zp", zp), _array("int8_t", "wt_codes", wt.T),
+              _array("int32_t", "bias", bias)]  # stored [k][n]
     call = (f"hq_weights wt = {{(const uint8_t *)wt_codes, 8, 1}};\n    hq_param z = {{zp, {k}}};\n"
             f"    hq_linear(x, z, {rows}, {k}, &wt, bias, {n}, acc, temp);")
     assert np.array_equal(_run(tmp_path, FLAGS[flags], arrays, call, rows * n), want.reshape(-1))
@@ -95,11 +100,12 @@ def test_packed_weights_unpack_to_their_codes(bits, signed, tmp_path):
     codes = np.random.default_rng(bits).integers(lo, hi, 61)  # 61 fields: every offset within a byte
     codes[:2] = lo, hi - 1
     packed = pack_bits(codes, bits).view(np.uint8)
-    arrays = [_array("uint8_t", "data", packed), "static int16_t out[61];"]
+    arrays = [_array("uint8_t", "data", packed), "static int32_t out[61], part[58];"]
     call = (f"hq_weights wt = {{data, {bits}, {int(signed)}}};\n    hq_unpack_row(&wt, 0, 61, out);\n"
-            "    for (i = 0; i < 61; ++i) acc[i] = out[i];")
-    got = _run(tmp_path, STRICT, arrays, call, 61)
-    assert np.array_equal(got, codes)
+            "    hq_unpack_row(&wt, 3, 58, part);\n"  # from a field inside a byte
+            "    for (i = 0; i < 61; ++i) acc[i] = out[i];\n    for (i = 0; i < 58; ++i) acc[61 + i] = part[i];")
+    got = _run(tmp_path, FLAGS["native"], arrays, call, 61 + 58)
+    assert np.array_equal(got[:61], codes) and np.array_equal(got[61:], codes[3:])
 
 
 def test_threshold_requantization_counts_the_thresholds_at_or_below(tmp_path):
@@ -117,10 +123,35 @@ def test_threshold_requantization_counts_the_thresholds_at_or_below(tmp_path):
     assert np.array_equal(_run(tmp_path, STRICT, arrays, call, acc.size), want)
 
 
-def test_the_scratch_sizing_pads_rows_as_the_kernels_do():
-    """The exporter sizes the matrix products' temp buffers with the kernels' row padding."""
-    from hybridquant.ops.conv import C_K_ALIGN, c_kpad
+def test_shift_requantization_saturates_at_the_edges_of_int32(tmp_path):
+    """Every shift the branch-free path takes (left shifts too) on accumulators up to the ends of int32, along
+    the last dim and along planes, against the reference requantization (primitives.arith.requantize)."""
+    from hybridquant.primitives.arith import requantize
+
+    shifts = np.arange(-29, 32)
+    edges = [-2**31, -2**31 + 1, -2**30 - 1, -2**30, -2**15 - 1, -2**15, -3, -2, -1, 0, 1, 2, 3, 2**15, 2**30,
+             2**31 - 2, 2**31 - 1]
+    acc = np.concatenate([edges, np.random.default_rng(3).integers(-2**31, 2**31, 64)])
+    grid = np.tile(acc, (shifts.size, 1))  # [shift][value]
+    zp, qmin, qmax = 3, -128, 127
+    want = requantize(torch.from_numpy(grid), torch.from_numpy(shifts), zp, qmin, qmax, axis=0).numpy()
+    for channels_last in (False, True):  # shifts along planes of values, or one shift per value of a row
+        x, inner = (grid.T, 1) if channels_last else (grid, acc.size)
+        arrays = [_array("int32_t", "x", x), _array("int32_t", "sh", shifts),
+                  "static const int32_t zero[1] = {0}, zpv[1] = {" + str(zp) + "};"]
+        call = (f"hq_requant rq = {{HQ_REQUANT_SHIFT, {inner}, {shifts.size}, {{sh, {shifts.size}}}, {{zero, 1}}, "
+                f"{{zero, 1}}, {{zero, 1}}, {{zero, 1}}, {{zpv, 1}}, {qmin}, {qmax}, zero, 0}};\n"
+                f"    hq_requantize(x, acc, {grid.size}, &rq);")
+        got = _run(tmp_path, FLAGS["native"], arrays, call, grid.size).reshape(x.shape)
+        assert np.array_equal(got.T if channels_last else got, want), channels_last
+
+
+def test_the_scratch_sizing_uses_the_kernels_tiles():
+    """The exporter sizes the matrix products' temp buffers with the kernels' tiles and stride limit."""
+    from hybridquant.ops.conv import C_MAX_STRIDE, C_TILE_LANES, C_TILE_ROWS, c_rows
 
     header = (RUNTIME / "hq_kernels.h").read_text()
-    assert re.search(rf"#define HQ_K_ALIGN {C_K_ALIGN}\b", header)
-    assert [c_kpad(k) for k in (1, 16, 17, 27, 32)] == [16, 16, 32, 32, 32]
+    assert re.search(rf"#define HQ_TR {C_TILE_ROWS}\b", header)
+    assert re.search(rf"#define HQ_TN {C_TILE_LANES}\b", header)
+    assert re.search(rf"#define HQ_MAX_STRIDE {C_MAX_STRIDE}\b", header)
+    assert [c_rows(m) for m in (1, 4, 5, 8)] == [4, 4, 8, 8]

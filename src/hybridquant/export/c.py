@@ -20,9 +20,7 @@
   worst-case bits of every intermediate of every op), the operations per image (multiply-accumulates,
   multiplies, shifts, additions, comparisons, lookups, divisions), constant bytes (by kind, and how the C
   arrays' bytes follow from the program's), scratch bytes and, when asked, the compiled objects' size. A
-  model with any intermediate wider than 32 bits is refused, naming the op: the kernels compute in int32. The
-  matrix products (conv, linear, matmul) hold their centred inputs in int16 (pairwise int16 multiply-adds into
-  int32, what CPUs and DSPs vectorise); an input wider than that is refused too.
+  model with any intermediate wider than 32 bits is refused, naming the op: the kernels compute in int32.
 
 The input is the uint8 image: normalisation and input quantization are a per-channel 256-entry table
 (``hq_input_table``), computed here with the float32 arithmetic of the Python preprocessing
@@ -157,11 +155,18 @@ class Emitter:
         self.op: ProgramOp | None = None
         self.scratch = _Scratch()
         self.temps: list[tuple[int, int]] = []  # the current op's temporary buffers
+        self.wrote_codes = False  # the current op's C form wrote its codes (codes_written)
 
     # -- buffers and shapes ---------------------------------------------------------
     def codes(self, name: str) -> str:
         """The codes of value ``name`` (``int32_t *``)."""
         return f"(S + {self.offsets[name]})"
+
+    def codes_written(self) -> str:
+        """The current op's codes, for a C form that writes them itself (its requantization is the identity):
+        the emitter then adds no requantization and checks no accumulator."""
+        self.wrote_codes = True
+        return self.codes(self.op.name)
 
     def acc(self, name: str | None = None) -> str:
         """The accumulator of op ``name`` (the current op's by default)."""
@@ -175,10 +180,6 @@ class Emitter:
         off = self.scratch.take(size)
         self.temps.append((off, size))
         return f"(S + {off})"
-
-    def temp16(self, count: int) -> str:
-        """A scratch buffer of ``count`` int16 values for the current op only (in whole int32 slots)."""
-        return self.temp(-(-count // 2))
 
     # -- constants ------------------------------------------------------------------
     def _emit(self, ctype: str, name: str, values: list[str], nbytes: int, key: str | None = None) -> str:
@@ -234,10 +235,12 @@ class Emitter:
     def fail(self, why: str) -> HybridQuantError:
         return HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}): {why}")
 
-    def weights(self) -> str:
-        """An ``hq_weights`` initializer of the current op's weight ([out, in...], row-major): bytes, packed below
-        8 bits."""
+    def weights(self, transposed: bool = False) -> str:
+        """An ``hq_weights`` initializer of the current op's weight ([out, in...], row-major; ``transposed``:
+        [in..., out]): bytes, packed below 8 bits."""
         w = np.asarray(self.op.arrays["weight"]).astype(np.int64)
+        if transposed:
+            w = w.reshape(w.shape[0], -1).T
         bits = int(self.op.attrs.get("weight_bits", 8))
         if bits > 8:
             raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "
@@ -350,7 +353,7 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None,
     sizes: dict[str, int] = {}
     for op in ops:
         kind = program_kind(op.kind)
-        em.op = op
+        em.op, em.wrote_codes = op, False
         if op.out_shape is not None:
             em.shapes[op.name] = list(op.out_shape)
         if kind.result == "none":
@@ -378,7 +381,7 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None,
             if kind.c is None:
                 raise HybridQuantError(f"cannot export to C: op kind {op.kind} has no C form")
             lines = list(kind.c(op, em))
-            if requant:
+            if requant and not em.wrote_codes:
                 lines += requant_lines(em, op)
             fn = f"hq_op{op.index:04d}"
             functions.append("\n".join([f"/* {op.index}: {_comment(op.name)} ({op.op} -> {op.kind}) */",
@@ -390,7 +393,7 @@ def model_c(program: Program, model_meta: dict[str, Any] | None = None,
                       for n in dict.fromkeys(op.inputs) if n in em.acc_offsets and program[n].attrs.get("keep_accumulator")]
             writes = {"offset": em.offsets[op.name], "size": size} if op.name in em.offsets else None
             layout.append({"function": fn, "op": op.name, "reads": reads, "writes": writes})
-            if kind.result == "accumulator" and op.name in acc_bound:
+            if kind.result == "accumulator" and op.name in acc_bound and not em.wrote_codes:
                 body.append(f"    HQ_CHECK_ACC({op.index}, {em.acc()}, {size}, {acc_bound[op.name]});")
             if writes is not None and "requant.qmin" in op.arrays:
                 body.append(f"    HQ_CHECK_CODES({op.index}, {em.codes(op.name)}, {size}, "
@@ -606,11 +609,6 @@ def export_c(source: QuantizedGraph | Program, out_dir: str | Path, model_meta: 
             widest = max(row["bits"], key=row["bits"].get)
             raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
                                    f"{row['max_bits']} bits for its {widest}; the C kernels compute in 32")
-        operand = program_kind(row["kind"]).c_operand_bits
-        if operand is not None and row["bits"]["input"] > operand:
-            raise HybridQuantError(f"cannot export to C: op {row['index']} ({row['name']}, {row['kind']}) needs "
-                                   f"{row['bits']['input']} bits for its centred input; its C kernel takes "
-                                   f"{operand}")
     header, body, facts = model_c(program, model_meta, rows)
     golden = golden_c(program, model_meta, facts)
     facts = {k: v for k, v in facts.items() if k != "ops_layout"}

@@ -107,13 +107,22 @@ def _conv_pointwise(node):
     return a["groups"] == 1 and tuple(node.params["weight"].shape[-2:]) == (1, 1) and not any(a["padding"])
 
 
-#: the C matrix products pad their int16 rows with zeros to a multiple of this (``HQ_K_ALIGN`` in hq_kernels.h)
-C_K_ALIGN = 16
+#: the C matrix products' tiles: rows of the broadcast operand (``HQ_TR`` in hq_kernels.h) by lanes of the other
+#: (``HQ_TN``)
+C_TILE_ROWS, C_TILE_LANES = 4, 16
+#: the largest stride along rows that hq_conv2d takes (``HQ_MAX_STRIDE``)
+C_MAX_STRIDE = 16
 
 
-def c_kpad(k: int) -> int:
-    """The padded row length of ``k`` values in the C matrix products (``HQ_KPAD``)."""
-    return -(-k // C_K_ALIGN) * C_K_ALIGN
+def c_rows(m: int) -> int:
+    """The rows of a C matrix product's broadcast operand, ``m`` padded with zero rows (``HQ_ROWS``)."""
+    return -(-m // C_TILE_ROWS) * C_TILE_ROWS
+
+
+def c_gemm_temp(m: int, k: int, n: int) -> int:
+    """int32 values of the temp buffer of a C matrix product whose operands are copied there: the broadcast
+    operand [c_rows(m)][k], the other [k][n] and the tail of its last partial tile [k][C_TILE_LANES]."""
+    return (c_rows(m) + n + C_TILE_LANES) * k
 
 
 def _c_conv2d(op, em):
@@ -123,14 +132,27 @@ def _c_conv2d(op, em):
     kh, kw = op.arrays["weight"].shape[-2:]
     a = op.attrs
     row, pixels = op.arrays["weight"][0].size, ho * wo
-    # hq_conv2d's temp (int32 slots): dense, the int16 patches [pixels][kp] and weights [cout][kp]; grouped,
-    # the centred int32 inputs and one int16 row of weights
-    temp = em.temp16(c_kpad(row) * (pixels + cout)) if a["groups"] == 1 else em.temp16(2 * cin * h * w + row)
+    sh, sw = a["stride"]
+    dh, dw = a["dilation"]
+    pointwise = (kh, kw, sh, sw, *a["padding"]) == (1, 1, 1, 1, 0, 0)
+    if sw > C_MAX_STRIDE:
+        raise em.fail(f"a stride of {sw} along rows; the C kernel takes up to {C_MAX_STRIDE}")
+    # hq_conv2d's temp (int32): the stride phases of one padded input plane [sh * sw][hq][wq] ...
+    hq, wq = -(-((ho - 1) * sh + (kh - 1) * dh + 1) // sh), -(-((wo - 1) * sw + (kw - 1) * dw + 1) // sw)
+    phases = sh * sw * hq * wq
+    if a["groups"] != 1:  # ... the flat output [ho][wq], one row of weights
+        temp = em.temp(phases + ho * wq + row)
+    elif pixels >= C_TILE_LANES:  # lanes along the pixels: a tile's rows of weights, a tail, then (unless
+        # pointwise) the patches and the phases
+        temp = em.temp((C_TILE_ROWS + C_TILE_LANES) * row + (0 if pointwise else pixels * row + phases))
+    else:  # lanes along the output channels: the patches, the weights (stored transposed), a tail
+        temp = em.temp(c_gemm_temp(pixels, row, cout))
     bias = em.array("bias") if em.has("bias") else "0"
-    return [f"{{ static const hq_weights w = {em.weights()};",
+    weights = em.weights(transposed=a["groups"] == 1 and pixels < C_TILE_LANES)
+    return [f"{{ static const hq_weights w = {weights};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
-            f"{kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, "
-            f"{a['dilation'][1]}, {a['groups']}, {ho}, {wo}, {em.acc()}, {temp}); }}"]
+            f"{kw}, {sh}, {sw}, {a['padding'][0]}, {a['padding'][1]}, {dh}, {dw}, {a['groups']}, {ho}, {wo}, "
+            f"{em.acc()}, {temp}); }}"]
 
 
 def _c_linear(op, em):
@@ -139,10 +161,10 @@ def _c_linear(op, em):
     n = op.arrays["weight"].shape[0]
     rows = em.count(x) // k
     bias = em.array("bias") if em.has("bias") else "0"
-    # temp: the int16 centred inputs [rows][kp] and weights [n][kp]
-    return [f"{{ static const hq_weights w = {em.weights()};",
+    # temp: the centred inputs [rows][k], the weights (stored transposed) [k][n], a tail
+    return [f"{{ static const hq_weights w = {em.weights(transposed=True)};",
             f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {rows}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}, {em.temp16(c_kpad(k) * (rows + n))}); }}"]
+            f"{em.acc()}, {em.temp(c_gemm_temp(rows, k, n))}); }}"]
 
 
 def _widths(op, bounds, done, program):
@@ -159,9 +181,7 @@ register(
           weight_layout=lambda node: "dense", columns=lambda node, x: x.reshape(-1, x.shape[-1]).t(),
           pointwise=lambda node: True),
     ProgramKind("conv2d", "acc = conv2d(x - in_zero_point.0, weight) + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_conv2d, widths=_widths,
-                c_operand_bits=16),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_conv2d, widths=_widths),
     ProgramKind("linear", "acc = (x - in_zero_point.0) @ weight^T + bias, exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_linear, widths=_widths,
-                c_operand_bits=16),
+                run=_run, prepare=_prepare, macs=_macs, counts=_counts, c=_c_linear, widths=_widths),
 )

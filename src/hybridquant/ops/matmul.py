@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .conv import c_kpad, exact_dtype
+from .conv import c_gemm_temp, exact_dtype
 from .registry import OpDef, ProgramKind, register
 from .values import Value, centred_inputs, elements, zero, zp_arrays
 
@@ -36,9 +36,9 @@ def _c(op, em):
     if sa[:-2] != sb[:-2]:
         raise em.fail(f"batch dims {sa[:-2]} and {sb[:-2]} differ (broadcasting is not supported)")
     m, k, n = sa[-2], sa[-1], sb[-1]
-    # temp: one batch's int16 operands, a [m][kp] and b transposed [n][kp]
+    # temp: one batch's centred operands, a [m][k] and b [k][n], and a tail
     return [f"hq_matmul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
-            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp16(c_kpad(k) * (m + n))});"]
+            f"{em.count(a) // (m * k)}, {m}, {k}, {n}, {em.acc()}, {em.temp(c_gemm_temp(m, k, n))});"]
 
 
 def _widths(op, bounds, done, program):
@@ -50,6 +50,6 @@ register(
     OpDef("matmul", lambda node, i: torch.matmul(i[0], i[1]), mac=True, lower=_lower,
           onnx=lambda ex, node, xs: ex.b.add("MatMul", xs, node.name)),
     ProgramKind("matmul", "acc = (a - in_zero_point.0) @ (b - in_zero_point.1), exact int; then requant",
-                run=_run, prepare=_prepare, macs=_macs, c=_c, widths=_widths, c_operand_bits=16,
+                run=_run, prepare=_prepare, macs=_macs, c=_c, widths=_widths,
                 counts=lambda op, program: {"adds": sum(elements(program[n].out_shape) for n in op.inputs)}),
 )

@@ -102,9 +102,7 @@ class ProgramKind:
     requantization is counted apart); ``widths(op, bounds, done, program)``: the largest magnitude of
     each intermediate (``acc``: the result before requantization) over every input in range (``bounds``: the
     largest ``|code − zero point|`` of each value; ``done``: earlier ops' magnitudes); ``c(op, em)``: the C statements that compute the
-    result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows);
-    ``c_operand_bits``: the width in which the C kernel holds its centred inputs (the ``input`` intermediate of
-    ``widths``), where narrower than 32.
+    result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows).
     """
 
     name: str
@@ -120,7 +118,6 @@ class ProgramKind:
     counts: Callable[..., dict[str, int]] | None = None
     c: Callable[..., list[str]] | None = None
     widths: Callable[..., dict[str, int]] | None = None
-    c_operand_bits: int | None = None
 
 
 #: the operations ``ProgramKind.counts`` reports per image, besides multiply-accumulates

@@ -11,7 +11,18 @@ from ..errors import HybridQuantError
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
 from .unary import unary_fn
-from .values import Value, c_centred, code_dtype, np_int, np_small, per_element, table_widths, zero, zp_arrays
+from .values import (
+    Value,
+    c_centred,
+    c_table_out,
+    code_dtype,
+    np_int,
+    np_small,
+    per_element,
+    table_widths,
+    zero,
+    zp_arrays,
+)
 
 
 def _float(node, inputs):
@@ -71,8 +82,9 @@ def _c_channel_lut(op, em):
     channels, size = np.asarray(op.arrays["table"]).shape
     shape = em.shape(x)
     inner = math.prod(shape[op.attrs["axis"] % len(shape) + 1:])
+    zp, out = c_table_out(op, em)
     return [f"hq_channel_lut({em.codes(x)}, {em.count(x)}, {inner}, {channels}, {em.table('table')}, {size}, "
-            f"{em.scalar('in_qmin')}, {em.scalar('requant.zero_point')}, {em.acc()});"]
+            f"{em.scalar('in_qmin')}, {zp}, {out});"]
 
 
 def _c_channel_requant(op, em):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..primitives import arith
 from .registry import OpDef, ProgramKind, register
-from .values import Value, code_dtype, np_int, np_small, per_element, table_widths, zero
+from .values import Value, c_table_out, code_dtype, np_int, np_small, per_element, table_widths, zero
 
 _UNARY: dict[str, Callable] = {
     "silu": F.silu,
@@ -72,8 +72,8 @@ _MIN = {"silu": -0.2785, "gelu": -0.17, "hardswish": -0.375}
 
 def _c_lut(op, em):
     x = op.inputs[0]
-    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.table('table')}, {em.scalar('in_qmin')}, "
-            f"{em.scalar('requant.zero_point')}, {em.acc()});"]
+    zp, out = c_table_out(op, em)
+    return [f"hq_lut({em.codes(x)}, {em.count(x)}, {em.table('table')}, {em.scalar('in_qmin')}, {zp}, {out});"]
 
 
 register(

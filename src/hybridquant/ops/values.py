@@ -112,6 +112,19 @@ def table_widths(op: Any, bounds: Any, done: Any, program: Any) -> dict[str, int
     return {"acc": absmax(table)}
 
 
+def c_table_out(op: Any, em: Any) -> tuple[int, str]:
+    """The last two arguments of a C table lookup (``hq_lut``, ``hq_channel_lut``): the zero point taken off its
+    entries and where they go. When the op's requantization is the identity on every entry (a shift by 0, one zero
+    point, every entry within [qmin, qmax]), the entries are the codes themselves (``em.codes_written``: no
+    requantization pass); else the accumulator, entries less the zero point, which the requantization reads."""
+    table, arr = np.asarray(op.arrays["table"]), op.arrays
+    shift, zp = np.asarray(arr.get("requant.shift", 1)), np.asarray(arr["requant.zero_point"])
+    if (op.attrs["requant"]["mode"] == "shift" and shift.size and not shift.any() and zp.size == 1
+            and int(np.asarray(arr["requant.qmin"])) <= table.min() and table.max() <= int(np.asarray(arr["requant.qmax"]))):
+        return 0, em.codes_written()
+    return em.scalar("requant.zero_point"), em.acc()
+
+
 def c_centred(op: Any, em: Any, source: str | None = None) -> list[str]:
     """C of ``acc = v - in_zero_point.0`` (the zero point along the last dim); ``v``: the C expression ``source``,
     the codes of the op's input by default."""

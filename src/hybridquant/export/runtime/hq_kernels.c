@@ -17,7 +17,27 @@ int32_t hq_weight(const hq_weights *w, int32_t i) {
     }
 }
 
-void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int16_t *out) {
+/* out[i] for i < count (returned: the fields written) from field `first` on, as groups of g fields of `bits`
+ * filling nb whole bytes (one 64-bit word a group, low bits first); the fields before the first whole group by
+ * hq_weight, the ones after the last left to the caller */
+static int32_t hq_unpack_groups(const hq_weights *w, int64_t first, int32_t count, int32_t *out, int32_t bits,
+                                int32_t g, int32_t nb) {
+    int32_t i, f, b;
+    uint32_t mask = (1u << bits) - 1u, half = 1u << (bits - 1);
+    for (i = 0; i < count && (first + i) % g != 0; ++i) out[i] = hq_weight(w, (int32_t)(first + i));
+    for (; i + g <= count; i += g) {
+        const uint8_t *p = w->data + (first + i) / g * nb;
+        uint64_t word = 0;
+        for (b = 0; b < nb; ++b) word |= (uint64_t)p[b] << (8 * b);
+        for (f = 0; f < g; ++f) {
+            uint32_t v = (uint32_t)(word >> (f * bits)) & mask;
+            out[i + f] = w->is_signed ? (int32_t)(v ^ half) - (int32_t)half : (int32_t)v;
+        }
+    }
+    return i;
+}
+
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out) {
     int32_t i;
     if (w->bits == 8) {
         const int8_t *p = (const int8_t *)w->data + first;
@@ -28,16 +48,29 @@ void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int16_t *o
         }
         return;
     }
-    for (i = 0; i < count; ++i) out[i] = hq_weight(w, (int32_t)(first + i));
-}
-
-/* rows x k weights from element `first` on, as int16 rows of `stride` (zeros after k) */
-static void hq_unpack_rows(const hq_weights *w, int64_t first, int32_t rows, int32_t k, int32_t stride, int16_t *out) {
-    int32_t r, l;
-    for (r = 0; r < rows; ++r) {
-        hq_unpack_row(w, first + (int64_t)r * k, k, out + (int64_t)r * stride);
-        for (l = k; l < stride; ++l) out[(int64_t)r * stride + l] = 0;
+    i = 0;
+    if (w->bits == 4) { /* two fields a byte, low nibble first: whole bytes in a loop that vectorises */
+        const uint8_t *p;
+        int32_t pairs, j, flip = w->is_signed ? 8 : 0; /* (v ^ 8) - 8 sign-extends a 4-bit field */
+        if ((first & 1) && count > 0) {
+            out[0] = hq_weight(w, (int32_t)first);
+            i = 1;
+        }
+        p = w->data + ((first + i) >> 1);
+        pairs = (count - i) / 2;
+        for (j = 0; j < pairs; ++j) {
+            out[i + 2 * j] = ((p[j] & 15) ^ flip) - flip;
+            out[i + 2 * j + 1] = ((p[j] >> 4) ^ flip) - flip;
+        }
+        i += 2 * pairs;
+    } else { /* groups of fields that fill whole bytes; constant sizes, so each case's loops unroll */
+        switch (w->bits) {
+        case 2: i = hq_unpack_groups(w, first, count, out, 2, 4, 1); break;
+        case 6: i = hq_unpack_groups(w, first, count, out, 6, 4, 3); break;
+        default: i = hq_unpack_groups(w, first, count, out, w->bits, 8, w->bits); break;
+        }
     }
+    for (; i < count; ++i) out[i] = hq_weight(w, (int32_t)(first + i));
 }
 
 /* floor(v / 2^k) for k >= 0, v * 2^-k for k < 0 */
@@ -61,6 +94,16 @@ static int32_t hq_clamp(int64_t v, int32_t lo, int32_t hi) {
 static int32_t hq_srr32_pos(int32_t v, int32_t k) {
     uint32_t u = (uint32_t)v ^ 0x80000000u;
     return (int32_t)(u >> k) - (int32_t)(1u << (31 - k)) + (int32_t)((u >> (k - 1)) & 1u);
+}
+
+/* clamp(srr(v, k), lo, hi) in 32 bits, branch-free for -29 <= k <= 31 with lo, hi within +-2^29: k <= 0, the
+ * exact left shift by -k, is a left shift by 1 - k then a rounding shift by 1; a value whose shifted magnitude
+ * would pass 2^30 saturates either way, so it is clamped first (and the shift cannot overflow) */
+static int32_t hq_requant32(int32_t v, int32_t k, int32_t lo, int32_t hi) {
+    int32_t s = k > 0 ? 0 : 1 - k, b = (int32_t)(0x7fffffffu >> s);
+    v = v < -b ? -b : (v > b ? b : v);
+    v = hq_srr32_pos(v * (1 << s), k > 0 ? k : 1);
+    return v < lo ? lo : (v > hi ? hi : v);
 }
 
 /* srr in 32 bits for any k: k <= 0 is the exact left shift (the caller's bound keeps it in int32) */
@@ -95,16 +138,15 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
         int32_t ks = rq->shift.len == 1 ? 0 : 1, zs = rq->zero_point.len == 1 ? 0 : 1, plain = 1;
         for (c = 0; c < channels; ++c) {
             int32_t k = rq->shift.v[c * ks];
-            if (k < 1 || k > 31) plain = 0;
+            if (k < -29 || k > 31) plain = 0;
         }
         for (o = 0; o < outer; ++o) {
             const int32_t *a_in = acc + (int64_t)o * channels;
             int32_t *q = out + (int64_t)o * channels;
             if (plain) {
                 for (c = 0; c < channels; ++c) {
-                    int32_t v = hq_srr32_pos(a_in[c], rq->shift.v[c * ks]);
-                    int32_t zp = rq->zero_point.v[c * zs], lo = rq->qmin - zp, hi = rq->qmax - zp;
-                    q[c] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
+                    int32_t zp = rq->zero_point.v[c * zs];
+                    q[c] = hq_requant32(a_in[c], rq->shift.v[c * ks], rq->qmin - zp, rq->qmax - zp) + zp;
                 }
             } else {
                 for (c = 0; c < channels; ++c) {
@@ -122,18 +164,9 @@ void hq_requantize(const int32_t *acc, int32_t *out, int32_t count, const hq_req
             int32_t zp = HQ_P(rq->zero_point, c);
             if (rq->mode == HQ_REQUANT_SHIFT) {
                 int32_t k = HQ_P(rq->shift, c);
-                if (k > 0 && k < 32) {
+                if (k >= -29 && k <= 31) {
                     int32_t lo = rq->qmin - zp, hi = rq->qmax - zp;
-                    for (j = 0; j < inner; ++j) {
-                        int32_t v = hq_srr32_pos(a_in[j], k);
-                        q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
-                    }
-                } else if (k == 0) { /* the identity requantization: saturation only */
-                    int32_t lo = rq->qmin - zp, hi = rq->qmax - zp;
-                    for (j = 0; j < inner; ++j) {
-                        int32_t v = a_in[j];
-                        q[j] = (v < lo ? lo : (v > hi ? hi : v)) + zp;
-                    }
+                    for (j = 0; j < inner; ++j) q[j] = hq_requant32(a_in[j], k, lo, hi) + zp;
                 } else {
                     for (j = 0; j < inner; ++j) q[j] = hq_clamp(hq_srr(a_in[j], k) + zp, rq->qmin, rq->qmax);
                 }
@@ -174,108 +207,139 @@ void hq_quantize_input(const uint8_t *pixels, int32_t channels, int32_t pixels_p
 
 /* [lo, hi): the output columns ox < wo whose input column ox * sw + off lies in [0, w) */
 static void hq_inside(int32_t off, int32_t sw, int32_t w, int32_t wo, int32_t *lo, int32_t *hi) {
-    *lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
-    *hi = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
+    if (sw == 1) { /* no division */
+        *lo = off >= 0 ? 0 : -off;
+        *hi = w - off < 0 ? 0 : w - off;
+    } else {
+        *lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+        *hi = (w - 1 - off) < 0 ? 0 : (w - 1 - off) / sw + 1;
+    }
     if (*hi > wo) *hi = wo;
     if (*lo > *hi) *lo = *hi;
 }
 
-/* out [cols][stride] = x [rows][cols] - zp as int16 (out[c][r], r < rows; zeros up to the stride), by tiles of
- * HQ_TT x HQ_TT (both sides stay in cache) */
-#define HQ_TT 8
-static void hq_transpose16(const int32_t *x, int32_t zp, int32_t rows, int32_t cols, int32_t stride, int16_t *out) {
-    int32_t r0, c0, r, c;
-    for (c = 0; c < cols; ++c) {
-        for (r = rows; r < stride; ++r) out[(int64_t)c * stride + r] = 0;
-    }
-    for (r0 = 0; r0 < rows; r0 += HQ_TT) {
-        for (c0 = 0; c0 < cols; c0 += HQ_TT) {
-            if (r0 + HQ_TT <= rows && c0 + HQ_TT <= cols) { /* a whole tile: fixed trip counts vectorise */
-                int16_t t[HQ_TT][HQ_TT];
-                for (r = 0; r < HQ_TT; ++r) {
-                    for (c = 0; c < HQ_TT; ++c) t[c][r] = (int16_t)(x[(int64_t)(r0 + r) * cols + c0 + c] - zp);
-                }
-                for (c = 0; c < HQ_TT; ++c) {
-                    for (r = 0; r < HQ_TT; ++r) out[(int64_t)(c0 + c) * stride + r0 + r] = t[c][r];
-                }
-            } else {
-                for (r = r0; r < rows && r < r0 + HQ_TT; ++r) {
-                    for (c = c0; c < cols && c < c0 + HQ_TT; ++c) {
-                        out[(int64_t)c * stride + r] = (int16_t)(x[(int64_t)r * cols + c] - zp);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* a[0..k) . b[0..k): int16 operands, an int32 sum */
-static int32_t hq_dot(const int16_t *a, const int16_t *b, int32_t k) {
-    int32_t s = 0, l;
-    for (l = 0; l < k; ++l) s += a[l] * b[l];
-    return s;
-}
-
-#define HQ_BIAS(i, j) ((bias_row ? bias_row[i] : 0) + (bias_col ? bias_col[j] : 0))
-
-/* s[2 r + q] = a_r . b_q for the rows r < 4 of a and q < 2 of b (each k long, k apart): eight sums that share
- * their loads. A function of its own, so the compiler keeps its sums and pointers in registers. */
-static void hq_dot4x2(const int16_t *a, const int16_t *b, int32_t k, int32_t *s) {
-    const int16_t *a1 = a + k, *a2 = a1 + k, *a3 = a2 + k, *b1 = b + k;
-    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0, l;
+/* t[r HQ_TN + j] = sum_l a[r][l] (b[l][j] - zp) for r < HQ_TR, j < HQ_TN: HQ_TR rows of a (k long, k apart) by HQ_TN
+ * columns of b (rows ldb apart). Each segment of a row of b is loaded once and multiplied into HQ_TR
+ * accumulators whose lanes run along j: the compiler keeps them in vector registers (vpmulld with a broadcast
+ * operand on x86), and no sum is horizontal. */
+static void hq_tile(const int32_t *a, const int32_t *b, int64_t ldb, int32_t zp, int32_t k,
+                    int32_t *restrict t) {
+    int32_t t0[HQ_TN] = {0}, t1[HQ_TN] = {0}, t2[HQ_TN] = {0}, t3[HQ_TN] = {0}, l, j;
+    const int32_t *a1 = a + k, *a2 = a1 + k, *a3 = a2 + k;
     for (l = 0; l < k; ++l) {
-        int32_t x0 = b[l], x1 = b1[l];
-        s00 += a[l] * x0;
-        s01 += a[l] * x1;
-        s10 += a1[l] * x0;
-        s11 += a1[l] * x1;
-        s20 += a2[l] * x0;
-        s21 += a2[l] * x1;
-        s30 += a3[l] * x0;
-        s31 += a3[l] * x1;
+        const int32_t *br = b + l * ldb;
+        for (j = 0; j < HQ_TN; ++j) {
+            int32_t v = br[j] - zp;
+            t0[j] += a[l] * v;
+            t1[j] += a1[l] * v;
+            t2[j] += a2[l] * v;
+            t3[j] += a3[l] * v;
+        }
     }
-    s[0] = s00;
-    s[1] = s01;
-    s[2] = s10;
-    s[3] = s11;
-    s[4] = s20;
-    s[5] = s21;
-    s[6] = s30;
-    s[7] = s31;
+    for (j = 0; j < HQ_TN; ++j) {
+        t[j] = t0[j];
+        t[HQ_TN + j] = t1[j];
+        t[2 * HQ_TN + j] = t2[j];
+        t[3 * HQ_TN + j] = t3[j];
+    }
 }
 
-/* c[i][j] = bias_row[i] + bias_col[j] + sum_l a[i][l] b[j][l] for i < m, j < n, l < k (a bias may be 0). Both
- * operands are int16 rows along l, so every sum is a dot product of two contiguous rows, which the compiler
- * vectorises into pairwise int16 multiply-adds into int32 lanes (pmaddwd on x86), four rows of a by two of b
- * at a time (hq_dot4x2). The callers pad k to HQ_KPAD(k) with zeros, so no row ends in a partial vector. The
- * width analysis bounds each sum within int32 in any order of its terms. */
-static void hq_dot_gemm(const int16_t *a, const int16_t *b, const int32_t *bias_row, const int32_t *bias_col,
-                        int32_t m, int32_t k, int32_t n, int32_t *c) {
-    int32_t i, j, r;
-    for (i = 0; i + 4 <= m; i += 4) {
-        const int16_t *a0 = a + (int64_t)i * k;
-        int32_t *c0 = c + (int64_t)i * n, *c1 = c0 + n, *c2 = c1 + n, *c3 = c2 + n;
-        for (j = 0; j + 2 <= n; j += 2) {
-            int32_t s[8];
-            hq_dot4x2(a0, b + (int64_t)j * k, k, s);
-            c0[j] = HQ_BIAS(i, j) + s[0];
-            c0[j + 1] = HQ_BIAS(i, j + 1) + s[1];
-            c1[j] = HQ_BIAS(i + 1, j) + s[2];
-            c1[j + 1] = HQ_BIAS(i + 1, j + 1) + s[3];
-            c2[j] = HQ_BIAS(i + 2, j) + s[4];
-            c2[j + 1] = HQ_BIAS(i + 2, j + 1) + s[5];
-            c3[j] = HQ_BIAS(i + 3, j) + s[6];
-            c3[j + 1] = HQ_BIAS(i + 3, j + 1) + s[7];
+/* c[i * ci + j * cj] = bias_row[i] + bias_col[j] + sum_l a[i][l] (b[l][j] - zp) for i < m, j < n, l < k (a
+ * bias may be 0): a holds HQ_ROWS(m) rows (zeros after m), b rows of ldb. By tiles of HQ_TR x HQ_TN (hq_tile);
+ * the last columns, fewer than HQ_TN, are copied to `tail` ([k][HQ_TN], padded with zp). The width analysis
+ * bounds every sum within int32 in any order of its terms. */
+static void hq_gemm(const int32_t *a, int32_t m, int32_t k, const int32_t *b, int64_t ldb, int32_t zp, int32_t n,
+                    const int32_t *bias_row, const int32_t *bias_col, int32_t *c, int64_t ci, int64_t cj,
+                    int32_t *tail) {
+    int32_t t[HQ_TR * HQ_TN], i0, j0, l, j, r;
+    for (j0 = 0; j0 < n; j0 += HQ_TN) {
+        int32_t nj = n - j0 < HQ_TN ? n - j0 : HQ_TN;
+        const int32_t *bt = b + j0;
+        int64_t ld = ldb;
+        if (nj < HQ_TN) {
+            for (l = 0; l < k; ++l) {
+                for (j = 0; j < HQ_TN; ++j) tail[l * HQ_TN + j] = j < nj ? b[l * ldb + j0 + j] : zp;
+            }
+            bt = tail;
+            ld = HQ_TN;
         }
-        for (; j < n; ++j) { /* an odd last column */
-            for (r = 0; r < 4; ++r) {
-                c[(int64_t)(i + r) * n + j] = HQ_BIAS(i + r, j) + hq_dot(a0 + r * k, b + (int64_t)j * k, k);
+        for (i0 = 0; i0 < m; i0 += HQ_TR) {
+            hq_tile(a + (int64_t)i0 * k, bt, ld, zp, k, t);
+            for (r = 0; r < HQ_TR && i0 + r < m; ++r) { /* the sums with their biases, out along j */
+                int32_t *cr = c + (i0 + r) * ci + j0 * cj, *tr = t + r * HQ_TN;
+                int32_t br = bias_row ? bias_row[i0 + r] : 0;
+                if (bias_col) {
+                    for (j = 0; j < nj; ++j) tr[j] += bias_col[j0 + j];
+                }
+                if (cj == 1) {
+                    for (j = 0; j < nj; ++j) cr[j] = br + tr[j];
+                } else {
+                    for (j = 0; j < nj; ++j) cr[j * cj] = br + tr[j];
+                }
             }
         }
     }
-    for (; i < m; ++i) { /* the rows after the last group of four */
-        for (j = 0; j < n; ++j) {
-            c[(int64_t)i * n + j] = HQ_BIAS(i, j) + hq_dot(a + (int64_t)i * k, b + (int64_t)j * k, k);
+}
+
+/* the rows of a ([.][k]) from m up to HQ_ROWS(m): zeros */
+static void hq_zero_rows(int32_t *a, int32_t m, int32_t k) {
+    int64_t i;
+    for (i = (int64_t)m * k; i < (int64_t)HQ_ROWS(m) * k; ++i) a[i] = 0;
+}
+
+/* y[i] += a * x[i] for i < n (the arrays do not overlap) */
+static void hq_axpy(int32_t *restrict y, const int32_t *restrict x, int32_t a, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+/* the sh x sw stride phases of one input plane (h x w) padded with zeros: phase (py, px) holds, at [y'][x'] for
+ * y' < hq, x' < wq, the padded plane's row y' sh + py and column x' sw + px (padded row y = input row y - ph,
+ * column x = input column x - pw). A tap (ky, kx) of the output pixel (oy, ox) then reads phase
+ * (ky dh % sh, kx dw % sw) at [oy + ky dh / sh][ox + kx dw / sw]: fixed offsets, no bounds. Writes the input's
+ * positions only: the caller zeroes the sh sw hq wq values once, and the padding stays zero from plane to
+ * plane. */
+static void hq_phases(const int32_t *xp, int32_t zp, int32_t h, int32_t w, int32_t sh, int32_t sw, int32_t ph,
+                      int32_t pw, int32_t hq, int32_t wq, int32_t *phases) {
+    int32_t iy, py = ph % sh, yq = ph / sh, px, ox, lo[HQ_MAX_STRIDE], hi[HQ_MAX_STRIDE];
+    for (px = 0; px < sw; ++px) hq_inside(px - pw, sw, w, wq, &lo[px], &hi[px]);
+    for (iy = 0; iy < h && yq < hq; ++iy) { /* input row iy: padded row iy + ph = yq sh + py */
+        const int32_t *xr = xp + (int64_t)iy * w;
+        for (px = 0; px < sw; ++px) {
+            int32_t *q = phases + ((int64_t)(py * sw + px) * hq + yq) * wq, off = px - pw;
+            if (sw == 1) {
+                for (ox = lo[px]; ox < hi[px]; ++ox) q[ox] = xr[ox + off] - zp;
+            } else if (sw == 2) { /* a constant stride: the loop vectorises */
+                for (ox = lo[px]; ox < hi[px]; ++ox) q[ox] = xr[ox * 2 + off] - zp;
+            } else {
+                for (ox = lo[px]; ox < hi[px]; ++ox) q[ox] = xr[ox * sw + off] - zp;
+            }
+        }
+        if (++py == sh) {
+            py = 0;
+            ++yq;
+        }
+    }
+}
+
+/* the centred patches of a dense conv as rows [row][n_p] (row l = c kh kw + ky kw + kx): each a tap's window of
+ * an input plane's stride phases (hq_phases, into `phases`) */
+static void hq_patches(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w, int32_t kh, int32_t kw,
+                       int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t ho,
+                       int32_t wo, int32_t hq, int32_t wq, int32_t *phases, int32_t *cols) {
+    int32_t ci, ky, kx, oy, ox, n_p = ho * wo, i;
+    for (i = 0; i < sh * sw * hq * wq; ++i) phases[i] = 0;
+    for (ci = 0; ci < c_in; ++ci) {
+        hq_phases(x + (int64_t)ci * h * w, zp, h, w, sh, sw, ph, pw, hq, wq, phases);
+        for (ky = 0; ky < kh; ++ky) {
+            for (kx = 0; kx < kw; ++kx) {
+                const int32_t *src = phases + ((int64_t)(ky * dh % sh * sw + kx * dw % sw) * hq + ky * dh / sh) * wq
+                                     + kx * dw / sw;
+                int32_t *col = cols + ((int64_t)(ci * kh + ky) * kw + kx) * n_p;
+                for (oy = 0; oy < ho; ++oy) {
+                    for (ox = 0; ox < wo; ++ox) col[oy * wo + ox] = src[oy * wq + ox];
+                }
+            }
         }
     }
 }
@@ -284,75 +348,82 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
                void *temp) {
-    /* temp, dense: the centred patches, int16 [ho * wo][kp] (row = c_in * kh * kw values, zero padding, zeros up
-     * to kp = HQ_KPAD(row)), then the weights unpacked to int16 [c_out][kp]; grouped: c_in * h * w centred int32
-     * inputs, then one int16 row of weights */
+    /* wt: [c_out][row] (row = c_in / groups * kh * kw), but [row][c_out] for a dense conv of fewer than HQ_TN
+     * output pixels. temp (int32), with the phases of one input plane P = [sh * sw][hq][wq] (hq_phases; hq, wq
+     * below): dense with n_p >= HQ_TN, HQ_TR rows of weights [HQ_TR][row], a tail [row][HQ_TN], the centred
+     * patches [row][n_p] and P (none of these two for a pointwise conv, which reads x); dense with fewer
+     * pixels, the patches [HQ_ROWS(n_p)][row], the weights [row][c_out], a tail [row][HQ_TN]; grouped, P, the
+     * flat output [ho][wq], one row of weights [row] */
     int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw, n_p = ho * wo;
-    int32_t o, ci, ky, kx, oy, ox, i;
-    if (groups == 1) { /* a matrix product: acc [c_out][n_p] = W [c_out][row] . patches [n_p][row] */
-        int32_t kp = HQ_KPAD(row), l, lo, hi;
-        int16_t *cols = (int16_t *)temp, *w16 = cols + (int64_t)n_p * kp;
-        if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) { /* pointwise: a transposition */
-            hq_transpose16(x, zp, c_in, n_p, kp, cols);
-        } else { /* an output row at a time: the reads run along input rows, the row's patches stay in cache while
-                  * each of their `row` positions is written */
-            for (oy = 0; oy < ho; ++oy) {
-                int16_t *blk = cols + (int64_t)oy * wo * kp;
-                for (ci = 0, l = 0; ci < c_in; ++ci) {
-                    for (ky = 0; ky < kh; ++ky) {
-                        int32_t iy = oy * sh - ph + ky * dh;
-                        const int32_t *xr = x + ((int64_t)ci * h + (iy < 0 || iy >= h ? 0 : iy)) * w;
-                        for (kx = 0; kx < kw; ++kx, ++l) {
-                            int16_t *col = blk + l;
-                            int32_t off = kx * dw - pw;
-                            hq_inside(off, sw, w, wo, &lo, &hi);
-                            if (iy < 0 || iy >= h) lo = hi = 0;
-                            for (ox = 0; ox < lo; ++ox) col[(int64_t)ox * kp] = 0;
-                            for (; ox < hi; ++ox) col[(int64_t)ox * kp] = (int16_t)(xr[ox * sw + off] - zp);
-                            for (; ox < wo; ++ox) col[(int64_t)ox * kp] = 0;
-                        }
-                    }
-                }
-                for (ox = 0; ox < wo; ++ox) {
-                    for (l = row; l < kp; ++l) blk[(int64_t)ox * kp + l] = 0;
-                }
+    int32_t hq = ((ho - 1) * sh + (kh - 1) * dh + 1 + sh - 1) / sh, wq = ((wo - 1) * sw + (kw - 1) * dw + sw) / sw;
+    int32_t o, ci, ky, kx, oy, ox, i, l;
+    int32_t *t32 = (int32_t *)temp;
+    if (groups == 1) { /* a matrix product: acc [c_out][n_p] = W [c_out][row] . patches [row][n_p] */
+        if (n_p >= HQ_TN) { /* lanes along the pixels */
+            int32_t *w4 = t32, *tail = w4 + (int64_t)HQ_TR * row, *cols = tail + (int64_t)row * HQ_TN;
+            int32_t *phases = cols + (int64_t)row * n_p;
+            const int32_t *b = x;
+            int32_t bzp = zp;
+            if (!(kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0)) { /* pointwise: x itself */
+                hq_patches(x, zp, c_in, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, hq, wq, phases, cols);
+                b = cols;
+                bzp = 0;
             }
-        }
-        hq_unpack_rows(wt, 0, c_out, row, kp, w16);
-        hq_dot_gemm(w16, cols, bias, 0, c_out, kp, n_p, acc);
-        return;
-    }
-    {
-        int32_t *xc = (int32_t *)temp;
-        int16_t *wrow = (int16_t *)(xc + (int64_t)c_in * h * w);
-        for (i = 0; i < c_in * h * w; ++i) xc[i] = x[i] - zp;
-        for (o = 0; o < c_out; ++o) { /* grouped and depthwise: tap by tap over the output plane */
-            int32_t *plane = acc + (int64_t)o * ho * wo;
-            int32_t b = bias ? bias[o] : 0;
-            hq_unpack_row(wt, (int64_t)o * row, row, wrow);
-            for (i = 0; i < ho * wo; ++i) plane[i] = b;
-            for (ci = 0; ci < cg; ++ci) {
-                const int32_t *xp = xc + (int64_t)((o / og) * cg + ci) * h * w;
-                for (ky = 0; ky < kh; ++ky) {
-                    for (kx = 0; kx < kw; ++kx) {
-                        int32_t wv = wrow[(ci * kh + ky) * kw + kx];
-                        int32_t off = kx * dw - pw, lo, hi;
-                        if (wv == 0) continue;
-                        hq_inside(off, sw, w, wo, &lo, &hi);
-                        for (oy = 0; oy < ho; ++oy) {
+            for (o = 0; o < c_out; o += HQ_TR) { /* HQ_TR rows of weights at a time, unpacked while in cache */
+                int32_t rows = c_out - o < HQ_TR ? c_out - o : HQ_TR;
+                hq_unpack_row(wt, (int64_t)o * row, rows * row, w4);
+                hq_zero_rows(w4, rows, row);
+                hq_gemm(w4, rows, row, b, n_p, bzp, n_p, bias ? bias + o : 0, 0, acc + (int64_t)o * n_p, n_p, 1,
+                        tail);
+            }
+        } else { /* few pixels: lanes along the output channels, acc written transposed */
+            int32_t *patches = t32, *wt32 = patches + (int64_t)HQ_ROWS(n_p) * row;
+            for (oy = 0; oy < ho; ++oy) {
+                for (ox = 0; ox < wo; ++ox) {
+                    int32_t *pr = patches + (int64_t)(oy * wo + ox) * row;
+                    for (ci = 0, l = 0; ci < c_in; ++ci) {
+                        for (ky = 0; ky < kh; ++ky) {
                             int32_t iy = oy * sh - ph + ky * dh;
-                            const int32_t *xr;
-                            int32_t *ar = plane + oy * wo;
-                            if (iy < 0 || iy >= h) continue;
-                            xr = xp + iy * w;
-                            if (sw == 1) {
-                                for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox + off];
-                            } else {
-                                for (ox = lo; ox < hi; ++ox) ar[ox] += wv * xr[ox * sw + off];
+                            for (kx = 0; kx < kw; ++kx, ++l) {
+                                int32_t ix = ox * sw - pw + kx * dw;
+                                pr[l] = iy < 0 || iy >= h || ix < 0 || ix >= w
+                                            ? 0 : x[((int64_t)ci * h + iy) * w + ix] - zp;
                             }
                         }
                     }
                 }
+            }
+            hq_zero_rows(patches, n_p, row);
+            hq_unpack_row(wt, 0, row * c_out, wt32);
+            hq_gemm(patches, n_p, row, wt32, c_out, 0, c_out, 0, bias, acc, 1, n_p, wt32 + (int64_t)row * c_out);
+        }
+        return;
+    }
+    { /* grouped and depthwise: every tap reads the phases at a fixed offset, so the output plane is one flat
+       * run (its rows wq apart; the wq - wo columns between them are computed and dropped): straight loops
+       * that vectorise */
+        int32_t nq = (ho - 1) * wq + wo;
+        int32_t *phases = t32, *flat = phases + (int64_t)sh * sw * hq * wq, *wrow = flat + (int64_t)ho * wq;
+        for (i = 0; i < sh * sw * hq * wq; ++i) phases[i] = 0;
+        for (o = 0; o < c_out; ++o) {
+            int32_t *plane = acc + (int64_t)o * n_p;
+            int32_t b = bias ? bias[o] : 0;
+            hq_unpack_row(wt, (int64_t)o * row, row, wrow);
+            for (i = 0; i < nq; ++i) flat[i] = b;
+            for (ci = 0; ci < cg; ++ci) {
+                hq_phases(x + (int64_t)((o / og) * cg + ci) * h * w, zp, h, w, sh, sw, ph, pw, hq, wq, phases);
+                for (ky = 0; ky < kh; ++ky) {
+                    for (kx = 0; kx < kw; ++kx) {
+                        int32_t wv = wrow[(ci * kh + ky) * kw + kx];
+                        if (wv != 0) {
+                            hq_axpy(flat, phases + ((int64_t)(ky * dh % sh * sw + kx * dw % sw) * hq
+                                                    + ky * dh / sh) * wq + kx * dw / sw, wv, nq);
+                        }
+                    }
+                }
+            }
+            for (oy = 0; oy < ho; ++oy) {
+                for (ox = 0; ox < wo; ++ox) plane[oy * wo + ox] = flat[oy * wq + ox];
             }
         }
     }
@@ -360,37 +431,30 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
 
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
                int32_t n, int32_t *acc, void *temp) {
-    /* temp: the centred inputs, int16 [rows][kp] (kp = HQ_KPAD(k), zeros after k), then the weights unpacked to
-     * int16 [n][kp] */
-    int32_t kp = HQ_KPAD(k), r, i;
-    int16_t *xc = (int16_t *)temp, *w16 = xc + (int64_t)rows * kp;
+    /* wt: [k][n]. temp (int32): the centred inputs [HQ_ROWS(rows)][k], the weights [k][n], a tail [k][HQ_TN] */
+    int32_t *xc = (int32_t *)temp, *wt32 = xc + (int64_t)HQ_ROWS(rows) * k, r, i;
     for (r = 0; r < rows; ++r) {
-        for (i = 0; i < k; ++i) xc[(int64_t)r * kp + i] = (int16_t)(x[(int64_t)r * k + i] - HQ_P(zp, i));
-        for (; i < kp; ++i) xc[(int64_t)r * kp + i] = 0;
+        for (i = 0; i < k; ++i) xc[(int64_t)r * k + i] = x[(int64_t)r * k + i] - HQ_P(zp, i);
     }
-    hq_unpack_rows(wt, 0, n, k, kp, w16);
-    hq_dot_gemm(xc, w16, 0, bias, rows, kp, n, acc);
+    hq_zero_rows(xc, rows, k);
+    hq_unpack_row(wt, 0, k * n, wt32);
+    hq_gemm(xc, rows, k, wt32, n, 0, n, 0, bias, acc, n, 1, wt32 + (int64_t)k * n);
 }
 
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,
                int32_t n, int32_t *acc, void *temp) {
-    /* temp: one batch's centred operands, int16 rows of kp = HQ_KPAD(k) (zeros after k): a as [m][kp], then b
-     * transposed, [n][kp] */
-    int32_t kp = HQ_KPAD(k), t, i, j, l;
-    int16_t *a16 = (int16_t *)temp, *bt = a16 + (int64_t)m * kp;
+    /* temp (int32), per batch: a centred [HQ_ROWS(m)][k], b centred [k][n], a tail [k][HQ_TN] */
+    int32_t *ac = (int32_t *)temp, *bc = ac + (int64_t)HQ_ROWS(m) * k, t, i, j, l;
     for (t = 0; t < batch; ++t) {
-        const int32_t *at = a + (int64_t)t * m * k, *bb = b + (int64_t)t * k * n;
+        const int32_t *at = a + (int64_t)t * m * k, *bt = b + (int64_t)t * k * n;
         for (i = 0; i < m; ++i) {
-            for (l = 0; l < k; ++l) a16[(int64_t)i * kp + l] = (int16_t)(at[(int64_t)i * k + l] - HQ_P(zpa, l));
-            for (; l < kp; ++l) a16[(int64_t)i * kp + l] = 0;
+            for (l = 0; l < k; ++l) ac[(int64_t)i * k + l] = at[(int64_t)i * k + l] - HQ_P(zpa, l);
         }
-        for (j = 0; j < n; ++j) {
-            for (l = k; l < kp; ++l) bt[(int64_t)j * kp + l] = 0;
-        }
+        hq_zero_rows(ac, m, k);
         for (l = 0; l < k; ++l) {
-            for (j = 0; j < n; ++j) bt[(int64_t)j * kp + l] = (int16_t)(bb[(int64_t)l * n + j] - HQ_P(zpb, j));
+            for (j = 0; j < n; ++j) bc[(int64_t)l * n + j] = bt[(int64_t)l * n + j] - HQ_P(zpb, j);
         }
-        hq_dot_gemm(a16, bt, 0, 0, m, kp, n, acc + (int64_t)t * m * n);
+        hq_gemm(ac, m, k, bc, n, 0, n, 0, 0, acc + (int64_t)t * m * n, n, 1, bc + (int64_t)k * n);
     }
 }
 

@@ -1,7 +1,9 @@
 /* hybridquant integer kernels: the C form of the exported program's contract (C99, no malloc, no floating
  * point). Every value is int32 codes or an int32 accumulator in a caller-owned buffer; the matrix products
- * (conv, linear, matmul) first copy their centred operands to int16 rows in a caller-owned temp buffer (the
- * exporter proves they fit) and multiply them pairwise into int32 sums. Softmax and LayerNorm compute in int32
+ * (conv, linear, matmul) multiply tiles of HQ_TR rows of one operand by HQ_TN columns of the other into int32
+ * sums whose vector lanes run along the columns (no horizontal sums), their operands centred and unpacked in a
+ * caller-owned temp buffer; grouped and depthwise convs add tap by tap over a padded input plane split into
+ * its stride phases, so no loop tests a bound. Softmax and LayerNorm compute in int32
  * throughout (one reciprocal per row, then multiplies and shifts); the exporter's width analysis proves every
  * intermediate fits. int64 remains only in index arithmetic and in the general
  * requantization paths (two-term and threshold), whose values the analysis also bounds.
@@ -49,9 +51,13 @@ typedef struct {
     int32_t type;
 } hq_table;
 
-/* the matrix products' int16 rows are padded with zeros to a multiple of HQ_K_ALIGN values (whole vectors) */
-#define HQ_K_ALIGN 16
-#define HQ_KPAD(k) (((k) + HQ_K_ALIGN - 1) / HQ_K_ALIGN * HQ_K_ALIGN)
+/* the matrix products' tiles: HQ_TR rows of one operand by HQ_TN columns of the other; the row operand is
+ * padded with zero rows to HQ_ROWS(m) */
+#define HQ_TR 4
+#define HQ_TN 16
+#define HQ_ROWS(m) (((m) + HQ_TR - 1) / HQ_TR * HQ_TR)
+/* the largest conv stride along a row (hq_conv2d) */
+#define HQ_MAX_STRIDE 16
 /* the reciprocals of softmax (2^30 / S) and LayerNorm (2^30 / r), and LayerNorm's normalised fraction bits */
 #define HQ_SOFTMAX_RECIPROCAL_BITS 30
 #define HQ_LN_RECIPROCAL_BITS 30
@@ -67,7 +73,7 @@ typedef struct {
 } hq_view;
 
 int32_t hq_weight(const hq_weights *w, int32_t i);
-void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int16_t *out);
+void hq_unpack_row(const hq_weights *w, int64_t first, int32_t count, int32_t *out);
 int64_t hq_srr(int64_t v, int32_t k);
 int64_t hq_floor_shift(int64_t v, int32_t k);
 
