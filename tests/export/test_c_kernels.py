@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridquant.export.c import RUNTIME, native_flag
+from hybridquant.export.c import RUNTIME, column_blocks, native_flag
 from hybridquant.export.program import pack_bits
 from hybridquant.ops.conv import C_TILE_LANES
 
@@ -48,6 +48,7 @@ CONVS = {  # c_in, c_out, h, w, kernel, stride, padding, groups, dilation
     "pointwise-few-pixels": (13, 7, 3, 3, 1, 1, 0, 1, 1),  # 9 pixels: lanes along the output channels
     "3x3-stride-2": (3, 9, 7, 7, 3, 2, 1, 1, 1),  # 16 pixels from four phase planes
     "3x3-stride-2-odd": (2, 5, 9, 6, 3, 2, 1, 1, 1),  # 5 x 3 = 15 pixels: few pixels
+    "3x3-few-pixels-two-blocks": (3, 20, 4, 4, 3, 2, 1, 1, 1),  # 4 pixels, weights in blocks of 16 and 4
     "3x3-rows-of-6": (4, 5, 6, 6, 3, 1, 1, 1, 1),
     "5x5-dilated": (3, 4, 9, 9, 5, 1, 2, 1, 2),  # a dilation: taps two apart
     "depthwise": (6, 6, 5, 5, 3, 1, 1, 6, 1),
@@ -64,7 +65,7 @@ def test_conv2d_kernel_is_the_integer_convolution(name, flags, tmp_path):
     ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     want = F.conv2d(torch.from_numpy(x - zp)[None].double(), torch.from_numpy(wt).double(),
                     torch.from_numpy(bias).double(), s, p, d, g).round().long().reshape(-1).numpy()
-    stored = wt.reshape(c_out, -1).T if g == 1 and ho * wo < C_TILE_LANES else wt  # as the exporter stores it
+    stored = column_blocks(wt) if g == 1 and ho * wo < C_TILE_LANES else wt  # as the exporter stores it
     arrays = [_array("int32_t", "x", x), _array("int8_t", "wt_codes", stored), _array("int32_t", "bias", bias)]
     call = (f"hq_weights wt = {{(const uint8_t *)wt_codes, 8, 1}};\n    hq_conv2d(x, {zp}, {c_in}, {h}, {w}, &wt, "
             f"bias, {c_out}, {k}, {k}, {s}, {s}, {p}, {p}, {d}, {d}, {g}, {ho}, {wo}, acc, temp);")
@@ -72,14 +73,14 @@ def test_conv2d_kernel_is_the_integer_convolution(name, flags, tmp_path):
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("rows,k,n", [(5, 27, 7), (1, 3, 3), (8, 40, 16), (9, 20, 37)])
+@pytest.mark.parametrize("rows,k,n", [(5, 27, 7), (1, 3, 3), (8, 40, 16), (9, 20, 37), (4, 5, 32)])
 def test_linear_and_matmul_kernels_are_the_integer_products(rows, k, n, flags, tmp_path):
     rng = np.random.default_rng(1)
     x, zp = rng.integers(-128, 128, (rows, k)), rng.integers(-3, 4, k)
     wt, bias = rng.integers(-128, 128, (n, k)), rng.integers(-5000, 5000, n)
     want = (x - zp) @ wt.T + bias
-    arrays = [_array("int32_t", "x", x), _array("int32_t", "zp", zp), _array("int8_t", "wt_codes", wt.T),
-              _array("int32_t", "bias", bias)]  # stored [k][n]
+    arrays = [_array("int32_t", "x", x), _array("int32_t", "zp", zp), _array("int8_t", "wt_codes", column_blocks(wt)),
+              _array("int32_t", "bias", bias)]  # stored as the exporter does
     call = (f"hq_weights wt = {{(const uint8_t *)wt_codes, 8, 1}};\n    hq_param z = {{zp, {k}}};\n"
             f"    hq_linear(x, z, {rows}, {k}, &wt, bias, {n}, acc, temp);")
     assert np.array_equal(_run(tmp_path, FLAGS[flags], arrays, call, rows * n), want.reshape(-1))

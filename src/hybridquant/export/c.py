@@ -50,6 +50,7 @@ from ..integer.lower import lower
 from ..integer.program import Program, ProgramOp, array_nbytes, storage_breakdown
 from ..integer.widths import analyse
 from ..ops import COUNT_KEYS, program_kind
+from ..ops.conv import C_TILE_LANES
 from ..primitives import quantize
 from .program import pack_bits
 
@@ -136,6 +137,14 @@ class _Scratch:
             else:
                 merged.append((o, n))
         self.free = merged
+
+
+def column_blocks(weight: np.ndarray) -> np.ndarray:
+    """A weight [out, in...] as the C matrix products read it when their lanes run along the outputs: the
+    transposed matrix [in, out] cut into blocks of ``C_TILE_LANES`` columns, one after the other, each [in][16]
+    row-major (the last one [in][out % 16]), so that a block is unpacked at a time."""
+    wt = weight.reshape(weight.shape[0], -1).T
+    return np.concatenate([wt[:, j:j + C_TILE_LANES].reshape(-1) for j in range(0, wt.shape[1], C_TILE_LANES)])
 
 
 class Emitter:
@@ -235,12 +244,12 @@ class Emitter:
     def fail(self, why: str) -> HybridQuantError:
         return HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}): {why}")
 
-    def weights(self, transposed: bool = False) -> str:
-        """An ``hq_weights`` initializer of the current op's weight ([out, in...], row-major; ``transposed``:
-        [in..., out]): bytes, packed below 8 bits."""
+    def weights(self, blocked: bool = False) -> str:
+        """An ``hq_weights`` initializer of the current op's weight ([out, in...], row-major; ``blocked``: its
+        :func:`column_blocks`): bytes, packed below 8 bits."""
         w = np.asarray(self.op.arrays["weight"]).astype(np.int64)
-        if transposed:
-            w = w.reshape(w.shape[0], -1).T
+        if blocked:
+            w = column_blocks(w)
         bits = int(self.op.attrs.get("weight_bits", 8))
         if bits > 8:
             raise HybridQuantError(f"cannot export to C: op {self.op.index} ({self.op.name}) has {bits}-bit "

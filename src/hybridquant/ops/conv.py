@@ -121,8 +121,9 @@ def c_rows(m: int) -> int:
 
 def c_gemm_temp(m: int, k: int, n: int) -> int:
     """int32 values of the temp buffer of a C matrix product whose operands are copied there: the broadcast
-    operand [c_rows(m)][k], the other [k][n] and the tail of its last partial tile [k][C_TILE_LANES]."""
-    return (c_rows(m) + n + C_TILE_LANES) * k
+    operand [c_rows(m)][k], the other [k][n] and the tail of its last partial tile [k][C_TILE_LANES]; n = 0:
+    the other is weights in column blocks, one block [k][C_TILE_LANES] unpacked at a time instead."""
+    return (c_rows(m) + (n or C_TILE_LANES) + C_TILE_LANES) * k
 
 
 def _c_conv2d(op, em):
@@ -145,10 +146,10 @@ def _c_conv2d(op, em):
     elif pixels >= C_TILE_LANES:  # lanes along the pixels: a tile's rows of weights, a tail, then (unless
         # pointwise) the patches and the phases
         temp = em.temp((C_TILE_ROWS + C_TILE_LANES) * row + (0 if pointwise else pixels * row + phases))
-    else:  # lanes along the output channels: the patches, the weights (stored transposed), a tail
-        temp = em.temp(c_gemm_temp(pixels, row, cout))
+    else:  # lanes along the output channels: the patches, a block of the weights (stored in blocks), a tail
+        temp = em.temp(c_gemm_temp(pixels, row, 0))
     bias = em.array("bias") if em.has("bias") else "0"
-    weights = em.weights(transposed=a["groups"] == 1 and pixels < C_TILE_LANES)
+    weights = em.weights(blocked=a["groups"] == 1 and pixels < C_TILE_LANES)
     return [f"{{ static const hq_weights w = {weights};",
             f"  hq_conv2d({em.codes(x)}, {em.scalar('in_zero_point.0')}, {cin}, {h}, {w}, &w, {bias}, {cout}, {kh}, "
             f"{kw}, {sh}, {sw}, {a['padding'][0]}, {a['padding'][1]}, {dh}, {dw}, {a['groups']}, {ho}, {wo}, "
@@ -161,10 +162,10 @@ def _c_linear(op, em):
     n = op.arrays["weight"].shape[0]
     rows = em.count(x) // k
     bias = em.array("bias") if em.has("bias") else "0"
-    # temp: the centred inputs [rows][k], the weights (stored transposed) [k][n], a tail
-    return [f"{{ static const hq_weights w = {em.weights(transposed=True)};",
+    # temp: the centred inputs [rows][k], a block of the weights (stored in column blocks), a tail
+    return [f"{{ static const hq_weights w = {em.weights(blocked=True)};",
             f"  hq_linear({em.codes(x)}, {em.arg('in_zero_point.0')}, {rows}, {k}, &w, {bias}, {n}, "
-            f"{em.acc()}, {em.temp(c_gemm_temp(rows, k, n))}); }}"]
+            f"{em.acc()}, {em.temp(c_gemm_temp(rows, k, 0))}); }}"]
 
 
 def _widths(op, bounds, done, program):

@@ -281,6 +281,20 @@ static void hq_gemm(const int32_t *a, int32_t m, int32_t k, const int32_t *b, in
     }
 }
 
+/* c[i * ci + j * cj] = bias_col[j] + sum_l a[i][l] w[l][j] (as hq_gemm) for weights stored in column blocks
+ * ([n / HQ_TN][k][HQ_TN], the last [k][n % HQ_TN]; the exporter's column_blocks): one block unpacked at a time
+ * into blk ([k][HQ_TN], then a tail [k][HQ_TN]) */
+static void hq_gemm_blocks(const int32_t *a, int32_t m, int32_t k, const hq_weights *wt, int32_t n,
+                           const int32_t *bias_col, int32_t *c, int64_t ci, int64_t cj, int32_t *blk) {
+    int32_t j0;
+    for (j0 = 0; j0 < n; j0 += HQ_TN) {
+        int32_t nj = n - j0 < HQ_TN ? n - j0 : HQ_TN;
+        hq_unpack_row(wt, (int64_t)j0 * k, nj * k, blk);
+        hq_gemm(a, m, k, blk, nj, 0, nj, 0, bias_col ? bias_col + j0 : 0, c + j0 * cj, ci, cj,
+                blk + (int64_t)k * HQ_TN);
+    }
+}
+
 /* the rows of a ([.][k]) from m up to HQ_ROWS(m): zeros */
 static void hq_zero_rows(int32_t *a, int32_t m, int32_t k) {
     int64_t i;
@@ -348,12 +362,12 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                const int32_t *bias, int32_t c_out, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                int32_t pw, int32_t dh, int32_t dw, int32_t groups, int32_t ho, int32_t wo, int32_t *acc,
                void *temp) {
-    /* wt: [c_out][row] (row = c_in / groups * kh * kw), but [row][c_out] for a dense conv of fewer than HQ_TN
-     * output pixels. temp (int32), with the phases of one input plane P = [sh * sw][hq][wq] (hq_phases; hq, wq
-     * below): dense with n_p >= HQ_TN, HQ_TR rows of weights [HQ_TR][row], a tail [row][HQ_TN], the centred
-     * patches [row][n_p] and P (none of these two for a pointwise conv, which reads x); dense with fewer
-     * pixels, the patches [HQ_ROWS(n_p)][row], the weights [row][c_out], a tail [row][HQ_TN]; grouped, P, the
-     * flat output [ho][wq], one row of weights [row] */
+    /* wt: [c_out][row] (row = c_in / groups * kh * kw), but [row][c_out] in column blocks (hq_gemm_blocks) for
+     * a dense conv of fewer than HQ_TN output pixels. temp (int32), with the phases of one input plane
+     * P = [sh * sw][hq][wq] (hq_phases; hq, wq below): dense with n_p >= HQ_TN, HQ_TR rows of weights
+     * [HQ_TR][row], a tail [row][HQ_TN], the centred patches [row][n_p] and P (none of these two for a pointwise
+     * conv, which reads x); dense with fewer pixels, the patches [HQ_ROWS(n_p)][row], a block of weights
+     * [row][HQ_TN], a tail [row][HQ_TN]; grouped, P, the flat output [ho][wq], one row of weights [row] */
     int32_t cg = c_in / groups, og = c_out / groups, row = cg * kh * kw, n_p = ho * wo;
     int32_t hq = ((ho - 1) * sh + (kh - 1) * dh + 1 + sh - 1) / sh, wq = ((wo - 1) * sw + (kw - 1) * dw + sw) / sw;
     int32_t o, ci, ky, kx, oy, ox, i, l;
@@ -377,7 +391,7 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                         tail);
             }
         } else { /* few pixels: lanes along the output channels, acc written transposed */
-            int32_t *patches = t32, *wt32 = patches + (int64_t)HQ_ROWS(n_p) * row;
+            int32_t *patches = t32, *blk = patches + (int64_t)HQ_ROWS(n_p) * row;
             for (oy = 0; oy < ho; ++oy) {
                 for (ox = 0; ox < wo; ++ox) {
                     int32_t *pr = patches + (int64_t)(oy * wo + ox) * row;
@@ -394,8 +408,7 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
                 }
             }
             hq_zero_rows(patches, n_p, row);
-            hq_unpack_row(wt, 0, row * c_out, wt32);
-            hq_gemm(patches, n_p, row, wt32, c_out, 0, c_out, 0, bias, acc, 1, n_p, wt32 + (int64_t)row * c_out);
+            hq_gemm_blocks(patches, n_p, row, wt, c_out, bias, acc, 1, n_p, blk);
         }
         return;
     }
@@ -431,14 +444,14 @@ void hq_conv2d(const int32_t *x, int32_t zp, int32_t c_in, int32_t h, int32_t w,
 
 void hq_linear(const int32_t *x, hq_param zp, int32_t rows, int32_t k, const hq_weights *wt, const int32_t *bias,
                int32_t n, int32_t *acc, void *temp) {
-    /* wt: [k][n]. temp (int32): the centred inputs [HQ_ROWS(rows)][k], the weights [k][n], a tail [k][HQ_TN] */
-    int32_t *xc = (int32_t *)temp, *wt32 = xc + (int64_t)HQ_ROWS(rows) * k, r, i;
+    /* wt: [k][n] in column blocks (hq_gemm_blocks). temp (int32): the centred inputs [HQ_ROWS(rows)][k], a block
+     * of weights [k][HQ_TN], a tail [k][HQ_TN] */
+    int32_t *xc = (int32_t *)temp, r, i;
     for (r = 0; r < rows; ++r) {
         for (i = 0; i < k; ++i) xc[(int64_t)r * k + i] = x[(int64_t)r * k + i] - HQ_P(zp, i);
     }
     hq_zero_rows(xc, rows, k);
-    hq_unpack_row(wt, 0, k * n, wt32);
-    hq_gemm(xc, rows, k, wt32, n, 0, n, 0, bias, acc, n, 1, wt32 + (int64_t)k * n);
+    hq_gemm_blocks(xc, rows, k, wt, n, bias, acc, n, 1, xc + (int64_t)HQ_ROWS(rows) * k);
 }
 
 void hq_matmul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t batch, int32_t m, int32_t k,

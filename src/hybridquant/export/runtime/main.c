@@ -90,8 +90,8 @@ int main(int argc, char **argv) {
 #ifdef HQ_TIMING
         start = ticks_now();
 #endif
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static)
+#ifdef _OPENMP /* an image at a time to whichever thread is free: cores of a shared machine run at unequal speeds */
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
 #endif
         for (i = 0; i < batch; ++i) {
 #ifdef _OPENMP
