@@ -139,11 +139,28 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state_dict
 
 
+def _checkpoint_img_size(ckpt: dict[str, Any]) -> int | None:
+    size = (ckpt.get("pretrained_cfg") or {}).get("input_size")
+    return int(size[-1]) if size else None
+
+
+def _create(arch: str, pretrained: bool, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, given ``img_size`` when the architecture takes one."""
+    if img_size is not None:
+        try:
+            return timm.create_model(arch, pretrained=pretrained, img_size=img_size, **kwargs)
+        except TypeError as exc:  # the model class has no img_size argument (FastViT, ...)
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(arch, pretrained=pretrained, **kwargs)
+
+
 def load_model(
     name: str,
     checkpoint: str | Path | None = None,
     pretrained: bool | str | Path = False,
     num_classes: int | None = None,
+    img_size: int | None = None,
 ) -> LoadedModel:
     """Build a timm model and load its weights.
 
@@ -158,6 +175,11 @@ def load_model(
     filter function, classifier adaptation). The classifier gets the file's
     number of classes unless ``num_classes`` asks for another head, which timm
     then initialises randomly.
+
+    ``img_size`` builds the model for that input size, as architectures whose
+    parameters depend on it need (EfficientFormerV2 and EfficientViT-M size
+    their attention biases by it); a checkpoint's ``pretrained_cfg`` input
+    size is the default. Architectures without the argument ignore it.
     """
     weights = Path(pretrained) if isinstance(pretrained, (str, Path)) else None
     if weights is not None and checkpoint is not None:
@@ -197,8 +219,10 @@ def load_model(
         if head is not None:
             overlay["num_classes"] = int(head.shape[0])
         kwargs["pretrained_cfg_overlay"] = overlay
+    if img_size is None and ckpt is not None:
+        img_size = _checkpoint_img_size(ckpt)
     try:
-        model = timm.create_model(arch, pretrained=bool(pretrained) and ckpt is None, **kwargs)
+        model = _create(arch, bool(pretrained) and ckpt is None, img_size, kwargs)
     except Exception as exc:
         if weights is not None:
             raise HybridQuantError(

@@ -111,7 +111,9 @@ def train(
         raise HybridQuantError(
             f"--batch-size {recipe.batch_size} is larger than the {len(train_set)} training images"
         )
-    loaded = load_model(model_name, init_checkpoint, num_classes=len(train_set.classes))
+    loaded = load_model(
+        model_name, init_checkpoint, num_classes=len(train_set.classes), img_size=overrides.img_size
+    )
     model = loaded.model
     if init_checkpoint is not None and loaded.num_classes != len(train_set.classes):
         raise HybridQuantError(f"{init_checkpoint} has {loaded.num_classes} classes, the data {len(train_set.classes)}")

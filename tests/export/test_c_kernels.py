@@ -156,3 +156,57 @@ def test_the_scratch_sizing_uses_the_kernels_tiles():
     assert re.search(rf"#define HQ_TN {C_TILE_LANES}\b", header)
     assert re.search(rf"#define HQ_MAX_STRIDE {C_MAX_STRIDE}\b", header)
     assert [c_rows(m) for m in (1, 4, 5, 8)] == [4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("groups,shape", [(1, (2, 6, 3, 5)), (3, (2, 6, 4, 2)), (1, (1, 5, 1, 1))])
+def test_group_norm_kernel_is_the_integer_groupnorm(groups, shape, tmp_path):
+    """hq_group_norm against primitives.arith.int_groupnorm: rows of a group of channels at every position, the
+    affine per channel (a batch of two: the rows' groups restart)."""
+    from hybridquant.primitives.arith import int_groupnorm, layernorm_constants
+
+    gen = torch.Generator().manual_seed(sum(shape) + groups)
+    q = torch.randint(-128, 128, shape, generator=gen)
+    c, count = shape[1], shape[1] // groups * shape[2] * shape[3]
+    gamma, beta = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+    k = layernorm_constants(gamma, beta, 1e-5, 2**-5, c, 2**-4, -100, 110, 3, count=count)
+    want = int_groupnorm(q, groups, -7, 2, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 3, -100, 110) - 5
+    arrays = [_array("int32_t", "x", q.numpy()), _array("int32_t", "g", k["gamma_q"].numpy()),
+              _array("int32_t", "b", k["beta_q"].numpy())]
+    call = (f"hq_group_norm(x, {shape[0]}, {groups}, {c}, {shape[2] * shape[3]}, -7, 2, {k['eps_q']}, g, b, "
+            f"{k['out_shift']}, 3, -100, 110, 5, acc);")
+    assert np.array_equal(_run(tmp_path, FLAGS["native"], arrays, call, q.numel()), want.reshape(-1).numpy())
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 5, 3, 4), (2, 1, 3, 4)), ((3, 4, 5), (1, 1, 5)),
+                                             ((2, 3, 4), (2, 3, 1))])
+def test_broadcast_mul_kernel(a_shape, b_shape, tmp_path):
+    """hq_mul_bcast: ``b`` broadcast along one block of dims (MobileViT-v2's keys times the token weights)."""
+    from hybridquant.ops.mul import broadcast_block
+
+    rng = np.random.default_rng(len(a_shape))
+    a, b = rng.integers(-128, 128, a_shape), rng.integers(0, 256, b_shape)
+    first, end = broadcast_block(list(b_shape), list(a_shape))
+    outer, mid = int(np.prod(a_shape[:first])), int(np.prod(a_shape[first:end]))
+    inner = int(np.prod(a_shape[end:]))
+    call = f"hq_mul_bcast(a, 3, b, 128, {outer}, {mid}, {inner}, acc);"
+    got = _run(tmp_path, STRICT, [_array("int32_t", "a", a), _array("int32_t", "b", b)], call, a.size)
+    assert np.array_equal(got, ((a - 3) * (b - 128)).reshape(-1))
+
+
+def test_broadcast_blocks():
+    from hybridquant.ops.mul import broadcast_block
+
+    assert broadcast_block([1, 1, 4, 16], [1, 64, 4, 16]) == (1, 2)  # a leading 1 of size 1 matches already
+    assert broadcast_block([4, 16], [2, 64, 4, 16]) == (0, 2)
+    assert broadcast_block([2, 64, 4, 16], [2, 64, 4, 16]) == (0, 0)
+    assert broadcast_block([2, 1, 4, 1], [2, 64, 4, 16]) is None  # two blocks
+
+
+@pytest.mark.parametrize("shape,first,last", [((2, 3, 4, 5), 3, 3), ((2, 3, 4, 5), 1, 2), ((6, 7), 0, 1)])
+def test_axis_sum_kernel(shape, first, last, tmp_path):
+    rng = np.random.default_rng(first)
+    x = rng.integers(0, 256, shape)
+    outer, n, inner = int(np.prod(shape[:first])), int(np.prod(shape[first:last + 1])), int(np.prod(shape[last + 1:]))
+    got = _run(tmp_path, STRICT, [_array("int32_t", "x", x)], f"hq_sum_axis(x, 100, {outer}, {n}, {inner}, acc);",
+               outer * inner)
+    assert np.array_equal(got, (x - 100).sum(axis=tuple(range(first, last + 1))).reshape(-1))

@@ -78,13 +78,33 @@ def mvit_qgraph(mvit_graph, calib_images):
     return quantize_graph(mvit_graph, QuantConfig(method="minmax", scales="pot"), calib_images)
 
 
-def test_reader_reproduces_mobilevit(mvit_qgraph, calib_images, tmp_path):
-    path = tmp_path / "mvit.npz"
-    manifest = export_npz(mvit_qgraph, path)
-    kinds = {op["kind"] for op in manifest["ops"]}
-    assert {"conv2d", "linear", "matmul", "add", "cat", "lut", "softmax", "layer_norm", "global_avg_pool",
-            "layout"} <= kinds
-    _assert_reader_matches(path, mvit_qgraph, calib_images[:3])
+#: hybrids of every family that lowers, with the program kinds their integer program must hold
+HYBRIDS = {
+    "mobilevit_xxs": {"conv2d", "linear", "matmul", "add", "cat", "lut", "softmax", "layer_norm", "global_avg_pool",
+                      "layout"},
+    "mobilevitv2_050": {"conv2d", "linear", "mul", "add", "lut", "softmax", "group_norm", "sum", "global_avg_pool",
+                        "layout"},
+}
+
+
+@pytest.fixture(scope="module", params=list(HYBRIDS))
+def hybrid_qgraph(request, mvit_qgraph, calib_images):
+    """Each family's small model at 64x64, min-max W8A8 power-of-two (mobilevit_xxs: the shared fixture's)."""
+    if request.param == "mobilevit_xxs":
+        return request.param, mvit_qgraph
+    from hybridquant.graph import capture
+    from tests.conftest import QIMG, make_bn_model
+
+    graph = capture(make_bn_model(request.param), (3, QIMG, QIMG))
+    return request.param, quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib_images)
+
+
+def test_reader_reproduces_the_hybrids(hybrid_qgraph, calib_images, tmp_path):
+    name, qg = hybrid_qgraph
+    path = tmp_path / "hybrid.npz"
+    manifest = export_npz(qg, path)
+    assert HYBRIDS[name] <= {op["kind"] for op in manifest["ops"]}
+    _assert_reader_matches(path, qg, calib_images[:3])
 
 
 def test_manifest_layout(toy_calib, tmp_path):
@@ -180,14 +200,16 @@ def test_program_of_a_float_multiplier_model_is_refused(toy_calib):
 GCC = shutil.which("gcc")
 
 
-def test_mobilevit_runs_in_c_bit_exact(mvit_qgraph, tmp_path):
-    """mobilevit_xxs (64x64, min-max W8A8): conv, depthwise, linear, attention matmuls, softmax, LayerNorm,
-    concat and the layout ops of the unfold/fold run in C exactly as in the integer executor."""
+def test_the_hybrids_run_in_c_bit_exact(hybrid_qgraph, tmp_path):
+    """Each family (64x64, min-max W8A8): conv, depthwise, linear, attention matmuls, softmax, LayerNorm and
+    GroupNorm, the token sum and broadcast product of the linear attention, concat and the layout ops of the
+    unfold/fold run in C exactly as in the integer executor."""
     from .test_c_runtime import META, build, executor_codes, pixels, run
 
-    export_c(mvit_qgraph, tmp_path / "mvit", META)
-    px = pixels(3, mvit_qgraph.graph.meta["input_size"])
-    assert np.array_equal(run(build(tmp_path / "mvit"), px, tmp_path), executor_codes(mvit_qgraph, px))
+    _, qg = hybrid_qgraph
+    export_c(qg, tmp_path / "model", META)
+    px = pixels(3, qg.graph.meta["input_size"])
+    assert np.array_equal(run(build(tmp_path / "model"), px, tmp_path), executor_codes(qg, px))
 
 
 def test_softmax_exp_table_is_the_tail_of_the_exported_table(toy_calib):

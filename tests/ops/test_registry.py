@@ -27,7 +27,7 @@ def test_every_op_has_its_parts():
         assert d.onnx is not None or d.role in ("source", "sink"), name
         if d.role == "folded":
             assert d.fold is not None and d.lower is None, name
-    assert {n for n, d in OP_DEFS.items() if d.lower is None} == {"batch_norm", "group_norm", "sum"}
+    assert {n for n, d in OP_DEFS.items() if d.lower is None} == {"batch_norm"}
     assert set(kind_docs()) == set(PROGRAM_KIND_DEFS)
     for name, k in PROGRAM_KIND_DEFS.items():
         assert (k.run is None) == (k.result == "none"), name

@@ -20,12 +20,14 @@ from hybridquant.primitives import (
     two_term_round,
 )
 from hybridquant.primitives.arith import (
+    LN_MAX_ROW,
     align,
     apply_channel_lut,
     apply_lut,
     build_channel_lut,
     build_lut,
     div_round_half_up,
+    int_groupnorm,
     int_layernorm,
     int_log2_softmax,
     int_softmax,
@@ -511,6 +513,54 @@ def test_int_layernorm_per_channel_out_scale_and_constant_rows():
     assert int((got - want).abs().max()) <= 1
     # a constant row normalises to beta exactly (every z is 0)
     assert torch.equal(got[0], quantize(beta.double() / alpha.double(), 2**-5, 0, -128, 127).to(torch.int64))
+
+
+# --- 6. group norm ------------------------------------------------------------------
+def _gn_case(seed: int, shape: tuple[int, ...]):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, shape, generator=gen)
+    q[0, : shape[1] // 2] //= 4  # unequal groups: a narrow half of channels
+    gamma = 1 + 0.3 * torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    beta = 0.2 * torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    return q, gamma, beta
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_int_groupnorm_is_int_layernorm_over_each_group(groups):
+    """A group's rows through int_layernorm, its affine repeated along the positions, give the same codes."""
+    b, c, h, w = 2, 8, 3, 5
+    q, gamma, beta = _gn_case(1, (b, c, h, w))
+    count = c // groups * h * w
+    k = layernorm_constants(gamma, beta, 1e-5, 0.02, c, 2**-4, -128, 127, 2, count=count)
+    got = int_groupnorm(q, groups, 131, 2, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 2, -128, 127)
+    rows = q.reshape(b * groups, count)
+    repeat = (k["gamma_q"].repeat_interleave(h * w).reshape(groups, count),
+              k["beta_q"].repeat_interleave(h * w).reshape(groups, count))
+    want = torch.stack([int_layernorm(rows[r], 131, 2, repeat[0][r % groups], repeat[1][r % groups], k["eps_q"],
+                                      k["out_shift"], 2, -128, 127) for r in range(b * groups)])
+    assert torch.equal(got, want.reshape(q.shape))
+
+
+@pytest.mark.parametrize("groups,shape", [(1, (4, 64, 4, 16)), (1, (4, 96, 2, 4)), (4, (4, 32, 8, 8))])
+def test_int_groupnorm_within_one_lsb_of_float(groups, shape):
+    q, gamma, beta = _gn_case(2, shape)
+    in_scale, out_scale, eps, zp = 0.02, 2**-4, 1e-5, 128
+    count = shape[1] // groups * shape[2] * shape[3]
+    shift = layernorm_headroom(count, 128)
+    k = layernorm_constants(gamma, beta, eps, in_scale / 2**shift, shape[1], out_scale, -128, 127, 0, count=count)
+    got = int_groupnorm(q, groups, zp, shift, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
+    y = F.group_norm((q - zp).double() * in_scale, groups, gamma, beta, eps)
+    diff = (got - quantize(y, out_scale, 0, -128, 127).to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).double().mean()) < 0.02
+
+
+def test_int_groupnorm_refuses_rows_that_leave_int32():
+    assert not layernorm_fits(LN_MAX_ROW + 1, 1) and layernorm_fits(LN_MAX_ROW, 1)
+    q = torch.randint(0, 256, (1, 64, 32, 32), generator=torch.Generator().manual_seed(0))  # 65,536 values a row
+    with pytest.raises(OverflowError, match="int_groupnorm"):
+        int_groupnorm(q, 1, 128, 0, torch.ones(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64), 0, 0, 0,
+                      -128, 127)
 
 
 @pytest.mark.parametrize("channels,bound", [(8, 255), (96, 2040), (386, 2040), (1024, 255), (64, 32)])

@@ -15,7 +15,7 @@ Weights narrower than a multiple of 8 bits come packed into int8 byte streams (t
 Every kernel is written from the export's contract: exact int64 products
 (conv2d via im2col), requantization by shifts with round half up
 (``(acc + (1 << (n - 1))) >> n`` for ``n > 0``) or onto threshold grids, lookup tables, the integer
-softmax and LayerNorm in int32 (one reciprocal per row: a floor division of
+softmax, LayerNorm and GroupNorm in int32 (one reciprocal per row: a floor division of
 2^30, then multiplies and rounding shifts; LayerNorm's square root rounded to
 nearest from an exact floor root).
 """
@@ -200,16 +200,15 @@ def _int32(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
-    g = p.get
-    channels = q.shape[-1]
-    x = (q - g(op, "in_zero_point")) << along(g(op, "ptf_shift"), q.ndim, -1)
+def _norm_rows(p: Program, op: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """The normalised values of each row (the last dim) of centred, shifted values ``x`` (layer_norm, group_norm)."""
+    count = x.shape[-1]
     total = x.sum(axis=-1, keepdims=True)
-    mean = total // channels
-    rem = total - mean * channels
+    mean = total // count
+    rem = total - mean * count
     d = x - mean
-    v = _int32((d * d).sum(axis=-1, keepdims=True) - rem * rem // channels + int(g(op, "eps_q")),
-               "layer_norm variance")
+    v = _int32((d * d).sum(axis=-1, keepdims=True) - rem * rem // count + int(p.get(op, "eps_q")),
+               f"{op['kind']} variance")
     bits = np.zeros_like(v)
     for k in range(32):  # the bit length of each row's V
         bits = np.where(v >> k > 0, k + 1, bits)
@@ -218,11 +217,28 @@ def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     t = isqrt(w)
     r = np.maximum(np.where(w - t * t > t, t + 1, t), 1)
     recip = (1 << 30) // r
-    frac = (rem * recip + channels // 2) // channels
-    n = shift_round(_int32(d * recip - frac, "layer_norm product"), 15 - pw)
-    acc = _int32(n * g(op, "gamma_q") + g(op, "beta_q"), "layer_norm affine")
+    frac = (rem * recip + count // 2) // count
+    return shift_round(_int32(d * recip - frac, f"{op['kind']} product"), 15 - pw)
+
+
+def _norm_affine(p: Program, op: dict[str, Any], n: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    acc = _int32(n * gamma + beta, f"{op['kind']} affine")
+    g = p.get
     return np.clip(shift_round(acc, int(g(op, "out_shift"))) + g(op, "out_zero_point"), int(g(op, "out_qmin")),
                    int(g(op, "out_qmax")))
+
+
+def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
+    x = (q - p.get(op, "in_zero_point")) << along(p.get(op, "ptf_shift"), q.ndim, -1)
+    return _norm_affine(p, op, _norm_rows(p, op, x), p.get(op, "gamma_q"), p.get(op, "beta_q"))
+
+
+def group_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
+    b, c = q.shape[:2]
+    x = (q - p.get(op, "in_zero_point")) << int(p.get(op, "in_shift"))
+    n = _norm_rows(p, op, x.reshape(b, op["attrs"]["groups"], -1)).reshape(b, c, -1)
+    codes = _norm_affine(p, op, n, p.get(op, "gamma_q").reshape(c, 1), p.get(op, "beta_q").reshape(c, 1))
+    return codes.reshape(q.shape)
 
 
 def softmax(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
@@ -320,6 +336,8 @@ def run_codes(p: Program, q_in: np.ndarray, trace: dict[str, np.ndarray] | None 
             acc = zp(0, ins[0])
         elif kind == "global_avg_pool":
             acc = zp(0, ins[0]).sum(axis=(2, 3), keepdims=True)
+        elif kind == "sum":
+            acc = zp(0, ins[0]).sum(axis=tuple(op["attrs"]["dims"]), keepdims=op["attrs"]["keepdim"])
         elif kind == "lut":
             idx = ins[0] - int(p.get(op, "in_qmin"))
             table = p.get(op, "table")
@@ -343,6 +361,8 @@ def run_codes(p: Program, q_in: np.ndarray, trace: dict[str, np.ndarray] | None 
             acc = softmax(p, op, ins[0]) - p.get(op, "requant.zero_point")
         elif kind == "layer_norm":
             acc = layer_norm(p, op, ins[0]) - p.get(op, "requant.zero_point")
+        elif kind == "group_norm":
+            acc = group_norm(p, op, ins[0]) - p.get(op, "requant.zero_point")
         else:
             raise ValueError(f"unknown op kind {kind}")
         _check(acc, name)

@@ -60,7 +60,7 @@ def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -
         if "bias" in src.params:
             src.params["bias"] = src.params["bias"] * inv_alpha
         return True
-    if src.opdef.norm == "channels" and "weight" in src.params:  # a LayerNorm's affine
+    if src.opdef.norm is not None and "weight" in src.params:  # a LayerNorm's or GroupNorm's per-channel affine
         src.params["weight"] = src.params["weight"] * inv_alpha
         src.params["bias"] = src.params.get("bias", torch.zeros_like(inv_alpha)) * inv_alpha
         return True

@@ -3,7 +3,7 @@ quantization, its integer lowering, how the integer program runs it and its cons
 
 Modules: :mod:`.io` (input quantizer, output dequantization), :mod:`.conv` (conv2d, linear),
 :mod:`.matmul`, :mod:`.add_concat`, :mod:`.mul`, :mod:`.unary` (lookup tables), :mod:`.softmax`,
-:mod:`.layer_norm`, :mod:`.norms` (BatchNorm, GroupNorm), :mod:`.pooling`, :mod:`.layout`,
+:mod:`.layer_norm`, :mod:`.group_norm`, :mod:`.norms` (BatchNorm), :mod:`.pooling`, :mod:`.layout`,
 :mod:`.scale_channels` (outlier scaling). Walkers look ops up with :func:`op_def` and
 :func:`program_kind` (:mod:`.registry`).
 """
@@ -11,6 +11,7 @@ Modules: :mod:`.io` (input quantizer, output dequantization), :mod:`.conv` (conv
 from . import (
     add_concat,
     conv,
+    group_norm,
     io,
     layer_norm,
     layout,
@@ -38,6 +39,6 @@ from .registry import (
 )
 from .unary import unary_fn
 
-__all__ = ["COUNT_KEYS", "OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "io", "layer_norm", "layout",
+__all__ = ["COUNT_KEYS", "OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "group_norm", "io", "layer_norm", "layout",
            "matmul", "mul", "norms", "op_def", "op_providing", "ops_where", "pooling", "program_kind", "register", "run_float",
            "scale_channels", "softmax", "unary", "unary_fn"]

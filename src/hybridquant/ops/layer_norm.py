@@ -117,32 +117,42 @@ def _c(op, em):
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
-def _counts(op, program):
-    c = op.out_shape[-1]
-    rows = elements(op.out_shape) // c
-    # per row of C: centring, PTF shift, sum, deviation, square and its sum, then the variance, bit length (31
-    # steps), square root (16 steps of two adds and two shifts), reciprocal and the mean's fraction (divisions),
-    # and per element the product, two rounding shifts, the affine step and the clamp
+def row_widths(op, x: int, count: int) -> dict[str, int]:
+    """Magnitudes inside the integer norm kernel of ``op`` (LayerNorm or GroupNorm) for rows of ``count`` values
+    within ``±x`` after the input shifts."""
+    g = {k: np.asarray(v).astype(np.int64) for k, v in op.arrays.items()}
+    squares = count * (x * x + 1)
+    recip_rows = math.isqrt(1 << 29)  # √W ≥ 2^14.5 once V ≥ 2; V ≤ 1 gives r = 2^15
+    recip = (1 << arith.LN_RECIPROCAL_BITS) // recip_rows
+    n = (1 << arith.LN_FRAC_BITS) + 2
+    shift = int(g["out_shift"])
+    return {"shifted": x, "sum": count * x, "centred": 2 * x + 1, "remainder_square": count * count,
+            "squares": squares, "variance": squares + int(g["eps_q"]), "scaled_variance": (1 << 31) - 1,
+            "root": 46341, "reciprocal": 1 << arith.LN_RECIPROCAL_BITS, "mean_fraction": count * recip + count // 2,
+            "product": (1 << arith.LN_RECIPROCAL_BITS) + (1 << 17), "normalised": n,
+            "affine": n * absmax(g["gamma_q"]) + absmax(g["beta_q"]) + ((1 << shift) >> 1),
+            "acc": abs(int(g["out_qmax"])) + abs(int(g["out_qmin"])) + abs(int(g["requant.zero_point"]))}
+
+
+def row_counts(count: int, rows: int) -> dict[str, int]:
+    """Operations of the integer norm kernel on ``rows`` rows of ``count`` values: per row the centring, shift,
+    sum, deviation, square and its sum, then the variance, bit length (31 steps), square root (16 steps of two
+    adds and two shifts), reciprocal and the mean's fraction (divisions), and per element the product, two
+    rounding shifts, the affine step and the clamp."""
+    c = count
     per_row = {"adds": 9 * c + 35, "shifts": 3 * c + 33, "multiplies": 3 * c + 3, "divisions": 4,
                "comparisons": 2 * c + 48}
     return {k: v * rows for k, v in per_row.items()}
 
 
+def _counts(op, program):
+    c = op.out_shape[-1]
+    return row_counts(c, elements(op.out_shape) // c)
+
+
 def _widths(op, bounds, done, program):
-    g = {k: np.asarray(v).astype(np.int64) for k, v in op.arrays.items()}
-    c = program[op.inputs[0]].out_shape[-1]
-    x = bounds[op.inputs[0]] << int(g["ptf_shift"].max())
-    squares = c * (x * x + 1)
-    recip_rows = math.isqrt(1 << 29)  # √W ≥ 2^14.5 once V ≥ 2; V ≤ 1 gives r = 2^15
-    recip = (1 << arith.LN_RECIPROCAL_BITS) // recip_rows
-    n = (1 << arith.LN_FRAC_BITS) + 2
-    shift = int(g["out_shift"])
-    return {"shifted": x, "sum": c * x, "centred": 2 * x + 1, "remainder_square": c * c, "squares": squares,
-            "variance": squares + int(g["eps_q"]), "scaled_variance": (1 << 31) - 1, "root": 46341,
-            "reciprocal": 1 << arith.LN_RECIPROCAL_BITS, "mean_fraction": c * recip + c // 2,
-            "product": (1 << arith.LN_RECIPROCAL_BITS) + (1 << 17), "normalised": n,
-            "affine": n * absmax(g["gamma_q"]) + absmax(g["beta_q"]) + ((1 << shift) >> 1),
-            "acc": abs(int(g["out_qmax"])) + abs(int(g["out_qmin"])) + abs(int(g["requant.zero_point"]))}
+    return row_widths(op, bounds[op.inputs[0]] << int(np.asarray(op.arrays["ptf_shift"]).max()),
+                      program[op.inputs[0]].out_shape[-1])
 
 
 register(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .registry import OpDef, ProgramKind, register
-from .values import Value, c_centred, c_operands, centred_inputs, per_element, zero, zp_arrays
+from .values import Value, c_centred, centred_inputs, elements, per_element, zero, zp_arrays
 
 
 def _lower_mul(ctx, node, op):
@@ -30,10 +30,36 @@ def _onnx_mul_const(ex, node, xs):
     return ex.b.add("Mul", [xs[0], value], node.name)
 
 
+def broadcast_block(shape: list[int], out: list[int]) -> tuple[int, int] | None:
+    """The dims ``[first, end)`` of ``out`` along which ``shape`` is broadcast, when they are one contiguous block
+    (``(0, 0)``: not broadcast); None for another pattern."""
+    shape = [1] * (len(out) - len(shape)) + list(shape)
+    dims = [d for d, (s, o) in enumerate(zip(shape, out, strict=True)) if s != o]
+    if not dims:
+        return 0, 0
+    first, end = dims[0], dims[-1] + 1
+    if any(shape[d] != 1 for d in range(first, end)):
+        return None
+    return first, end
+
+
 def _c_mul(op, em):
-    a, b = c_operands(op, em)
-    return [f"hq_mul({em.codes(a)}, {em.arg('in_zero_point.0')}, {em.codes(b)}, {em.arg('in_zero_point.1')}, "
-            f"{em.count(a)}, {em.shape(a)[-1]}, {em.acc()});"]
+    a, b = op.inputs
+    za, zb = "in_zero_point.0", "in_zero_point.1"
+    if em.shape(a) == em.shape(b):
+        return [f"hq_mul({em.codes(a)}, {em.arg(za)}, {em.codes(b)}, {em.arg(zb)}, "
+                f"{em.count(a)}, {em.shape(a)[-1]}, {em.acc()});"]
+    out = op.out_shape
+    if em.shape(b) == list(out):  # the broadcast operand second
+        a, b, za, zb = b, a, zb, za
+    block = broadcast_block(em.shape(b), out) if em.shape(a) == list(out) else None
+    if block is None:
+        raise em.fail(f"shapes {em.shape(a)} and {em.shape(b)}: the C kernel broadcasts one operand along one "
+                      "block of dims")
+    first, end = block
+    outer, mid, inner = elements(out[:first]), elements(out[first:end]), elements(out[end:])
+    return [f"hq_mul_bcast({em.codes(a)}, {em.scalar(za)}, {em.codes(b)}, {em.scalar(zb)}, {outer}, {mid}, "
+            f"{inner}, {em.acc()});"]
 
 
 register(

@@ -1,4 +1,4 @@
-"""BatchNorm (folded into the convolution before quantization) and GroupNorm (float only: no integer kernel)."""
+"""BatchNorm: folded into the convolution before quantization (no quantized or integer form of its own)."""
 
 from __future__ import annotations
 
@@ -35,32 +35,21 @@ def _fold_batch_norm(graph, bn) -> None:
     graph.remove(bn.name, conv.name)
 
 
-def _group_norm(node, inputs):
-    p = node.params
-    return F.group_norm(inputs[0], node.attrs["groups"], p.get("weight"), p.get("bias"), node.attrs["eps"])
-
-
-def _affine(ex, node, xs):
-    """The input, weight and bias tensors of a norm over channels (dim 1)."""
+def channel_affine(ex, node, xs):
+    """The ONNX input, weight and bias tensors of a norm with a per-channel affine along dim 1."""
     p, name, channels = ex.params(node), node.name, ex.shapes[node.name][1]
     w = ex.array(p["weight"]) if "weight" in p else np.ones(channels, np.float32)
     bias = ex.array(p["bias"]) if "bias" in p else np.zeros(channels, np.float32)
     return [xs[0], ex.b.const(f"{name}.weight", w), ex.b.const(f"{name}.bias", bias)]
 
 
-def _onnx_group_norm(ex, node, xs):
-    return ex.b.add("GroupNormalization", _affine(ex, node, xs), node.name, num_groups=int(node.attrs["groups"]),
-                    epsilon=float(node.attrs["eps"]))
-
-
 def _onnx_batch_norm(ex, node, xs):
     p, name = ex.params(node), node.name
-    inputs = _affine(ex, node, xs) + [ex.b.const(f"{name}.running_mean", ex.array(p["running_mean"])),
+    inputs = channel_affine(ex, node, xs) + [ex.b.const(f"{name}.running_mean", ex.array(p["running_mean"])),
                                       ex.b.const(f"{name}.running_var", ex.array(p["running_var"]))]
     return ex.b.add("BatchNormalization", inputs, name, epsilon=float(node.attrs["eps"]))
 
 
 register(
     OpDef("batch_norm", _batch_norm, role="folded", onnx=_onnx_batch_norm, fold=_fold_batch_norm),
-    OpDef("group_norm", _group_norm, onnx=_onnx_group_norm, channel_axis=1, norm="groups"),
 )

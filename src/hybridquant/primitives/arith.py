@@ -39,6 +39,7 @@ __all__ = [
     "build_channel_lut",
     "build_lut",
     "div_round_half_up",
+    "int_groupnorm",
     "int_layernorm",
     "int_log2_softmax",
     "int_softmax",
@@ -62,6 +63,8 @@ SQRT2_NUM, SQRT2_DEN = 181, 128
 LN_RECIPROCAL_BITS, LN_FRAC_BITS = 30, 15
 #: softmax: one reciprocal per row ``⌊2^SOFTMAX_RECIPROCAL_BITS / S⌋``
 SOFTMAX_RECIPROCAL_BITS = 30
+#: LayerNorm/GroupNorm rows: ``rem²`` and ``rem·R`` (``R ≤ 46341``) stay in int32 for at most this many values
+LN_MAX_ROW = 46340
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -447,8 +450,9 @@ def bit_length(m: torch.Tensor) -> torch.Tensor:
 def layernorm_fits(channels: int, in_bound: int) -> bool:
     """Whether :func:`int_layernorm` keeps every intermediate in int32 for ``channels`` channels of centred,
     PTF-shifted input values within ``±in_bound``: the row's sum of squares, at most ``C·(B² + 1)``, plus
-    ``eps_q < 2^29`` must stay below 2^31 (8-bit codes with PTF shifts up to 3: ``C ≤ 386``)."""
-    return channels * (in_bound * in_bound + 1) + (1 << 29) < 1 << 31
+    ``eps_q < 2^29`` must stay below 2^31 (8-bit codes with PTF shifts up to 3: ``C ≤ 386``), and ``rem² <
+    C²`` and the mean's fraction ``rem·R < C·46341`` must too (``C ≤ 46340``: a GroupNorm's rows)."""
+    return channels <= LN_MAX_ROW and channels * (in_bound * in_bound + 1) + (1 << 29) < 1 << 31
 
 
 def layernorm_headroom(channels: int, in_bound: int, limit: int = 12) -> int:
@@ -459,6 +463,33 @@ def layernorm_headroom(channels: int, in_bound: int, limit: int = 12) -> int:
     while s < limit and layernorm_fits(channels, in_bound << (s + 1)):
         s += 1
     return s
+
+
+def _normalise_rows(x: torch.Tensor, eps_q: int) -> torch.Tensor:
+    """The normalised values ``n_j`` of :func:`int_layernorm`, each row the last dim of ``x`` (centred, shifted
+    inputs already checked by :func:`layernorm_fits`)."""
+    count = x.shape[-1]
+    total = x.sum(dim=-1, keepdim=True)
+    mean = torch.div(total, count, rounding_mode="floor")
+    rem = total - mean * count
+    d = x - mean
+    v = (d * d).sum(dim=-1, keepdim=True) - torch.div(rem * rem, count, rounding_mode="floor") + int(eps_q)
+    p = ((31 - bit_length(v)) // 2).clamp(max=LN_RECIPROCAL_BITS - LN_FRAC_BITS)
+    w = v << (2 * p)
+    t = isqrt(w)
+    r = (t + (w - t * t > t).to(torch.int64)).clamp_min(1)
+    recip = (1 << LN_RECIPROCAL_BITS) // r
+    frac = torch.div(rem * recip + count // 2, count, rounding_mode="floor")
+    return shift_right_round(d * recip - frac, LN_RECIPROCAL_BITS - LN_FRAC_BITS - p)
+
+
+def _norm_affine(n: torch.Tensor, gamma_q, beta_q, out_shift: int, out_zp, out_qmin: int, out_qmax: int
+                 ) -> torch.Tensor:
+    """``clamp(srr(n·gamma_q + beta_q, out_shift) + out_zp, out_qmin, out_qmax)`` (the constants broadcast)."""
+    acc = n * _i64(torch.as_tensor(gamma_q)).to(n.device) + _i64(torch.as_tensor(beta_q)).to(n.device)
+    if isinstance(out_zp, torch.Tensor):
+        out_zp = _i64(out_zp).to(n.device)
+    return torch.clamp(shift_right_round(acc, out_shift) + out_zp, out_qmin, out_qmax)
 
 
 def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: torch.Tensor | int,
@@ -485,33 +516,42 @@ def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: to
     x = align(q, zero_point, ptf_shift, 0, axis=-1)
     if not layernorm_fits(channels, _absmax(x)):
         raise OverflowError(f"int_layernorm: {channels} channels of values up to {_absmax(x)} exceed int32")
-    total = x.sum(dim=-1, keepdim=True)
-    mean = torch.div(total, channels, rounding_mode="floor")
-    rem = total - mean * channels
-    d = x - mean
-    v = (d * d).sum(dim=-1, keepdim=True) - torch.div(rem * rem, channels, rounding_mode="floor") + int(eps_q)
-    p = ((31 - bit_length(v)) // 2).clamp(max=LN_RECIPROCAL_BITS - LN_FRAC_BITS)
-    w = v << (2 * p)
-    t = isqrt(w)
-    r = (t + (w - t * t > t).to(torch.int64)).clamp_min(1)
-    recip = (1 << LN_RECIPROCAL_BITS) // r
-    frac = torch.div(rem * recip + channels // 2, channels, rounding_mode="floor")
-    n = shift_right_round(d * recip - frac, LN_RECIPROCAL_BITS - LN_FRAC_BITS - p)
-    acc = n * _i64(torch.as_tensor(gamma_q)).to(q.device) + _i64(torch.as_tensor(beta_q)).to(q.device)
-    if isinstance(out_zp, torch.Tensor):
-        out_zp = _i64(out_zp).to(q.device)
-    return torch.clamp(shift_right_round(acc, out_shift) + out_zp, out_qmin, out_qmax)
+    return _norm_affine(_normalise_rows(x, eps_q), gamma_q, beta_q, out_shift, out_zp, out_qmin, out_qmax)
+
+
+def int_groupnorm(q: torch.Tensor, groups: int, zero_point: int, in_shift: int, gamma_q: torch.Tensor,
+                  beta_q: torch.Tensor, eps_q: int, out_shift: int, out_zp: int, out_qmin: int,
+                  out_qmax: int) -> torch.Tensor:
+    """Integer GroupNorm of ``q`` ``[B, C, *spatial]``: :func:`int_layernorm`'s arithmetic with each row one
+    group of ``C / groups`` channels and every position (``L`` elements), and the affine per channel.
+
+    ``x = (q − zp) << in_shift``, then ``n`` per row exactly as in :func:`int_layernorm` with ``L`` in place of
+    ``C``, and ``code = clamp(srr(n·gamma_q[c] + beta_q[c], out_shift) + out_zp, out_qmin, out_qmax)`` for an
+    element of channel ``c``. Constants: :func:`layernorm_constants` with ``count = L``. Range: as LayerNorm,
+    :func:`layernorm_fits` of ``L`` elements (OverflowError otherwise).
+    """
+    q = _i64(q)
+    b, c = q.shape[:2]
+    x = align(q, zero_point, in_shift, 0).reshape(b, groups, -1)  # [B, C, *S] -> [B, G, L]
+    if not layernorm_fits(x.shape[-1], _absmax(x)):
+        raise OverflowError(f"int_groupnorm: rows of {x.shape[-1]} values up to {_absmax(x)} exceed int32")
+    n = _normalise_rows(x, eps_q).reshape(b, c, -1)  # [B, G, L] -> [B, C, prod(S)]
+    codes = _norm_affine(n, _i64(torch.as_tensor(gamma_q)).reshape(c, 1), _i64(torch.as_tensor(beta_q)).reshape(c, 1),
+                         out_shift, out_zp, out_qmin, out_qmax)
+    return codes.reshape(q.shape)
 
 
 def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_scale: float, channels: int,
                         out_scale: torch.Tensor | float, out_qmin: int, out_qmax: int,
-                        out_zp: torch.Tensor | int) -> dict[str, torch.Tensor | int]:
+                        out_zp: torch.Tensor | int, count: int | None = None) -> dict[str, torch.Tensor | int]:
     """Integer constants of :func:`int_layernorm` (setup time, float64): ``gamma_q``, ``beta_q``, ``eps_q``,
     ``out_shift``.
 
     The kernel then approximates ``layer_norm(x)·gamma + beta`` for input ``x = (q − zp)·2^c_j·in_scale``
     (``in_scale`` the base scale; the PTF factors ``2^c_j`` go in ``ptf_shift``) and output codes at
-    ``out_scale`` (a float, or per-channel ``[C]`` to fold a following per-channel division).
+    ``out_scale`` (a float, or per-channel ``[C]`` to fold a following per-channel division). ``count``: the
+    values normalised together, where they are not the ``C`` channels (a GroupNorm's rows, :func:`int_groupnorm`:
+    ``C`` below then means ``count``, while gamma and beta keep one entry per channel).
 
     * ``eps_q = round(C·eps / in_scale²)``, capped at ``2^29 − 1`` (an epsilon that large already holds
       every normalised value below ``2^-14.5·√C·max|x|``).
@@ -524,8 +564,9 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
 
     Rounding half up throughout. Raises ValueError when ``gamma`` needs ``out_shift < 0``.
     """
+    count = channels if count is None else count
     os_ = torch.as_tensor(out_scale, dtype=torch.float64)
-    g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1) * math.sqrt(channels) / os_
+    g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1) * math.sqrt(count) / os_
     bt = torch.as_tensor(beta, dtype=torch.float64).reshape(-1) / os_
     if g.numel() != channels or bt.numel() != channels:
         raise ValueError(f"gamma/beta must have {channels} entries")
@@ -540,7 +581,7 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
     if out_shift < 0:
         raise ValueError(f"LayerNorm gain {gmax:.3g} (in output codes) is too large for the integer kernel")
     bound = (1 << 29) + (span << out_shift)
-    eps_q = float(round_half_up(torch.tensor(channels * float(eps) / float(in_scale) ** 2, dtype=torch.float64)))
+    eps_q = float(round_half_up(torch.tensor(count * float(eps) / float(in_scale) ** 2, dtype=torch.float64)))
     return {"gamma_q": round_half_up(g * 2.0**e).to(torch.int64),
             "beta_q": round_half_up(bt * 2.0**out_shift).clamp(-bound, bound).to(torch.int64),
             "eps_q": int(min(eps_q, (1 << 29) - 1)), "out_shift": out_shift}

@@ -511,12 +511,29 @@ void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int3
     for (i = 0; i < count; ++i) acc[i] = (a[i] - HQ_P(zpa, i % last)) * (b[i] - HQ_P(zpb, i % last));
 }
 
-void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int32_t *acc) {
-    int32_t c, p;
-    for (c = 0; c < channels; ++c) {
-        int32_t s = 0;
-        for (p = 0; p < hw; ++p) s += x[c * hw + p] - HQ_P(zp, c);
-        acc[c] = s;
+void hq_mul_bcast(const int32_t *a, int32_t zpa, const int32_t *b, int32_t zpb, int32_t outer, int32_t mid,
+                  int32_t inner, int32_t *acc) {
+    /* a [outer, mid, inner] times b [outer, 1, inner], broadcast along mid */
+    int32_t o, m, i;
+    for (o = 0; o < outer; ++o) {
+        const int32_t *bo = b + (int64_t)o * inner;
+        for (m = 0; m < mid; ++m) {
+            int64_t base = ((int64_t)o * mid + m) * inner;
+            for (i = 0; i < inner; ++i) acc[base + i] = (a[base + i] - zpa) * (bo[i] - zpb);
+        }
+    }
+}
+
+void hq_sum_axis(const int32_t *x, int32_t zp, int32_t outer, int32_t n, int32_t inner, int32_t *acc) {
+    /* x [outer, n, inner] summed over n: acc [outer, inner] */
+    int32_t o, k, i;
+    for (o = 0; o < outer; ++o) {
+        int32_t *ao = acc + (int64_t)o * inner;
+        for (i = 0; i < inner; ++i) ao[i] = -n * zp;
+        for (k = 0; k < n; ++k) {
+            const int32_t *xk = x + ((int64_t)o * n + k) * inner;
+            for (i = 0; i < inner; ++i) ao[i] += xk[i];
+        }
     }
 }
 
@@ -592,40 +609,65 @@ static int32_t hq_floor_div32(int32_t num, int32_t den) {
     return (num % den != 0 && num < 0) ? q - 1 : q;
 }
 
+/* one row of a LayerNorm or GroupNorm: ar holds its count centred, shifted values and receives its codes less
+ * acc_zp; gamma_q/beta_q entries each cover run consecutive values (1: LayerNorm; positions: GroupNorm). Every
+ * intermediate in int32 (the bounds are the program's width analysis). */
+static void hq_norm_row(int32_t *ar, int32_t count, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
+                        int32_t run, int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax,
+                        int32_t acc_zp) {
+    int32_t sum = 0, mean, rem, v = 0, bits = 0, p, w, t, root, rec, frac, down, c, j, k;
+    for (j = 0; j < count; ++j) sum += ar[j];
+    mean = hq_floor_div32(sum, count);
+    rem = sum - mean * count;
+    for (j = 0; j < count; ++j) {
+        ar[j] -= mean;
+        v += ar[j] * ar[j];
+    }
+    v = v - rem * rem / count + eps_q;
+    while (bits < 31 && (v >> bits) != 0) ++bits;
+    p = (31 - bits) / 2;
+    if (p > HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS) p = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS;
+    w = v * (1 << (2 * p));
+    t = hq_isqrt(w);
+    root = t + (w - t * t > t ? 1 : 0);
+    if (root < 1) root = 1;
+    rec = (1 << HQ_LN_RECIPROCAL_BITS) / root;
+    frac = (rem * rec + count / 2) / count;
+    down = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS - p;
+    for (c = 0, j = 0; j < count; ++c) {
+        for (k = 0; k < run; ++k, ++j) {
+            int32_t n = hq_srr32(ar[j] * rec - frac, down);
+            int32_t code = hq_srr32(n * gamma_q[c] + beta_q[c], out_shift) + out_zp;
+            ar[j] = (code < out_qmin ? out_qmin : (code > out_qmax ? out_qmax : code)) - acc_zp;
+        }
+    }
+}
+
 void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_zp, const int32_t *ptf_shift,
                    int32_t ptf_len, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q, int32_t out_shift,
                    int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp, int32_t *acc) {
-    /* every intermediate in int32 (the bounds are the program's width analysis); acc holds d, then the codes */
     int32_t r, j;
     for (r = 0; r < rows; ++r) {
         const int32_t *xr = x + (int64_t)r * channels;
         int32_t *ar = acc + (int64_t)r * channels;
-        int32_t sum = 0, mean, rem, v = 0, bits = 0, p, w, t, root, rec, frac;
-        for (j = 0; j < channels; ++j) {
-            ar[j] = (xr[j] - in_zp) * (1 << ptf_shift[ptf_len == 1 ? 0 : j]);
-            sum += ar[j];
-        }
-        mean = hq_floor_div32(sum, channels);
-        rem = sum - mean * channels;
-        for (j = 0; j < channels; ++j) {
-            ar[j] -= mean;
-            v += ar[j] * ar[j];
-        }
-        v = v - rem * rem / channels + eps_q;
-        while (bits < 31 && (v >> bits) != 0) ++bits;
-        p = (31 - bits) / 2;
-        if (p > HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS) p = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS;
-        w = v * (1 << (2 * p));
-        t = hq_isqrt(w);
-        root = t + (w - t * t > t ? 1 : 0);
-        if (root < 1) root = 1;
-        rec = (1 << HQ_LN_RECIPROCAL_BITS) / root;
-        frac = (rem * rec + channels / 2) / channels;
-        for (j = 0; j < channels; ++j) {
-            int32_t n = hq_srr32(ar[j] * rec - frac, HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS - p);
-            int32_t code = hq_srr32(n * gamma_q[j] + beta_q[j], out_shift) + out_zp;
-            ar[j] = (code < out_qmin ? out_qmin : (code > out_qmax ? out_qmax : code)) - acc_zp;
-        }
+        for (j = 0; j < channels; ++j) ar[j] = (xr[j] - in_zp) * (1 << ptf_shift[ptf_len == 1 ? 0 : j]);
+        hq_norm_row(ar, channels, eps_q, gamma_q, beta_q, 1, out_shift, out_zp, out_qmin, out_qmax, acc_zp);
+    }
+}
+
+void hq_group_norm(const int32_t *x, int32_t batch, int32_t groups, int32_t channels, int32_t positions,
+                   int32_t in_zp, int32_t in_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
+                   int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp,
+                   int32_t *acc) {
+    /* [B, C, positions] in rows of one group: C / groups channels at every position */
+    int32_t per = channels / groups, count = per * positions, r, j;
+    for (r = 0; r < batch * groups; ++r) {
+        const int32_t *xr = x + (int64_t)r * count;
+        int32_t *ar = acc + (int64_t)r * count;
+        int32_t first = (r % groups) * per;
+        for (j = 0; j < count; ++j) ar[j] = (xr[j] - in_zp) * (1 << in_shift);
+        hq_norm_row(ar, count, eps_q, gamma_q + first, beta_q + first, positions, out_shift, out_zp, out_qmin,
+                    out_qmax, acc_zp);
     }
 }
 

@@ -95,7 +95,9 @@ void hq_cat_part(const int32_t *x, hq_param zp, hq_param shift, int32_t outer, i
                  int32_t out_row, int32_t out_offset, int32_t *acc);
 void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t count, int32_t last,
             int32_t *acc);
-void hq_sum_hw(const int32_t *x, hq_param zp, int32_t channels, int32_t hw, int32_t *acc);
+void hq_mul_bcast(const int32_t *a, int32_t zpa, const int32_t *b, int32_t zpb, int32_t outer, int32_t mid,
+                  int32_t inner, int32_t *acc);
+void hq_sum_axis(const int32_t *x, int32_t zp, int32_t outer, int32_t n, int32_t inner, int32_t *acc);
 void hq_lut(const int32_t *x, int32_t count, hq_table table, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
 void hq_channel_lut(const int32_t *x, int32_t count, int32_t inner, int32_t channels, hq_table table,
                     int32_t size, int32_t in_qmin, int32_t acc_zp, int32_t *acc);
@@ -104,6 +106,10 @@ void hq_softmax(const int32_t *x, int32_t outer, int32_t len, int32_t inner, con
 void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_zp, const int32_t *ptf_shift,
                    int32_t ptf_len, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q, int32_t out_shift,
                    int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp, int32_t *acc);
+void hq_group_norm(const int32_t *x, int32_t batch, int32_t groups, int32_t channels, int32_t positions,
+                   int32_t in_zp, int32_t in_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
+                   int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp,
+                   int32_t *acc);
 void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out);
 int32_t hq_isqrt(int32_t v);
 
