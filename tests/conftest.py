@@ -124,15 +124,18 @@ def hub_offline(monkeypatch, tmp_path):
 QIMG = 64  # MobileViT needs 64x64 or more: its last stage works on 2x2 maps
 
 
-def make_bn_model(arch: str = ARCH, num_classes: int = len(CLASSES), seed: int = 0) -> torch.nn.Module:
-    """A seeded model with non-trivial BatchNorm statistics (so folding is tested for real)."""
+def make_bn_model(arch: str = ARCH, num_classes: int = len(CLASSES), seed: int = 0,
+                  img_size: int | None = None) -> torch.nn.Module:
+    """A seeded model with non-trivial BatchNorm statistics (so folding is tested for real); ``img_size`` for
+    the architectures that size their attention biases by it."""
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model(arch, num_classes=num_classes).eval()
+    kwargs = {"img_size": img_size} if img_size is not None else {}
+    model = timm.create_model(arch, num_classes=num_classes, **kwargs).eval()
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             c = m.num_features
             m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
             m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)

@@ -210,3 +210,20 @@ def test_axis_sum_kernel(shape, first, last, tmp_path):
     got = _run(tmp_path, STRICT, [_array("int32_t", "x", x)], f"hq_sum_axis(x, 100, {outer}, {n}, {inner}, acc);",
                outer * inner)
     assert np.array_equal(got, (x - 100).sum(axis=tuple(range(first, last + 1))).reshape(-1))
+
+
+@pytest.mark.parametrize("factors,size", [((2, 2), (3, 5)), ((3, 1), (2, 2))])
+def test_upsample_kernel_is_the_integer_upsampling(factors, size, tmp_path):
+    from hybridquant.primitives.arith import int_upsample_bilinear
+
+    x = torch.randint(0, 256, (1, 3, *size), generator=torch.Generator().manual_seed(1))
+    want = int_upsample_bilinear(x - 77, *factors).reshape(-1).numpy()
+    call = f"hq_upsample_bilinear(x, 77, 3, {size[0]}, {size[1]}, {factors[0]}, {factors[1]}, acc);"
+    assert np.array_equal(_run(tmp_path, STRICT, [_array("int32_t", "x", x.numpy())], call, want.size), want)
+
+
+def test_add_const_kernel(tmp_path):
+    x, v = np.arange(-5, 7), np.arange(12) * 3 - 20
+    got = _run(tmp_path, STRICT, [_array("int32_t", "x", x), _array("int32_t", "v", v)],
+               "hq_add_const(x, -2, v, 12, acc);", 12)
+    assert np.array_equal(got, x + 2 + v)

@@ -84,6 +84,10 @@ HYBRIDS = {
                       "layout"},
     "mobilevitv2_050": {"conv2d", "linear", "mul", "add", "lut", "softmax", "group_norm", "sum", "global_avg_pool",
                         "layout"},
+    "efficientformerv2_s0": {"conv2d", "linear", "matmul", "add", "add_const", "lut", "softmax", "upsample_bilinear",
+                             "global_avg_pool", "layout"},
+    "efficientvit_m0": {"conv2d", "linear", "matmul", "mul", "add", "add_const", "cat", "lut", "softmax",
+                        "global_avg_pool", "layout"},
 }
 
 
@@ -95,7 +99,7 @@ def hybrid_qgraph(request, mvit_qgraph, calib_images):
     from hybridquant.graph import capture
     from tests.conftest import QIMG, make_bn_model
 
-    graph = capture(make_bn_model(request.param), (3, QIMG, QIMG))
+    graph = capture(make_bn_model(request.param, img_size=QIMG), (3, QIMG, QIMG))
     return request.param, quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib_images)
 
 
@@ -105,6 +109,8 @@ def test_reader_reproduces_the_hybrids(hybrid_qgraph, calib_images, tmp_path):
     manifest = export_npz(qg, path)
     assert HYBRIDS[name] <= {op["kind"] for op in manifest["ops"]}
     _assert_reader_matches(path, qg, calib_images[:3])
+    logits, _ = IntegerModel(qg).run(calib_images[:3])
+    assert torch.equal(logits, qg.run(calib_images[:3]))  # the simulation is the integer program
 
 
 def test_manifest_layout(toy_calib, tmp_path):

@@ -78,17 +78,33 @@ def test_layout_ops_have_one_input(mvit_graph):
     assert all(len(n.inputs) == 1 for n in mvit_graph if n.op in LAYOUT_OPS)
 
 
-@pytest.mark.parametrize("arch", ["mobilevit_xxs", "mobilevitv2_050"])
-def test_every_bundled_family_is_captured_exactly(arch):
-    """MobileViT v1 (softmax attention) and v2 (separable linear attention: split, sum, expand)."""
+#: each family's smallest model, and the ops its capture must hold
+FAMILIES = {
+    "mobilevit_xxs": {"softmax", "layer_norm", "matmul"},  # softmax attention over patches
+    "mobilevitv2_050": {"group_norm", "sum", "expand", "mul"},  # separable linear attention
+    # attention biases (constants added), talking heads, a strided attention (1x1 pools as strided slices, a
+    # bilinear upsampling back), layer scales (folded into their convs), BatchNorm before the two heads
+    "efficientformerv2_s0": {"add_const", "upsample_bilinear", "gelu", "matmul"},
+    # cascaded group attention (chunks as slices, a depthwise conv on the queries taking the attention scale),
+    # squeeze-excitation (a broadcast product), BatchNorm1d before the classifier
+    "efficientvit_m0": {"add_const", "sigmoid", "mul", "matmul", "cat"},
+}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_every_family_is_captured_exactly(arch):
+    """The captured graph computes the model's function: folds (BatchNorm into the conv before it or the
+    linears after it, layer and attention scales into their convs) leave it unchanged."""
     from tests.conftest import QIMG, make_bn_model
 
-    model = make_bn_model(arch)
+    model = make_bn_model(arch, img_size=QIMG)
     graph = capture(model, (3, QIMG, QIMG))
     x = torch.randn(2, 3, QIMG, QIMG)
     with torch.no_grad():
         assert _rel_err(graph(x), model(x)) <= 1e-5
     assert len(graph.by_op("conv2d")) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert FAMILIES[arch] <= {n.op for n in graph}
+    assert not graph.by_op("batch_norm") and not [n for n in graph.by_op("mul_const") if "value" in n.params]
 
 
 def test_linear_attention_ops_of_mobilevitv2():

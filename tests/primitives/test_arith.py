@@ -576,3 +576,17 @@ def test_int_layernorm_refuses_overflow():
     k = layernorm_constants(torch.ones(1024), torch.zeros(1024), 1e-5, 1.0, 1024, 0.1, -128, 127, 0)
     with pytest.raises(OverflowError):
         int_layernorm(q, 0, 3, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
+
+
+# --- 7. bilinear upsampling ------------------------------------------------------------
+@pytest.mark.parametrize("factors,size", [((2, 2), (3, 5)), ((3, 2), (4, 1)), ((1, 4), (2, 3))])
+def test_int_upsample_bilinear_is_torch_bilinear_times_the_weight_unit(factors, size):
+    """Exactly 4·fh·fw times torch's float bilinear upsampling (half-pixel centres), borders included."""
+    from hybridquant.primitives.arith import int_upsample_bilinear
+
+    x = torch.randint(-128, 128, (2, 3, *size), generator=torch.Generator().manual_seed(sum(size)))
+    got = int_upsample_bilinear(x, *factors)
+    ref = F.interpolate(x.double(), scale_factor=factors, mode="bilinear", align_corners=False)
+    assert got.dtype == torch.int64 and got.shape == ref.shape
+    assert torch.equal(got, torch.round(ref * 4 * factors[0] * factors[1]).to(torch.int64))
+    assert float((got.double() - ref * 4 * factors[0] * factors[1]).abs().max()) < 1e-6  # no rounding needed

@@ -241,6 +241,21 @@ def group_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     return codes.reshape(q.shape)
 
 
+def _taps(size: int, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.maximum(2 * np.arange(size * f) + 1 - f, 0)
+    i0 = pos // (2 * f)
+    w1 = pos - i0 * 2 * f
+    return i0, np.minimum(i0 + 1, size - 1), 2 * f - w1, w1
+
+
+def upsample_bilinear(x: np.ndarray, fh: int, fw: int) -> np.ndarray:
+    """Bilinear upsampling of centred codes by integer factors (half-pixel), times 4·fh·fw: exact integers."""
+    h0, h1, a0, a1 = _taps(x.shape[-2], fh)
+    w0, w1, b0, b1 = _taps(x.shape[-1], fw)
+    rows = x[..., h0, :] * a0[:, None] + x[..., h1, :] * a1[:, None]
+    return rows[..., w0] * b0 + rows[..., w1] * b1
+
+
 def softmax(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     dim = op["attrs"]["dim"]
     table = p.get(op, "exp_table")
@@ -267,9 +282,9 @@ def layout(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
     if kind == "select":
         dim = a["dim"] % x.ndim
         return x[(slice(None),) * dim + (a["index"],)]
-    if kind == "slice":  # torch.narrow(dim, start, end - start)
+    if kind == "slice":  # x[..., start:end:step] along dim
         dim = a["dim"] % x.ndim
-        return x[(slice(None),) * dim + (slice(a["start"], a["end"]),)]
+        return x[(slice(None),) * dim + (slice(a["start"], a["end"], a.get("step", 1)),)]
     if kind == "expand":  # torch.expand: -1 keeps a size, new dims lead
         shape = list(a["shape"])
         lead = len(shape) - x.ndim
@@ -330,6 +345,10 @@ def run_codes(p: Program, q_in: np.ndarray, trace: dict[str, np.ndarray] | None 
         elif kind in ("add", "cat"):
             parts = [zp(k, v) << p.get(op, f"align_shift.{k}") for k, v in enumerate(ins)]
             acc = parts[0] + parts[1] if kind == "add" else np.concatenate(parts, axis=op["attrs"]["dim"])
+        elif kind == "upsample_bilinear":
+            acc = upsample_bilinear(zp(0, ins[0]), *op["attrs"]["scale"])
+        elif kind == "add_const":
+            acc = zp(0, ins[0]) + p.get(op, "bias")
         elif kind == "mul":
             acc = zp(0, ins[0]) * zp(1, ins[1])
         elif kind == "mul_const":

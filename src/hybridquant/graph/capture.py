@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import fx, nn
 
 from ..errors import HybridQuantError
 from .ir import Graph, Node, unique_name
-from .transforms import fold_batch_norm, remove_identities
+from .transforms import fold_batch_norm, fold_constant_scales, remove_identities
 
 # timm classes -> the block kinds reports talk about
 _BLOCK_KINDS = {
@@ -91,16 +92,38 @@ class _Translator:
         self.taken: set[str] = set()
         self.unbinds: dict[str, tuple[str, int]] = {}
         self.splits: dict[str, tuple[str, int, list[int]]] = {}  # split node -> (source, dim, chunk sizes)
+        # values computed from parameters and buffers alone (a layer scale's view, an attention-bias table's
+        # gather): evaluated once here, so the graph holds them as constants
+        self.consts: dict[str, torch.Tensor] = {}
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         if arg is None:
             return None
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            obj = self.gm
-            for part in arg.target.split("."):
-                obj = getattr(obj, part)
-            return obj.detach().clone().float()
+        if isinstance(arg, fx.Node) and arg.name in self.consts:
+            return self.consts[arg.name].detach().clone().float()
         raise HybridQuantError(f"expected a parameter, got {arg}")
+
+    def _attr(self, n: fx.Node) -> torch.Tensor:
+        obj = self.gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+
+    def _is_const(self, arg: Any) -> bool:
+        return isinstance(arg, fx.Node) and arg.name in self.consts
+
+    def _fold_constant(self, n: fx.Node) -> bool:
+        """Evaluate ``n`` when every tensor it reads is a constant (no path from the image); True if it was."""
+        nodes = _flat_nodes((n.args, n.kwargs))
+        if not nodes or not all(self._is_const(x) for x in nodes):
+            return False
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: self.consts[x.name])
+        with torch.no_grad():
+            value = n.target(*args, **kwargs)
+        if not isinstance(value, torch.Tensor):
+            return False
+        self.consts[n.name] = value
+        return True
 
     def _name(self, base: str) -> str:
         return unique_name(base, self.taken)
@@ -122,8 +145,10 @@ class _Translator:
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 self.emit(n, "input", [], label="input")
-            elif n.op == "get_attr" or (n.op == "call_module" and n.target == "_guards_fn"):
-                continue  # parameters are read where used; export's shape guards are not ops
+            elif n.op == "get_attr":
+                self.consts[n.name] = self._attr(n)  # parameters are read where used
+            elif n.op == "call_module" and n.target == "_guards_fn":
+                continue  # export's shape guards are not ops
             elif n.op == "output":
                 out = n.args[0]
                 out = out[0] if isinstance(out, (list, tuple)) else out
@@ -136,7 +161,7 @@ class _Translator:
 
     def _call(self, n: fx.Node) -> None:  # noqa: C901 - one branch per ATen op
         t, a = n.target, n.args
-        if t in _SHAPE_ONLY:
+        if t in _SHAPE_ONLY or self._fold_constant(n):
             return
         if t in _IDENTITY:
             self.names[n.name] = self._ref(a[0])
@@ -160,12 +185,13 @@ class _Translator:
         elif t == _ATEN.add.Tensor:
             if not all(isinstance(x, fx.Node) for x in a[:2]) or n.kwargs.get("alpha", 1) != 1:
                 raise HybridQuantError(f"add with a constant is not supported ({n.name})")
-            self.emit(n, "add", [self._ref(a[0]), self._ref(a[1])])
-        elif t == _ATEN.mul.Tensor:
-            if isinstance(a[1], (int, float)):
-                self.emit(n, "mul_const", [self._ref(a[0])], {"value": float(a[1])})
+            const = [k for k in (0, 1) if self._is_const(a[k])]
+            if const:  # an attention-bias table, a learned offset
+                self.emit(n, "add_const", [self._ref(a[1 - const[0]])], {}, {"value": self._tensor(a[const[0]])})
             else:
-                self.emit(n, "mul", [self._ref(a[0]), self._ref(a[1])])
+                self.emit(n, "add", [self._ref(a[0]), self._ref(a[1])])
+        elif t in (_ATEN.mul.Tensor, _ATEN.div.Tensor):
+            self._mul(n, t == _ATEN.div.Tensor)
         elif t == _ATEN.cat.default:
             self.emit(n, "cat", [self._ref(x) for x in a[0]], {"dim": int(a[1]) if len(a) > 1 else 0})
         elif t in _UNARY:
@@ -182,8 +208,15 @@ class _Translator:
                       {"weight": self._tensor(a[2] if len(a) > 2 else None), "bias": self._tensor(a[3] if len(a) > 3 else None)})
         elif t == _ATEN.adaptive_avg_pool2d.default and list(a[1]) == [1, 1]:
             self.emit(n, "global_avg_pool", [self._ref(a[0])])
-        elif t == _ATEN.mean.dim and sorted(int(d) % 4 for d in a[1]) == [2, 3] and (a[2:3] or [False])[0]:
-            self.emit(n, "global_avg_pool", [self._ref(a[0])])
+        elif t == _ATEN.mean.dim and len(a[0].meta["val"].shape) == 4 and sorted(int(d) % 4 for d in a[1]) == [2, 3]:
+            if (a[2:3] or [False])[0]:
+                self.emit(n, "global_avg_pool", [self._ref(a[0])])
+            else:  # [B, C, H, W] -> [B, C]: the pool, then its two unit dims dropped
+                pool = self._name(f"{_module_info(n)[0] or 'head'}.global_avg_pool")
+                path, kind = _module_info(n)
+                self.nodes.append(Node(pool, "global_avg_pool", [self._ref(a[0])], {}, {}, path, kind))
+                self.names[n.name] = pool
+                self.emit(n, "flatten", [pool], {"start": 1, "end": -1})
         elif t in (_ATEN.reshape.default, _ATEN.view.default, _ATEN._unsafe_view.default):
             self.emit(n, "reshape", [self._ref(a[0])], {"shape": self._static_shape(n, a[1])})
         elif t == _ATEN.transpose.int:
@@ -196,6 +229,29 @@ class _Translator:
             self.unbinds[n.name] = (self._ref(a[0]), int(a[1]) if len(a) > 1 else 0)
         elif t == _ATEN.split_with_sizes.default:
             self.splits[n.name] = (self._ref(a[0]), int(a[2]) if len(a) > 2 else 0, [int(s) for s in a[1]])
+        elif t in (_ATEN.chunk.default, _ATEN.split.Tensor):
+            dim = int(a[2]) if len(a) > 2 else 0
+            length = int(a[0].meta["val"].shape[dim])
+            step = -(-length // int(a[1])) if t == _ATEN.chunk.default else int(a[1])
+            self.splits[n.name] = (self._ref(a[0]), dim, [min(step, length - k) for k in range(0, length, step)])
+        elif t == _ATEN.slice.Tensor:
+            dim, start, end, step = (list(a[1:]) + [0, None, None, 1][len(a) - 1:])[:4]
+            length = int(a[0].meta["val"].shape[int(dim)])
+            start, end, _ = slice(start, end).indices(length)
+            self.emit(n, "slice", [self._ref(a[0])], {"dim": int(dim), "start": start, "end": end, "step": int(step)})
+        elif t == _ATEN.upsample_bilinear2d.vec:
+            self._upsample(n)
+        elif t == _ATEN.avg_pool2d.default and _is_subsample(a):
+            # a 1x1 average pool with a stride only picks pixels: every stride-th row and column
+            stride = [int(v) for v in a[2]]
+            first = self._name(f"{_module_info(n)[0] or 'pool'}.rows")
+            path, kind = _module_info(n)
+            self.nodes.append(Node(first, "slice", [self._ref(a[0])],
+                                   {"dim": 2, "start": 0, "end": int(a[0].meta["val"].shape[2]), "step": stride[0]},
+                                   {}, path, kind))
+            self.names[n.name] = first
+            self.emit(n, "slice", [first], {"dim": 3, "start": 0, "end": int(a[0].meta["val"].shape[3]),
+                                            "step": stride[1]})
         elif t == operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.splits:
             src, dim, sizes = self.splits[a[0].name]
             start = sum(sizes[: int(a[1])])
@@ -216,6 +272,33 @@ class _Translator:
                 f"the engine cannot quantize op {t} (node {n.name}" + (f" in module {path})" if path else ")")
             )
 
+    def _upsample(self, n: fx.Node) -> None:
+        """A bilinear upsampling by integer factors with half-pixel centres (``nn.Upsample(scale_factor=2)``)."""
+        x = n.args[0]
+        align_corners = bool(n.args[2]) if len(n.args) > 2 else False
+        (h, w), (ho, wo) = x.meta["val"].shape[2:], n.meta["val"].shape[2:]
+        if align_corners or ho % h or wo % w:
+            raise HybridQuantError(f"the engine cannot quantize a bilinear resize other than by integer factors with "
+                                   f"half-pixel centres (node {n.name}: {h}x{w} -> {ho}x{wo}, "
+                                   f"align_corners={align_corners})")
+        self.emit(n, "upsample_bilinear", [self._ref(x)], {"scale": [int(ho) // int(h), int(wo) // int(w)]})
+
+    def _mul(self, n: fx.Node, divide: bool) -> None:
+        """A product (or quotient) of a value with a number, a constant tensor, or another value."""
+        a = n.args
+        x, other = (a[1], a[0]) if self._is_const(a[0]) else (a[0], a[1])
+        if self._is_const(other) and self.consts[other.name].numel() == 1:
+            other = float(self.consts[other.name])
+        if isinstance(other, (int, float)):
+            self.emit(n, "mul_const", [self._ref(x)], {"value": 1.0 / float(other) if divide else float(other)})
+        elif self._is_const(other):
+            value = self._tensor(other)
+            self.emit(n, "mul_const", [self._ref(x)], {}, {"value": 1.0 / value if divide else value})
+        elif divide:
+            raise HybridQuantError(f"the engine cannot quantize a division of two values (node {n.name})")
+        else:
+            self.emit(n, "mul", [self._ref(a[0]), self._ref(a[1])])
+
     @staticmethod
     def _static_shape(n: fx.Node, shape) -> list[int]:
         # The traced output shape knows every dim but the batch-dependent one: it becomes -1.
@@ -225,6 +308,19 @@ class _Translator:
         if out.count(-1) > 1:
             raise HybridQuantError(f"cannot capture reshape {n.name}: more than one batch-dependent dim")
         return out
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+def _is_subsample(a: tuple) -> bool:
+    """avg_pool2d(x, kernel 1, stride, padding 0): a strided pick of pixels."""
+    kernel = list(a[1]) if len(a) > 1 else []
+    padding = list(a[3]) if len(a) > 3 else [0, 0]
+    return [int(k) for k in kernel] in ([1], [1, 1]) and not any(padding) and len(a) > 2 and bool(a[2])
 
 
 def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
@@ -239,7 +335,9 @@ def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     example = torch.randn(2, *input_size)
     try:
-        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+        with warnings.catch_warnings():  # timm's attention-bias caches are attributes, not buffers: harmless here
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
     except HybridQuantError:
         raise
     except Exception as exc:
@@ -249,5 +347,6 @@ def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
     nodes = _Translator(gm).translate()
     graph = Graph(nodes, meta={"input_size": list(input_size)})
     fold_batch_norm(graph)
+    fold_constant_scales(graph)
     remove_identities(graph)
     return graph

@@ -4,7 +4,7 @@ quantization, its integer lowering, how the integer program runs it and its cons
 Modules: :mod:`.io` (input quantizer, output dequantization), :mod:`.conv` (conv2d, linear),
 :mod:`.matmul`, :mod:`.add_concat`, :mod:`.mul`, :mod:`.unary` (lookup tables), :mod:`.softmax`,
 :mod:`.layer_norm`, :mod:`.group_norm`, :mod:`.norms` (BatchNorm), :mod:`.pooling`, :mod:`.layout`,
-:mod:`.scale_channels` (outlier scaling). Walkers look ops up with :func:`op_def` and
+:mod:`.scale_channels` (outlier scaling), :mod:`.upsample`. Walkers look ops up with :func:`op_def` and
 :func:`program_kind` (:mod:`.registry`).
 """
 
@@ -22,6 +22,7 @@ from . import (
     scale_channels,
     softmax,
     unary,
+    upsample,
 )
 from .registry import (
     COUNT_KEYS,
@@ -41,4 +42,4 @@ from .unary import unary_fn
 
 __all__ = ["COUNT_KEYS", "OP_DEFS", "PROGRAM_KIND_DEFS", "OpDef", "OpSet", "ProgramKind", "add_concat", "conv", "group_norm", "io", "layer_norm", "layout",
            "matmul", "mul", "norms", "op_def", "op_providing", "ops_where", "pooling", "program_kind", "register", "run_float",
-           "scale_channels", "softmax", "unary", "unary_fn"]
+           "scale_channels", "softmax", "unary", "unary_fn", "upsample"]

@@ -14,9 +14,15 @@ _LAYOUT = {
     "permute": lambda n, i: i[0].permute(n.attrs["dims"]),
     "flatten": lambda n, i: i[0].flatten(n.attrs["start"], n.attrs["end"]),
     "select": lambda n, i: i[0].select(n.attrs["dim"], n.attrs["index"]),
-    "slice": lambda n, i: i[0].narrow(n.attrs["dim"], n.attrs["start"], n.attrs["end"] - n.attrs["start"]),
+    "slice": lambda n, i: _slice(i[0], n.attrs),
     "expand": lambda n, i: i[0].expand(n.attrs["shape"]),
 }
+
+
+def _slice(x: torch.Tensor, a: dict) -> torch.Tensor:
+    """``x[..., start:end:step, ...]`` along ``dim`` (``step`` 1 when absent)."""
+    dim = int(a["dim"]) % x.dim()
+    return x[(slice(None),) * dim + (slice(int(a["start"]), int(a["end"]), int(a.get("step", 1))),)]
 
 
 def _reshape_target(ex, node) -> np.ndarray:
@@ -52,8 +58,10 @@ def _onnx_select(ex, node, xs):
 
 
 def _onnx_slice(ex, node, xs):
-    ints = [np.array([int(node.attrs[k])], np.int64) for k in ("start", "end", "dim")]
-    consts = [ex.b.const(f"{node.name}.{k}", v) for k, v in zip(("starts", "ends", "axes"), ints, strict=True)]
+    a = {"step": 1, **node.attrs}
+    ints = [np.array([int(a[k])], np.int64) for k in ("start", "end", "dim", "step")]
+    names = ("starts", "ends", "axes", "steps")
+    consts = [ex.b.const(f"{node.name}.{k}", v) for k, v in zip(names, ints, strict=True)]
     return ex.b.add("Slice", [xs[0], *consts], node.name)
 
 
@@ -107,6 +115,6 @@ def _c(op, em):
 
 register(
     *(OpDef(name, fn, role="data_movement", lower=_lower, onnx=_ONNX[name]) for name, fn in _LAYOUT.items()),
-    ProgramKind("layout", "reshape / transpose / permute / flatten / select / slice / expand of the codes (torch "
+    ProgramKind("layout", "reshape / transpose / permute / flatten / select / slice (with a step) / expand of the codes (torch "
                           "semantics, batch dim included)", run=_run, result="codes", computes=False, c=_c),
 )

@@ -1,9 +1,11 @@
-"""Elementwise products: of two activations, or of one with a constant folded into its requantization."""
+"""Elementwise products: of two activations, or of one with a constant (a number, folded into its
+requantization; a constant tensor — a layer scale — is folded into the layer before it at capture)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import HybridQuantError
 from .registry import OpDef, ProgramKind, register
 from .values import Value, c_centred, centred_inputs, elements, per_element, zero, zp_arrays
 
@@ -14,7 +16,15 @@ def _lower_mul(ctx, node, op):
     return Value(lhs.scale.double() * rhs.scale.double(), zero())
 
 
+def const_value(node):
+    """The constant of a ``mul_const`` node: a number (``attrs``) or a tensor (``params``)."""
+    return node.params["value"] if "value" in node.params else node.attrs["value"]
+
+
 def _lower_mul_const(ctx, node, op):
+    if "value" in node.params:
+        raise HybridQuantError(f"cannot lower {node.name}: a product with a constant tensor that does not fold into "
+                               "the layer before it")
     x = ctx.vals[node.inputs[0]]
     ctx.fill(op, "mul_const", node.inputs, {}, zp_arrays([x]))
     return Value(x.scale.double() * node.attrs["value"], zero())
@@ -26,7 +36,8 @@ def _mul(op, c, state, vals, accs):
 
 
 def _onnx_mul_const(ex, node, xs):
-    value = ex.b.const(f"{node.name}.value", np.array(node.attrs["value"], np.float32))
+    v = const_value(node)
+    value = ex.b.const(f"{node.name}.value", ex.array(v) if "value" in node.params else np.array(v, np.float32))
     return ex.b.add("Mul", [xs[0], value], node.name)
 
 
@@ -64,8 +75,8 @@ def _c_mul(op, em):
 
 register(
     OpDef("mul", lambda node, i: i[0] * i[1], lower=_lower_mul, onnx=lambda ex, node, xs: ex.b.add("Mul", xs, node.name)),
-    OpDef("mul_const", lambda node, i: i[0] * node.attrs["value"], lower=_lower_mul_const, onnx=_onnx_mul_const,
-          is_identity=lambda node: node.attrs["value"] == 1.0),
+    OpDef("mul_const", lambda node, i: i[0] * const_value(node), lower=_lower_mul_const, onnx=_onnx_mul_const,
+          is_identity=lambda node: node.attrs.get("value") == 1.0),
     ProgramKind("mul", "acc = (a - in_zero_point.0) * (b - in_zero_point.1); then requant", run=_mul, c=_c_mul,
                 counts=lambda op, program: per_element(op, multiplies=1, adds=2),
                 widths=lambda op, bounds, done, program: {"acc": bounds[op.inputs[0]] * bounds[op.inputs[1]]}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,22 +19,52 @@ def _batch_norm(node, inputs):
 
 
 def _fold_batch_norm(graph, bn) -> None:
-    """w' = w·γ/σ, b' = (b − μ)·γ/σ + β with σ = sqrt(var + eps), into the conv before ``bn``; a BatchNorm not
-    directly after a conv that only it reads cannot be folded and is an error."""
-    conv = graph[bn.inputs[0]]
-    if conv.op != "conv2d" or len(graph.users(conv.name)) != 1:
-        raise HybridQuantError(f"cannot fold BatchNorm {bn.name}: it does not follow a conv")
+    """Fold ``bn`` (y = x·f + g, f = γ/σ, g = β − μ·f, σ = sqrt(var + eps)) into the conv before it (w' = w·f,
+    b' = b·f + g), or else into the linear or unpadded 1×1 conv that alone reads it (w' = w·f along its input
+    channels, b' = b + w·g: a BatchNorm1d before a classifier); an error where neither is there."""
     p = bn.params
     inv_std = torch.rsqrt(p["running_var"].double() + bn.attrs["eps"])
     gamma = p.get("weight", torch.ones_like(inv_std)).double()
     beta = p.get("bias", torch.zeros_like(inv_std)).double()
     factor = gamma * inv_std
-    w = conv.params["weight"].double()
-    b = conv.params.get("bias", torch.zeros(w.shape[0])).double()
-    conv.params["weight"] = (w * factor.reshape(-1, 1, 1, 1)).float()
-    conv.params["bias"] = ((b - p["running_mean"].double()) * factor + beta).float()
-    # the folded conv takes over the BatchNorm's place in reports
-    graph.remove(bn.name, conv.name)
+    offset = beta - p["running_mean"].double() * factor
+    conv = graph[bn.inputs[0]]
+    readers = _channel_readers(graph, bn.name)
+    if conv.op == "conv2d" and len(graph.users(conv.name)) == 1:
+        w = conv.params["weight"].double()
+        b = conv.params.get("bias", torch.zeros(w.shape[0])).double()
+        conv.params["weight"] = (w * factor.reshape(-1, 1, 1, 1)).float()
+        conv.params["bias"] = (b * factor + offset).float()
+        graph.remove(bn.name, conv.name)  # the folded conv takes over the BatchNorm's place in reports
+    elif readers:
+        for nxt in readers:
+            w = nxt.params["weight"].double()
+            b = nxt.params.get("bias", torch.zeros(w.shape[0])).double()
+            nxt.params["bias"] = (b + (w.flatten(2).sum(-1) if w.dim() > 2 else w) @ offset).float()
+            nxt.params["weight"] = (w * factor.reshape([1, -1] + [1] * (w.dim() - 2))).float()
+        graph.remove(bn.name, bn.inputs[0])
+    else:
+        raise HybridQuantError(f"cannot fold BatchNorm {bn.name}: it neither follows a conv nor feeds linears")
+
+
+def _channel_readers(graph, name: str) -> list:
+    """The weighted ops that read value ``name``'s channels (dim 1) at each position, through a global average
+    pool and a flatten to ``[B, C]`` (a per-channel affine commutes with both); empty unless every path ends in
+    one (a linear, or an unpadded 1×1 conv)."""
+    readers, shape = [], graph.shapes()[name]
+    for user in graph.users(name):
+        if user.op == "global_avg_pool" or (user.op == "flatten" and int(user.attrs["start"]) == 1
+                                            and math.prod(shape[2:]) == 1):
+            found = _channel_readers(graph, user.name)
+            if not found:
+                return []
+            readers += found
+        elif (user.opdef.weighted and user.opdef.pointwise is not None and user.opdef.pointwise(user)
+              and (user.op == "conv2d" or len(shape) == 2)):  # a linear reads dim 1 of [B, C] only
+            readers.append(user)
+        else:
+            return []
+    return readers
 
 
 def channel_affine(ex, node, xs):

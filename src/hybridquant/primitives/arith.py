@@ -39,7 +39,9 @@ __all__ = [
     "build_channel_lut",
     "build_lut",
     "div_round_half_up",
+    "bilinear_taps",
     "int_groupnorm",
+    "int_upsample_bilinear",
     "int_layernorm",
     "int_log2_softmax",
     "int_softmax",
@@ -585,3 +587,29 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
     return {"gamma_q": round_half_up(g * 2.0**e).to(torch.int64),
             "beta_q": round_half_up(bt * 2.0**out_shift).clamp(-bound, bound).to(torch.int64),
             "eps_q": int(min(eps_q, (1 << 29) - 1)), "out_shift": out_shift}
+
+
+# --- 7. bilinear upsampling -------------------------------------------------------------
+def bilinear_taps(size: int, factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices and integer weights of each of ``size·factor`` outputs along one dim of a bilinear
+    upsampling by an integer ``factor`` (``align_corners=False``, torch's and ONNX's half-pixel rule).
+
+    Output ``i`` reads source position ``(i + 1/2)/factor − 1/2``, clamped at 0: in units of ``1/(2·factor)``
+    that is ``p = max(0, 2i + 1 − factor)``; ``i0 = p // (2·factor)``, ``i1 = min(i0 + 1, size − 1)``, and
+    the weights ``w1 = p mod 2·factor``, ``w0 = 2·factor − w1`` sum to ``2·factor`` exactly.
+    """
+    i = torch.arange(size * factor, dtype=torch.int64)
+    p = (2 * i + 1 - factor).clamp_min(0)
+    i0 = p // (2 * factor)
+    w1 = p - i0 * 2 * factor
+    return i0, (i0 + 1).clamp_max(size - 1), 2 * factor - w1, w1
+
+
+def int_upsample_bilinear(x: torch.Tensor, factor_h: int, factor_w: int) -> torch.Tensor:
+    """Bilinear upsampling of integer ``x`` ``[..., H, W]`` by integer factors, exactly: the result is
+    ``(2·factor_h)·(2·factor_w)`` times the float upsampling (:func:`bilinear_taps` along each dim)."""
+    x = _i64(x)
+    h0, h1, a0, a1 = bilinear_taps(x.shape[-2], factor_h)
+    w0, w1, b0, b1 = bilinear_taps(x.shape[-1], factor_w)
+    rows = x[..., h0, :] * a0.reshape(-1, 1) + x[..., h1, :] * a1.reshape(-1, 1)  # [..., H·fh, W]
+    return rows[..., w0] * b0 + rows[..., w1] * b1

@@ -511,6 +511,40 @@ void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int3
     for (i = 0; i < count; ++i) acc[i] = (a[i] - HQ_P(zpa, i % last)) * (b[i] - HQ_P(zpb, i % last));
 }
 
+/* taps of one dim of a bilinear upsampling by f (half-pixel centres): sources and weights in units of 1/(2f) */
+static void hq_bilinear_taps(int32_t o, int32_t n, int32_t f, int32_t *i0, int32_t *i1, int32_t *w0, int32_t *w1) {
+    int32_t p = 2 * o + 1 - f;
+    if (p < 0) p = 0;
+    *i0 = p / (2 * f);
+    *w1 = p - *i0 * 2 * f;
+    *w0 = 2 * f - *w1;
+    *i1 = *i0 + 1 < n ? *i0 + 1 : n - 1;
+}
+
+void hq_upsample_bilinear(const int32_t *x, int32_t zp, int32_t channels, int32_t h, int32_t w, int32_t fh,
+                          int32_t fw, int32_t *acc) {
+    int32_t c, oy, ox, ho = h * fh, wo = w * fw;
+    for (c = 0; c < channels; ++c) {
+        const int32_t *xc = x + (int64_t)c * h * w;
+        for (oy = 0; oy < ho; ++oy) {
+            int32_t y0, y1, a0, a1;
+            hq_bilinear_taps(oy, h, fh, &y0, &y1, &a0, &a1);
+            for (ox = 0; ox < wo; ++ox) {
+                int32_t x0, x1, b0, b1;
+                hq_bilinear_taps(ox, w, fw, &x0, &x1, &b0, &b1);
+                acc[((int64_t)c * ho + oy) * wo + ox] =
+                    a0 * (b0 * (xc[y0 * w + x0] - zp) + b1 * (xc[y0 * w + x1] - zp)) +
+                    a1 * (b0 * (xc[y1 * w + x0] - zp) + b1 * (xc[y1 * w + x1] - zp));
+            }
+        }
+    }
+}
+
+void hq_add_const(const int32_t *x, int32_t zp, const int32_t *v, int32_t count, int32_t *acc) {
+    int32_t i;
+    for (i = 0; i < count; ++i) acc[i] = x[i] - zp + v[i];
+}
+
 void hq_mul_bcast(const int32_t *a, int32_t zpa, const int32_t *b, int32_t zpb, int32_t outer, int32_t mid,
                   int32_t inner, int32_t *acc) {
     /* a [outer, mid, inner] times b [outer, 1, inner], broadcast along mid */

@@ -95,6 +95,9 @@ void hq_cat_part(const int32_t *x, hq_param zp, hq_param shift, int32_t outer, i
                  int32_t out_row, int32_t out_offset, int32_t *acc);
 void hq_mul(const int32_t *a, hq_param zpa, const int32_t *b, hq_param zpb, int32_t count, int32_t last,
             int32_t *acc);
+void hq_upsample_bilinear(const int32_t *x, int32_t zp, int32_t channels, int32_t h, int32_t w, int32_t fh,
+                          int32_t fw, int32_t *acc);
+void hq_add_const(const int32_t *x, int32_t zp, const int32_t *v, int32_t count, int32_t *acc);
 void hq_mul_bcast(const int32_t *a, int32_t zpa, const int32_t *b, int32_t zpb, int32_t outer, int32_t mid,
                   int32_t inner, int32_t *acc);
 void hq_sum_axis(const int32_t *x, int32_t zp, int32_t outer, int32_t n, int32_t inner, int32_t *acc);
