@@ -50,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
@@ -778,6 +779,19 @@ def scale_table(results: Path) -> str:
         f"{_env_line([first])}.\n")
 
 
+def support_table(results: Path) -> str:
+    """Which timm hybrids lower to the integer program (``benchmarks/support.py``'s ``support.json``), in the
+    script's own table."""
+    path = results / "support.json"
+    if not path.exists():
+        return _not_measured("`python benchmarks/support.py`")
+    summary = json.loads(path.read_text())
+    spec = importlib.util.spec_from_file_location("bench_support", Path(__file__).with_name("support.py"))
+    support = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(support)
+    return support.markdown(summary["rows"]) + f"\nEnvironment: {_env_line([summary])}.\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registry of generated blocks
 
@@ -814,6 +828,7 @@ block("limits-reading", -1)(limits_reading)
 block("scale", 0)(scale_table)
 block("runtime", 1)(runtime_table)
 block("c-eval", 1)(c_eval_table)
+block("support", 0)(support_table)
 
 
 def render(results: Path, name: str) -> str:

@@ -256,3 +256,20 @@ def test_cli_weights_errors(capsys, tmp_path, data_dir, ckpt_path):
     assert_user_error(rc, err, "pass either --checkpoint or --weights, not both")
     rc, _, err = run(capsys, *eval_args(data_dir, None, "--weights", ""))  # an unset variable: no random weights
     assert_user_error(rc, err, "weights file . is a directory, not a file")
+
+
+def test_img_size_builds_the_attention_biases_for_it(tmp_path):
+    """EfficientFormerV2 sizes its attention biases by the input: load_model builds it for img_size, and a
+    checkpoint's input size is the default; a model class without the argument (FastViT) ignores it."""
+    import timm
+
+    loaded = load_model("efficientformerv2_s0", num_classes=3, img_size=64)
+    with torch.no_grad():
+        assert loaded.model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    path = tmp_path / "effv2.pt"
+    torch.save({"model": "efficientformerv2_s0", "state_dict": loaded.model.state_dict(), "num_classes": 3,
+                "pretrained_cfg": {"input_size": [3, 64, 64]}}, path)
+    assert load_model("efficientformerv2_s0", path).data_cfg["input_size"] == (3, 64, 64)  # loads strictly
+    with pytest.raises(RuntimeError):  # the default (224) biases do not run at 64
+        timm.create_model("efficientformerv2_s0", num_classes=3).eval()(torch.zeros(1, 3, 64, 64))
+    assert load_model("fastvit_t8", num_classes=3, img_size=64).num_classes == 3

@@ -383,7 +383,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         else:
             from .models import load_model
 
-            loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained)
+            loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained, img_size=args.img_size)
             dataset = _eval_dataset(args, loaded.data_cfg, loaded.class_names, loaded.num_classes)
             result = evaluate_sharded(loaded.model.to(device), dataset, args.batch_size, args.workers, device)
             out = {"model": args.model, "source": loaded.source, **result.summary(args.predictions)}
@@ -530,7 +530,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import DataSpec, load_calibration
     from .plots import analysis_plots
 
-    loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained)
+    loaded = load_model(args.model, args.checkpoint, args.weights or args.pretrained, img_size=args.img_size)
     cfg = data_config(loaded.data_cfg, _overrides(args))
     data = DataSpec(args.data, _overrides(args), None, args.calib, args.batch_size, args.workers, args.seed)
     images = load_calibration(data, cfg)

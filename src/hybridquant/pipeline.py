@@ -299,7 +299,7 @@ def prepare(model: str, checkpoint: str | None, pretrained: bool, data: DataSpec
     """Load the model and the calibration images, capture the graph; the eval split stays on disk."""
     with Phases(progress=progress) as rec:
         with phase("load"):
-            loaded = load_model(model, checkpoint, pretrained)
+            loaded = load_model(model, checkpoint, pretrained, img_size=data.overrides.img_size)
             cfg = data_config(loaded.data_cfg, data.overrides)
             eval_set = image_folder(data.root, "eval", eval_transform(cfg))
             check_class_names(eval_set, loaded.class_names, loaded.num_classes)

@@ -117,3 +117,18 @@ def test_linear_attention_ops_of_mobilevitv2():
     assert {(n.attrs["start"], n.attrs["end"] - n.attrs["start"]) for n in slices} >= {(0, 1)}
     assert len(graph.by_op("sum")) == len(graph.by_op("softmax")) == len(graph.by_op("expand"))
     assert all(n.block == "mobilevit" for n in graph.by_op("softmax", "sum"))
+
+
+def test_train_time_branches_are_merged_before_capture():
+    """FastViT (MobileOne blocks): the capture runs the reparameterized model, one conv per merged branch set,
+    and computes the same function; the model passed in keeps its branches."""
+    import timm
+
+    model = timm.create_model("fastvit_t8", num_classes=3).eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    graph = capture(model, (3, 64, 64))
+    assert len(graph.by_op("conv2d")) < convs
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel_err(graph(x), model(x)) <= 1e-4

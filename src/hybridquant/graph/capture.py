@@ -182,12 +182,12 @@ class _Translator:
                       {"weight": self._tensor(a[1]), "bias": self._tensor(a[2] if len(a) > 2 else None)})
         elif t == _ATEN.matmul.default:
             self.emit(n, "matmul", [self._ref(a[0]), self._ref(a[1])])
-        elif t == _ATEN.add.Tensor:
-            if not all(isinstance(x, fx.Node) for x in a[:2]) or n.kwargs.get("alpha", 1) != 1:
-                raise HybridQuantError(f"add with a constant is not supported ({n.name})")
-            const = [k for k in (0, 1) if self._is_const(a[k])]
-            if const:  # an attention-bias table, a learned offset
-                self.emit(n, "add_const", [self._ref(a[1 - const[0]])], {}, {"value": self._tensor(a[const[0]])})
+        elif t == _ATEN.add.Tensor and n.kwargs.get("alpha", 1) == 1:
+            const = [k for k in (0, 1) if not isinstance(a[k], fx.Node) or self._is_const(a[k])]
+            if len(const) == 1:  # an attention-bias table, a learned offset, a number
+                c = a[const[0]]
+                value = self._tensor(c) if isinstance(c, fx.Node) else torch.tensor(float(c))
+                self.emit(n, "add_const", [self._ref(a[1 - const[0]])], {}, {"value": value})
             else:
                 self.emit(n, "add", [self._ref(a[0]), self._ref(a[1])])
         elif t in (_ATEN.mul.Tensor, _ATEN.div.Tensor):
@@ -330,7 +330,10 @@ def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
     :class:`HybridQuantError` naming the op when the model holds one the
     engine cannot quantize.
     """
-    model = copy.deepcopy(model).eval().float()
+    from timm.utils.model import reparameterize_model
+
+    # train-time branches merged into single convs (FastViT, MobileOne); a no-op for other models
+    model = reparameterize_model(copy.deepcopy(model).eval().float(), inplace=True)
     _fold_attention_scale(model)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     example = torch.randn(2, *input_size)
