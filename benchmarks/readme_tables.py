@@ -328,13 +328,15 @@ def c_eval_table(results: Path, model: str) -> str:
     paths = sorted((results / "runtime").glob(f"eval_c_{model}_*.json"))
     if not paths:
         return "_not measured yet: `bash benchmarks/c_check.sh`_\n"
-    lines = ["| quantized model | simulation top-1 % | C top-1 % | C = simulation (top-1) | C codes = integer "
-             "executor's | max logit diff (LSB) | C images/s, 1 thread |", "|---|---|---|---|---|---|---|"]
+    lines = ["| quantized model | FP32 top-1 % | simulation top-1 % | change vs FP32 (points) | C top-1 % | C = simulation "
+             "(top-1) | C codes = integer executor's | max logit diff (LSB) | C images/s, 1 thread |",
+             "|---" * 9 + "|"]
     rows = [json.loads(p.read_text()) for p in paths]
     for r in rows:
         cell = Path(r["qmodel"]).parent
-        sim = json.loads((ROOT / cell / "report.json").read_text())["quant_top1"]
-        lines.append(f"| {cell.name} | {100 * sim:.2f} | {100 * r['top1']:.2f} | {r['agreement_sim']:.4f} | "
+        report = json.loads((ROOT / cell / "report.json").read_text())
+        lines.append(f"| {cell.name} | {100 * report['fp32_top1']:.2f} | {100 * report['quant_top1']:.2f} | "
+                     f"{_signed(-report['drop_pp'])} | {100 * r['top1']:.2f} | {r['agreement_sim']:.4f} | "
                      f"{r['identical_integer']:.4f} | {r['max_logit_diff_lsb']} | {r['images_per_second']:,.1f} |")
     env = rows[0]["environment"]
     return "\n".join(lines) + (f"\n\n{rows[0]['images']} test images each; C flags `{rows[0]['cflags']}`. "
@@ -671,27 +673,38 @@ def ablation_reading(results: Path, label: str) -> str:
                                "top-1). " + ". ".join(notes) + ".\n")
 
 
-def analysis_outliers(results: Path) -> str:
-    """Where the outlier channels are (``hybridquant analyze``'s ``analysis.json``)."""
-    path = results / "analysis" / "analysis.json"
-    if not path.exists():
-        return _not_measured("`hybridquant analyze ... --out-dir benchmarks/results/analysis`")
-    a = json.loads(path.read_text())
-    layers = {r["layer"]: r for r in a["layers"]}
-    worst = [layers[w] for w in a["worst_layers"] if w in layers]
-    silu = [r for r in worst if r.get("block") == "mv2" and r.get("producer_op") == "silu"]
-    out = [f"Over {a['images']} calibration images (an outlier channel has a max |x| above {a['outlier_factor']:g} "
-           "times its tensor's median channel max): "
-           + "; ".join(f"{kind} blocks: {b['outlier_channels']} outlier channels over {b['layers']} layer inputs, "
-                       f"channel spread at most {b['max_channel_spread']:.1f}" for kind, b in a["blocks"].items())
-           + "."]
-    if worst:
-        out.append(f"Of the {len(worst)} layers that per-tensor W6A6 quantization hurts most (output SQNR), "
-                   f"{len(silu)} are MV2 convs reading a SiLU output"
-                   + (f", with input kurtosis {min(r['kurtosis'] for r in silu):.0f} to "
-                      f"{max(r['kurtosis'] for r in silu):.0f} and channel spread at most "
-                      f"{max(r['channel_spread'] for r in silu):.1f}" if silu else "") + ".")
-    return " ".join(out) + "\n"
+def analysis_outliers(results: Path, *labels: str) -> str:
+    """Where the outlier channels are, per model (``hybridquant analyze --out-dir
+    benchmarks/results/analysis/<label>``'s ``analysis.json``): per block kind, and which blocks hold the layers
+    that per-tensor W6A6 quantization hurts most."""
+    found = {lb: json.loads(p.read_text()) for lb in labels
+             if (p := results / "analysis" / lb / "analysis.json").exists()}
+    if not found:
+        return _not_measured("`hybridquant analyze ... --out-dir benchmarks/results/analysis/<model>`")
+    first = next(iter(found.values()))
+    lines = [f"Over {first['images']} calibration images each; an outlier channel has a max |x| above "
+             f"{first['outlier_factor']:g} times its tensor's median channel max; the channel spread is a layer "
+             "input's largest channel max over its median one.", "",
+             "| model | block kind | layer inputs | outlier channels | largest channel spread | largest max \\|x\\| | "
+             "lowest W6A6 output SQNR dB |", "|---" * 7 + "|"]
+    prose = []
+    for lb, a in found.items():
+        for kind, b in a["blocks"].items():
+            lines.append(f"| {lb} | {kind} | {b['layers']} | {b['outlier_channels']} | {b['max_channel_spread']:.1f} | "
+                         f"{b['max_absmax']:.1f} | {b['min_sqnr_w6a6_db']:.1f} |")
+        layers = {r["layer"]: r for r in a["layers"]}
+        worst = [layers[w] for w in a["worst_layers"] if w in layers]
+        if worst:
+            kinds: dict[str, list[dict[str, Any]]] = {}
+            for r in worst:
+                kinds.setdefault(f"{r['block']} blocks reading {r.get('producer_op') or 'the input'}", []).append(r)
+            parts = [f"{len(rs)} in {k} (input kurtosis {min(r['kurtosis'] for r in rs):.0f} to "
+                     f"{max(r['kurtosis'] for r in rs):.0f}, channel spread at most "
+                     f"{max(r['channel_spread'] for r in rs):.1f})"
+                     for k, rs in sorted(kinds.items(), key=lambda kv: -len(kv[1]))]
+            prose.append(f"{lb}: of the {len(worst)} layers that per-tensor W6A6 quantization hurts most (output "
+                         f"SQNR), " + _join(parts) + ".")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(prose) + ("\n" if prose else "")
 
 
 def limits_reading(results: Path, *labels: str) -> str:
@@ -823,7 +836,7 @@ block("core-sides", -1)(core_sides)
 block("integer-prose", 1)(integer_prose)
 block("cpu-noise", 1)(cpu_noise)
 block("ablation-reading", 1)(ablation_reading)
-block("analysis", 0)(analysis_outliers)
+block("analysis", -1)(analysis_outliers)
 block("limits-reading", -1)(limits_reading)
 block("scale", 0)(scale_table)
 block("runtime", 1)(runtime_table)

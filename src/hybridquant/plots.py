@@ -8,7 +8,8 @@ from typing import Any
 from ._io import atomic_path
 from .errors import HybridQuantError
 
-BLOCK_COLOURS = {"stem": "#7f7f7f", "mv2": "#d62728", "mobilevit": "#1f77b4", "head": "#2ca02c", "stage": "#9467bd"}
+BLOCK_COLOURS = {"stem": "#7f7f7f", "mv2": "#d62728", "mobilevit": "#1f77b4", "head": "#2ca02c", "stage": "#9467bd",
+                 "ffn": "#ff7f0e", "attention": "#17becf", "downsample": "#8c564b", "patch_merging": "#e377c2"}
 
 
 def _plt():
@@ -69,8 +70,9 @@ def analysis_plots(result: dict[str, Any], out_dir: Path, worst: int = 4) -> lis
     ax.set_yscale("log")
     ax.set_ylabel("channel spread (max / median)")
     ax.set_xlabel("conv / linear layers in network order")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BLOCK_COLOURS.values()]
-    ax.legend(handles, list(BLOCK_COLOURS), fontsize=8, ncol=5)
+    kinds = list(dict.fromkeys(r["block"] for r in rows))  # the kinds present, in network order
+    handles = [plt.Rectangle((0, 0), 1, 1, color=BLOCK_COLOURS.get(k, "#bcbd22")) for k in kinds]
+    ax.legend(handles, kinds, fontsize=8, ncol=5)
     ax.set_title("Where the activation outliers are: input channel spread per layer, by block kind", fontsize=10)
     fig.tight_layout()
     _save(fig, out_dir / "blocks.png")

@@ -24,12 +24,21 @@ from ..errors import HybridQuantError
 from .ir import Graph, Node, unique_name
 from .transforms import fold_batch_norm, fold_constant_scales, remove_identities
 
-# timm classes -> the block kinds reports talk about
+# timm classes -> the block kinds reports talk about (the innermost one a node sits in)
 _BLOCK_KINDS = {
     "BottleneckBlock": "mv2",  # MobileNetV2 inverted residual in byobnet/mobilevit
     "InvertedResidual": "mv2",
     "MobileVitBlock": "mobilevit",
     "MobileVitV2Block": "mobilevit",
+    # EfficientFormerV2: inverted-bottleneck FFNs (1x1, depthwise 3x3, 1x1), attention with talking heads
+    "ConvMlpWithNorm": "ffn",
+    "Attention2d": "attention",
+    "Attention2dDownsample": "attention",
+    "Downsample": "downsample",
+    # EfficientViT-M: FFNs, cascaded group attention, MBConv-like patch merging with squeeze-excitation
+    "ConvMlp": "ffn",
+    "LocalWindowAttention": "attention",
+    "PatchMerging": "patch_merging",
 }
 
 _ATEN = torch.ops.aten
@@ -76,7 +85,8 @@ def _module_info(fx_node: fx.Node) -> tuple[str, str]:
         kind = _BLOCK_KINDS.get(name, kind)
     if not kind and path:
         top = path.split(".")[0]
-        kind = {"stem": "stem", "head": "head", "final_conv": "head"}.get(top, "")
+        kind = {"stem": "stem", "patch_embed": "stem", "head": "head", "head_dist": "head", "final_conv": "head",
+                "norm": "head"}.get(top, "")
     if not kind and stack and stack[0][0].startswith("stages"):
         kind = "stage"
     return path, kind
