@@ -90,11 +90,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, base_args, extra, messa
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
-def test_model_with_an_unquantizable_op(tmp_path, capsys, data_dir):
+def test_model_with_an_unquantizable_op(tmp_path, capsys, data_dir, monkeypatch):
+    """The capture names the op and its node before any calibration image is read."""
     import timm
     import torch
 
+    from hybridquant import pipeline
     from tests.conftest import CLASSES, pretrained_cfg
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration images read before the capture")
+
+    monkeypatch.setattr(pipeline, "load_calibration", no_calibration)
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=len(CLASSES))  # has max pooling
@@ -102,7 +109,8 @@ def test_model_with_an_unquantizable_op(tmp_path, capsys, data_dir):
     torch.save({"state_dict": model.state_dict(), "pretrained_cfg": pretrained_cfg(32)}, ckpt)
     code, _, err = _run(capsys, "quantize", "--model", "resnet10t", "--checkpoint", str(ckpt), "--data", str(data_dir),
                         "--method", "minmax", "--workers", "0", "--calib", "4", "--out-dir", str(tmp_path / "q"))
-    assert code == 2 and "cannot quantize op" in err and "max_pool2d" in err
+    assert code == 2 and "cannot quantize op" in err and "max_pool2d" in err and "node" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_truncated_qmodel(tmp_path, capsys, data_dir):

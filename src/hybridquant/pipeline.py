@@ -304,9 +304,10 @@ def prepare(model: str, checkpoint: str | None, pretrained: bool, data: DataSpec
             eval_set = image_folder(data.root, "eval", eval_transform(cfg))
             check_class_names(eval_set, loaded.class_names, loaded.num_classes)
             eval_set = balanced_subset(eval_set, data.limit)
-            calib = load_calibration(data, cfg, progress)
-        with phase("capture"):
+        with phase("capture"):  # before the calibration images: a model that cannot be captured stops at once
             graph = capture(loaded.model, tuple(cfg["input_size"]))
+        with phase("load"):
+            calib = load_calibration(data, cfg, progress)
     summary = rec.summary()
     return Prepared(loaded, cfg, graph, calib, eval_set, _labels(eval_set), data.workers, device,
                     phases=summary["phases"], peak_rss_mb=summary["peak_rss_mb"])
