@@ -271,7 +271,13 @@ def make_all_ops_graph(seed: int = 0) -> Graph:
         Node("qa", "cat", ["q", "attn"], {"dim": 1}),
         Node("gap", "global_avg_pool", ["qa"]),
         Node("flat", "flatten", ["gap"], {"start": 1, "end": -1}),
-        Node("perm", "permute", ["c2"], {"dims": [0, 2, 3, 1]}),
+        # EfficientFormerV2-style strided attention: 1x1 pools as strided slices, a bilinear upsampling back,
+        # an attention-bias table added
+        Node("rows", "slice", ["c2"], {"dim": 2, "start": 0, "end": 6, "step": 2}),
+        Node("pix", "slice", ["rows"], {"dim": 3, "start": 0, "end": 6, "step": 2}),
+        Node("up", "upsample_bilinear", ["pix"], {"scale": [2, 2]}),
+        Node("bias", "add_const", ["up"], {}, {"value": r(c, 6, 6) * 0.1}),
+        Node("perm", "permute", ["bias"], {"dims": [0, 2, 3, 1]}),
         Node("tokens", "reshape", ["perm"], {"shape": [-1, 36, c]}),
         Node("ln", "layer_norm", ["tokens"], {"shape": [c], "eps": 1e-5}, {"weight": r(c) * 0.2 + 1, "bias": r(c) * 0.1}),
         Node("fc", "linear", ["ln"], {}, {"weight": r(c, c) * 0.3, "bias": r(c) * 0.1}),
@@ -313,7 +319,7 @@ def test_every_op(monkeypatch):
     ops = {n.op_type for n in model.graph.node}
     assert {"GroupNormalization", "Gelu", "HardSwish", "Relu", "Mul", "Concat", "GlobalAveragePool", "Transpose",
             "Reshape", "LayerNormalization", "MatMul", "Softmax", "Gather", "Add", "Gemm", "Conv", "Slice", "Expand",
-            "ReduceSum"} <= ops
+            "ReduceSum", "Resize"} <= ops
     x = _toy_images()
     got = _session(model).run(None, {"input": x.numpy()})[0]
     want = _sim_as_onnx(qg, x, monkeypatch).numpy()
