@@ -132,3 +132,26 @@ def test_train_time_branches_are_merged_before_capture():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert _rel_err(graph(x), model(x)) <= 1e-4
+
+
+def test_values_of_parameters_alone_become_constants():
+    """A gathered bias table, a split of a parameter and a reshaped layer scale are evaluated at capture: the
+    graph adds and multiplies constants (the scale folded into the conv before it) and computes the model."""
+    class Consts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.table = nn.Parameter(torch.randn(4, 7))
+            self.register_buffer("idx", torch.randint(0, 7, (5, 5)))
+            self.scales = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            y = self.conv(x) * self.scales.split(4)[1].view(1, -1, 1, 1)  # a layer scale
+            return y + self.table[:, self.idx]  # an attention-bias table
+
+    model = Consts().eval()
+    graph = capture(model, (3, 5, 5))
+    assert [n.op for n in graph] == ["input", "conv2d", "add_const", "output"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert _rel_err(graph(x), model(x)) <= 1e-6

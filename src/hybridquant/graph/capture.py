@@ -104,12 +104,12 @@ class _Translator:
         self.splits: dict[str, tuple[str, int, list[int]]] = {}  # split node -> (source, dim, chunk sizes)
         # values computed from parameters and buffers alone (a layer scale's view, an attention-bias table's
         # gather): evaluated once here, so the graph holds them as constants
-        self.consts: dict[str, torch.Tensor] = {}
+        self.consts: dict[str, Any] = {}
 
     def _tensor(self, arg: Any) -> torch.Tensor | None:
         if arg is None:
             return None
-        if isinstance(arg, fx.Node) and arg.name in self.consts:
+        if self._is_const(arg):
             return self.consts[arg.name].detach().clone().float()
         raise HybridQuantError(f"expected a parameter, got {arg}")
 
@@ -120,19 +120,23 @@ class _Translator:
         return obj.detach()
 
     def _is_const(self, arg: Any) -> bool:
+        return isinstance(arg, fx.Node) and isinstance(self.consts.get(arg.name), torch.Tensor)
+
+    def _known(self, arg: Any) -> bool:
         return isinstance(arg, fx.Node) and arg.name in self.consts
 
     def _fold_constant(self, n: fx.Node) -> bool:
         """Evaluate ``n`` when every tensor it reads is a constant (no path from the image); True if it was."""
         nodes = _flat_nodes((n.args, n.kwargs))
-        if not nodes or not all(self._is_const(x) for x in nodes):
+        if not nodes or not all(self._known(x) for x in nodes):
             return False
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: self.consts[x.name])
         with torch.no_grad():
             value = n.target(*args, **kwargs)
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) and not (
+                isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)):
             return False
-        self.consts[n.name] = value
+        self.consts[n.name] = value  # a tuple of tensors (a split) is read by getitem, itself folded
         return True
 
     def _name(self, base: str) -> str:
