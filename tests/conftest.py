@@ -6,8 +6,10 @@ network. Images are 32x32 and models run at 32x32 so the suite stays fast.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,6 +157,16 @@ def mvit_graph(mvit_model):
     from hybridquant.graph import capture
 
     return capture(mvit_model, (3, QIMG, QIMG))
+
+
+@functools.cache
+def family_model(arch: str) -> tuple[torch.nn.Module, Any]:
+    """(model, its graph at 64x64) of a hybrid family's small model, built once per test session (capture
+    takes seconds); mobilevit_xxs is the ``mvit_model`` / ``mvit_graph`` fixtures' model."""
+    from hybridquant.graph import capture
+
+    model = make_bn_model(arch, img_size=QIMG)
+    return model, capture(model, (3, QIMG, QIMG))
 
 
 @pytest.fixture(scope="session")

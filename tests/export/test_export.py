@@ -96,10 +96,9 @@ def hybrid_qgraph(request, mvit_qgraph, calib_images):
     """Each family's small model at 64x64, min-max W8A8 power-of-two (mobilevit_xxs: the shared fixture's)."""
     if request.param == "mobilevit_xxs":
         return request.param, mvit_qgraph
-    from hybridquant.graph import capture
-    from tests.conftest import QIMG, make_bn_model
+    from tests.conftest import family_model
 
-    graph = capture(make_bn_model(request.param, img_size=QIMG), (3, QIMG, QIMG))
+    graph = family_model(request.param)[1].clone()
     return request.param, quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), calib_images)
 
 

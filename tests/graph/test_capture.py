@@ -95,10 +95,9 @@ FAMILIES = {
 def test_every_family_is_captured_exactly(arch):
     """The captured graph computes the model's function: folds (BatchNorm into the conv before it or the
     linears after it, layer and attention scales into their convs) leave it unchanged."""
-    from tests.conftest import QIMG, make_bn_model
+    from tests.conftest import QIMG, family_model
 
-    model = make_bn_model(arch, img_size=QIMG)
-    graph = capture(model, (3, QIMG, QIMG))
+    model, graph = family_model(arch)
     x = torch.randn(2, 3, QIMG, QIMG)
     with torch.no_grad():
         assert _rel_err(graph(x), model(x)) <= 1e-5
@@ -108,9 +107,9 @@ def test_every_family_is_captured_exactly(arch):
 
 
 def test_linear_attention_ops_of_mobilevitv2():
-    from tests.conftest import QIMG, make_bn_model
+    from tests.conftest import family_model
 
-    graph = capture(make_bn_model("mobilevitv2_050"), (3, QIMG, QIMG))
+    _, graph = family_model("mobilevitv2_050")
     # query / key / value are three slices of one qkv conv along the channel dim
     slices = graph.by_op("slice")
     assert slices and all(n.attrs["dim"] == 1 for n in slices)

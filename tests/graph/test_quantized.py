@@ -90,10 +90,9 @@ def test_biases_are_int32_at_input_times_weight_scale(w8a8):
 
 def test_mobilevitv2_linear_attention_is_quantized(calib_images):
     """v2's separable attention (slice, softmax over tokens, sum, expand) gets quantizers like any op."""
-    from hybridquant.graph import capture
-    from tests.conftest import QIMG, make_bn_model
+    from tests.conftest import family_model
 
-    graph = capture(make_bn_model("mobilevitv2_050"), (3, QIMG, QIMG))
+    graph = family_model("mobilevitv2_050")[1].clone()
     q = quantize_graph(graph, QuantConfig(method="minmax"), calib_images)
     assert set(q.act) == {n.name for n in graph if n.op in VALUE_OPS}
     assert {n.name for n in graph.by_op("sum")} <= set(q.act)
