@@ -96,3 +96,19 @@ def test_an_accumulator_without_a_quantizer_has_a_shape_and_its_macs():
     assert program.op_counts()["macs"] == program.macs(pre) + program.macs(program["post"])
     logits, _ = IntegerModel(program).run(x)
     assert torch.equal(logits, qg.run(x))
+
+
+@pytest.mark.parametrize("arch", ["efficientformerv2_s0", "efficientvit_m0"])
+def test_hfq_on_the_newer_families_lowers_within_32_bits(arch, calib_images):
+    """hfq's outlier scaling leaves EfficientFormerV2's softmax before its talking-heads conv its own grid, and
+    EfficientViT's dead ReLU channels their weights: the program lowers, every intermediate fits 32 bits, and it
+    computes the simulation exactly."""
+    from hybridquant.integer.widths import analyse
+    from tests.conftest import family_model
+
+    cfg = QuantConfig.build(method="hfq", scales="pot", wbits=6, abits=6, reconstruction=False)
+    qg = quantize_graph(family_model(arch)[1].clone(), cfg, [calib_images[:8]])
+    program = lower(qg)
+    assert max(row["max_bits"] for row in analyse(program)) <= 32
+    logits, _ = IntegerModel(program).run(calib_images[8:12])
+    assert torch.equal(logits, qg.run(calib_images[8:12]))

@@ -40,3 +40,23 @@ def test_a_norm_without_affine_gets_an_explicit_scaling():
     assert apply_input_scaling(graph, graph["conv"], torch.tensor([1.0, 4.0, 0.5, 2.0])) == "explicit"
     assert len(graph.by_op("scale_channels")) == 1
     assert torch.allclose(graph(x), before(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_softmax_output_is_no_scaling_target():
+    """A conv reading a softmax (EfficientFormerV2's talking heads) takes no explicit scaling: the integer softmax
+    writes codes on its own output grid, so there is no unquantized value to rescale. A GroupNorm with an affine
+    takes the factor into it, and a conv reading a conv's output gets an explicit one."""
+    from hybridquant.methods.scaling import scaling_targets
+
+    gen = torch.Generator().manual_seed(0)
+    graph = Graph([Node("input", "input", []),
+                   Node("c0", "conv2d", ["input"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
+                   Node("sm", "softmax", ["c0"], {"dim": 1}),
+                   Node("after_softmax", "conv2d", ["sm"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
+                   Node("gn", "group_norm", ["after_softmax"], {"groups": 1, "eps": 1e-5},
+                        {"weight": torch.ones(4), "bias": torch.zeros(4)}),
+                   Node("after_norm", "conv2d", ["gn"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
+                   Node("relu", "relu", ["after_norm"]),
+                   Node("after_relu", "conv2d", ["relu"], CONV, {"weight": torch.randn(3, 4, 1, 1, generator=gen)}),
+                   Node("output", "output", ["after_relu"])], meta={"input_size": [4, 5, 5]})
+    assert [n.name for n in scaling_targets(graph)] == ["after_norm", "after_relu"]

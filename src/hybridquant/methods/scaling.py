@@ -48,23 +48,41 @@ def weight_scale_shape(node: Node) -> list[int]:
     return [1, -1] + [1] * (w.dim() - 2)
 
 
-def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -> bool:
+def _foldable(graph: Graph, consumer: Node) -> bool:
+    """Whether ``consumer``'s input factor can fold into its producer: a weighted op's output rows or a norm's
+    affine, on channels along the same axis, read by this consumer only."""
     src = graph[consumer.inputs[0]]
-    if len(graph.users(src.name)) != 1:
+    if len(graph.users(src.name)) != 1 or src.opdef.channel_axis != consumer.opdef.channel_axis:
+        return False  # e.g. a conv's channels read by a linear
+    return src.opdef.weighted or (src.opdef.norm is not None and "weight" in src.params)
+
+
+def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -> bool:
+    if not _foldable(graph, consumer):
         return False
-    if src.opdef.channel_axis != consumer.opdef.channel_axis:  # e.g. a conv's channels read by a linear
-        return False
+    src = graph[consumer.inputs[0]]
     if src.opdef.weighted:  # its output rows
         shape = [-1] + [1] * (src.params["weight"].dim() - 1)
         src.params["weight"] = src.params["weight"] * inv_alpha.reshape(shape)
         if "bias" in src.params:
             src.params["bias"] = src.params["bias"] * inv_alpha
-        return True
-    if src.opdef.norm is not None and "weight" in src.params:  # a LayerNorm's or GroupNorm's per-channel affine
+    else:  # a LayerNorm's or GroupNorm's per-channel affine
         src.params["weight"] = src.params["weight"] * inv_alpha
         src.params["bias"] = src.params.get("bias", torch.zeros_like(inv_alpha)) * inv_alpha
-        return True
-    return False
+    return True
+
+
+def scaling_targets(graph: Graph, depthwise: bool = False) -> list[Node]:
+    """The :func:`scalable` layers whose input can take a per-channel factor: not the image, and either folded
+    into the producer or read unquantized from it by an explicit scaling (not the codes of an op whose kernel
+    writes its own output grid: a softmax)."""
+    out = []
+    for n in graph:
+        if not scalable(n, depthwise) or graph.producer(n.inputs[0]).opdef.role == "source":
+            continue
+        if _foldable(graph, n) or not graph.producer(n.inputs[0]).opdef.kernel_output:
+            out.append(n)
+    return out
 
 
 def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow_fold: bool = True) -> str:

@@ -23,7 +23,7 @@ from ..config import QuantConfig, SmoothQuantConfig
 from ..graph.ir import Graph, Node
 from ..primitives import pot_scale
 from .base import Method
-from .scaling import apply_input_scaling, input_channel_dim, scalable
+from .scaling import apply_input_scaling, input_channel_dim, scaling_targets
 
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -42,8 +42,8 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float,
 
 
 def smoothing_targets(graph: Graph) -> list[Node]:
-    """Dense convs and linears whose input is not the image."""
-    return [n for n in graph if scalable(n) and graph.producer(n.inputs[0]).opdef.role != "source"]
+    """Dense convs and linears whose input can take a per-channel factor (:func:`~.scaling.scaling_targets`)."""
+    return scaling_targets(graph)
 
 
 @torch.no_grad()

@@ -125,7 +125,8 @@ def _count(op, program) -> int:
 
 
 register(
-    OpDef("group_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=1, norm="groups"),
+    OpDef("group_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=1, norm="groups",
+          kernel_output=True),
     ProgramKind("group_norm", "over each group of C / groups channels at every position (a row of L values), "
                               "int32 throughout: x = (x - in_zero_point) << in_shift, then the layer_norm kernel's "
                               "n over each row with L in place of C; codes = clamp(srr(n gamma_q[c] + beta_q[c], "

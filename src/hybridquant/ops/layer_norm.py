@@ -156,7 +156,8 @@ def _widths(op, bounds, done, program):
 
 
 register(
-    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=-1, norm="channels"),
+    OpDef("layer_norm", _float, lower=_lower, simulate=_simulate, onnx=_onnx, channel_axis=-1, norm="channels",
+          kernel_output=True),
     ProgramKind("layer_norm", "over the last dim (C channels), int32 throughout: x_j = (x_j - in_zero_point) << "
                               "ptf_shift_j; S = sum x; m = S // C; rem = S - m C; d_j = x_j - m; V = sum d^2 - "
                               "rem^2 // C + eps_q; p = min(15, (31 - bit_length(V)) // 2); W = V << 2p; t = isqrt(W) "

@@ -50,7 +50,9 @@ class OpDef:
     None; ``columns(node, x)``: the input ``x`` as the columns the flattened weight multiplies (``[K, N]``;
     ``[C, k, N]`` depthwise); ``pointwise(node)``: its output at a position depends on its input at that
     position only, with no padding (a shift of its input folds exactly into its bias);
-    ``channel_scale(node)``: the per-channel factor the op multiplies its input by.
+    ``channel_scale(node)``: the per-channel factor the op multiplies its input by; ``kernel_output``: its
+    integer kernel writes codes on its own output quantizer's grid (softmax, LayerNorm, GroupNorm), so the op
+    always keeps that quantizer: a per-channel scaling of its output cannot read it unquantized.
     """
 
     name: str
@@ -72,6 +74,7 @@ class OpDef:
     columns: Callable[..., torch.Tensor] | None = None
     pointwise: Callable[..., bool] | None = None
     channel_scale: Callable[..., torch.Tensor] | None = None
+    kernel_output: bool = False
 
     @property
     def changes_values(self) -> bool:

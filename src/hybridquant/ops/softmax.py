@@ -88,7 +88,7 @@ def _widths(op, bounds, done, program):
 
 
 register(
-    OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True,
+    OpDef("softmax", lambda node, i: torch.softmax(i[0], dim=node.attrs["dim"]), lower=_lower, simulate=_simulate, unit_interval=True, kernel_output=True,
           onnx=lambda ex, node, xs: ex.b.add("Softmax", xs, node.name, axis=int(node.attrs["dim"]))),
     ProgramKind("softmax", "along attrs.dim, int32 throughout: d = x - max(x); E = exp_table[d + len - 1]; "
                            "S = sum E; R = (2^30 + S // 2) // S (one reciprocal per row); codes = min(out_qmax, srr(E R, "

@@ -71,3 +71,13 @@ def test_objective_prefers_scaling_when_outliers_meet_small_weights():
     base = layer_error(node, x, torch.ones_like(m), cfg, ref)
     best = min(layer_error(node, x, a, cfg, ref) for a in candidate_alphas(m, wmax, True))
     assert best < 0.5 * base
+
+
+def test_a_dead_channel_keeps_alpha_one():
+    """A channel whose input is always 0 (a dead ReLU channel) is never rescaled: a tiny factor would shrink its
+    weights until their integer bias left int32 (EfficientViT's patch merging, at random init)."""
+    x_absmax = torch.tensor([3.0, 0.0, 0.02, 1.0])
+    for pot in (True, False):
+        for alpha in candidate_alphas(x_absmax, torch.tensor([0.5, 0.5, 0.5, 0.5]), pot):
+            assert float(alpha[1]) == 1.0
+    assert any(float(a[2]) != 1.0 for a in candidate_alphas(x_absmax, torch.full((4,), 0.5), True))

@@ -46,7 +46,7 @@ from ..scaling import (
     apply_input_scaling,
     apply_input_shift,
     is_depthwise,
-    scalable,
+    scaling_targets,
     shift_source,
     weight_scale_shape,
 )
@@ -140,8 +140,11 @@ def layer_error(node: Node, x: Chunks | torch.Tensor, alpha: torch.Tensor, confi
 
 
 def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) -> list[torch.Tensor]:
-    """Clip-to-threshold and SmoothQuant-like per-channel factors (all ≥ 1 for the first family)."""
+    """Clip-to-threshold and SmoothQuant-like per-channel factors (all ≥ 1 for the first family). A channel whose
+    input is always 0 (a dead ReLU channel) keeps α = 1: any factor leaves its error unchanged, and a tiny one
+    would shrink its weights until their bias no longer fits the accumulator."""
     m = x_absmax.clamp_min(1e-8)
+    dead = x_absmax == 0
     cands = []
     for t in THRESHOLD_STEPS:
         tau = m.max() / 2.0**t
@@ -154,7 +157,7 @@ def candidate_alphas(x_absmax: torch.Tensor, w_absmax: torch.Tensor, pot: bool) 
         s = s / s.median()  # keep typical channels unscaled
         s = s.clamp(1e-4, 1e4)
         cands.append(_pot(s) if pot else s)
-    return cands
+    return [torch.where(dead, torch.ones_like(a), a) for a in cands]
 
 
 def channel_shift(graph: Graph, node: Node, xin: Chunks, config: QuantConfig,
@@ -214,7 +217,7 @@ def outlier_scaling(graph: Graph, calib: list[torch.Tensor], config: QuantConfig
     kept in ``workspace``, a default one when None)."""
     config = config.replace(scales="pot")  # α is chosen under power-of-two quantizers for float scales too
     ws = workspace if workspace is not None else Workspace()
-    layers = [n for n in graph if scalable(n, depthwise=True) and graph.producer(n.inputs[0]).opdef.role != "source"]
+    layers = scaling_targets(graph, depthwise=True)
     readers = Counter(n.inputs[0] for n in layers)
     chunks = split_images(graph, calib, ws, limit=max_images)
     probe = chunks[0][:8]  # images to check a channel shift on
