@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import HybridQuantError
-from .registry import OpDef, register
+from .registry import OpDef, register, run_float
 
 
 def _batch_norm(node, inputs):
@@ -29,39 +27,44 @@ def _fold_batch_norm(graph, bn) -> None:
     factor = gamma * inv_std
     offset = beta - p["running_mean"].double() * factor
     conv = graph[bn.inputs[0]]
-    readers = _channel_readers(graph, bn.name)
     if conv.op == "conv2d" and len(graph.users(conv.name)) == 1:
         w = conv.params["weight"].double()
         b = conv.params.get("bias", torch.zeros(w.shape[0])).double()
         conv.params["weight"] = (w * factor.reshape(-1, 1, 1, 1)).float()
         conv.params["bias"] = (b * factor + offset).float()
         graph.remove(bn.name, conv.name)  # the folded conv takes over the BatchNorm's place in reports
-    elif readers:
-        for nxt in readers:
-            w = nxt.params["weight"].double()
-            b = nxt.params.get("bias", torch.zeros(w.shape[0])).double()
-            nxt.params["bias"] = (b + (w.flatten(2).sum(-1) if w.dim() > 2 else w) @ offset).float()
-            nxt.params["weight"] = (w * factor.reshape([1, -1] + [1] * (w.dim() - 2))).float()
-        graph.remove(bn.name, bn.inputs[0])
-    else:
+        return
+    shape = graph.shapes()[bn.name]
+    # each input channel of a reader, as the BatchNorm channel it carries: an index tensor through the path
+    index = torch.arange(shape[1], dtype=torch.float64).reshape([1, -1] + [1] * (len(shape) - 2))
+    readers = _channel_readers(graph, bn.name, index.expand([1, *shape[1:]]).clone())
+    if not readers:
         raise HybridQuantError(f"cannot fold BatchNorm {bn.name}: it neither follows a conv nor feeds linears")
+    for nxt, perm in readers:
+        w = nxt.params["weight"].double()
+        b = nxt.params.get("bias", torch.zeros(w.shape[0])).double()
+        nxt.params["bias"] = (b + (w.flatten(2).sum(-1) if w.dim() > 2 else w) @ offset[perm]).float()
+        nxt.params["weight"] = (w * factor[perm].reshape([1, -1] + [1] * (w.dim() - 2))).float()
+    graph.remove(bn.name, bn.inputs[0])
 
 
-def _channel_readers(graph, name: str) -> list:
-    """The weighted ops that read value ``name``'s channels (dim 1) at each position, through a global average
-    pool and a flatten to ``[B, C]`` (a per-channel affine commutes with both); empty unless every path ends in
-    one (a linear, or an unpadded 1×1 conv)."""
-    readers, shape = [], graph.shapes()[name]
+def _channel_readers(graph, name: str, index: torch.Tensor) -> list:
+    """``(reader, perm)`` for each weighted op that reads value ``name`` (whose BatchNorm channel ids are
+    ``index``) through layout ops and global average pools only (a per-channel affine commutes with both) and
+    reads one BatchNorm channel per input channel at every position: a linear, or an unpadded 1×1 conv; its
+    input channel ``k`` is BatchNorm channel ``perm[k]``. Empty unless every path ends in one."""
+    readers = []
     for user in graph.users(name):
-        if user.op == "global_avg_pool" or (user.op == "flatten" and int(user.attrs["start"]) == 1
-                                            and math.prod(shape[2:]) == 1):
-            found = _channel_readers(graph, user.name)
+        if user.opdef.role == "data_movement" or user.op == "global_avg_pool":
+            found = _channel_readers(graph, user.name, run_float(user, [index]))
             if not found:
                 return []
             readers += found
-        elif (user.opdef.weighted and user.opdef.pointwise is not None and user.opdef.pointwise(user)
-              and (user.op == "conv2d" or len(shape) == 2)):  # a linear reads dim 1 of [B, C] only
-            readers.append(user)
+        elif user.opdef.weighted and user.opdef.pointwise is not None and user.opdef.pointwise(user):
+            cols = index.movedim(user.opdef.channel_axis, 0).reshape(index.shape[user.opdef.channel_axis], -1)
+            if not bool((cols == cols[:, :1]).all()):
+                return []  # an input channel mixes BatchNorm channels (a flatten of several positions)
+            readers.append((user, cols[:, 0].round().long()))
         else:
             return []
     return readers
