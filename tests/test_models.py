@@ -268,8 +268,10 @@ def test_img_size_builds_the_attention_biases_for_it(tmp_path):
         assert loaded.model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
     path = tmp_path / "effv2.pt"
     torch.save({"model": "efficientformerv2_s0", "state_dict": loaded.model.state_dict(), "num_classes": 3,
-                "pretrained_cfg": {"input_size": [3, 64, 64]}}, path)
-    assert load_model("efficientformerv2_s0", path).data_cfg["input_size"] == (3, 64, 64)  # loads strictly
+                "class_names": ["a", "b", "c"], "pretrained_cfg": {"input_size": [3, 64, 64]}}, path)
+    again = load_model("efficientformerv2_s0", path)  # loads strictly
+    assert again.data_cfg["input_size"] == (3, 64, 64)
+    assert again.num_classes == 3  # two heads (get_classifier() is a pair), their outputs averaged
     with pytest.raises(RuntimeError):  # the default (224) biases do not run at 64
         timm.create_model("efficientformerv2_s0", num_classes=3).eval()(torch.zeros(1, 3, 64, 64))
     assert load_model("fastvit_t8", num_classes=3, img_size=64).num_classes == 3

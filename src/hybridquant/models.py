@@ -39,7 +39,14 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return int(self.model.get_classifier().out_features)
+        return classes_of(self.model)
+
+
+def classes_of(model: nn.Module) -> int:
+    """Outputs of a timm classifier (its ``num_classes``; EfficientFormerV2's ``get_classifier()`` is a pair of
+    heads whose outputs it averages)."""
+    n = getattr(model, "num_classes", None)
+    return int(n) if n is not None else int(model.get_classifier().out_features)
 
 
 def bundled_dir() -> Path:
@@ -247,10 +254,10 @@ def load_model(
     model.eval()
     data_cfg = _merge_data_cfg(model, (ckpt or {}).get("pretrained_cfg"))
     class_names = list(ckpt["class_names"]) if ckpt and ckpt.get("class_names") else None
-    if class_names is not None and len(class_names) != model.get_classifier().out_features:
+    if class_names is not None and len(class_names) != classes_of(model):
         raise HybridQuantError(
             f"checkpoint {checkpoint} lists {len(class_names)} class names "
-            f"for a {model.get_classifier().out_features}-way classifier"
+            f"for a {classes_of(model)}-way classifier"
         )
     extra = {k: ckpt[k] for k in ("recipe", "metrics") if ckpt and k in ckpt}
     return LoadedModel(model, arch, data_cfg, class_names, source, extra)
