@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from ..errors import HybridQuantError
 from .ir import Graph, Node, unique_name
-from .transforms import fold_batch_norm, fold_constant_scales, remove_identities
+from .transforms import absorb_nodes, fold_batch_norm, remove_identities
 
 # timm classes -> the block kinds reports talk about (the innermost one a node sits in)
 _BLOCK_KINDS = {
@@ -364,6 +364,6 @@ def capture(model: nn.Module, input_size: tuple[int, int, int]) -> Graph:
     nodes = _Translator(gm).translate()
     graph = Graph(nodes, meta={"input_size": list(input_size)})
     fold_batch_norm(graph)
-    fold_constant_scales(graph)
+    absorb_nodes(graph)
     remove_identities(graph)
     return graph

@@ -25,6 +25,15 @@ def _slice(x: torch.Tensor, a: dict) -> torch.Tensor:
     return x[(slice(None),) * dim + (slice(int(a["start"]), int(a["end"]), int(a.get("step", 1))),)]
 
 
+def channel_ids(shape: list[int], axis: int) -> torch.Tensor:
+    """One image of a ``shape`` value whose every element holds its index along ``axis`` (float64): run through
+    layout ops (:func:`~hybridquant.ops.registry.run_float`), it tells which channel each element came from."""
+    axis %= len(shape)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return torch.arange(shape[axis], dtype=torch.float64).reshape(view).expand([1, *shape[1:]]).clone()
+
+
 def _reshape_target(ex, node) -> np.ndarray:
     """The constant Reshape target of ``node``'s output: -1 on the batch dim."""
     shape = list(ex.shapes[node.name])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HybridQuantError
+from .layout import channel_ids
 from .registry import OpDef, register, run_float
 
 
@@ -35,9 +36,8 @@ def _fold_batch_norm(graph, bn) -> None:
         graph.remove(bn.name, conv.name)  # the folded conv takes over the BatchNorm's place in reports
         return
     shape = graph.shapes()[bn.name]
-    # each input channel of a reader, as the BatchNorm channel it carries: an index tensor through the path
-    index = torch.arange(shape[1], dtype=torch.float64).reshape([1, -1] + [1] * (len(shape) - 2))
-    readers = _channel_readers(graph, bn.name, index.expand([1, *shape[1:]]).clone())
+    # each input channel of a reader, as the BatchNorm channel it carries: channel ids through the path
+    readers = _channel_readers(graph, bn.name, channel_ids(shape, 1))
     if not readers:
         raise HybridQuantError(f"cannot fold BatchNorm {bn.name}: it neither follows a conv nor feeds linears")
     for nxt, perm in readers:

@@ -37,7 +37,9 @@ class OpDef:
     emits the float op into an ONNX graph (``ex``: :mod:`hybridquant.export.onnx`'s exporter, ``xs`` the
     input tensors' names) and returns its output's name. ``unit_interval``: the op's outputs lie in
     [0, 1] (an unsigned quantizer from 0). ``fold(graph, node)``: folds a ``folded`` op into its producer
-    (the float function unchanged); ``is_identity(node)``: whether this node computes its input unchanged.
+    (the float function unchanged); ``absorb(graph, node, shapes)``: folds the node into a neighbour where the
+    graph allows it, exactly in float, and says whether it did (a product with a constant into a layer's
+    rows); ``is_identity(node)``: whether this node computes its input unchanged.
 
     What the methods ask of an op (they look ops up by these, never by name):
     ``weighted``: its ``weight`` is a layer weight, quantized per output channel (rows: dim 0), with an integer
@@ -65,6 +67,7 @@ class OpDef:
     onnx: Callable[..., str] | None = None
     unit_interval: bool = False
     fold: Callable[..., None] | None = None
+    absorb: Callable[..., bool] | None = None
     is_identity: Callable[..., bool] | None = None
     weighted: bool = False
     channel_axis: int | None = None
