@@ -43,14 +43,17 @@ def quant_points(graph: Graph, float_nodes: list[str]) -> list[Node]:
 
     A node whose every reader takes its value before quantization
     (``raw_input``, e.g. an outlier-scaling shift) is requantized by those
-    readers instead and gets no quantizer of its own.
+    readers instead and gets no quantizer of its own, unless its integer
+    kernel writes codes on its own grid (``OpDef.kernel_output``: a softmax
+    before EfficientFormerV2's talking-heads conv); the reader then reads
+    those codes.
     """
     points = []
     for n in graph:
         if not n.opdef.changes_values or n.name in float_nodes:
             continue
         users = graph.users(n.name)
-        if users and all(u.attrs.get("raw_input") for u in users):
+        if users and all(u.attrs.get("raw_input") for u in users) and not n.opdef.kernel_output:
             continue
         points.append(n)
     return points

@@ -155,25 +155,32 @@ def test_the_scratch_sizing_uses_the_kernels_tiles():
     assert re.search(rf"#define HQ_TR {C_TILE_ROWS}\b", header)
     assert re.search(rf"#define HQ_TN {C_TILE_LANES}\b", header)
     assert re.search(rf"#define HQ_MAX_STRIDE {C_MAX_STRIDE}\b", header)
+    from hybridquant.primitives.arith import LN_MAX_ROW
+
+    assert re.search(rf"#define HQ_LN_MAX_ROW {LN_MAX_ROW}\b", header)
     assert [c_rows(m) for m in (1, 4, 5, 8)] == [4, 4, 8, 8]
 
 
-@pytest.mark.parametrize("groups,shape", [(1, (2, 6, 3, 5)), (3, (2, 6, 4, 2)), (1, (1, 5, 1, 1))])
-def test_group_norm_kernel_is_the_integer_groupnorm(groups, shape, tmp_path):
+@pytest.mark.parametrize("groups,shape,square", [(1, (2, 6, 3, 5), 0), (3, (2, 6, 4, 2), 0), (1, (1, 5, 1, 1), 0),
+                                                 (1, (2, 6, 3, 5), 4), (1, (1, 16, 64, 64), 2)])
+def test_group_norm_kernel_is_the_integer_groupnorm(groups, shape, square, tmp_path):
     """hq_group_norm against primitives.arith.int_groupnorm: rows of a group of channels at every position, the
-    affine per channel (a batch of two: the rows' groups restart)."""
+    affine per channel (a batch of two: the rows' groups restart); rounded squares, and a row past LN_MAX_ROW
+    values (the nearest mean, no fraction)."""
     from hybridquant.primitives.arith import int_groupnorm, layernorm_constants
 
     gen = torch.Generator().manual_seed(sum(shape) + groups)
     q = torch.randint(-128, 128, shape, generator=gen)
     c, count = shape[1], shape[1] // groups * shape[2] * shape[3]
+    shift = 0 if count > 1000 else 2
     gamma, beta = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
     k = layernorm_constants(gamma, beta, 1e-5, 2**-5, c, 2**-4, -100, 110, 3, count=count)
-    want = int_groupnorm(q, groups, -7, 2, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 3, -100, 110) - 5
+    want = int_groupnorm(q, groups, -7, shift, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 3, -100, 110,
+                         square) - 5
     arrays = [_array("int32_t", "x", q.numpy()), _array("int32_t", "g", k["gamma_q"].numpy()),
               _array("int32_t", "b", k["beta_q"].numpy())]
-    call = (f"hq_group_norm(x, {shape[0]}, {groups}, {c}, {shape[2] * shape[3]}, -7, 2, {k['eps_q']}, g, b, "
-            f"{k['out_shift']}, 3, -100, 110, 5, acc);")
+    call = (f"hq_group_norm(x, {shape[0]}, {groups}, {c}, {shape[2] * shape[3]}, -7, {shift}, {square}, "
+            f"{k['eps_q']}, g, b, {k['out_shift']}, 3, -100, 110, 5, acc);")
     assert np.array_equal(_run(tmp_path, FLAGS["native"], arrays, call, q.numel()), want.reshape(-1).numpy())
 
 

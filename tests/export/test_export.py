@@ -296,3 +296,36 @@ def test_a_program_of_another_version_is_refused(toy_calib, tmp_path):
         load_npz(tmp_path / "old.npz")
     with pytest.raises(ValueError, match="manifest version 1"):
         rr.load(tmp_path / "old.npz")
+
+
+def test_a_groupnorm_row_past_the_exact_length_runs_everywhere_alike(tmp_path):
+    """A one-group GroupNorm over 16 x 64 x 64 = 65,536 values (MobileViT-v2 at ImageNet sizes has such rows):
+    squares rounded down, the mean's fraction in fewer bits, more fraction bits in the normalised values. The
+    simulation, the integer executor, the numpy reader and the C program agree bit for bit, within 32 bits."""
+    from hybridquant.graph.ir import Graph, Node
+    from hybridquant.integer.widths import analyse
+
+    from .test_c_runtime import META, build, executor_codes, pixels, run
+
+    gen = torch.Generator().manual_seed(0)
+    conv = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
+    graph = Graph([Node("input", "input", []),
+                   Node("c1", "conv2d", ["input"], conv, {"weight": torch.randn(16, 3, 1, 1, generator=gen)}),
+                   Node("relu", "relu", ["c1"]),  # unsigned codes from 0: squares up to 255^2
+                   Node("gn", "group_norm", ["relu"], {"groups": 1, "eps": 1e-5},
+                        {"weight": torch.rand(16, generator=gen) + 0.5, "bias": torch.randn(16, generator=gen) * 0.1}),
+                   Node("gap", "global_avg_pool", ["gn"]), Node("flat", "flatten", ["gap"], {"start": 1, "end": -1}),
+                   Node("fc", "linear", ["flat"], {}, {"weight": torch.randn(3, 16, generator=gen)}),
+                   Node("output", "output", ["fc"])], meta={"input_size": [3, 64, 64]})
+    x = torch.rand(4, 3, 64, 64, generator=gen) * 2 - 1
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    program = lower(qg)
+    assert int(np.asarray(program["gn"].arrays["square_shift"])) > 0
+    assert max(row["max_bits"] for row in analyse(program)) <= 32
+    logits, _ = IntegerModel(program).run(x)
+    assert torch.equal(logits, qg.run(x))
+    export_npz(qg, tmp_path / "gn.npz")
+    _assert_reader_matches(tmp_path / "gn.npz", qg, x)
+    export_c(qg, tmp_path / "c", META)
+    px = pixels(3, [3, 64, 64])
+    assert np.array_equal(run(build(tmp_path / "c"), px, tmp_path), executor_codes(qg, px))

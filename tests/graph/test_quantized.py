@@ -99,3 +99,30 @@ def test_mobilevitv2_linear_attention_is_quantized(calib_images):
     x = calib_images[:4]
     # a random-init net at W8A8: v1 measures ~25 dB here, v2 ~23 dB
     assert sqnr_db(graph(x), q(x)) > 18
+
+
+def test_a_channel_of_near_zero_weights_keeps_its_bias_in_the_accumulator():
+    """A channel whose weights are all but zero (dead, or scaled down by outlier scaling) would get a weight
+    scale so fine that its int32 bias overflows; its scale is raised (a power of two) until the bias is within
+    half the accumulator, and the integer program stays within 32 bits and exact."""
+    from hybridquant.graph.ir import Graph, Node
+    from hybridquant.graph.quantized import BIAS_LIMIT
+    from hybridquant.integer.executor import IntegerModel
+    from hybridquant.integer.lower import lower
+    from hybridquant.integer.widths import analyse
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=gen)
+    w[2] *= 1e-9  # a dead channel with a live bias
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    graph = Graph([Node("input", "input", []),
+                   Node("c", "conv2d", ["input"], conv, {"weight": w, "bias": torch.full((4,), 0.5)}),
+                   Node("output", "output", ["c"])], meta={"input_size": [3, 6, 6]})
+    x = torch.rand(8, 3, 6, 6, generator=gen) * 2 - 1
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    assert int(qg.bias_int["c"].abs().max()) <= BIAS_LIMIT and qg.weight["c"].is_pot
+    assert abs(float(qg.graph.run(x)[:, 2].mean()) - 0.5) < 1e-6  # the dead channel's output is its bias
+    program = lower(qg)
+    assert max(row["max_bits"] for row in analyse(program)) <= 32
+    logits, _ = IntegerModel(program).run(x)
+    assert torch.equal(logits, qg.run(x))

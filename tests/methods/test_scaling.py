@@ -42,21 +42,24 @@ def test_a_norm_without_affine_gets_an_explicit_scaling():
     assert torch.allclose(graph(x), before(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_softmax_output_is_no_scaling_target():
-    """A conv reading a softmax (EfficientFormerV2's talking heads) takes no explicit scaling: the integer softmax
-    writes codes on its own output grid, so there is no unquantized value to rescale. A GroupNorm with an affine
-    takes the factor into it, and a conv reading a conv's output gets an explicit one."""
-    from hybridquant.methods.scaling import scaling_targets
+def test_a_softmax_read_by_an_explicit_scaling_keeps_its_quantizer():
+    """A conv reading a softmax (EfficientFormerV2's talking heads) may take an explicit scaling: the softmax
+    keeps its output quantizer (its integer kernel writes those codes), the scaling reads them, and the program
+    computes the simulation."""
+    from hybridquant.config import QuantConfig
+    from hybridquant.integer.executor import IntegerModel
+    from hybridquant.integer.lower import lower
+    from hybridquant.quantize import quantize_graph
 
     gen = torch.Generator().manual_seed(0)
     graph = Graph([Node("input", "input", []),
                    Node("c0", "conv2d", ["input"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
                    Node("sm", "softmax", ["c0"], {"dim": 1}),
-                   Node("after_softmax", "conv2d", ["sm"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
-                   Node("gn", "group_norm", ["after_softmax"], {"groups": 1, "eps": 1e-5},
-                        {"weight": torch.ones(4), "bias": torch.zeros(4)}),
-                   Node("after_norm", "conv2d", ["gn"], CONV, {"weight": torch.randn(4, 4, 1, 1, generator=gen)}),
-                   Node("relu", "relu", ["after_norm"]),
-                   Node("after_relu", "conv2d", ["relu"], CONV, {"weight": torch.randn(3, 4, 1, 1, generator=gen)}),
-                   Node("output", "output", ["after_relu"])], meta={"input_size": [4, 5, 5]})
-    assert [n.name for n in scaling_targets(graph)] == ["after_norm", "after_relu"]
+                   Node("c1", "conv2d", ["sm"], CONV, {"weight": torch.randn(3, 4, 1, 1, generator=gen)}),
+                   Node("output", "output", ["c1"])], meta={"input_size": [4, 5, 5]})
+    assert apply_input_scaling(graph, graph["c1"], torch.tensor([1.0, 4.0, 0.5, 2.0])) == "explicit"
+    x = torch.randn(8, 4, 5, 5, generator=gen)
+    qg = quantize_graph(graph, QuantConfig(method="minmax", scales="pot"), [x])
+    assert "sm" in qg.act
+    logits, _ = IntegerModel(lower(qg)).run(x)
+    assert torch.equal(logits, qg.run(x))

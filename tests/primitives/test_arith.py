@@ -27,6 +27,7 @@ from hybridquant.primitives.arith import (
     build_channel_lut,
     build_lut,
     div_round_half_up,
+    groupnorm_shifts,
     int_groupnorm,
     int_layernorm,
     int_log2_softmax,
@@ -558,24 +559,40 @@ def test_int_groupnorm_within_one_lsb_of_float(groups, shape):
 def test_int_groupnorm_refuses_rows_that_leave_int32():
     assert not layernorm_fits(LN_MAX_ROW + 1, 1) and layernorm_fits(LN_MAX_ROW, 1)
     q = torch.randint(0, 256, (1, 64, 32, 32), generator=torch.Generator().manual_seed(0))  # 65,536 values a row
-    with pytest.raises(OverflowError, match="int_groupnorm"):
-        int_groupnorm(q, 1, 128, 0, torch.ones(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64), 0, 0, 0,
-                      -128, 127)
+    gamma = torch.ones(64, dtype=torch.int64)
+    with pytest.raises(OverflowError, match="int_groupnorm"):  # exact squares of 8-bit codes do not fit
+        int_groupnorm(q, 1, 0, 0, gamma, torch.zeros_like(gamma), 0, 0, 0, -128, 127)
+    assert groupnorm_shifts(64 * 32 * 32, 255) == (0, 2)
+    assert groupnorm_shifts(8 * 16, 255)[0] > 0 and groupnorm_shifts(8 * 16, 255)[1] == 0
 
 
-@pytest.mark.parametrize("channels,bound", [(8, 255), (96, 2040), (386, 2040), (1024, 255), (64, 32)])
-def test_layernorm_headroom_is_the_largest_shift_that_fits(channels, bound):
-    s = layernorm_headroom(channels, bound)
-    assert layernorm_fits(channels, bound << s)
-    assert s == 12 or not layernorm_fits(channels, bound << (s + 1))
+def test_a_square_shift_of_zero_is_the_exact_kernel():
+    """With no square shift, a row within LN_MAX_ROW is LayerNorm's arithmetic, bit for bit."""
+    q, gamma, beta = _gn_case(4, (2, 8, 3, 5))
+    k = layernorm_constants(gamma, beta, 1e-5, 0.02, 8, 2**-4, -128, 127, 0, count=120)
+    args = (q, 1, 128, 1, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
+    rows = q.reshape(2, 120)
+    want = torch.stack([int_layernorm(rows[r], 128, 1, k["gamma_q"].repeat_interleave(15),
+                                      k["beta_q"].repeat_interleave(15), k["eps_q"], k["out_shift"], 0, -128, 127)
+                        for r in range(2)])
+    assert torch.equal(int_groupnorm(*args, 0), want.reshape(q.shape))
 
 
-def test_int_layernorm_refuses_overflow():
-    q = torch.full((1, 1024), 2**20, dtype=torch.int64)
-    q[0, 0] = 0
-    k = layernorm_constants(torch.ones(1024), torch.zeros(1024), 1e-5, 1.0, 1024, 0.1, -128, 127, 0)
-    with pytest.raises(OverflowError):
-        int_layernorm(q, 0, 3, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127)
+@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (1, 128, 64, 64)])  # ImageNet-size MobileViT-v2 rows
+def test_int_groupnorm_of_long_rows_within_one_lsb_of_float(shape):
+    """Rows past LN_MAX_ROW values: the squares rounded down until their sum fits, the nearest mean; within
+    one output step of float, and as often exact as a short row."""
+    q, gamma, beta = _gn_case(3, shape)
+    in_scale, out_scale, eps, zp = 0.02, 2**-4, 1e-5, 0
+    count = shape[1] * shape[2] * shape[3]
+    shift, square = groupnorm_shifts(count, 255)
+    assert count > LN_MAX_ROW and shift == 0 and square > 0
+    k = layernorm_constants(gamma, beta, eps, in_scale, shape[1], out_scale, -128, 127, 0, count=count)
+    got = int_groupnorm(q, 1, zp, shift, k["gamma_q"], k["beta_q"], k["eps_q"], k["out_shift"], 0, -128, 127, square)
+    y = F.group_norm((q - zp).double() * in_scale, 1, gamma, beta, eps)
+    diff = (got - quantize(y, out_scale, 0, -128, 127).to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).double().mean()) < 0.02
 
 
 # --- 7. bilinear upsampling ------------------------------------------------------------

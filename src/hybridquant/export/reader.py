@@ -31,6 +31,7 @@ import numpy as np
 MANIFEST_KEY = "__manifest__"
 VERSION = 3  # the manifest version this reader follows
 SAFE = 1 << 62  # every intermediate stays below this (one bit under int64)
+LN_MAX_ROW = 46340  # norm rows longer than this take their mean's fraction in fewer bits (the contract's rule)
 
 
 @dataclass
@@ -200,25 +201,31 @@ def _int32(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def _norm_rows(p: Program, op: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    """The normalised values of each row (the last dim) of centred, shifted values ``x`` (layer_norm, group_norm)."""
+def _norm_rows(p: Program, op: dict[str, Any], x: np.ndarray, k: int = 0) -> np.ndarray:
+    """The normalised values of each row (the last dim) of centred, shifted values ``x`` (layer_norm, group_norm),
+    squares rounded down by ``k`` bits."""
     count = x.shape[-1]
+    fs = 0  # rows past LN_MAX_ROW: the mean's fraction from rem and count shifted down by fs, no rem^2 term,
+    while count >> fs > LN_MAX_ROW:  # and extra fraction bits in the normalised values
+        fs += 1
+    extra = max(0, (count.bit_length() - 1) // 2 - 4) if fs else 0
     total = x.sum(axis=-1, keepdims=True)
     mean = total // count
     rem = total - mean * count
     d = x - mean
-    v = _int32((d * d).sum(axis=-1, keepdims=True) - rem * rem // count + int(p.get(op, "eps_q")),
-               f"{op['kind']} variance")
+    correction = rem * rem // count if fs == 0 else np.zeros_like(rem)
+    v = _int32(shift_round(d * d, k).sum(axis=-1, keepdims=True) - shift_round(correction, k)
+               + shift_round(int(p.get(op, "eps_q")), k), f"{op['kind']} variance")
     bits = np.zeros_like(v)
-    for k in range(32):  # the bit length of each row's V
-        bits = np.where(v >> k > 0, k + 1, bits)
+    for b in range(32):  # the bit length of each row's V
+        bits = np.where(v >> b > 0, b + 1, bits)
     pw = np.minimum((31 - bits) // 2, 15)
     w = v << (2 * pw)
     t = isqrt(w)
     r = np.maximum(np.where(w - t * t > t, t + 1, t), 1)
-    recip = (1 << 30) // r
-    frac = (rem * recip + count // 2) // count
-    return shift_round(_int32(d * recip - frac, f"{op['kind']} product"), 15 - pw)
+    recip = (1 << (30 - k // 2)) // r
+    frac = ((rem >> fs) * recip + (count >> fs) // 2) // (count >> fs)
+    return shift_round(_int32(d * recip - frac, f"{op['kind']} product"), 15 - extra - pw)
 
 
 def _norm_affine(p: Program, op: dict[str, Any], n: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
@@ -236,7 +243,7 @@ def layer_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
 def group_norm(p: Program, op: dict[str, Any], q: np.ndarray) -> np.ndarray:
     b, c = q.shape[:2]
     x = (q - p.get(op, "in_zero_point")) << int(p.get(op, "in_shift"))
-    n = _norm_rows(p, op, x.reshape(b, op["attrs"]["groups"], -1)).reshape(b, c, -1)
+    n = _norm_rows(p, op, x.reshape(b, op["attrs"]["groups"], -1), int(p.get(op, "square_shift"))).reshape(b, c, -1)
     codes = _norm_affine(p, op, n, p.get(op, "gamma_q").reshape(c, 1), p.get(op, "beta_q").reshape(c, 1))
     return codes.reshape(q.shape)
 

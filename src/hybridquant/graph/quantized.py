@@ -11,18 +11,37 @@ is exact for the integer program up to float rounding of large sums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..config import QuantConfig
 from ..ops import op_def
-from ..primitives import dequantize, quantize
+from ..primitives import dequantize, pot_scale, quantize
 from ..qparams import QParams
 from .ir import Graph, Node
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+#: the largest integer bias of an int32 accumulator: half its range, the other half for the products
+BIAS_LIMIT = 2**30
+
+
+def _bias_fitting(wq: QParams, bias: torch.Tensor, in_scale: torch.Tensor, pot: bool) -> QParams:
+    """``wq`` with each output channel's scale raised (to a power of two with ``pot``) where its bias
+    would pass :data:`BIAS_LIMIT` at ``in_scale·s_w``: a channel of near-zero weights (dead, or scaled down by
+    outlier scaling) otherwise gets a weight scale so fine that its bias leaves the accumulator; its weights
+    are then coarser, which costs nothing they could carry."""
+    need = bias.double().abs() / (float(in_scale) * BIAS_LIMIT)
+    scale = wq.scale.double()
+    if not bool((need > scale).any()):
+        return wq
+    if pot:
+        need = pot_scale(need, "ceil").double()
+    raised = torch.maximum(scale, need if scale.dim() else need.max())
+    return replace(wq, scale=raised.to(wq.scale.dtype))
 
 
 def accumulator_bits(act_bits: int, weight_bits: int) -> int:
@@ -71,12 +90,15 @@ class QuantizedGraph:
             wq = self.weight.get(node.name)
             if wq is None:
                 continue
+            x_qp = self.input_qparams(node)
+            has_bias = "bias" in node.params and x_qp is not None and x_qp.scale.dim() == 0
+            if has_bias and accumulator_bits(x_qp.bits, wq.bits) == 32:
+                wq = self.weight[node.name] = _bias_fitting(wq, node.params["bias"], x_qp.scale, self.config.pot)
             w = node.params["weight"]
             q = quantize(w, wq.scale, wq.zero_point, wq.qmin, wq.qmax, axis=0)
             self.weight_int[node.name] = q
             node.params["weight"] = dequantize(q, wq.scale, wq.zero_point, axis=0)
-            x_qp = self.input_qparams(node)
-            if "bias" in node.params and x_qp is not None and x_qp.scale.dim() == 0:
+            if has_bias:
                 bias_scale = (x_qp.scale.double() * wq.scale.double())
                 b = torch.floor(node.params["bias"].double() / bias_scale + 0.5)
                 if accumulator_bits(x_qp.bits, wq.bits) == 32:

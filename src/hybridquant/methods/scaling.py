@@ -73,16 +73,9 @@ def _fold_into_producer(graph: Graph, consumer: Node, inv_alpha: torch.Tensor) -
 
 
 def scaling_targets(graph: Graph, depthwise: bool = False) -> list[Node]:
-    """The :func:`scalable` layers whose input can take a per-channel factor: not the image, and either folded
-    into the producer or read unquantized from it by an explicit scaling (not the codes of an op whose kernel
-    writes its own output grid: a softmax)."""
-    out = []
-    for n in graph:
-        if not scalable(n, depthwise) or graph.producer(n.inputs[0]).opdef.role == "source":
-            continue
-        if _foldable(graph, n) or not graph.producer(n.inputs[0]).opdef.kernel_output:
-            out.append(n)
-    return out
+    """The :func:`scalable` layers whose input is not the image: the layers outlier scaling and smoothing
+    consider."""
+    return [n for n in graph if scalable(n, depthwise) and graph.producer(n.inputs[0]).opdef.role != "source"]
 
 
 def apply_input_scaling(graph: Graph, consumer: Node, alpha: torch.Tensor, allow_fold: bool = True) -> str:

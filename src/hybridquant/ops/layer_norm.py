@@ -117,18 +117,21 @@ def _c(op, em):
             f"{em.scalar('requant.zero_point')}, {em.acc()});"]
 
 
-def row_widths(op, x: int, count: int) -> dict[str, int]:
+def row_widths(op, x: int, count: int, square_shift: int = 0) -> dict[str, int]:
     """Magnitudes inside the integer norm kernel of ``op`` (LayerNorm or GroupNorm) for rows of ``count`` values
-    within ``±x`` after the input shifts."""
+    within ``±x`` after the input shifts, squares rounded down by ``square_shift`` bits."""
     g = {k: np.asarray(v).astype(np.int64) for k, v in op.arrays.items()}
-    squares = count * (x * x + 1)
+    squares = (count * (x * x + 1) >> square_shift) + (count // 2 + 1 if square_shift else 0)
     recip_rows = math.isqrt(1 << 29)  # √W ≥ 2^14.5 once V ≥ 2; V ≤ 1 gives r = 2^15
     recip = (1 << arith.LN_RECIPROCAL_BITS) // recip_rows
-    n = (1 << arith.LN_FRAC_BITS) + 2
+    n = (1 << (arith.LN_FRAC_BITS + arith.norm_extra_bits(count))) + 2
     shift = int(g["out_shift"])
-    return {"shifted": x, "sum": count * x, "centred": 2 * x + 1, "remainder_square": count * count,
+    t = arith.fraction_shift(count)  # longer rows: the mean's fraction from shifted-down remainders
+    return {"shifted": x, "sum": count * x, "centred": 2 * x + 1, "square": (2 * x + 1) ** 2,
+            "remainder_square": count * count if t == 0 else 0,
             "squares": squares, "variance": squares + int(g["eps_q"]), "scaled_variance": (1 << 31) - 1,
-            "root": 46341, "reciprocal": 1 << arith.LN_RECIPROCAL_BITS, "mean_fraction": count * recip + count // 2,
+            "root": 46341, "reciprocal": 1 << arith.LN_RECIPROCAL_BITS,
+            "mean_fraction": (count >> t) * recip + (count >> t) // 2,
             "product": (1 << arith.LN_RECIPROCAL_BITS) + (1 << 17), "normalised": n,
             "affine": n * absmax(g["gamma_q"]) + absmax(g["beta_q"]) + ((1 << shift) >> 1),
             "acc": abs(int(g["out_qmax"])) + abs(int(g["out_qmin"])) + abs(int(g["requant.zero_point"]))}

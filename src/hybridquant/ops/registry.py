@@ -54,7 +54,7 @@ class OpDef:
     position only, with no padding (a shift of its input folds exactly into its bias);
     ``channel_scale(node)``: the per-channel factor the op multiplies its input by; ``kernel_output``: its
     integer kernel writes codes on its own output quantizer's grid (softmax, LayerNorm, GroupNorm), so the op
-    always keeps that quantizer: a per-channel scaling of its output cannot read it unquantized.
+    keeps that quantizer even where its only reader is an explicit scaling, which then reads those codes.
     """
 
     name: str

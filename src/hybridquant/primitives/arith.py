@@ -46,7 +46,11 @@ __all__ = [
     "int_log2_softmax",
     "int_softmax",
     "isqrt",
+    "fraction_shift",
+    "groupnorm_shifts",
     "layernorm_fits",
+    "norm_extra_bits",
+    "norm_row_fits",
     "layernorm_headroom",
     "layernorm_constants",
     "lut_codes",
@@ -449,12 +453,35 @@ def bit_length(m: torch.Tensor) -> torch.Tensor:
     return sum(((m >> k) > 0).to(torch.int64) for k in range(INT64_SAFE_BITS))
 
 
+def norm_row_fits(count: int, in_bound: int, square_shift: int = 0) -> bool:
+    """Whether a row of ``count`` centred, shifted values within ``±in_bound`` keeps :func:`int_layernorm`'s
+    arithmetic in int32 with squares rounded down by ``square_shift`` bits: the row's sum of squares, at most
+    ``L·(B² + 1)`` (over ``2^k``, plus half a step per value for the rounding), plus ``eps_q < 2^29`` below 2^31,
+    and the sum of the values ``L·B`` too."""
+    squares = count * (in_bound * in_bound + 1) >> square_shift
+    if square_shift:
+        squares += count // 2 + 1
+    return squares + (1 << 29) < 1 << 31 and count * in_bound < 1 << 31
+
+
 def layernorm_fits(channels: int, in_bound: int) -> bool:
     """Whether :func:`int_layernorm` keeps every intermediate in int32 for ``channels`` channels of centred,
-    PTF-shifted input values within ``±in_bound``: the row's sum of squares, at most ``C·(B² + 1)``, plus
-    ``eps_q < 2^29`` must stay below 2^31 (8-bit codes with PTF shifts up to 3: ``C ≤ 386``), and ``rem² <
-    C²`` and the mean's fraction ``rem·R < C·46341`` must too (``C ≤ 46340``: a GroupNorm's rows)."""
-    return channels <= LN_MAX_ROW and channels * (in_bound * in_bound + 1) + (1 << 29) < 1 << 31
+    PTF-shifted input values within ``±in_bound``: :func:`norm_row_fits` (8-bit codes with PTF shifts up to 3:
+    ``C ≤ 386``), and ``rem² < C²`` and the mean's fraction ``rem·R < C·46341`` must fit too (``C ≤ 46340``)."""
+    return channels <= LN_MAX_ROW and norm_row_fits(channels, in_bound)
+
+
+def groupnorm_shifts(count: int, in_bound: int) -> tuple[int, int]:
+    """``(in_shift, square_shift)`` of a GroupNorm's centred inputs within ``±in_bound``, rows of ``count``
+    values: a row that fits takes LayerNorm's headroom (:func:`layernorm_headroom`, the inputs shifted up) and
+    exact squares; a longer one its inputs as they are and the smallest even ``square_shift`` that fits
+    (:func:`norm_row_fits`). ValueError for rows no shift fits."""
+    if count <= LN_MAX_ROW and norm_row_fits(count, in_bound):
+        return layernorm_headroom(count, in_bound), 0
+    for k in range(0, 31, 2):
+        if norm_row_fits(count, in_bound, k):
+            return 0, k
+    raise ValueError(f"GroupNorm rows of {count} values within ±{in_bound} do not fit the int32 kernel")
 
 
 def layernorm_headroom(channels: int, in_bound: int, limit: int = 12) -> int:
@@ -467,22 +494,51 @@ def layernorm_headroom(channels: int, in_bound: int, limit: int = 12) -> int:
     return s
 
 
-def _normalise_rows(x: torch.Tensor, eps_q: int) -> torch.Tensor:
+def norm_extra_bits(count: int) -> int:
+    """Fraction bits the normalised values of rows of ``count`` values carry beyond ``LN_FRAC_BITS``: 0 within
+    :data:`LN_MAX_ROW`; past it ``⌊log2(L)/2⌋ − 4`` (the values' typical size falls as ``2^15/√L``, so long rows
+    move bits from the gain ``gamma_q`` to them; ``|n·gamma_q|`` keeps its ``2^29`` bound)."""
+    return max(0, (count.bit_length() - 1) // 2 - 4) if count > LN_MAX_ROW else 0
+
+
+def fraction_shift(count: int) -> int:
+    """For rows of ``count`` values: the shift ``t`` that brings ``count`` within :data:`LN_MAX_ROW` (0 for rows
+    that are within it), by which the mean's remainder and the row length are divided for the mean's fraction."""
+    t = 0
+    while count >> t > LN_MAX_ROW:
+        t += 1
+    return t
+
+
+def _normalise_rows(x: torch.Tensor, eps_q: int, square_shift: int = 0) -> torch.Tensor:
     """The normalised values ``n_j`` of :func:`int_layernorm`, each row the last dim of ``x`` (centred, shifted
-    inputs already checked by :func:`layernorm_fits`)."""
+    inputs already checked by :func:`norm_row_fits` for this ``square_shift``).
+
+    Long rows (GroupNorm at ImageNet sizes) keep int32 two ways. Each square is rounded down by
+    ``square_shift = k`` bits (even) before the sum, ``V = Σ srr(d², k) − srr(⌊rem²/L⌋, k) + srr(eps_q, k)``,
+    and the reciprocal's numerator is ``2^(30 − k/2)`` in place of ``2^30``: the same ``n_j`` with the variance
+    in steps of ``2^k`` squared codes. Past :data:`LN_MAX_ROW` values, where ``rem²`` and ``rem·R`` would leave
+    int32, the mean's fraction takes ``rem`` and ``L`` shifted down by ``t`` (:func:`fraction_shift`),
+    ``⌊((rem >> t)·R + ⌊(L >> t)/2⌋) / (L >> t)⌋``, and the ``⌊rem²/L⌋`` term (below one squared code per
+    value) is 0, and the normalised values keep :func:`norm_extra_bits` more fraction bits (the final shift
+    ``15 − p − E``, a left shift where negative). ``k = t = E = 0`` is LayerNorm's arithmetic exactly.
+    """
     count = x.shape[-1]
     total = x.sum(dim=-1, keepdim=True)
     mean = torch.div(total, count, rounding_mode="floor")
     rem = total - mean * count
     d = x - mean
-    v = (d * d).sum(dim=-1, keepdim=True) - torch.div(rem * rem, count, rounding_mode="floor") + int(eps_q)
+    k, t = int(square_shift), fraction_shift(count)
+    correction = torch.div(rem * rem, count, rounding_mode="floor") if t == 0 else torch.zeros_like(rem)
+    v = (shift_right_round(d * d, k).sum(dim=-1, keepdim=True) - shift_right_round(correction, k)
+         + shift_right_round(torch.tensor(int(eps_q)), k))
     p = ((31 - bit_length(v)) // 2).clamp(max=LN_RECIPROCAL_BITS - LN_FRAC_BITS)
     w = v << (2 * p)
-    t = isqrt(w)
-    r = (t + (w - t * t > t).to(torch.int64)).clamp_min(1)
-    recip = (1 << LN_RECIPROCAL_BITS) // r
-    frac = torch.div(rem * recip + count // 2, count, rounding_mode="floor")
-    return shift_right_round(d * recip - frac, LN_RECIPROCAL_BITS - LN_FRAC_BITS - p)
+    root = isqrt(w)
+    r = (root + (w - root * root > root).to(torch.int64)).clamp_min(1)
+    recip = (1 << (LN_RECIPROCAL_BITS - k // 2)) // r
+    frac = torch.div((rem >> t) * recip + (count >> t) // 2, count >> t, rounding_mode="floor")
+    return shift_right_round(d * recip - frac, LN_RECIPROCAL_BITS - LN_FRAC_BITS - norm_extra_bits(count) - p)
 
 
 def _norm_affine(n: torch.Tensor, gamma_q, beta_q, out_shift: int, out_zp, out_qmin: int, out_qmax: int
@@ -523,21 +579,25 @@ def int_layernorm(q: torch.Tensor, zero_point: torch.Tensor | int, ptf_shift: to
 
 def int_groupnorm(q: torch.Tensor, groups: int, zero_point: int, in_shift: int, gamma_q: torch.Tensor,
                   beta_q: torch.Tensor, eps_q: int, out_shift: int, out_zp: int, out_qmin: int,
-                  out_qmax: int) -> torch.Tensor:
+                  out_qmax: int, square_shift: int = 0) -> torch.Tensor:
     """Integer GroupNorm of ``q`` ``[B, C, *spatial]``: :func:`int_layernorm`'s arithmetic with each row one
     group of ``C / groups`` channels and every position (``L`` elements), and the affine per channel.
 
-    ``x = (q − zp) << in_shift``, then ``n`` per row exactly as in :func:`int_layernorm` with ``L`` in place of
-    ``C``, and ``code = clamp(srr(n·gamma_q[c] + beta_q[c], out_shift) + out_zp, out_qmin, out_qmax)`` for an
-    element of channel ``c``. Constants: :func:`layernorm_constants` with ``count = L``. Range: as LayerNorm,
-    :func:`layernorm_fits` of ``L`` elements (OverflowError otherwise).
+    ``x = (q − zp) << in_shift``, then ``n`` per row as in :func:`int_layernorm` with ``L`` in place of ``C``
+    (rows too long for exact int32 sums: the squares rounded down by ``square_shift`` bits and, past
+    :data:`LN_MAX_ROW` values, the mean's fraction from shifted-down remainders; :func:`_normalise_rows`, shifts
+    from :func:`groupnorm_shifts`),
+    and ``code = clamp(srr(n·gamma_q[c] + beta_q[c], out_shift) + out_zp, out_qmin, out_qmax)`` for an element of
+    channel ``c``. Constants: :func:`layernorm_constants` with ``count = L``. Range: :func:`norm_row_fits` of
+    ``L`` elements (OverflowError otherwise).
     """
     q = _i64(q)
     b, c = q.shape[:2]
     x = align(q, zero_point, in_shift, 0).reshape(b, groups, -1)  # [B, C, *S] -> [B, G, L]
-    if not layernorm_fits(x.shape[-1], _absmax(x)):
-        raise OverflowError(f"int_groupnorm: rows of {x.shape[-1]} values up to {_absmax(x)} exceed int32")
-    n = _normalise_rows(x, eps_q).reshape(b, c, -1)  # [B, G, L] -> [B, C, prod(S)]
+    count = x.shape[-1]
+    if not norm_row_fits(count, _absmax(x), square_shift):
+        raise OverflowError(f"int_groupnorm: rows of {count} values up to {_absmax(x)} exceed int32")
+    n = _normalise_rows(x, eps_q, square_shift).reshape(b, c, -1)  # [B, G, L] -> [B, C, prod(S)]
     codes = _norm_affine(n, _i64(torch.as_tensor(gamma_q)).reshape(c, 1), _i64(torch.as_tensor(beta_q)).reshape(c, 1),
                          out_shift, out_zp, out_qmin, out_qmax)
     return codes.reshape(q.shape)
@@ -574,12 +634,13 @@ def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, eps: float, in_
         raise ValueError(f"gamma/beta must have {channels} entries")
     zp = _absmax(out_zp if isinstance(out_zp, torch.Tensor) else int(out_zp))
     span = max(abs(out_qmax) + zp, abs(out_qmin) + zp) + 1
-    limit = (1 << (LN_FRAC_BITS - 1)) - 1
-    e = 29 - span.bit_length() - LN_FRAC_BITS  # Q·2^out_shift ≤ 2^29
+    extra = norm_extra_bits(count)  # n carries that many more bits, gamma_q that many fewer
+    limit = (1 << (LN_FRAC_BITS - 1 - extra)) - 1
+    e = 29 - span.bit_length() - LN_FRAC_BITS - extra  # Q·2^out_shift ≤ 2^29
     gmax = float(g.abs().max())
     while gmax > 0 and float(round_half_up(torch.tensor(gmax * 2.0**e, dtype=torch.float64))) > limit:
         e -= 1
-    out_shift = LN_FRAC_BITS + e
+    out_shift = LN_FRAC_BITS + extra + e
     if out_shift < 0:
         raise ValueError(f"LayerNorm gain {gmax:.3g} (in output codes) is too large for the integer kernel")
     bound = (1 << 29) + (span << out_shift)

@@ -644,20 +644,31 @@ static int32_t hq_floor_div32(int32_t num, int32_t den) {
 }
 
 /* one row of a LayerNorm or GroupNorm: ar holds its count centred, shifted values and receives its codes less
- * acc_zp; gamma_q/beta_q entries each cover run consecutive values (1: LayerNorm; positions: GroupNorm). Every
- * intermediate in int32 (the bounds are the program's width analysis). */
-static void hq_norm_row(int32_t *ar, int32_t count, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
-                        int32_t run, int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax,
-                        int32_t acc_zp) {
+ * acc_zp; gamma_q/beta_q entries each cover run consecutive values (1: LayerNorm; positions: GroupNorm); the
+ * squares are rounded down by sq_shift bits (even; 0 for LayerNorm) before their sum. Every intermediate in
+ * int32 (the bounds are the program's width analysis). */
+static void hq_norm_row(int32_t *ar, int32_t count, int32_t sq_shift, int32_t eps_q, const int32_t *gamma_q,
+                        const int32_t *beta_q, int32_t run, int32_t out_shift, int32_t out_zp, int32_t out_qmin,
+                        int32_t out_qmax, int32_t acc_zp) {
     int32_t sum = 0, mean, rem, v = 0, bits = 0, p, w, t, root, rec, frac, down, c, j, k;
+    /* rows past HQ_LN_MAX_ROW values: the mean's fraction from rem and count shifted down by t (rem^2 and
+     * rem * rec would leave int32; the rem^2 / count term, below one squared code per value, is 0), and the
+     * normalised values keep extra fraction bits (their typical size falls as 2^15 / sqrt(count)) */
+    int32_t fs = 0, extra = 0, short_count;
+    while ((count >> fs) > HQ_LN_MAX_ROW) ++fs;
+    short_count = count >> fs;
+    if (fs > 0) {
+        while (extra < 31 && (count >> (2 * extra + 2)) != 0) ++extra; /* floor(log2(count) / 2) */
+        extra = extra > 4 ? extra - 4 : 0;
+    }
     for (j = 0; j < count; ++j) sum += ar[j];
     mean = hq_floor_div32(sum, count);
     rem = sum - mean * count;
     for (j = 0; j < count; ++j) {
         ar[j] -= mean;
-        v += ar[j] * ar[j];
+        v += hq_srr32(ar[j] * ar[j], sq_shift);
     }
-    v = v - rem * rem / count + eps_q;
+    v = v - (fs == 0 ? hq_srr32(rem * rem / count, sq_shift) : 0) + hq_srr32(eps_q, sq_shift);
     while (bits < 31 && (v >> bits) != 0) ++bits;
     p = (31 - bits) / 2;
     if (p > HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS) p = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS;
@@ -665,9 +676,9 @@ static void hq_norm_row(int32_t *ar, int32_t count, int32_t eps_q, const int32_t
     t = hq_isqrt(w);
     root = t + (w - t * t > t ? 1 : 0);
     if (root < 1) root = 1;
-    rec = (1 << HQ_LN_RECIPROCAL_BITS) / root;
-    frac = (rem * rec + count / 2) / count;
-    down = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS - p;
+    rec = (1 << (HQ_LN_RECIPROCAL_BITS - sq_shift / 2)) / root;
+    frac = ((rem >> fs) * rec + short_count / 2) / short_count;
+    down = HQ_LN_RECIPROCAL_BITS - HQ_LN_FRAC_BITS - extra - p;
     for (c = 0, j = 0; j < count; ++c) {
         for (k = 0; k < run; ++k, ++j) {
             int32_t n = hq_srr32(ar[j] * rec - frac, down);
@@ -685,12 +696,12 @@ void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_
         const int32_t *xr = x + (int64_t)r * channels;
         int32_t *ar = acc + (int64_t)r * channels;
         for (j = 0; j < channels; ++j) ar[j] = (xr[j] - in_zp) * (1 << ptf_shift[ptf_len == 1 ? 0 : j]);
-        hq_norm_row(ar, channels, eps_q, gamma_q, beta_q, 1, out_shift, out_zp, out_qmin, out_qmax, acc_zp);
+        hq_norm_row(ar, channels, 0, eps_q, gamma_q, beta_q, 1, out_shift, out_zp, out_qmin, out_qmax, acc_zp);
     }
 }
 
 void hq_group_norm(const int32_t *x, int32_t batch, int32_t groups, int32_t channels, int32_t positions,
-                   int32_t in_zp, int32_t in_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
+                   int32_t in_zp, int32_t in_shift, int32_t sq_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
                    int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp,
                    int32_t *acc) {
     /* [B, C, positions] in rows of one group: C / groups channels at every position */
@@ -700,8 +711,8 @@ void hq_group_norm(const int32_t *x, int32_t batch, int32_t groups, int32_t chan
         int32_t *ar = acc + (int64_t)r * count;
         int32_t first = (r % groups) * per;
         for (j = 0; j < count; ++j) ar[j] = (xr[j] - in_zp) * (1 << in_shift);
-        hq_norm_row(ar, count, eps_q, gamma_q + first, beta_q + first, positions, out_shift, out_zp, out_qmin,
-                    out_qmax, acc_zp);
+        hq_norm_row(ar, count, sq_shift, eps_q, gamma_q + first, beta_q + first, positions, out_shift, out_zp,
+                    out_qmin, out_qmax, acc_zp);
     }
 }
 

@@ -62,6 +62,8 @@ typedef struct {
 #define HQ_SOFTMAX_RECIPROCAL_BITS 30
 #define HQ_LN_RECIPROCAL_BITS 30
 #define HQ_LN_FRAC_BITS 15
+/* rows longer than this take the nearest mean and no fraction (rem^2 and rem * 2^30 / r leave int32) */
+#define HQ_LN_MAX_ROW 46340
 
 /* A strided view of a contiguous tensor (a layout op): out[i] = in[offset + sum_d idx_d(i) * stride_d]. */
 #define HQ_MAX_DIMS 8
@@ -110,7 +112,7 @@ void hq_layer_norm(const int32_t *x, int32_t rows, int32_t channels, int32_t in_
                    int32_t ptf_len, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q, int32_t out_shift,
                    int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp, int32_t *acc);
 void hq_group_norm(const int32_t *x, int32_t batch, int32_t groups, int32_t channels, int32_t positions,
-                   int32_t in_zp, int32_t in_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
+                   int32_t in_zp, int32_t in_shift, int32_t sq_shift, int32_t eps_q, const int32_t *gamma_q, const int32_t *beta_q,
                    int32_t out_shift, int32_t out_zp, int32_t out_qmin, int32_t out_qmax, int32_t acc_zp,
                    int32_t *acc);
 void hq_view_copy(const int32_t *in, const hq_view *v, int32_t *out);
