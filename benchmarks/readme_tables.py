@@ -684,13 +684,14 @@ def analysis_outliers(results: Path, *labels: str) -> str:
     first = next(iter(found.values()))
     lines = [f"Over {first['images']} calibration images each; an outlier channel has a max |x| above "
              f"{first['outlier_factor']:g} times its tensor's median channel max; the channel spread is a layer "
-             "input's largest channel max over its median one.", "",
+             "input's largest channel max over its median one (dead channels, whose max is near 0, make it "
+             "huge).", "",
              "| model | block kind | layer inputs | outlier channels | largest channel spread | largest max \\|x\\| | "
              "lowest W6A6 output SQNR dB |", "|---" * 7 + "|"]
     prose = []
     for lb, a in found.items():
         for kind, b in a["blocks"].items():
-            lines.append(f"| {lb} | {kind} | {b['layers']} | {b['outlier_channels']} | {b['max_channel_spread']:.1f} | "
+            lines.append(f"| {lb} | {kind} | {b['layers']} | {b['outlier_channels']} | {b['max_channel_spread']:.3g} | "
                          f"{b['max_absmax']:.1f} | {b['min_sqnr_w6a6_db']:.1f} |")
         layers = {r["layer"]: r for r in a["layers"]}
         worst = [layers[w] for w in a["worst_layers"] if w in layers]
@@ -700,7 +701,7 @@ def analysis_outliers(results: Path, *labels: str) -> str:
                 kinds.setdefault(f"{r['block']} blocks reading {r.get('producer_op') or 'the input'}", []).append(r)
             parts = [f"{len(rs)} in {k} (input kurtosis {min(r['kurtosis'] for r in rs):.0f} to "
                      f"{max(r['kurtosis'] for r in rs):.0f}, channel spread at most "
-                     f"{max(r['channel_spread'] for r in rs):.1f})"
+                     f"{max(r['channel_spread'] for r in rs):.3g})"
                      for k, rs in sorted(kinds.items(), key=lambda kv: -len(kv[1]))]
             prose.append(f"{lb}: of the {len(worst)} layers that per-tensor W6A6 quantization hurts most (output "
                          f"SQNR), " + _join(parts) + ".")

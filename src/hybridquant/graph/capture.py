@@ -86,8 +86,8 @@ def _module_info(fx_node: fx.Node) -> tuple[str, str]:
     if not kind and path:
         top = path.split(".")[0]
         kind = {"stem": "stem", "patch_embed": "stem", "head": "head", "head_dist": "head", "final_conv": "head",
-                "norm": "head"}.get(top, "")
-    if not kind and stack and stack[0][0].startswith("stages"):
+                "norm": "head", "global_pool": "head"}.get(top, "")
+    if not kind and any(p.startswith("stages") for p, _ in stack):
         kind = "stage"
     return path, kind
 
