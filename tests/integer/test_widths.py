@@ -97,3 +97,21 @@ def test_layernorm_bounds_hold_and_fit_int32():
             assert int(d.abs().max()) <= bound["centred"] and v <= bound["variance"]
             assert rem * rec + c // 2 <= bound["mean_fraction"] and int(product.abs().max()) <= bound["product"]
             assert int(n.abs().max()) <= bound["normalised"]
+
+
+def test_a_per_channel_requantization_meets_each_channels_own_bound():
+    """A channel of a large bias that shifts right beside channels of small accumulators that shift left
+    (EfficientViT's near-zero channels at W4A8): each channel's shift meets its own accumulator bound, so the
+    requantization fits 32 bits where the largest bound under the largest left shift would not."""
+    import numpy as np
+
+    from hybridquant.integer.program import ProgramOp
+    from hybridquant.integer.widths import _requant
+
+    op = ProgramOp(1, "c", "conv2d", "conv2d", ["x"], out_shape=[1, 2, 1, 1])
+    op.attrs["requant"] = {"mode": "shift", "axis": 1}
+    op.arrays.update({"weight": np.array([[1], [3]], np.int8), "bias": np.array([2**30, 5], np.int32),
+                      "requant.shift": np.array([26, -3], np.int8), "requant.zero_point": np.array(0, np.int8),
+                      "requant.qmin": np.array(-128, np.int16), "requant.qmax": np.array(127, np.int16)})
+    assert bits(_requant(op, 2**30 + 127)["requant"]) > 32  # one bound for every channel
+    assert bits(_requant(op, 2**30 + 127, [2**30 + 127, 3 * 127 + 5])["requant"]) <= 32

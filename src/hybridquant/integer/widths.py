@@ -22,15 +22,22 @@ def bits(magnitude: int) -> int:
     return int(magnitude).bit_length() + 1
 
 
-def _requant(op: ProgramOp, acc: int) -> dict[str, int]:
-    """Magnitudes inside the requantization of an accumulator bounded by ``acc`` (``REQUANT_DOC``)."""
+def _requant(op: ProgramOp, acc: int, per_channel: list[int] | None = None) -> dict[str, int]:
+    """Magnitudes inside the requantization of an accumulator bounded by ``acc`` (``REQUANT_DOC``); with
+    ``per_channel`` (the bound of each output channel, as a conv's or linear's), a per-channel requantization
+    meets each channel's own bound (a channel of a large bias and a right shift beside one that shifts left)."""
     g = {k.split(".", 1)[1]: np.asarray(v).astype(np.int64).reshape(-1) for k, v in op.arrays.items()
          if k.startswith("requant.")}
     mode = op.attrs["requant"]["mode"]
+
+    def bound(i: int, size: int) -> int:
+        return int(per_channel[i]) if per_channel is not None and size == len(per_channel) and size > 1 else acc
+
     if mode == "shift":
         out = 0
-        for k in g["shift"].tolist():
-            out = max(out, acc + (1 << (k - 1)) if k > 0 else acc << -k)
+        for i, k in enumerate(g["shift"].tolist()):
+            a = bound(i, len(g["shift"]))
+            out = max(out, a + (1 << (k - 1)) if k > 0 else a << -k)
         return {"requant": out}
     if mode in ("two_term", "threshold"):
         out = 0
@@ -39,7 +46,8 @@ def _requant(op: ProgramOp, acc: int) -> dict[str, int]:
             a, b, sign, n = (int(g[k][i if len(g[k]) > 1 else 0]) for k in ("a", "b", "sign", "n"))
             b = b if sign != 0 else a
             lift = max(-min(a, b), 0)
-            total = (acc << (a + lift)) + abs(sign) * (acc << (b + lift))
+            v = bound(i, size)
+            total = (v << (a + lift)) + abs(sign) * (v << (b + lift))
             out = max(out, total + ((1 << (n + lift - 1)) if n + lift > 0 else 0))
         return {"requant": out}
     return {"requant": acc}  # a float multiplier: not an integer program
@@ -55,9 +63,11 @@ def analyse(program: Program) -> list[dict[str, Any]]:
         hook = program_kind(op.kind).widths
         if hook is None:
             continue
-        mags = {k: int(v) for k, v in hook(op, bounds, done, program).items()}
+        found = dict(hook(op, bounds, done, program))
+        per_channel = found.pop("acc_per_channel", None)  # not a magnitude: the acc bound of each output channel
+        mags = {k: int(v) for k, v in found.items()}
         if "requant" in op.attrs:
-            mags.update(_requant(op, mags["acc"]))
+            mags.update(_requant(op, mags["acc"], per_channel))
         done[op.name] = mags
         widths = {k: bits(v) for k, v in mags.items()}
         rows.append({"index": op.index, "name": op.name, "kind": op.kind, "magnitudes": mags, "bits": widths,

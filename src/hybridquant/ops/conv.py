@@ -172,7 +172,9 @@ def _widths(op, bounds, done, program):
     x = bounds[op.inputs[0]]
     w = np.abs(np.asarray(op.arrays["weight"]).astype(np.int64)).reshape(op.arrays["weight"].shape[0], -1)
     bias = np.abs(np.asarray(op.arrays["bias"]).astype(np.int64)) if "bias" in op.arrays else np.zeros(len(w), np.int64)
-    return {"input": x, "product": x * absmax(w), "acc": int((x * w.sum(axis=1) + bias).max()) if w.size else 0}
+    acc = x * w.sum(axis=1) + bias  # per output channel
+    return {"input": x, "product": x * absmax(w), "acc": int(acc.max()) if w.size else 0,
+            "acc_per_channel": acc.tolist()}
 
 
 register(

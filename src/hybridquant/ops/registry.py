@@ -106,7 +106,8 @@ class ProgramKind:
     ``macs(op, program)``: multiply-accumulates per image; ``counts(op, program)``: the other operations per
     image (:data:`COUNT_KEYS`: multiplies, shifts, additions, comparisons, table lookups, divisions; the
     requantization is counted apart); ``widths(op, bounds, done, program)``: the largest magnitude of
-    each intermediate (``acc``: the result before requantization) over every input in range (``bounds``: the
+    each intermediate (``acc``: the result before requantization; ``acc_per_channel``, optional, a list: the
+    bound of each output channel, which a per-channel requantization meets) over every input in range (``bounds``: the
     largest ``|code − zero point|`` of each value; ``done``: earlier ops' magnitudes); ``c(op, em)``: the C statements that compute the
     result into the op's buffers (``em``: :class:`hybridquant.export.c.Emitter`; the requantization follows).
     """
