@@ -24,13 +24,22 @@ _UNARY: dict[str, Callable] = {
 }
 
 
+def _in_float64(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    # torch's float32 exp/erf take a vector path or a scalar one by an element's place in the tensor, which can
+    # differ by an ulp (GELU(5.34375): 5.34375 in a large tensor, 5.3437495 alone); where f(x)/s lands on a
+    # rounding tie, that flips a code between the simulation and a table. In float64, then rounded to the
+    # input's type, both take the same value.
+    return lambda x: fn(x.double()).to(x.dtype)
+
+
 def unary_fn(node) -> Callable[[torch.Tensor], torch.Tensor]:
     """The float function of an elementwise node (its attributes applied): what its lookup tables tabulate,
-    so that a table and the simulation compute the same function."""
+    so that a table and the simulation compute the same function (evaluated in float64, returned in the input's
+    type)."""
     if node.op == "gelu":
         approximate = node.attrs.get("approximate", "none")
-        return lambda x: F.gelu(x, approximate=approximate)
-    return _UNARY[node.op]
+        return _in_float64(lambda x: F.gelu(x, approximate=approximate))
+    return _in_float64(_UNARY[node.op])
 
 
 def _lower(ctx, node, op):
