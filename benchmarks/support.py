@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
-from tqdm import tqdm
-
-from hybridquant._io import write_json, write_text
-from hybridquant.errors import HybridQuantError
-from hybridquant.report import environment
+# torch, timm and hybridquant are imported where they run: benchmarks/readme_tables.py renders this script's table
+# (markdown) from the JSON without them
 
 #: the hybrid families the matrix covers, by timm name glob
 FAMILIES = {"mobilevit*": "MobileViT v1/v2", "efficientformer*": "EfficientFormer V1/V2",
@@ -45,16 +40,22 @@ def family(name: str) -> str:
 
 def models() -> list[str]:
     """Every timm model name matching a family glob, in family order."""
+    import timm
+
     return [n for glob in FAMILIES for n in timm.list_models(glob)]
 
 
 def _one_line(exc: BaseException) -> str:
+    from hybridquant.errors import HybridQuantError
+
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text and not isinstance(exc, HybridQuantError) else (
         text[0] if text else type(exc).__name__)
 
 
-def _runs_at(model: torch.nn.Module, img: int) -> bool:
+def _runs_at(model, img: int) -> bool:
+    import torch
+
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, img, img))
@@ -66,6 +67,9 @@ def _runs_at(model: torch.nn.Module, img: int) -> bool:
 def check(name: str, img: int = IMG, calib: int = 2) -> dict[str, Any]:
     """How far ``name`` gets towards the integer program (``reached``: the last stage of :data:`STAGES` it
     passed; ``error``: the one-line message where it stopped)."""
+    import timm
+    import torch
+
     from hybridquant.config import QuantConfig
     from hybridquant.graph import capture
     from hybridquant.integer.executor import IntegerModel
@@ -119,6 +123,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    import torch
+    from tqdm import tqdm
+
+    from hybridquant._io import write_json, write_text
+    from hybridquant.report import environment
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", help="timm names (default: every match of the family globs)")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
