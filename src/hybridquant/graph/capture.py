@@ -226,11 +226,8 @@ class _Translator:
             if (a[2:3] or [False])[0]:
                 self.emit(n, "global_avg_pool", [self._ref(a[0])])
             else:  # [B, C, H, W] -> [B, C]: the pool, then its two unit dims dropped
-                pool = self._name(f"{_module_info(n)[0] or 'head'}.global_avg_pool")
-                path, kind = _module_info(n)
-                self.nodes.append(Node(pool, "global_avg_pool", [self._ref(a[0])], {}, {}, path, kind))
-                self.names[n.name] = pool
-                self.emit(n, "flatten", [pool], {"start": 1, "end": -1})
+                self.emit(n, "global_avg_pool", [self._ref(a[0])], label=f"{_module_info(n)[0] or 'head'}.global_avg_pool")
+                self.emit(n, "flatten", [self.names[n.name]], {"start": 1, "end": -1})
         elif t in (_ATEN.reshape.default, _ATEN.view.default, _ATEN._unsafe_view.default):
             self.emit(n, "reshape", [self._ref(a[0])], {"shape": self._static_shape(n, a[1])})
         elif t == _ATEN.transpose.int:
@@ -258,12 +255,10 @@ class _Translator:
         elif t == _ATEN.avg_pool2d.default and _is_subsample(a):
             # a 1x1 average pool with a stride only picks pixels: every stride-th row and column
             stride = [int(v) for v in a[2]]
-            first = self._name(f"{_module_info(n)[0] or 'pool'}.rows")
-            path, kind = _module_info(n)
-            self.nodes.append(Node(first, "slice", [self._ref(a[0])],
-                                   {"dim": 2, "start": 0, "end": int(a[0].meta["val"].shape[2]), "step": stride[0]},
-                                   {}, path, kind))
-            self.names[n.name] = first
+            self.emit(n, "slice", [self._ref(a[0])],
+                      {"dim": 2, "start": 0, "end": int(a[0].meta["val"].shape[2]), "step": stride[0]},
+                      label=f"{_module_info(n)[0] or 'pool'}.rows")
+            first = self.names[n.name]
             self.emit(n, "slice", [first], {"dim": 3, "start": 0, "end": int(a[0].meta["val"].shape[3]),
                                             "step": stride[1]})
         elif t == operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.splits:

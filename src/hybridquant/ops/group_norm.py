@@ -129,7 +129,7 @@ def _c(op, em):
 
 
 def _count(op, program) -> int:
-    return elements(program[op.inputs[0]].out_shape[1:]) // int(op.attrs["groups"])
+    return _row(op, program[op.inputs[0]].out_shape)
 
 
 register(
